@@ -1,0 +1,196 @@
+"""Conversions between what a network can predict, and the diffusion <-> flow-matching time map.
+
+Everything here is about one affine Gaussian marginal ``x_t = alpha x_0 + sigma eps`` with
+``eps ~ N(0, I)`` and its time derivatives ``d_alpha``, ``d_sigma`` (in whichever time the caller
+integrates). A prediction target is a linear function of the pair ``(x_0, eps)`` given ``x_t``:
+
+* ``eps``: the noise (Ho et al. 2020);
+* ``x0``: the data ("data prediction");
+* ``v = alpha eps - sigma x_0`` (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512, Sec. 4);
+* ``velocity = dx_t/dt = d_alpha x_0 + d_sigma eps`` (the flow-matching target; Lipman et al.
+  2023, https://arxiv.org/abs/2210.02747);
+* ``score = grad log q(x_t) = -E[eps | x_t] / sigma`` (Tweedie; Song et al. 2021).
+
+Each :class:`PredictionTarget` converts a prediction to ``(x0, eps)`` and back. Names are resolved
+to targets once, at the edge, by :func:`get_prediction_target`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+from jax import Array
+
+from diffjax.schedules import ContinuousSchedule
+from diffjax.shapes import broadcast_to_data
+
+__all__ = [
+    "Coefficients",
+    "diffusion_coefficients",
+    "flow_coefficients",
+    "flow_time_from_diffusion_time",
+    "x0_eps_from_eps",
+    "x0_eps_from_x0",
+    "x0_eps_from_v",
+    "x0_eps_from_velocity",
+    "x0_eps_from_score",
+    "eps_from_x0_eps",
+    "x0_from_x0_eps",
+    "v_from_x0_eps",
+    "velocity_from_x0_eps",
+    "score_from_x0_eps",
+    "PredictionTarget",
+    "PREDICTION_TARGETS",
+    "get_prediction_target",
+    "convert",
+]
+
+
+class Coefficients(NamedTuple):
+  """``alpha``, ``sigma`` and their time derivatives at per-example times (each ``[batch]``)."""
+
+  alpha: Array
+  sigma: Array
+  d_alpha: Array
+  d_sigma: Array
+
+
+def diffusion_coefficients(schedule: ContinuousSchedule, t: Array) -> Coefficients:
+  """Coefficients of ``x_t = alpha(t) x_0 + sigma(t) eps`` in diffusion time (t = 0 data)."""
+  return Coefficients(*schedule.alpha_sigma_and_derivatives(t))
+
+
+def flow_time_from_diffusion_time(t: Array) -> Array:
+  """Flow-matching time ``1 - t``: flow paths run noise (0) -> data (1), diffusion the reverse."""
+  return 1.0 - t
+
+
+def flow_coefficients(schedule: ContinuousSchedule, t_flow: Array) -> Coefficients:
+  """The flow-matching affine path equivalent to a diffusion schedule.
+
+  With ``s = 1 - t_flow``: ``alpha_fm(t) = alpha(s)``, ``sigma_fm(t) = sigma(s)``,
+  ``d alpha_fm / dt = -alpha'(s)``, ``d sigma_fm / dt = -sigma'(s)``, so the flow path
+  ``x_t = alpha_fm(t) x_1 + sigma_fm(t) x_0`` (``x_1`` data, ``x_0`` noise) has at every ``t`` the
+  same marginal as the diffusion at ``s`` (Lipman et al. 2023, Sec. 4.1 "diffusion conditional
+  VFs"; Kingma & Gao 2023, App. D). This is the one documented map between the two time
+  conventions; everything else calls it.
+  """
+  alpha, sigma, d_alpha, d_sigma = schedule.alpha_sigma_and_derivatives(
+      flow_time_from_diffusion_time(t_flow))
+  return Coefficients(alpha, sigma, -d_alpha, -d_sigma)
+
+
+# ---- prediction -> (x0, eps) ----------------------------------------------------------------
+
+
+def x0_eps_from_eps(eps: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
+  """``x0 = (x_t - sigma eps) / alpha`` (Ho et al. 2020, eq. 15)."""
+  alpha = broadcast_to_data(coefficients.alpha, x_t)
+  sigma = broadcast_to_data(coefficients.sigma, x_t)
+  return (x_t - sigma * eps) / alpha, eps
+
+
+def x0_eps_from_x0(x0: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
+  """``eps = (x_t - alpha x0) / sigma``."""
+  alpha = broadcast_to_data(coefficients.alpha, x_t)
+  sigma = broadcast_to_data(coefficients.sigma, x_t)
+  return x0, (x_t - alpha * x0) / sigma
+
+
+def x0_eps_from_v(v: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
+  """``x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)``, ``eps = (sigma x_t + alpha v) /
+  (alpha^2 + sigma^2)``; for variance-preserving schedules the denominator is 1 (Salimans & Ho
+  2022, Sec. 4). The general form also serves VE/EDM schedules."""
+  alpha = broadcast_to_data(coefficients.alpha, x_t)
+  sigma = broadcast_to_data(coefficients.sigma, x_t)
+  norm = alpha**2 + sigma**2
+  return (alpha * x_t - sigma * v) / norm, (sigma * x_t + alpha * v) / norm
+
+
+def x0_eps_from_velocity(velocity: Array, *, x_t: Array,
+                         coefficients: Coefficients) -> tuple[Array, Array]:
+  """Solves ``[alpha sigma; d_alpha d_sigma] [x0; eps] = [x_t; velocity]``:
+  ``x0 = (d_sigma x_t - sigma u) / det``, ``eps = (alpha u - d_alpha x_t) / det`` with
+  ``det = alpha d_sigma - sigma d_alpha`` (nonzero whenever the log-SNR moves)."""
+  alpha = broadcast_to_data(coefficients.alpha, x_t)
+  sigma = broadcast_to_data(coefficients.sigma, x_t)
+  d_alpha = broadcast_to_data(coefficients.d_alpha, x_t)
+  d_sigma = broadcast_to_data(coefficients.d_sigma, x_t)
+  det = alpha * d_sigma - sigma * d_alpha
+  return (d_sigma * x_t - sigma * velocity) / det, (alpha * velocity - d_alpha * x_t) / det
+
+
+def x0_eps_from_score(score: Array, *, x_t: Array,
+                      coefficients: Coefficients) -> tuple[Array, Array]:
+  """``eps = -sigma score`` (Tweedie), then ``x0 = (x_t - sigma eps) / alpha``."""
+  sigma = broadcast_to_data(coefficients.sigma, x_t)
+  return x0_eps_from_eps(-sigma * score, x_t=x_t, coefficients=coefficients)
+
+
+# ---- (x0, eps) -> prediction ----------------------------------------------------------------
+
+
+def eps_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
+  """The noise itself."""
+  del x0, coefficients
+  return eps
+
+
+def x0_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
+  """The data itself."""
+  del eps, coefficients
+  return x0
+
+
+def v_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
+  """``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4)."""
+  alpha = broadcast_to_data(coefficients.alpha, x0)
+  sigma = broadcast_to_data(coefficients.sigma, x0)
+  return alpha * eps - sigma * x0
+
+
+def velocity_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
+  """``u = d_alpha x0 + d_sigma eps``, the time derivative of ``x_t = alpha x0 + sigma eps``."""
+  d_alpha = broadcast_to_data(coefficients.d_alpha, x0)
+  d_sigma = broadcast_to_data(coefficients.d_sigma, x0)
+  return d_alpha * x0 + d_sigma * eps
+
+
+def score_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
+  """``score = -eps / sigma`` (Tweedie's formula for the Gaussian kernel)."""
+  del x0
+  return -eps / broadcast_to_data(coefficients.sigma, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionTarget:
+  """A network output type: how to read ``(x0, eps)`` from it and how to write it from them."""
+
+  name: str
+  to_x0_eps: Callable[..., tuple[Array, Array]]
+  from_x0_eps: Callable[..., Array]
+
+
+PREDICTION_TARGETS: dict[str, PredictionTarget] = {
+    "eps": PredictionTarget("eps", x0_eps_from_eps, eps_from_x0_eps),
+    "x0": PredictionTarget("x0", x0_eps_from_x0, x0_from_x0_eps),
+    "v": PredictionTarget("v", x0_eps_from_v, v_from_x0_eps),
+    "velocity": PredictionTarget("velocity", x0_eps_from_velocity, velocity_from_x0_eps),
+    "score": PredictionTarget("score", x0_eps_from_score, score_from_x0_eps),
+}
+
+
+def get_prediction_target(name: str) -> PredictionTarget:
+  """Resolves a prediction target by name, once, at the edge."""
+  if name not in PREDICTION_TARGETS:
+    raise ValueError(f"unknown prediction target {name!r}; choose one of "
+                     f"{sorted(PREDICTION_TARGETS)}")
+  return PREDICTION_TARGETS[name]
+
+
+def convert(prediction: Array, *, source: PredictionTarget, destination: PredictionTarget,
+            x_t: Array, coefficients: Coefficients) -> Array:
+  """Converts a prediction of one target into another through ``(x0, eps)``."""
+  x0, eps = source.to_x0_eps(prediction, x_t=x_t, coefficients=coefficients)
+  return destination.from_x0_eps(x0, eps, coefficients=coefficients)
