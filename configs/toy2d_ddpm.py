@@ -1,0 +1,27 @@
+"""DDPM on 2D toys: eps-prediction, linear betas over 1000 steps, the 3x64 SELU MLP
+(Ho et al. 2020, https://arxiv.org/abs/2006.11239)."""
+
+from diffjax.train.config import base_config
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.seed = 42
+  config.data.target = "moons"
+  config.objective.kind = "diffusion"
+  config.objective.schedule = "linear"
+  config.objective.num_diffusion_steps = 1000
+  config.objective.prediction = "eps"
+  config.objective.weighting = "uniform"
+  config.model.width = 128
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 256
+  config.train.steps = 20_000
+  config.train.checkpoint_every = 5_000
+  config.sample.steps = 1000
+  if variant == "small":
+    config.train.steps = 200
+    config.train.checkpoint_every = 100
+    config.sample.num = 500
+    config.sample.steps = 100
+  return config

@@ -1,0 +1,21 @@
+"""I-CFM on 2D toys: N(0, I) -> 8gaussians, sigma 0.1, TorchCFM's 3x64 SELU MLP (Tong et al. 2024)."""
+
+from diffjax.train.config import base_config
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.seed = 42
+  config.data.source = "normal"
+  config.data.target = "8gaussians"
+  config.objective.recipe = "icfm"
+  config.objective.sigma = 0.1
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 256
+  config.train.steps = 20_000
+  config.train.checkpoint_every = 5_000
+  if variant == "small":  # a smoke test: seconds on a laptop
+    config.train.steps = 200
+    config.train.checkpoint_every = 100
+    config.sample.num = 500
+  return config

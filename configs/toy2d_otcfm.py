@@ -1,0 +1,23 @@
+"""OT-CFM, the TorchCFM 2D protocol: 8gaussians -> moons, sigma 0.1, 3x64 SELU MLP, Adam 1e-3,
+batch 256, 20k steps (Tong et al. 2024, "Improving and generalizing flow-based generative models
+with minibatch optimal transport", https://arxiv.org/abs/2302.00482)."""
+
+from diffjax.train.config import base_config
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.seed = 42
+  config.data.source = "8gaussians"
+  config.data.target = "moons"
+  config.objective.recipe = "otcfm"
+  config.objective.sigma = 0.1
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 256
+  config.train.steps = 20_000
+  config.train.checkpoint_every = 5_000
+  if variant == "small":
+    config.train.steps = 200
+    config.train.checkpoint_every = 100
+    config.sample.num = 500
+  return config

@@ -1,0 +1,353 @@
+"""The experiment config schema, command-line overrides and validation before any compile.
+
+Every experiment file in ``configs/`` starts from :func:`base_config` and overrides fields, so one
+schema holds for all: a locked ``ml_collections.ConfigDict`` where a typo is an error. Each
+sub-dict is exactly the keyword arguments of one factory (``model`` feeds
+``diffjax.models.create_model``, ``optimizer`` feeds :func:`diffjax.train.optim.make_optimizer`).
+
+:func:`validate` checks what ``ml_collections`` does not (True for an int field, NaN, negative
+counts, unknown names, a batch that does not split over the mesh, data that does not fit the
+model) and raises one :class:`ConfigError` listing every problem, each naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "base_config",
+    "load_config_file",
+    "apply_overrides",
+    "validate",
+    "config_to_json",
+    "config_from_json",
+]
+
+
+class ConfigError(ValueError):
+  """A config or command-line problem a user can fix; the message lists each problem."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults (a 2D I-CFM run); experiment files override fields."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data. kind "toy2d": generated on device (fused multi-step training); kind "images": grain.
+  c.data = ml_collections.ConfigDict(dict(
+      kind="toy2d",
+      source="normal",          # toy2d source distribution (flow matching) or "normal"
+      target="8gaussians",      # toy2d target, or image dataset name: digits | npz | folder | tfds
+      path="",                  # npz file or image folder for kind="images"
+      tfds_name="",             # e.g. "cifar10" when data.target == "tfds"
+      shape=(2,),               # data shape without batch: (2,) or (H, W, C)
+      num_classes=0,            # > 0: class-conditional model and label-aware couplings
+      augment_flip=False,
+  ))
+
+  # The keywords of diffjax.models.create_model for this model; an experiment may replace the
+  # whole group for another model (e.g. dict(name="unet", channels=32, ...)).
+  c.model = ml_collections.ConfigDict(dict(
+      name="mlp",
+      width=64,
+      depth=3,
+      activation="selu",
+  ))
+
+  # The objective: kind "flow_matching" (a recipe of path + coupling) or "diffusion".
+  c.objective = ml_collections.ConfigDict(dict(
+      kind="flow_matching",
+      recipe="icfm",            # icfm | otcfm | sbcfm | fm
+      sigma=0.1,                # path noise (I-CFM/OT-CFM/SB-CFM) or sigma_min (Lipman's FM)
+      time_sampler="uniform",   # uniform | logit_normal | u_shaped
+      coupling_scope="global",  # global: OT on the gathered batch; per_device: on each shard
+      label_dropout=0.0,        # classifier-free guidance training (conditional models)
+      # diffusion
+      schedule="linear",        # discrete: linear | scaled_linear | cosine | sigmoid
+      num_diffusion_steps=1000,
+      prediction="eps",         # eps | x0 | v
+      weighting="uniform",      # uniform | min_snr | elbo
+      min_snr_gamma=5.0,
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",              # adam | adamw
+      learning_rate=1e-3,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      warmup_steps=0,
+      decay="constant",         # constant | cosine
+      grad_clip_norm=0.0,       # 0 disables clipping
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=256,           # global batch per optimizer update
+      accumulate_steps=1,       # micro-batches per update (gradient accumulation)
+      ema_decay=0.999,
+      compute_dtype="float32",  # float32 | bfloat16 (parameters stay float32)
+      fused_steps=100,          # on-device data: steps per jitted lax.scan
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      plot_every=0,             # 0: plot only at the end
+      progress_bar=True,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,
+      coordinator_address="",
+      num_processes=1,
+      process_id=0,
+      local_device_ids="",      # e.g. "0,1"; empty: all local devices
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num=2000,
+      steps=100,
+      num_trajectories=32,
+  ))
+  return c
+
+
+# ---- loading and overrides -----------------------------------------------------------------
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs ``get_config()`` from a Python config file and locks the result.
+
+  ``path`` may end in ``:variant``, passed to ``get_config(variant)`` (big_vision convention).
+  """
+  path, _, variant = path.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} does not exist; pass --config configs/<name>.py")
+  spec = importlib.util.spec_from_file_location(f"diffjax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 -- a user's file: report it in one line
+    raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config() function; define one")
+  config = module.get_config(variant) if variant else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, expected "
+                      "an ml_collections.ConfigDict (start from diffjax.train.config.base_config)")
+  config.lock()
+  return config
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  """Parses an override string into the type of the field it replaces."""
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"--config.{key}={text}: expected a boolean (true/false)")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"--config.{key}={text}: expected an integer") from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"--config.{key}={text}: expected a number") from None
+  if isinstance(current, tuple):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"--config.{key}={text}: expected a tuple such as (1, 2)") from None
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return tuple(value)
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``--config.a.b=value`` overrides, each parsed by the type of the field it replaces.
+
+  Raises one :class:`ConfigError` listing every unknown key and unparsable value.
+  """
+  problems = []
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      problems.append(f"{item}: expected --config.<key>=<value>")
+      continue
+    key, text = item[len("--config."):].split("=", 1)
+    node = config
+    parts = key.split(".")
+    try:
+      for part in parts[:-1]:
+        node = node[part]
+      current = node[parts[-1]]
+    except (KeyError, AttributeError, TypeError):
+      problems.append(f"--config.{key}: unknown key; valid keys here are "
+                      f"{sorted(node.keys()) if hasattr(node, 'keys') else '(none)'}")
+      continue
+    if isinstance(current, ml_collections.ConfigDict):
+      problems.append(f"--config.{key}: is a group; set one of its fields "
+                      f"{sorted(current.keys())}")
+      continue
+    try:
+      with node.unlocked():
+        node[parts[-1]] = _parse_value(key, text, current)
+    except ConfigError as e:
+      problems.append(str(e))
+  if problems:
+    raise ConfigError("\n".join(problems))
+  return config
+
+
+# ---- JSON (the frozen config written to the workdir) ----------------------------------------
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """The accepted config as JSON; `sample` and `evaluate` read this, never a Python file."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of :func:`config_to_json`, over the current schema (new fields keep defaults)."""
+  config = base_config()
+  loaded = _tuples(json.loads(text))
+
+  def merge(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        raise ConfigError(f"config.json: unknown key {prefix}{key}; the workdir was written by "
+                          "an incompatible diffjax version")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        merge(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = value
+
+  # The model group holds one model's keywords, which differ per model: take it whole.
+  config.model = ml_collections.ConfigDict(loaded.pop("model"))
+  merge(config, loaded, "")
+  config.lock()
+  return config
+
+
+# ---- semantic validation ---------------------------------------------------------------------
+
+_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          tuple: "a tuple"}
+
+
+def _check_types(config, defaults, prefix, problems):
+  for key in defaults.keys():
+    if not prefix and key == "model":
+      continue  # model keywords differ per model; create_model checks them by name
+    value, default = config[key], defaults[key]
+    name = f"{prefix}{key}"
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_types(value, default, f"{name}.", problems)
+      continue
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if expected is int and isinstance(value, bool):
+      problems.append(f"{name}={value!r}: expected an integer, got a boolean")
+    elif not isinstance(value, expected):
+      problems.append(f"{name}={value!r}: expected {_TYPES.get(expected, expected.__name__)}")
+    elif expected is float and not math.isfinite(value):
+      problems.append(f"{name}={value!r}: must be a finite number")
+
+
+def _positive(config, names, problems, allow_zero=False):
+  for name in names:
+    node = config
+    for part in name.split("."):
+      node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+      continue
+    if node < 0 or (node == 0 and not allow_zero):
+      bound = ">= 0" if allow_zero else "> 0"
+      problems.append(f"{name}={node!r}: must be {bound}")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> None:
+  """Checks a config before anything is compiled; raises one :class:`ConfigError` listing all.
+
+  Args:
+    config: the experiment config (after overrides).
+    num_devices: the global device count the mesh will span; ``None`` skips the mesh checks
+      (the CLI validates everything else before ``jax.distributed.initialize``, then the mesh).
+  """
+  # Imports here keep `diffjax train --help` and config errors fast: validation needs only the
+  # name tables, not JAX compilation.
+  from diffjax.train import registry
+
+  problems: list[str] = []
+  _check_types(config, base_config(), "", problems)
+  if problems:  # later checks assume the types are right
+    raise ConfigError("\n".join(problems))
+  _positive(config, ["train.steps", "train.batch_size", "train.fused_steps", "train.log_every",
+                     "train.checkpoint_every", "train.keep_checkpoints",
+                     "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
+                     "sample.steps", "objective.num_diffusion_steps"], problems)
+  _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
+                     "optimizer.grad_clip_norm", "train.plot_every", "objective.sigma",
+                     "objective.label_dropout", "sample.num_trajectories"], problems,
+            allow_zero=True)
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    problems.append(f"train.ema_decay={config.train.ema_decay}: must be in [0, 1)")
+  if not 0.0 <= config.objective.label_dropout < 1.0:
+    problems.append(f"objective.label_dropout={config.objective.label_dropout}: must be in [0, 1)")
+  problems += registry.name_problems(config)
+
+  # Mesh and batch.
+  data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp
+  if num_devices is None:
+    pass
+  elif fsdp_axis < 1 or (data_axis < 1 and data_axis != -1):
+    problems.append(f"mesh=({data_axis}, {fsdp_axis}): mesh.fsdp must be >= 1 and mesh.data "
+                    ">= 1 or -1 (all remaining devices)")
+  else:
+    if data_axis == -1:
+      data_axis = num_devices // fsdp_axis
+    if data_axis * fsdp_axis != num_devices:
+      problems.append(f"mesh.data x mesh.fsdp = {data_axis} x {fsdp_axis} does not use the "
+                      f"{num_devices} devices; set mesh.data=-1 or make the product "
+                      f"{num_devices}")
+    else:
+      shards = data_axis * fsdp_axis * config.train.accumulate_steps
+      if config.train.batch_size % shards:
+        problems.append(
+            f"train.batch_size={config.train.batch_size} is not divisible by "
+            f"data x fsdp x accumulate_steps = {shards}; use a multiple of {shards}")
+  problems += registry.shape_problems(config)
+  if problems:
+    raise ConfigError("\n".join(problems))

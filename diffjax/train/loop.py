@@ -1,0 +1,217 @@
+"""The training loop: resume, step, log, checkpoint, plot.
+
+Two ways to feed the step, chosen by where the data comes from:
+
+* data generated on device (2D toys): ``train.fused_steps`` steps run in one jitted
+  ``lax.scan`` and the host only wakes up between chunks;
+* data from a grain loader (images): one jitted step per batch, the next batch fetched and put
+  on the devices while the current step runs (JAX's asynchronous dispatch).
+
+Everything stateful sits here; the math it calls is pure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffjax.train import checkpoint as ckpt
+from diffjax.train import config as config_lib
+from diffjax.train import sharding as sharding_lib
+from diffjax.train.experiment import Experiment, build_experiment
+from diffjax.train.metrics_log import MetricsWriter
+from diffjax.train.optim import make_optimizer
+from diffjax.train.state import TrainState, init_train_state
+from diffjax.train.step import fused_train_steps, train_step
+
+__all__ = ["TrainResult", "train", "state_shardings_for", "make_initial_state",
+           "NonFiniteLossError", "MAX_NONFINITE_STREAK"]
+
+log = logging.getLogger("diffjax")
+
+# Consecutive non-finite steps tolerated (their updates are skipped) before the run halts.
+MAX_NONFINITE_STREAK = 3
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient stayed non-finite; the last good checkpoint is kept."""
+
+
+class TrainResult(dict):
+  """What :func:`train` returns: final ``state``, ``losses`` per logged step, ``trace_count``."""
+
+
+def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
+  """Parameters, EMA and optimizer leaves follow the FSDP rule; counters and the key are
+  replicated."""
+  replicated = sharding_lib.replicated(mesh)
+  return TrainState(
+      params=sharding_lib.state_shardings(abstract_state.params, mesh),
+      opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh),
+      ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh),
+      step=replicated, key=replicated, nonfinite_streak=replicated)
+
+
+def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh):
+  """Abstract state, its shardings, and a function creating the state born sharded
+  (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy)."""
+  init = functools.partial(init_train_state, init_params=experiment.model.init,
+                           optimizer=optimizer)
+  key = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(lambda k: init(key=k), key)
+  shardings = state_shardings_for(abstract, mesh)
+  create = jax.jit(lambda k: init(key=k), out_shardings=shardings)
+  return abstract, shardings, lambda: create(key)
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/config.json, written atomically; ``sample`` and ``evaluate`` read it."""
+  path = workdir / "config.json"
+  tmp = workdir / "config.json.tmp"
+  tmp.write_text(config_lib.config_to_json(config))
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          devices=None) -> TrainResult:
+  """Trains (or resumes) the experiment ``config`` in ``workdir``.
+
+  Args:
+    config: a validated experiment config.
+    workdir: output folder: checkpoints/, metrics.jsonl, tensorboard/, config.json, samples.png.
+    devices: the devices of the mesh (default: all).
+
+  Returns:
+    A :class:`TrainResult` with the final state, the logged losses and the step's trace count.
+  """
+  workdir = pathlib.Path(workdir)
+  is_lead = jax.process_index() == 0
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
+  experiment = build_experiment(config, mesh=mesh)
+  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+
+  abstract, shardings, create_state = make_initial_state(
+      experiment, optimizer, seed=config.seed, mesh=mesh)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_lead:
+    _write_config(workdir, config)
+  manager = ckpt.make_checkpoint_manager(workdir / "checkpoints",
+                                         keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoint)
+  restored = ckpt.restore_latest(manager, ckpt.abstract_with_shardings(abstract, shardings))
+  if restored is None:
+    state, data_state = create_state(), {}
+    start = 0
+  else:
+    start, state, data_state = restored
+    log.info("resumed from step %d in %s", start, workdir)
+
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  trace_count = [0]
+  step_kwargs = dict(loss_fn=experiment.loss_fn, optimizer=optimizer,
+                     ema_decay=config.train.ema_decay,
+                     accumulate_steps=config.train.accumulate_steps)
+
+  metrics_writer = MetricsWriter(workdir, resume_step=start, enabled=is_lead)
+  total = config.train.steps
+  losses: list[tuple[int, float]] = []
+  progress = _progress_bar(config, start, total, is_lead)
+  step = start
+  last_time, last_step = time.perf_counter(), start
+
+  def record(step_now, metrics):
+    nonlocal last_time, last_step
+    loss = float(np.mean(np.asarray(metrics["loss"])))
+    now = time.perf_counter()
+    rate = (step_now - last_step) / max(now - last_time, 1e-9)
+    last_time, last_step = now, step_now
+    losses.append((step_now, loss))
+    metrics_writer.write(step_now, {"loss": loss,
+                                    "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
+                                    "steps_per_second": rate})
+    if progress is not None:
+      progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.0f}")
+
+  def check_finite(state_now):
+    streak = int(state_now.nonfinite_streak)
+    if streak > MAX_NONFINITE_STREAK:
+      raise NonFiniteLossError(
+          f"loss or gradient non-finite for {streak} consecutive steps up to step "
+          f"{int(state_now.step)}; lower optimizer.learning_rate or set "
+          "optimizer.grad_clip_norm; the last good checkpoint is kept")
+
+  try:
+    if experiment.sample_batch is not None:
+      # On-device data: fused chunks. Chunk boundaries fall on log and checkpoint steps, so
+      # at most two chunk lengths are compiled (the configured one and a final remainder).
+      @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
+                         out_shardings=(shardings, replicated))
+      def run_chunk(state, num_steps):
+        trace_count[0] += 1
+        return fused_train_steps(state, num_steps=num_steps,
+                                 sample_batch=experiment.sample_batch, **step_kwargs)
+
+      while step < total:
+        chunk = min(config.train.fused_steps, total - step)
+        state, metrics = run_chunk(state, num_steps=chunk)
+        step += chunk
+        if progress is not None:
+          progress.update(chunk)
+        if step % config.train.log_every < chunk or step == total:
+          record(step, metrics)
+        check_finite(state)
+        if step % config.train.checkpoint_every < chunk or step == total:
+          ckpt.save(manager, step, state, {"step": step}, force=True)
+    else:
+      @functools.partial(jax.jit, donate_argnums=0,
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, replicated))
+      def run_step(state, batch):
+        trace_count[0] += 1
+        return train_step(state, batch, **step_kwargs)
+
+      iterator = experiment.make_iterator(data_state)
+      next_batch = experiment.next_batch(iterator)
+      while step < total:
+        batch, next_batch = next_batch, None
+        state, metrics = run_step(state, batch)  # dispatched asynchronously
+        step += 1
+        if step < total:
+          next_batch = experiment.next_batch(iterator)  # host work overlaps the step
+        if progress is not None:
+          progress.update(1)
+        if step % config.train.log_every == 0 or step == total:
+          record(step, metrics)
+          check_finite(state)
+        if step % config.train.checkpoint_every == 0 or step == total:
+          ckpt.save(manager, step, state, experiment.iterator_state(iterator), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+    metrics_writer.close()
+    if progress is not None:
+      progress.close()
+
+  if is_lead and experiment.plot is not None:
+    experiment.plot(state, workdir)
+  return TrainResult(state=state, losses=losses, trace_count=trace_count[0], mesh=mesh,
+                     experiment=experiment, start_step=start)
+
+
+def _progress_bar(config, start, total, enabled):
+  if not (enabled and config.train.progress_bar):
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,68 @@
+"""Metrics to WORKDIR/metrics.jsonl (append-only, one JSON object per line) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+__all__ = ["MetricsWriter", "read_metrics"]
+
+
+class MetricsWriter:
+  """Appends ``{"step": s, name: value, ...}`` lines; only process 0 writes.
+
+  On resume, lines at or beyond the resumed step are dropped first (they belong to steps that
+  will be recomputed) and a truncated last line left by a kill is removed, so the file never
+  holds a step twice nor loses one.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int, enabled: bool = True,
+               tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if not enabled:
+      return
+    if self.path.exists():
+      kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({k: (float(v) if math.isfinite(float(v)) else str(float(v)))
+                for k, v in metrics.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in metrics.items():
+        self._tb.add_scalar(name, float(value), int(step))
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+  """Parses metrics.jsonl, skipping a truncated last line (a kill mid-write)."""
+  rows = []
+  for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
+  return rows

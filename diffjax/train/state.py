@@ -1,0 +1,46 @@
+"""The train state: one pytree holding everything a resumed run needs."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "init_train_state"]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Parameters, optimizer state, EMA parameters, step and the run's base key.
+
+  ``key`` never changes: step ``s`` draws its randomness from ``fold_in(key, s)`` (big_vision,
+  vdm), so a resumed run replays exactly the keys an uninterrupted one would.
+  ``nonfinite_streak`` counts consecutive steps whose loss or gradient was not finite (their
+  update is skipped), and survives checkpoints with the rest.
+  """
+
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  step: jax.Array
+  key: jax.Array
+  nonfinite_streak: jax.Array
+
+
+def init_train_state(*, key: jax.Array, init_params: Callable[[jax.Array], Any],
+                     optimizer: optax.GradientTransformation) -> TrainState:
+  """Creates the state from a base key: the model is initialised from ``fold_in(key, -1)``'s
+  sibling so no step key is reused for initialisation."""
+  init_key, base_key = jax.random.split(key)
+  params = init_params(init_key)
+  return TrainState(
+      params=params,
+      opt_state=optimizer.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      step=jnp.zeros((), jnp.int32),
+      key=base_key,
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+  )
