@@ -1,0 +1,96 @@
+"""``create_model``: a model name and its constructor keywords -> pure ``(init, apply)``.
+
+A config's model sub-dict is exactly these keywords (STYLE habit 3)::
+
+  model = dict(name="unet", ch=32, ch_mult=(1, 2), attn_resolutions=(4,))
+  fns = create_model(**model, data_shape=(8, 8, 1))
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax.numpy as jnp
+from flax import nnx
+
+from diffjax.models.dit import DiT
+from diffjax.models.mlp import MLP
+from diffjax.models.pure import ModelFns, functionalize
+from diffjax.models.unet import UNet
+
+__all__ = ["MODELS", "create_model", "model_kwargs"]
+
+MODELS: dict[str, type[nnx.Module]] = {
+    "mlp": MLP,
+    "unet": UNet,
+    "dit": DiT,
+}
+
+# Set by create_model itself, never through **kwargs.
+_RESERVED = ("data_shape", "num_classes", "dtype", "param_dtype", "rngs")
+
+
+def model_kwargs(name: str) -> dict[str, object]:
+  """The keywords (and defaults) a model accepts through ``create_model(name, **kwargs)``."""
+  _check_name(name)
+  params = inspect.signature(MODELS[name].__init__).parameters
+  return {k: p.default for k, p in params.items()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _RESERVED}
+
+
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+
+
+def _float_dtype(value, what: str):
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as err:
+    raise ValueError(f"{what}={value!r} is not a dtype; use e.g. 'float32' or 'bfloat16'") from err
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{what}={value!r} must be a floating dtype, e.g. 'float32' or 'bfloat16'")
+  return dtype
+
+
+def create_model(name: str, *, data_shape: tuple[int, ...], num_classes: int = 0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> ModelFns:
+  """Builds the named model and returns it as pure functions (:class:`ModelFns`).
+
+  The name is resolved once, here, through :data:`MODELS`; the configuration is validated
+  before anything is traced, and the module's static structure is computed once, abstractly.
+
+  Args:
+    name: one of :data:`MODELS` ("mlp", "unet", "dit").
+    data_shape: shape of one example, without the batch axis: ``(2,)`` for 2D toys,
+      ``(H, W, C)`` for images (NHWC).
+    num_classes: number of classes (0: unconditional). A conditional model embeds
+      ``num_classes + 1`` labels; label ``num_classes`` is the null label of classifier-free
+      guidance (see :func:`diffjax.models.drop_labels`).
+    dtype: compute dtype (e.g. ``jnp.bfloat16`` for mixed precision); the output is float32.
+    param_dtype: stored parameter dtype (float32 master weights).
+    **kwargs: the model's constructor keywords (:func:`model_kwargs` lists them).
+
+  Returns:
+    ``ModelFns(init, apply)``.
+  """
+  _check_name(name)
+  valid = model_kwargs(name)
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown:
+    raise ValueError(f"unknown keyword(s) {unknown} for model {name!r}; valid keywords: "
+                     f"{sorted(valid)}")
+  try:
+    data_shape = tuple(int(d) for d in data_shape)
+  except TypeError as err:
+    raise ValueError(f"data_shape must be a tuple of ints, got {data_shape!r}") from err
+  if not data_shape or min(data_shape) < 1:
+    raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape}")
+  if int(num_classes) != num_classes or num_classes < 0:
+    raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+  build = functools.partial(
+      MODELS[name], data_shape=data_shape, num_classes=int(num_classes),
+      dtype=_float_dtype(dtype, "dtype"), param_dtype=_float_dtype(param_dtype, "param_dtype"),
+      **kwargs)
+  return functionalize(build, data_shape=data_shape, num_classes=int(num_classes))

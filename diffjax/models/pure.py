@@ -1,0 +1,125 @@
+"""Turns an NNX module into a pair of pure functions ``(init, apply)`` over a params pytree.
+
+Everything above ``models/`` sees a network as ``apply(params, x_t, t, cond) -> output``, so
+losses, samplers and the train step stay pure functions of pytrees. The module's ``GraphDef``
+(its static structure) is computed once, abstractly, when the pair is made and captured by
+``apply``, which rebuilds the module with ``nnx.merge`` inside whatever transform calls it
+(flax ``examples/nnx_toy_examples/01_functional_api.py``).
+
+Contract for a wrapped module: ``module(x, t, cond, *, rngs)`` with ``x`` ``[batch, *data_shape]``,
+``t`` float32 ``[batch]``, ``cond`` int ``[batch]`` (or None when ``num_classes == 0``), and
+``rngs`` an ``nnx.Rngs`` with a ``dropout`` stream or None (dropout off). All of its state must
+be ``nnx.Param``: no batch statistics, no RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+__all__ = ["ModelFns", "functionalize", "num_params"]
+
+PyTree = Any
+
+
+class ModelFns(NamedTuple):
+  """A model as pure functions.
+
+  Attributes:
+    init: ``key -> params``, a nested dict of arrays (deterministic in ``key``; jittable, so
+      ``jax.eval_shape(init, key)`` gives shapes and ``jax.jit(init, out_shardings=...)`` makes
+      params born sharded).
+    apply: ``apply(params, x_t, t, cond=None, *, dropout_key=None) -> output`` with ``x_t``'s
+      shape, float32. ``x_t`` is ``[batch, *data_shape]`` (or one unbatched example), ``t`` is
+      ``[batch]`` or a scalar, ``cond`` int labels ``[batch]`` (None = the null label when the
+      model is class-conditional). Dropout is active iff ``dropout_key`` is given.
+  """
+
+  init: Callable[[Array], PyTree]
+  apply: Callable[..., Array]
+
+
+def num_params(params: PyTree) -> int:
+  """Total number of scalars in a params pytree (works on ``jax.eval_shape`` output too)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def functionalize(build: Callable[..., nnx.Module], *, data_shape: tuple[int, ...],
+                  num_classes: int = 0) -> ModelFns:
+  """Wraps ``build(rngs=nnx.Rngs(key))`` as ``(init, apply)``; see :class:`ModelFns`.
+
+  Args:
+    build: constructor taking only ``rngs``, e.g. ``functools.partial(MLP, data_shape=(2,))``.
+    data_shape: shape of one example (no batch axis).
+    num_classes: number of real classes (0: unconditional, ``cond`` must be None).
+
+  Returns:
+    :class:`ModelFns`.
+  """
+  data_shape = tuple(data_shape)
+  # Abstract construction: no FLOPs, no memory; yields the static structure once.
+  abstract = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+  graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
+    raise TypeError(f"{type(abstract).__name__} holds non-parameter state at {paths}; diffjax "
+                    "models keep all state in nnx.Param (use GroupNorm/LayerNorm, pass dropout "
+                    "keys at call time)")
+  del params_state
+
+  def init(key: Array) -> PyTree:
+    _, state = nnx.split(build(rngs=nnx.Rngs(key)))
+    return nnx.to_pure_dict(state)
+
+  def apply(params: PyTree, x_t: Array, t: Array, cond: Array | None = None, *,
+            dropout_key: Array | None = None) -> Array:
+    x_t = jnp.asarray(x_t)
+    unbatched = x_t.shape == data_shape
+    if unbatched:
+      x_t = x_t[None]
+    if x_t.shape[1:] != data_shape:
+      raise ValueError(f"x_t has shape {x_t.shape} but the model was built for data_shape="
+                       f"{data_shape}; pass [batch, *{data_shape}] or rebuild the model")
+    batch = x_t.shape[0]
+    t = jnp.asarray(t, jnp.float32)
+    if unbatched and t.shape == (1,):
+      t = t[0]
+    if t.ndim == 0:
+      t = jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+      raise ValueError(f"t has shape {t.shape}; pass a scalar or one time per example, shape "
+                       f"({batch},)")
+    cond = _check_cond(cond, batch=batch, unbatched=unbatched, num_classes=num_classes)
+    module = nnx.merge(graphdef, params)
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    out = module(x_t, t, cond, rngs=rngs).astype(jnp.float32)
+    return out[0] if unbatched else out
+
+  return ModelFns(init=init, apply=apply)
+
+
+def _check_cond(cond: Array | None, *, batch: int, unbatched: bool,
+                num_classes: int) -> Array | None:
+  """Validates class labels; None becomes the null label ``num_classes`` of a conditional model."""
+  if num_classes == 0:
+    if cond is not None:
+      raise ValueError("cond was given but the model is unconditional (num_classes=0); pass "
+                       "cond=None or build the model with num_classes > 0")
+    return None
+  if cond is None:
+    return jnp.full((batch,), num_classes, jnp.int32)
+  cond = jnp.asarray(cond)
+  if not jnp.issubdtype(cond.dtype, jnp.integer):
+    raise ValueError(f"cond must be integer class labels, got dtype {cond.dtype}")
+  if unbatched and cond.shape == (1,):
+    cond = cond[0]
+  if cond.ndim == 0:
+    cond = jnp.broadcast_to(cond, (batch,))
+  if cond.shape != (batch,):
+    raise ValueError(f"cond has shape {cond.shape}; pass one label per example, shape ({batch},)")
+  return cond
