@@ -43,7 +43,11 @@ def _loss_and_grads(params, key, batch, *, loss_fn: LossFn, accumulate_steps: in
 def train_step(state: TrainState, batch, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, ema_decay: float,
                accumulate_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """Loss, gradients, optax update and EMA ``ema <- decay ema + (1 - decay) params``.
+  """Loss, gradients, optax update and EMA ``ema <- d ema + (1 - d) params``.
+
+  ``d = min(ema_decay, (1 + step) / (10 + step))`` warms the average up (TensorFlow's
+  ``ExponentialMovingAverage(num_updates=step)``): without it a short run's EMA would still be
+  mostly the random initialisation.
 
   The step's key is ``fold_in(state.key, state.step)``. A step whose loss or gradient norm is
   not finite changes nothing but ``step`` and ``nonfinite_streak`` (the loop halts when the
@@ -52,12 +56,14 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
   key = jax.random.fold_in(state.key, state.step)
   loss, grads = _loss_and_grads(state.params, key, batch, loss_fn=loss_fn,
                                 accumulate_steps=accumulate_steps)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  step = state.step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+  ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
 
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
