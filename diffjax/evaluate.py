@@ -210,7 +210,7 @@ def _mlp_init(key: Array, sizes: Sequence[int]) -> list[dict[str, Array]]:
   keys = jax.random.split(key, len(sizes) - 1)
   # He initialisation (He et al. 2015, https://arxiv.org/abs/1502.01852) for ReLU layers.
   return [{"w": jax.random.normal(k, (i, o)) * jnp.sqrt(2.0 / i), "b": jnp.zeros((o,))}
-          for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
+          for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)]
 
 
 def _mlp_features(params: list[dict[str, Array]], images: Array) -> Array:

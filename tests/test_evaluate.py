@@ -63,6 +63,9 @@ def test_wasserstein2_rejects_bad_inputs():
   bad[0, 0] = np.nan
   with pytest.raises(ValueError, match="1 NaN"):
     evaluate.wasserstein2(bad, np.zeros((4, 2)))
+  rng = np.random.default_rng(0)
+  with pytest.raises(RuntimeError, match="num_iter_max=2"):
+    evaluate.wasserstein2(rng.normal(size=(40, 2)), rng.normal(size=(40, 2)), num_iter_max=2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_seed_determinism_and_difference(npz_path):
   b, b_batches = ids(3)
   c, _ = ids(4)
   np.testing.assert_array_equal(a, b)
-  for u, v in zip(a_batches, b_batches):  # also the augmentation draws
+  for u, v in zip(a_batches, b_batches, strict=True):  # also the augmentation draws
     np.testing.assert_array_equal(u["image"], v["image"])
   assert not np.array_equal(a, c)
 
@@ -197,6 +197,25 @@ def test_checkpoint_restore_continues_identically(npz_path):
                                                augment=True), state)
 
 
+def test_orbax_checkpoint_of_the_iterator(tmp_path, npz_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  loader = images.make_loader(source=images.get_dataset("npz", path=npz_path), batch_size=6,
+                              seed=3, augment=True)
+  it = iter(loader)
+  for _ in range(2):
+    next(it)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+    manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = _stream(loader, 10)[2:10]  # the uninterrupted stream from batch 2 on
+    restored = iter(loader)
+    manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  for batch in expected:
+    np.testing.assert_array_equal(next(restored)["image"], batch["image"])
+
+
 def test_bad_npz_inputs_raise_clear_errors(tmp_path):
   missing = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
@@ -261,3 +280,19 @@ def test_bad_folder_and_loader_arguments(tmp_path, folder, npz_path):
                         (dict(num_epochs=0), "num_epochs=0")]:
     with pytest.raises(ValueError, match=match):
       images.make_loader(source=source, **{"batch_size": 8, "seed": 0, **kwargs})
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_stream_and_restore(npz_path):
+  source = images.get_dataset("npz", path=npz_path)
+  kwargs = dict(source=source, batch_size=6, seed=1, augment=True)
+  reference = _stream(images.make_loader(**kwargs), 9)
+  loader = images.make_loader(worker_count=1, **kwargs)
+  it = iter(loader)
+  for expected in reference[:4]:
+    np.testing.assert_array_equal(next(it)["image"], expected["image"])
+  state = images.iterator_state(it)
+  restored = images.restore_iterator(loader, state)
+  for expected in reference[4:]:
+    np.testing.assert_array_equal(next(restored)["image"], expected["image"])
+  del it, restored  # stop the worker processes now, not at interpreter exit

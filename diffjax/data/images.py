@@ -562,6 +562,13 @@ def make_loader(*, source: str | grain.sources.RandomAccessDataSource, batch_siz
   sampler = grain.samplers.IndexSampler(
       num_records=len(shard), shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
       num_epochs=num_epochs, seed=process_seed)
+  if worker_count > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    # grain's worker processes read its absl flags, which only programs started by absl.app
+    # have parsed; accept their defaults (idempotent; a later absl.app.run parses as usual).
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
   operations = [_RandomHorizontalFlip()] if augment else []
   operations += [grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
                  _ToModelRange()]
