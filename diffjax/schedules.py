@@ -237,17 +237,24 @@ def rescale_zero_terminal_snr(betas: Array) -> Array:
   "Common Diffusion Noise Schedules and Sample Steps are Flawed",
   https://arxiv.org/abs/2305.08891.
 
+  Evaluated without cancellation (the literal ``1 - abar'_i / abar'_{i-1}`` loses three digits
+  of the ~1e-4 first betas in float32): with the positive gaps ``D_i = r'_{i-1} - r'_i =
+  k r_{i-1} beta_i / (1 + sqrt(1 - beta_i))``, ``k = r_0 / (r_0 - r_{T-1})``,
+  ``r'_i = sum_{j > i} D_j`` and ``beta'_i = D_i (r'_{i-1} + r'_i) / r'^2_{i-1}``; ``beta'_0 =
+  beta_0`` because ``r'_0 = r_0``.
+
   Args:
     betas: ``[..., T]``; leading axes are independent schedules.
   """
   betas = jnp.asarray(betas)
-  root_alpha_bars = jnp.sqrt(jnp.cumprod(1.0 - betas, axis=-1))
-  first, last = root_alpha_bars[..., :1], root_alpha_bars[..., -1:]
-  root_alpha_bars = (root_alpha_bars - last) * first / (first - last)
-  alpha_bars = root_alpha_bars**2
-  alphas = jnp.concatenate([alpha_bars[..., :1], alpha_bars[..., 1:] / alpha_bars[..., :-1]],
-                           axis=-1)
-  return 1.0 - alphas
+  roots = jnp.exp(0.5 * jnp.cumsum(jnp.log1p(-betas), axis=-1))  # r_i
+  gaps = roots[..., :-1] * betas[..., 1:] / (1.0 + jnp.sqrt(1.0 - betas[..., 1:]))  # r_{i-1} - r_i
+  gaps = gaps * roots[..., :1] / jnp.sum(gaps, axis=-1, keepdims=True)  # D_i = k (r_{i-1} - r_i)
+  # r'_{i-1} = sum_{j >= i} D_j for i = 1 .. T-1; r'_{T-1} = 0.
+  roots_prev = jnp.flip(jnp.cumsum(jnp.flip(gaps, axis=-1), axis=-1), axis=-1)
+  roots_new = jnp.concatenate([roots_prev[..., 1:], jnp.zeros_like(roots_prev[..., :1])], axis=-1)
+  rescaled = gaps * (roots_prev + roots_new) / roots_prev**2
+  return jnp.concatenate([betas[..., :1], rescaled], axis=-1)
 
 
 DISCRETE_SCHEDULES: dict[str, Callable[..., Array]] = {
