@@ -1,0 +1,251 @@
+"""Benchmark of the forward process: the isotropic closed form against the sequential chain.
+
+Prints one JSON object to stdout. For each number of steps T it times (median of ``--reps`` runs
+after one compiling run, ``block_until_ready`` on every output):
+
+* ``closed``: ``jit(q_sample_closed_form)``, noise generation included;
+* ``sequential``: ``jit(q_sample_sequential)``, the ``lax.scan`` Markov chain over all T steps;
+* ``loop``: a Python loop of T calls to one jitted chain step;
+
+and their ratios, plus the closed form's throughput (bytes of ``data`` read and ``x_t`` written per
+second). It also times the noise options (``jax.random.normal`` with each key implementation and
+dtype, :func:`diffjax.forward.standard_normal`) and, when torch is importable, a peer: diffusers'
+``DDPMScheduler.add_noise`` with ``torch.randn_like`` if diffusers is installed, otherwise a faithful
+torch re-implementation of it (labelled as such). Without torch, ``"peer": null``.
+
+Usage::
+
+  python scripts/bench_forward.py                 # T in 100, 500, 1000; 64x32x32x3 float32
+  python scripts/bench_forward.py --quick         # a smoke run: T = 100, 3 repetitions
+  python scripts/bench_forward.py --reps 20 --sizes 100,1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import forward
+from diffjax.schedules import get_discrete_schedule
+
+__all__ = ["main", "parse_args", "run_benchmark"]
+
+SHAPE = (64, 32, 32, 3)
+
+
+def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
+  """Median wall time of ``fn`` over ``reps`` runs, after one warm-up (compiling) run."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _ms(seconds: float) -> float:
+  return round(seconds * 1e3, 4)
+
+
+def _time_noise_options(reps: int) -> dict[str, float]:
+  """Median ms to draw ``SHAPE`` standard normals with each generator and dtype."""
+  results = {}
+  for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+    key = jax.random.key(0, impl=impl)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      fn = jax.jit(lambda k, dtype=dtype: jax.random.normal(k, SHAPE, dtype))
+      name = f"jax.random.normal[{impl},{jnp.dtype(dtype).name}]"
+      results[name] = _ms(_median_seconds(lambda: fn(key), reps))
+  key = jax.random.key(0)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    fn = jax.jit(lambda k, dtype=dtype: forward.standard_normal(k, SHAPE, dtype))
+    name = f"diffjax.standard_normal[threefry2x32,{jnp.dtype(dtype).name}]"
+    results[name] = _ms(_median_seconds(lambda: fn(key), reps))
+  return results
+
+
+def _time_closed_form_variants(schedule, data, t, reps: int) -> dict[str, float]:
+  """The closed form with each noise source, and the elementwise op alone (noise given)."""
+  key = jax.random.key(0)
+  noise = jax.random.normal(key, SHAPE)
+
+  def with_jax_normal(k, x, steps):
+    return forward.q_sample(data=x, t=steps, noise=jax.random.normal(k, x.shape),
+                            schedule=schedule)
+
+  def with_standard_normal(k, x, steps):
+    return forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
+
+  def returning_noise(k, x, steps):
+    eps = forward.standard_normal(k, x.shape)
+    return forward.q_sample(data=x, t=steps, noise=eps, schedule=schedule), eps
+
+  elementwise = jax.jit(lambda x, steps, eps: forward.q_sample(data=x, t=steps, noise=eps,
+                                                               schedule=schedule))
+  fns = {
+      "q_sample_closed_form (diffjax.standard_normal)": jax.jit(with_standard_normal),
+      "q_sample + jax.random.normal[threefry2x32]": jax.jit(with_jax_normal),
+      "q_sample_closed_form returning (x_t, noise)": jax.jit(returning_noise),
+  }
+  out = {name: _ms(_median_seconds(lambda fn=fn: fn(key, data, t), reps))
+         for name, fn in fns.items()}
+  out["q_sample alone (noise given)"] = _ms(_median_seconds(
+      lambda: elementwise(data, t, noise), reps))
+  out["q_sample + jax.random.normal[rbg]"] = _ms(_median_seconds(
+      lambda: fns["q_sample + jax.random.normal[threefry2x32]"](
+          jax.random.key(0, impl="rbg"), data, t), reps))
+  return out
+
+
+def _time_process(num_steps: int, reps: int, loop_reps: int) -> dict[str, Any]:
+  schedule = get_discrete_schedule("linear", num_steps=num_steps)
+  key = jax.random.key(0)
+  data = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1.0, maxval=1.0)
+  # The chain runs all T steps for every batch, so time the worst case t = T - 1 for all three.
+  t = jnp.full((SHAPE[0],), num_steps - 1, dtype=jnp.int32)
+
+  closed = jax.jit(lambda k, x, steps: forward.q_sample_closed_form(
+      data=x, t=steps, key=k, schedule=schedule))
+  sequential = jax.jit(lambda k, x, steps: forward.q_sample_sequential(
+      data=x, t=steps, key=k, schedule=schedule))
+
+  @jax.jit
+  def one_step(x, step_key, step, steps):
+    noise = forward.standard_normal(step_key, x.shape, x.dtype)
+    x_next = (jnp.sqrt(schedule.alphas[step]) * x + jnp.sqrt(schedule.betas[step]) * noise)
+    return jnp.where((step <= steps)[:, None, None, None], x_next, x)
+
+  step_keys = list(jax.random.split(key, num_steps))
+  step_indices = [jnp.asarray(s, jnp.int32) for s in range(num_steps)]
+
+  def python_loop():
+    x = data
+    for step_key, step in zip(step_keys, step_indices):
+      x = one_step(x, step_key, step, t)
+    return x
+
+  closed_s = _median_seconds(lambda: closed(key, data, t), reps)
+  sequential_s = _median_seconds(lambda: sequential(key, data, t), max(loop_reps, 1))
+  loop_s = _median_seconds(python_loop, max(loop_reps, 1))
+  bytes_moved = 2 * data.size * data.dtype.itemsize
+  return {
+      "T": num_steps,
+      "closed_ms": _ms(closed_s),
+      "sequential_ms": _ms(sequential_s),
+      "loop_ms": _ms(loop_s),
+      "sequential_over_closed": round(sequential_s / closed_s, 2),
+      "loop_over_closed": round(loop_s / closed_s, 2),
+      "target_T_over_2_met": sequential_s / closed_s >= num_steps / 2,
+      "closed_GBps": round(bytes_moved / closed_s / 1e9, 3),
+  }
+
+
+def _time_peer(schedule_steps: int, reps: int, jax_closed_ms: float) -> dict[str, Any] | None:
+  """diffusers' ``DDPMScheduler.add_noise`` + ``torch.randn_like``, or a faithful torch copy."""
+  try:
+    import torch  # noqa: PLC0415 - optional peer, imported only to measure it
+  except ImportError:
+    return None
+  x = torch.empty(SHAPE).uniform_(-1.0, 1.0)
+  t = torch.full((SHAPE[0],), schedule_steps - 1, dtype=torch.long)
+  try:
+    from diffusers import DDPMScheduler  # noqa: PLC0415
+    scheduler = DDPMScheduler(num_train_timesteps=schedule_steps, beta_schedule="linear")
+
+    def add_noise():
+      return scheduler.add_noise(x, torch.randn_like(x), t)
+    label = "diffusers.DDPMScheduler.add_noise + torch.randn_like"
+  except ImportError:
+    alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, schedule_steps), dim=0)
+
+    def add_noise():
+      # diffusers' add_noise, line for line: gather abar[t], sqrt, flatten, unsqueeze to x's rank.
+      noise = torch.randn_like(x)
+      sqrt_alpha_prod = alphas_cumprod[t].sqrt().flatten()
+      sqrt_one_minus = (1.0 - alphas_cumprod[t]).sqrt().flatten()
+      while sqrt_alpha_prod.dim() < x.dim():
+        sqrt_alpha_prod = sqrt_alpha_prod.unsqueeze(-1)
+        sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
+      return sqrt_alpha_prod * x + sqrt_one_minus * noise
+    label = ("torch re-implementation of diffusers DDPMScheduler.add_noise + torch.randn_like "
+             "(diffusers not installed)")
+  with torch.no_grad():
+    peer_s = _median_seconds(add_noise, reps)
+    randn_s = _median_seconds(lambda: torch.randn_like(x), reps)
+  return {
+      "what": label,
+      "torch_version": torch.__version__,
+      "torch_threads": torch.get_num_threads(),
+      "add_noise_ms": _ms(peer_s),
+      "randn_like_ms": _ms(randn_s),
+      "jax_closed_over_peer": round(jax_closed_ms / (peer_s * 1e3), 2),
+      "target_within_1.5x_met": jax_closed_ms / (peer_s * 1e3) <= 1.5,
+  }
+
+
+def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, Any]:
+  """All figures as one JSON-serialisable dict."""
+  results = {
+      "shape": list(SHAPE),
+      "dtype": "float32",
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "jax_version": jax.__version__,
+      "python": platform.python_version(),
+      "reps": reps,
+      "processes": [_time_process(n, reps, loop_reps) for n in sizes],
+  }
+  schedule = get_discrete_schedule("linear", num_steps=max(sizes))
+  data = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1.0, maxval=1.0)
+  t = jax.random.randint(jax.random.key(2), (SHAPE[0],), 0, max(sizes))
+  results["closed_form_variants_ms"] = _time_closed_form_variants(schedule, data, t, reps)
+  results["noise_options_ms"] = _time_noise_options(reps)
+  closed_ms = results["closed_form_variants_ms"]["q_sample_closed_form (diffjax.standard_normal)"]
+  results["peer"] = _time_peer(max(sizes), reps, closed_ms)
+  if results["peer"] is None:
+    results["peer_note"] = ("torch is not importable; install it (e.g. pip install torch==2.13.0, "
+                            "CPU wheel) to time diffusers-style add_noise")
+  return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=20, help="timed runs per figure (median)")
+  parser.add_argument("--sizes", type=str, default="100,500,1000",
+                      help="comma-separated numbers of steps T")
+  parser.add_argument("--quick", action="store_true", help="T = 100 and 3 repetitions")
+  args = parser.parse_args(argv)
+  try:
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+  except ValueError:
+    parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+  if not args.sizes or min(args.sizes) < 2:
+    parser.error(f"--sizes needs step counts >= 2, got {args.sizes}")
+  if args.reps < 1:
+    parser.error(f"--reps must be >= 1, got {args.reps}")
+  if args.quick:
+    args.sizes, args.reps = [100], 3
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  # The slow paths (T chained steps) get fewer repetitions; at least 5 as the brief asks.
+  results = run_benchmark(sizes=args.sizes, reps=args.reps,
+                          loop_reps=min(args.reps, 3) if args.quick else max(5, args.reps // 4))
+  json.dump(results, sys.stdout, indent=2)
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  main()
