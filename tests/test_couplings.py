@@ -258,6 +258,14 @@ def test_global_coupling_on_sharded_batch_equals_unsharded():
   # The sharded solution is the global optimum, not eight per-shard ones: it pairs across shards.
   perm = np.asarray(out[2])
   assert np.any(perm // 2 != np.arange(16) // 2)
+  # Sinkhorn in-graph on the sharded batch: XLA's reductions are global, so the plan is the
+  # unsharded one up to float32 summation order.
+  def log_plan(a, b):
+    return couplings.sinkhorn_log_plan(couplings.squared_euclidean_cost(a, b), epsilon=0.1,
+                                       relative_epsilon="mean", threshold=1e-5)
+  want = jax.jit(log_plan)(x0, x1)
+  got = jax.jit(log_plan, in_shardings=(sharded, sharded))(*args[:2])
+  np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-4, atol=1e-7)
 
 
 def test_vmapped_exact_coupling_equals_one_by_one():
