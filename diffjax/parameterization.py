@@ -48,7 +48,10 @@ __all__ = [
 
 
 class Coefficients(NamedTuple):
-  """``alpha``, ``sigma`` and their time derivatives at per-example times (each ``[batch]``)."""
+  """``alpha``, ``sigma`` and their time derivatives at per-example times (each ``[batch]`` or
+  scalar) for ``x_t = alpha x0 + sigma eps``: ``alpha`` always multiplies the data and ``sigma``
+  the noise, in diffusion time (:func:`diffusion_coefficients`) or flow time
+  (:func:`flow_coefficients`)."""
 
   alpha: Array
   sigma: Array
@@ -57,12 +60,15 @@ class Coefficients(NamedTuple):
 
 
 def diffusion_coefficients(schedule: ContinuousSchedule, t: Array) -> Coefficients:
-  """Coefficients of ``x_t = alpha(t) x_0 + sigma(t) eps`` in diffusion time (t = 0 data)."""
+  """Coefficients of ``x_t = alpha(t) x_0 + sigma(t) eps`` in diffusion time (t = 0 data), with
+  ``d_alpha = d alpha / dt`` and ``d_sigma = d sigma / dt`` by ``jax.jvp`` (Kingma et al. 2021,
+  VDM, eq. 1, https://arxiv.org/abs/2107.00630)."""
   return Coefficients(*schedule.alpha_sigma_and_derivatives(t))
 
 
 def flow_time_from_diffusion_time(t: Array) -> Array:
-  """Flow-matching time ``1 - t``: flow paths run noise (0) -> data (1), diffusion the reverse."""
+  """Flow-matching time ``1 - t``: flow paths run noise (0) -> data (1), diffusion the reverse
+  (Lipman et al. 2023, Sec. 4.1, https://arxiv.org/abs/2210.02747). The map is its own inverse."""
   return 1.0 - t
 
 
@@ -72,9 +78,15 @@ def flow_coefficients(schedule: ContinuousSchedule, t_flow: Array) -> Coefficien
   With ``s = 1 - t_flow``: ``alpha_fm(t) = alpha(s)``, ``sigma_fm(t) = sigma(s)``,
   ``d alpha_fm / dt = -alpha'(s)``, ``d sigma_fm / dt = -sigma'(s)``, so the flow path
   ``x_t = alpha_fm(t) x_1 + sigma_fm(t) x_0`` (``x_1`` data, ``x_0`` noise) has at every ``t`` the
-  same marginal as the diffusion at ``s`` (Lipman et al. 2023, Sec. 4.1 "diffusion conditional
-  VFs"; Kingma & Gao 2023, App. D). This is the one documented map between the two time
-  conventions; everything else calls it.
+  same marginal as the diffusion at ``s``, and ``velocity_from_x0_eps(x_1, x_0, coefficients=
+  flow_coefficients(...))`` is its conditional vector field ``d x_t / dt`` (Lipman et al. 2023,
+  Sec. 4.1 "diffusion conditional VFs", https://arxiv.org/abs/2210.02747; Kingma & Gao 2023,
+  App. D, https://arxiv.org/abs/2303.00848). For a VP schedule ``alpha_fm^2 + sigma_fm^2 = 1``.
+  This is the one documented map between the two time conventions; everything else calls it.
+
+  Args:
+    schedule: a diffusion schedule (``t = 0`` data, ``t = 1`` noise).
+    t_flow: ``[batch]`` flow times (``t = 0`` noise, ``t = 1`` data).
   """
   alpha, sigma, d_alpha, d_sigma = schedule.alpha_sigma_and_derivatives(
       flow_time_from_diffusion_time(t_flow))
@@ -85,14 +97,16 @@ def flow_coefficients(schedule: ContinuousSchedule, t_flow: Array) -> Coefficien
 
 
 def x0_eps_from_eps(eps: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
-  """``x0 = (x_t - sigma eps) / alpha`` (Ho et al. 2020, eq. 15)."""
+  """``x0 = (x_t - sigma eps) / alpha`` (Ho et al. 2020,
+  https://arxiv.org/abs/2006.11239)."""
   alpha = broadcast_to_data(coefficients.alpha, x_t)
   sigma = broadcast_to_data(coefficients.sigma, x_t)
   return (x_t - sigma * eps) / alpha, eps
 
 
 def x0_eps_from_x0(x0: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
-  """``eps = (x_t - alpha x0) / sigma``."""
+  """``eps = (x_t - alpha x0) / sigma``, the inverse of ``x_t = alpha x0 + sigma eps`` (Kingma et
+  al. 2021, eq. 1, https://arxiv.org/abs/2107.00630)."""
   alpha = broadcast_to_data(coefficients.alpha, x_t)
   sigma = broadcast_to_data(coefficients.sigma, x_t)
   return x0, (x_t - alpha * x0) / sigma
@@ -101,7 +115,8 @@ def x0_eps_from_x0(x0: Array, *, x_t: Array, coefficients: Coefficients) -> tupl
 def x0_eps_from_v(v: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[Array, Array]:
   """``x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)``, ``eps = (sigma x_t + alpha v) /
   (alpha^2 + sigma^2)``; for variance-preserving schedules the denominator is 1 (Salimans & Ho
-  2022, Sec. 4). The general form also serves VE/EDM schedules."""
+  2022, Sec. 4, https://arxiv.org/abs/2202.00512). The general form also serves VE/EDM
+  schedules."""
   alpha = broadcast_to_data(coefficients.alpha, x_t)
   sigma = broadcast_to_data(coefficients.sigma, x_t)
   norm = alpha**2 + sigma**2
@@ -112,7 +127,9 @@ def x0_eps_from_velocity(velocity: Array, *, x_t: Array,
                          coefficients: Coefficients) -> tuple[Array, Array]:
   """Solves ``[alpha sigma; d_alpha d_sigma] [x0; eps] = [x_t; velocity]``:
   ``x0 = (d_sigma x_t - sigma u) / det``, ``eps = (alpha u - d_alpha x_t) / det`` with
-  ``det = alpha d_sigma - sigma d_alpha`` (nonzero whenever the log-SNR moves)."""
+  ``det = alpha d_sigma - sigma d_alpha = -alpha sigma d_lambda / 2`` (nonzero whenever the
+  log-SNR ``lambda`` moves). Lipman et al. (2023), https://arxiv.org/abs/2210.02747 (the
+  conditional velocity of an affine Gaussian path)."""
   alpha = broadcast_to_data(coefficients.alpha, x_t)
   sigma = broadcast_to_data(coefficients.sigma, x_t)
   d_alpha = broadcast_to_data(coefficients.d_alpha, x_t)
@@ -123,7 +140,8 @@ def x0_eps_from_velocity(velocity: Array, *, x_t: Array,
 
 def x0_eps_from_score(score: Array, *, x_t: Array,
                       coefficients: Coefficients) -> tuple[Array, Array]:
-  """``eps = -sigma score`` (Tweedie), then ``x0 = (x_t - sigma eps) / alpha``."""
+  """``eps = -sigma score`` (Tweedie's formula; Song et al. 2021,
+  https://arxiv.org/abs/2011.13456), then ``x0 = (x_t - sigma eps) / alpha``."""
   sigma = broadcast_to_data(coefficients.sigma, x_t)
   return x0_eps_from_eps(-sigma * score, x_t=x_t, coefficients=coefficients)
 
@@ -132,40 +150,50 @@ def x0_eps_from_score(score: Array, *, x_t: Array,
 
 
 def eps_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
-  """The noise itself."""
+  """``eps``, the noise itself (Ho et al. 2020, https://arxiv.org/abs/2006.11239)."""
   del x0, coefficients
   return eps
 
 
 def x0_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
-  """The data itself."""
+  """``x0``, the data itself (Ho et al. 2020, https://arxiv.org/abs/2006.11239)."""
   del eps, coefficients
   return x0
 
 
 def v_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
-  """``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4)."""
+  """``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4, https://arxiv.org/abs/2202.00512;
+  for ``alpha = cos phi``, ``sigma = sin phi`` it is ``d x_phi / d phi``)."""
   alpha = broadcast_to_data(coefficients.alpha, x0)
   sigma = broadcast_to_data(coefficients.sigma, x0)
   return alpha * eps - sigma * x0
 
 
 def velocity_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
-  """``u = d_alpha x0 + d_sigma eps``, the time derivative of ``x_t = alpha x0 + sigma eps``."""
+  """``u = d_alpha x0 + d_sigma eps``, the time derivative of ``x_t = alpha x0 + sigma eps``
+  (the conditional flow-matching target; Lipman et al. 2023,
+  https://arxiv.org/abs/2210.02747)."""
   d_alpha = broadcast_to_data(coefficients.d_alpha, x0)
   d_sigma = broadcast_to_data(coefficients.d_sigma, x0)
   return d_alpha * x0 + d_sigma * eps
 
 
 def score_from_x0_eps(x0: Array, eps: Array, *, coefficients: Coefficients) -> Array:
-  """``score = -eps / sigma`` (Tweedie's formula for the Gaussian kernel)."""
+  """``score = grad_x log N(x_t; alpha x0, sigma^2 I) = -eps / sigma`` (Song et al. 2021,
+  https://arxiv.org/abs/2011.13456; exact for the Gaussian kernel, Tweedie for the marginal)."""
   del x0
   return -eps / broadcast_to_data(coefficients.sigma, eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictionTarget:
-  """A network output type: how to read ``(x0, eps)`` from it and how to write it from them."""
+  """A network output type: how to read ``(x0, eps)`` from it and how to write it from them.
+
+  Attributes:
+    name: the target's name in ``PREDICTION_TARGETS``.
+    to_x0_eps: ``(prediction, *, x_t, coefficients) -> (x0, eps)``.
+    from_x0_eps: ``(x0, eps, *, coefficients) -> prediction``.
+  """
 
   name: str
   to_x0_eps: Callable[..., tuple[Array, Array]]
@@ -182,7 +210,8 @@ PREDICTION_TARGETS: dict[str, PredictionTarget] = {
 
 
 def get_prediction_target(name: str) -> PredictionTarget:
-  """Resolves a prediction target by name, once, at the edge."""
+  """Resolves a prediction target by name ("eps", "x0", "v", "velocity", "score"), once, at the
+  edge."""
   if name not in PREDICTION_TARGETS:
     raise ValueError(f"unknown prediction target {name!r}; choose one of "
                      f"{sorted(PREDICTION_TARGETS)}")
@@ -191,6 +220,9 @@ def get_prediction_target(name: str) -> PredictionTarget:
 
 def convert(prediction: Array, *, source: PredictionTarget, destination: PredictionTarget,
             x_t: Array, coefficients: Coefficients) -> Array:
-  """Converts a prediction of one target into another through ``(x0, eps)``."""
+  """Converts a prediction of one target into another through ``(x0, eps)``:
+  ``destination.from_x0_eps(*source.to_x0_eps(prediction, x_t, coefficients))``. Every map is
+  linear in ``(x_t, prediction)``, so it applies unchanged to a network's estimate (then
+  ``x0`` and ``eps`` mean ``E[x0 | x_t]`` and ``E[eps | x_t]``)."""
   x0, eps = source.to_x0_eps(prediction, x_t=x_t, coefficients=coefficients)
   return destination.from_x0_eps(x0, eps, coefficients=coefficients)

@@ -373,8 +373,8 @@ class ContinuousSchedule:
     return self._eval(fn, t)
 
   def d_log_snr(self, t) -> Array:
-    """``d lambda / dt`` by ``jax.jvp`` (negative for every schedule here); the VDM loss weight
-    (Kingma et al. 2021, eq. 17, https://arxiv.org/abs/2107.00630)."""
+    """``d lambda / dt`` by ``jax.jvp`` (negative for every schedule here); the weight of VDM's
+    continuous-time loss (Kingma et al. 2021, https://arxiv.org/abs/2107.00630)."""
     def fn(u):
       def log_snr(v):
         log_alpha, log_sigma = self.log_alpha_sigma(v)
@@ -434,8 +434,8 @@ def shifted_cosine_log_snr(t: Array, *, resolution: int = 64, base_resolution: i
   """Resolution-shifted cosine: ``lambda(t) = lambda_cosine(t) + 2 log(base / resolution)``.
 
   Larger images keep more signal at equal noise, so the SNR is divided by
-  ``(resolution / base)^2``. Hoogeboom et al. (2023), "simple diffusion", Sec. 3.1 (eq. for
-  ``logSNR_shift 64->d``), https://arxiv.org/abs/2301.11093.
+  ``(resolution / base)^2``. Hoogeboom et al. (2023), "simple diffusion: End-to-end diffusion for
+  high resolution images", the shifted schedule, https://arxiv.org/abs/2301.11093.
   """
   shift = 2.0 * math.log(base_resolution / resolution)
   return cosine_log_snr(t, log_snr_min=log_snr_min, log_snr_max=log_snr_max) + shift
