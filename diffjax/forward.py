@@ -20,27 +20,27 @@ The isotropic shortcut, and exactly where it survives (``abar_t = prod_{s <= t} 
 :func:`q_sample_sequential` runs the Markov chain itself with ``jax.lax.scan``; it is the reference
 every closed form is tested against (tests/test_forward.py).
 
-Noise generation. ``jax.random.normal`` with the default threefry key and
-``jax_threefry_partitionable=True`` (JAX's default) computes one 20-round Threefry-2x32 hash per
-element through a rolled loop on CPU. :func:`standard_normal` computes the same hash, unrolled,
-in one flat elementwise fusion: its output is bit-for-bit ``jax.random.normal(key, shape)``
-(tested), and on CPU it is several times faster. Other key implementations (``rbg``,
-``unsafe_rbg``) go to ``jax.random.normal`` unchanged; on CPU they are no faster than threefry
-(XLA's Philox bit generator is the slow part), so the recommended key is the default
-``jax.random.key(seed)``. Low-precision noise is drawn in float32 and rounded: an inverse-CDF normal
-computed in bfloat16 has an 8-bit uniform and truncated tails. Figures (2-core CPU, batch
-64x32x32x3 float32, median ms, ``python scripts/bench_forward.py``): see
-``scripts/bench_forward.py`` and the project notes; in short, ``jax.random.normal`` ~3.5 ms,
-:func:`standard_normal` ~0.6 ms, torch.randn ~0.7 ms.
+Noise generation. On CPU, drawing the noise costs 30 times more than the affine op itself, and
+``jax.random.normal`` computes it on the full-rank shape, which XLA:CPU does not vectorise (the
+innermost axis of an image batch is often the 3 channels). :func:`standard_normal` computes the
+same Threefry bits on the flattened shape: bit-for-bit ``jax.random.normal(key, shape)`` (tested),
+about 3x faster alone and inside the closed form. The other key implementations are no help on
+CPU: ``rbg`` and ``unsafe_rbg`` use XLA's Philox bit generator, slower here than threefry; a
+bfloat16 draw is no faster and has an 8-bit uniform with truncated tails, so low-precision noise is
+drawn in float32 and rounded. Recommended: the default ``jax.random.key(seed)``. Figures
+(``python scripts/bench_forward.py``, 2-core CPU, batch 64x32x32x3 float32, median ms) are in
+that script's output and the project notes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
+import jax.extend.random as jax_random_extend
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -84,29 +84,6 @@ __all__ = [
 # Standard normal noise.
 # --------------------------------------------------------------------------------------------
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _rotate_left(x: Array, bits: int) -> Array:
-  return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
-
-
-def _threefry2x32(key1: Array, key2: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
-  """Threefry-2x32 with 20 rounds, unrolled (Salmon et al. 2011, "Parallel random numbers: as easy
-  as 1, 2, 3", https://doi.org/10.1145/2063384.2063405); the same function as
-  ``jax.extend.random.threefry_2x32``, written as plain ``uint32`` ops so XLA fuses it with the
-  normal transform into one vectorised loop instead of JAX's rolled CPU loop."""
-  schedule = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
-  x0, x1 = x0 + schedule[0], x1 + schedule[1]
-  for block in range(5):
-    for rotation in _THREEFRY_ROTATIONS[block % 2]:
-      x0 = x0 + x1
-      x1 = x0 ^ _rotate_left(x1, rotation)
-    x0 = x0 + schedule[(block + 1) % 3]
-    x1 = x1 + schedule[(block + 2) % 3] + np.uint32(block + 1)
-  return x0, x1
-
-
 def _normal_from_bits(bits: Array) -> Array:
   """``z = sqrt(2) erfinv(u)`` with ``u`` uniform on ``[-1 + ulp, 1)`` from the top 23 bits, the
   inverse-CDF transform of ``jax.random.normal`` (float32)."""
@@ -127,11 +104,13 @@ def standard_normal(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32
   """``eps ~ N(0, I)`` of ``shape``: bit-for-bit ``jax.random.normal(key, shape)``, faster on CPU.
 
   For a threefry key (the default of ``jax.random.key``) and JAX's default
-  ``jax_threefry_partitionable=True``, element ``i`` (row-major) is
-  ``sqrt(2) erfinv(u(b_i))`` with ``b_i = x0 ^ x1``, ``(x0, x1) = threefry2x32(key, (0, i))``
-  (Salmon et al. 2011; JAX's partitionable counter layout). Computing it on the flattened shape
-  lets XLA emit one vectorised loop. Any other key implementation, or the legacy
-  non-partitionable layout, is passed to ``jax.random.normal`` unchanged.
+  ``jax_threefry_partitionable=True``, element ``i`` (row-major) is ``sqrt(2) erfinv(u(b_i))``
+  with ``b_i = x0 ^ x1``, ``(x0, x1) = threefry2x32(key, (0, i))`` (Salmon et al. 2011,
+  https://doi.org/10.1145/2063384.2063405; JAX's partitionable counter layout) and ``u`` the
+  uniform on ``[-1 + ulp, 1)`` from the top 23 bits. It is computed on the flattened shape,
+  which XLA:CPU vectorises, with JAX's own ``threefry2x32`` primitive
+  (``jax.extend.random.threefry2x32_p``). Any other key implementation, the legacy
+  non-partitionable layout, or ``2^32`` elements or more go to ``jax.random.normal`` unchanged.
 
   Args:
     key: a ``jax.random.key`` (or legacy ``uint32[2]``) key.
@@ -149,9 +128,18 @@ def standard_normal(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
   key_data = jax.random.key_data(key) if jax.dtypes.issubdtype(
       key.dtype, jax.dtypes.prng_key) else key
+  return _threefry_normal_flat(key_data, size).reshape(shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _threefry_normal_flat(key_data: Array, size: int) -> Array:
+  """``size`` normals from a flat counter ``(0, i)``: JAX's partitionable layout for sizes below
+  ``2^32``, on a rank-1 array, the shape XLA:CPU vectorises; the hash stays JAX's own primitive
+  (a rolled loop on CPU, which also keeps it out of the consumer's non-vectorised fusion)."""
   counter = jax.lax.iota(jnp.uint32, size)
-  x0, x1 = _threefry2x32(key_data[0], key_data[1], jnp.zeros_like(counter), counter)
-  return _normal_from_bits(x0 ^ x1).reshape(shape).astype(dtype)
+  x0, x1 = jax_random_extend.threefry2x32_p.bind(
+      key_data[0], key_data[1], jnp.zeros_like(counter), counter)
+  return _normal_from_bits(x0 ^ x1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +200,11 @@ def q_sample(*, data: Array, t: Array, noise: Array, schedule: DiscreteSchedule)
   if noise.shape != data.shape:
     raise ValueError(f"noise of shape {noise.shape} must match data of shape {data.shape}")
   t = _check_steps(t, data, schedule)
+  return _q_sample_kernel(data, t, noise, schedule)
+
+
+@jax.jit
+def _q_sample_kernel(data: Array, t: Array, noise: Array, schedule: DiscreteSchedule) -> Array:
   dtype = _compute_dtype(data)
   signal_scale, noise_scale = _marginal_scales(schedule, t)
   x_t = (broadcast_to_data(signal_scale, data) * data.astype(dtype)
@@ -317,6 +310,12 @@ def posterior_mean_variance(*, data: Array, x_t: Array, t: Array,
   if x_t.shape != data.shape:
     raise ValueError(f"x_t of shape {x_t.shape} must match data of shape {data.shape}")
   t = _check_steps(t, data, schedule)
+  return _posterior_kernel(data, x_t, t, schedule)
+
+
+@jax.jit
+def _posterior_kernel(data: Array, x_t: Array, t: Array,
+                      schedule: DiscreteSchedule) -> PosteriorMoments:
   alpha_bars = schedule.alpha_bars
   alpha_bars_prev = jnp.concatenate([jnp.ones_like(alpha_bars[:1]), alpha_bars[:-1]])
   one_minus = jax.nn.sigmoid(-schedule.log_snr)
