@@ -19,9 +19,9 @@ from diffjax import couplings as couplings_lib
 from diffjax import losses as losses_lib
 from diffjax import models as models_lib
 from diffjax import parameterization
+from diffjax import samplers as samplers_lib
 from diffjax import schedules as schedules_lib
 from diffjax.data import toy2d
-from diffjax.train import generation
 from diffjax.train import sharding as sharding_lib
 
 __all__ = ["Experiment", "build_experiment", "create_model", "model_kwargs", "compute_dtype"]
@@ -157,13 +157,14 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
 
   if config.objective.kind == "flow_matching":
     loss_fn, path = _flow_matching_loss(config, mesh, model, source)
-    generate = generation.flow_generator(apply=model.apply, source=source,
-                                           data_shape=tuple(config.data.shape))
+    generate = samplers_lib.flow_generator(apply=model.apply, source=source,
+                                           data_shape=tuple(config.data.shape),
+                                           num_classes=config.data.num_classes)
   else:
     loss_fn, schedule = _diffusion_loss(config, model)
-    generate = generation.diffusion_generator(
+    generate = samplers_lib.diffusion_generator(
         apply=model.apply, schedule=schedule, prediction=config.objective.prediction,
-        data_shape=tuple(config.data.shape))
+        data_shape=tuple(config.data.shape), num_classes=config.data.num_classes)
 
   target_sampler = None
   sample_batch = make_iterator = next_batch = iterator_state = None
