@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -121,8 +122,8 @@ def discrete_schedule(betas: Array) -> DiscreteSchedule:
 
 
 def _check_steps(num_steps: int) -> None:
-  _require(isinstance(num_steps, int) and num_steps >= 1,
-           f"num_steps must be a positive Python int, got {num_steps!r}")
+  _require(isinstance(num_steps, numbers.Integral) and num_steps >= 1,
+           f"num_steps must be a positive integer, got {num_steps!r}")
 
 
 def _check_beta_range(beta_start: float, beta_end: float) -> None:
