@@ -28,13 +28,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import Array
 
+from diffjax.couplings import Coupling, get_coupling
 from diffjax.parameterization import Coefficients, PredictionTarget
 from diffjax.paths import Path, get_path
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
@@ -44,7 +45,6 @@ __all__ = [
     "TrainingExample",
     "LossFn",
     "TimeSampler",
-    "Coupling",
     "regression_loss",
     # time samplers
     "uniform_time",
@@ -106,8 +106,6 @@ class TrainingExample(NamedTuple):
 
 LossFn = Callable[[Array, TrainingExample], Array]
 TimeSampler = Callable[[Array, int], Array]
-# (key, x0, x1, labels) -> (x0, x1, labels): reorders x1 (and labels) against x0.
-Coupling = Callable[[Array, Array, Array, Any], tuple[Array, Array, Any]]
 
 
 def regression_loss(prediction: Array, example: TrainingExample) -> Array:
@@ -243,8 +241,8 @@ class FlowMatchingRecipe:
   """A named flow-matching method: which path, which coupling, and where it comes from.
 
   ``path`` and ``coupling`` are names for :func:`diffjax.paths.get_path` and
-  ``diffjax.couplings.get_coupling``; the ``*_kwargs`` are their keyword arguments. The source is
-  ``x0 ~ N(0, I)`` for every recipe here.
+  :func:`diffjax.couplings.get_coupling`; the ``*_kwargs`` are their keyword arguments. The
+  source is ``x0 ~ N(0, I)`` for every recipe here.
   """
 
   name: str
@@ -268,10 +266,11 @@ def _otcfm_recipe(*, sigma: float = 0.1) -> FlowMatchingRecipe:
 
 
 def _sbcfm_recipe(*, sigma: float = 1.0) -> FlowMatchingRecipe:
-  # The entropic OT plan with reg = 2 sigma^2 is the static Schrodinger bridge between the
+  # The entropic OT plan with absolute reg = 2 sigma^2 is the static Schrodinger bridge between the
   # marginals for a Brownian motion of variance sigma^2 (Tong et al. 2024, Prop. 3.5).
   return FlowMatchingRecipe(
-      "sbcfm", "brownian_bridge", {"sigma": sigma}, "sinkhorn", {"reg": 2.0 * sigma**2},
+      "sbcfm", "brownian_bridge", {"sigma": sigma}, "sinkhorn",
+      {"epsilon": 2.0 * sigma**2, "relative_epsilon": None},
       "Tong et al. 2024, SB-CFM, https://arxiv.org/abs/2302.00482")
 
 
@@ -294,8 +293,9 @@ def get_flow_matching_recipe(name: str, **kwargs) -> FlowMatchingRecipe:
 
   Args:
     name: "icfm" (I-CFM: icfm path, independent pairs), "otcfm" (OT-CFM: icfm path, exact OT
-      coupling), "sbcfm" (SB-CFM: Brownian-bridge path, Sinkhorn coupling with
-      ``reg = 2 sigma^2``), "fm" (Lipman's FM: linear path with ``sigma_min``, independent pairs).
+      coupling), "sbcfm" (SB-CFM: Brownian-bridge path, Sinkhorn coupling with absolute
+      ``epsilon = 2 sigma^2``), "fm" (Lipman's FM: linear path with ``sigma_min``, independent
+      pairs).
     **kwargs: ``sigma`` (icfm, otcfm, sbcfm) or ``sigma_min`` (fm).
   """
   if name not in FLOW_MATCHING_RECIPES:
@@ -306,11 +306,8 @@ def get_flow_matching_recipe(name: str, **kwargs) -> FlowMatchingRecipe:
 
 def build_flow_matching_recipe(recipe: FlowMatchingRecipe) -> tuple[Path, Coupling]:
   """Resolves a recipe's names into ``(path, coupling)``, once, at the edge."""
-  # couplings is a sibling module written separately; importing it here keeps this module
-  # importable without it.
-  from diffjax import couplings  # pylint: disable=import-outside-toplevel
   return (get_path(recipe.path, **recipe.path_kwargs),
-          couplings.get_coupling(recipe.coupling, **recipe.coupling_kwargs))
+          get_coupling(recipe.coupling, **recipe.coupling_kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,9 +442,9 @@ def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSch
   (Ho et al. 2020, Algorithm 1, https://arxiv.org/abs/2006.11239).
 
   ``model_time = (s + 1) / T`` in ``(0, 1]``: step ``s`` ends at continuous diffusion time
-  ``(s + 1) / T`` (the schedules built from a continuous ``abar`` define ``abar_s = abar((s+1)/T)``),
-  so the same network can be evaluated by continuous-time samplers. ``sigma = sqrt(sigmoid(-
-  lambda_s))`` is taken from the log-SNR, accurate where ``abar_s`` is close to 1. The ELBO
+  ``(s + 1) / T`` (schedules built from a continuous ``abar`` define ``abar_s = abar((s+1)/T)``),
+  so the same network can be evaluated by continuous-time samplers. ``sigma = sqrt(sigmoid(
+  -lambda_s))`` is taken from the log-SNR, accurate where ``abar_s`` is close to 1. The ELBO
   weighting uses ``d lambda / dt ~ T (lambda_s - lambda_{s-1})`` (a forward difference at
   ``s = 0``), the continuous-time approximation of the discrete bound.
   """

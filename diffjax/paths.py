@@ -78,15 +78,16 @@ class Path:
     coefficient_fn: pure, elementwise ``t -> (alpha_t, sigma_t, gamma_t)``. Use a module-level
       function or a ``functools.partial`` of one, so the path stays hashable.
     stochastic: whether ``gamma`` is not identically zero; then every method needs ``z``.
-    derivative_eps: derivatives are evaluated at ``clip(t, eps, 1 - eps)``. Paths whose
+    derivative_range: derivatives are evaluated at ``clip(t, *derivative_range)``. Paths whose
       coefficients have a square-root singularity at an end (the Brownian bridge at both, a VP
-      schedule at the data end) set it so targets stay finite; values are always taken at ``t``.
+      schedule at the data end) narrow it so targets stay finite; values are always taken at
+      ``t``.
   """
 
   name: str
   coefficient_fn: Callable[[Array], tuple[Array, Array, Array]]
   stochastic: bool = False
-  derivative_eps: float = 0.0
+  derivative_range: tuple[float, float] = (0.0, 1.0)
 
   def coefficients(self, t) -> tuple[Array, Array, Array]:
     """``(alpha_t, sigma_t, gamma_t)``, each of the shape of ``t``."""
@@ -95,11 +96,11 @@ class Path:
   def coefficients_and_derivatives(self, t) -> PathCoefficients:
     """Coefficients and their time derivatives (``jax.jvp`` of ``coefficient_fn``).
 
-    The derivatives are taken at ``clip(t, derivative_eps, 1 - derivative_eps)``.
+    The derivatives are taken at ``clip(t, *derivative_range)``.
     """
     t = _as_float_time(t)
     values = self.coefficient_fn(t)
-    t_safe = jnp.clip(t, self.derivative_eps, 1.0 - self.derivative_eps)
+    t_safe = jnp.clip(t, *self.derivative_range)
     _, derivatives = jax.jvp(self.coefficient_fn, (t_safe,), (jnp.ones_like(t_safe),))
     return PathCoefficients(*values, *derivatives)
 
@@ -239,19 +240,24 @@ def icfm_path(*, sigma: float = 0.1) -> Path:
 def brownian_bridge_path(*, sigma: float = 1.0, derivative_eps: float = 1e-4) -> Path:
   """The Brownian-bridge path of :func:`brownian_bridge_coefficients` (Tong et al. 2024).
 
-  ``derivative_eps`` clips ``t`` to ``[eps, 1 - eps]`` inside ``d_gamma`` only: the target's
+  ``derivative_eps`` clips ``t`` to ``[eps, 1 - eps]`` inside the derivatives only (those of
+  ``alpha`` and ``sigma`` are constant, so only ``d_gamma`` changes): the target's
   variance ``E[d_gamma_t^2] ~ sigma^2 / (4t)`` is not integrable over ``t ~ U(0, 1)``, and at
   ``t in {0, 1}`` the derivative is infinite; ``gamma_t z`` itself vanishes there, so the clip
   changes nothing but the target on a set of times of probability ``2 eps``.
   """
   return Path("brownian_bridge", functools.partial(brownian_bridge_coefficients, sigma=sigma),
-              stochastic=sigma != 0, derivative_eps=derivative_eps)
+              stochastic=sigma != 0, derivative_range=(derivative_eps, 1.0 - derivative_eps))
 
 
 def schedule_path(schedule: ContinuousSchedule, *, derivative_eps: float = 0.0) -> Path:
-  """The flow path of any continuous diffusion schedule, :func:`schedule_coefficients`."""
+  """The flow path of any continuous diffusion schedule, :func:`schedule_coefficients`.
+
+  ``derivative_eps`` evaluates the derivatives at ``min(t, 1 - eps)``, for schedules whose
+  ``sigma`` has an infinite slope at the data end (diffusion time 0).
+  """
   return Path(schedule.name, functools.partial(schedule_coefficients, schedule=schedule),
-              derivative_eps=derivative_eps)
+              derivative_range=(0.0, 1.0 - derivative_eps))
 
 
 def vp_path(*, beta_min: float = 0.1, beta_max: float = 20.0,
@@ -259,7 +265,7 @@ def vp_path(*, beta_min: float = 0.1, beta_max: float = 20.0,
   """Lipman et al.'s VP diffusion path: the VP SDE schedule (Song et al. 2021) in flow time.
 
   ``sigma_t ~ sqrt(beta_min (1 - t))`` near the data end, whose derivative is infinite at
-  ``t = 1``; ``derivative_eps`` evaluates it at ``1 - eps`` instead. At ``t = 0``,
+  ``t = 1``; ``derivative_eps`` evaluates it at ``min(t, 1 - eps)`` instead. At ``t = 0``,
   ``alpha_0 = exp(-(beta_max + beta_min) / 4)`` (0.0066 for the defaults): nearly, not
   exactly, pure noise.
   """
