@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("diffjax").setLevel(logging.INFO)
 
   from diffjax.train import config as config_lib  # light: no JAX compile
   from diffjax import run  # pylint: disable=import-outside-toplevel
