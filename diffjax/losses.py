@@ -622,6 +622,9 @@ def marginal_velocity(x: Array, t: Array, *, data: Array, path: Path) -> Array:
   Returns:
     ``[*event]`` the marginal velocity at ``(x, t)``.
   """
+  if jnp.shape(x) != jnp.shape(data)[1:]:
+    raise ValueError(f"x of shape {jnp.shape(x)} must be one point of the data set of shape "
+                     f"{jnp.shape(data)} (vmap over a batch of points)")
   alpha, s, d_alpha, d_s = path.gaussian_coefficients(t)
   residual = x[None] - alpha * data
   log_density = -0.5 * jnp.sum(residual.reshape(data.shape[0], -1)**2, axis=-1) / s**2

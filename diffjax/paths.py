@@ -104,10 +104,20 @@ class Path:
     _, derivatives = jax.jvp(self.coefficient_fn, (t_safe,), (jnp.ones_like(t_safe),))
     return PathCoefficients(*values, *derivatives)
 
-  def _check_noise(self, z):
+  def _check_inputs(self, x0, x1, t, z):
+    """Static shape checks, before any broadcasting could hide a mistake."""
     if self.stochastic and z is None:
       raise ValueError(f"path {self.name!r} adds noise gamma_t z: pass z (a standard normal "
                        f"array of the shape of x0), e.g. z=jax.random.normal(key, x0.shape)")
+    shapes = {"x0": jnp.shape(x0), "x1": jnp.shape(x1)}
+    if z is not None:
+      shapes["z"] = jnp.shape(z)
+    if len(set(shapes.values())) > 1:
+      raise ValueError(f"x0, x1 (and z) must have one shape [batch, ...]; got {shapes}")
+    t_shape = jnp.shape(t)
+    if t_shape and t_shape != shapes["x0"][:1]:
+      raise ValueError(f"t of shape {t_shape} must be a scalar or have shape [batch] = "
+                       f"{shapes['x0'][:1]}, one time per example")
 
   def _combine(self, a: Array, b: Array, c: Array, *, x0: Array, x1: Array, z) -> Array:
     out = broadcast_to_data(a, x1) * x1 + broadcast_to_data(b, x0) * x0
@@ -124,7 +134,7 @@ class Path:
       t: ``[batch]`` flow times in ``[0, 1]``.
       z: ``[batch, ...]`` standard normal noise; required when ``stochastic``.
     """
-    self._check_noise(z)
+    self._check_inputs(x0, x1, t, z)
     alpha, sigma, gamma = self.coefficients(t)
     return self._combine(alpha, sigma, gamma, x0=x0, x1=x1, z=z)
 
@@ -133,7 +143,7 @@ class Path:
     """``u_t = d_alpha_t x1 + d_sigma_t x0 + d_gamma_t z``, the velocity ``d x_t / dt`` at fixed
     ``(x0, x1, z)`` (Lipman et al. 2023, eq. 21; Tong et al. 2024, eq. 14). Same arguments as
     :meth:`sample_xt`."""
-    self._check_noise(z)
+    self._check_inputs(x0, x1, t, z)
     c = self.coefficients_and_derivatives(t)
     return self._combine(c.d_alpha, c.d_sigma, c.d_gamma, x0=x0, x1=x1, z=z)
 
@@ -142,7 +152,7 @@ class Path:
     """``{"t": t, "x_t": x_t, "target": u_t}`` from one evaluation of the coefficients (the
     dictionary of ott-jax's ``flow_matching.interpolate_samples``). Same arguments as
     :meth:`sample_xt`."""
-    self._check_noise(z)
+    self._check_inputs(x0, x1, t, z)
     c = self.coefficients_and_derivatives(t)
     return {
         "t": t,

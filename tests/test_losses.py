@@ -529,6 +529,9 @@ def test_edm_effective_target_equals_weighted_denoiser_loss_and_is_minimised_at_
 def test_user_errors_name_the_value_and_the_choices():
   with pytest.raises(ValueError, match="unknown time sampler 'beta'.*logit_normal"):
     losses.get_time_sampler("beta")
+  with pytest.raises(ValueError, match="one point of the data set"):
+    losses.marginal_velocity(jnp.zeros(3), 0.5, data=jnp.asarray(DATA),
+                             path=paths.get_path("linear", sigma_min=0.01))
   with pytest.raises(ValueError, match="unknown weighting 'snr'.*min_snr"):
     losses.get_weighting("snr")
   data = jnp.zeros((4, 2))

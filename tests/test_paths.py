@@ -183,6 +183,10 @@ def test_user_errors_are_caught_before_tracing():
   x0, x1, _ = _draws(2)
   with pytest.raises(ValueError, match="icfm.*pass z"):
     paths.get_path("icfm").sample_xt(x0=x0, x1=x1, t=jnp.array([0.1, 0.2]))
+  with pytest.raises(ValueError, match="one shape"):
+    paths.get_path("linear").sample_xt(x0=x0, x1=x1[0], t=jnp.array([0.1, 0.2]))
+  with pytest.raises(ValueError, match="one time per example"):
+    paths.get_path("linear").sample_xt(x0=x0, x1=x1, t=jnp.array([0.1, 0.2, 0.3]))
   # Deterministic paths need no noise.
   out = paths.get_path("linear").conditional_target(x0=x0, x1=x1, t=jnp.array([0.1, 0.2]))
   np.testing.assert_allclose(out, x1 - x0, atol=1e-6)
