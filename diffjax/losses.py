@@ -446,7 +446,9 @@ def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSch
   so the same network can be evaluated by continuous-time samplers. ``sigma = sqrt(sigmoid(
   -lambda_s))`` is taken from the log-SNR, accurate where ``abar_s`` is close to 1. The ELBO
   weighting uses ``d lambda / dt ~ T (lambda_s - lambda_{s-1})`` (a forward difference at
-  ``s = 0``), the continuous-time approximation of the discrete bound.
+  ``s = 0``), the continuous-time approximation of the discrete bound. With a zero-terminal-SNR
+  schedule the last step has ``lambda = -inf``, where the ELBO and EDM weights are infinite:
+  use the uniform or min-SNR weighting there.
   """
   _check_target_for_discrete(target)
   num_steps = schedule.num_steps
