@@ -190,8 +190,9 @@ def q_sample(*, data: Array, t: Array, noise: Array, schedule: DiscreteSchedule)
   """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``: the isotropic closed form.
 
   Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", eq. 4,
-  https://arxiv.org/abs/2006.11239. One gather of ``abar`` per example and one fused elementwise
-  op; the math runs in at least float32 and the result has ``data``'s dtype.
+  https://arxiv.org/abs/2006.11239. Two ``[batch]`` gathers (``abar_t`` and ``log_snr_t``, for
+  ``1 - abar_t = sigmoid(-log_snr_t)``) and one fused elementwise op; the math runs in at least
+  float32 and the result has ``data``'s dtype.
 
   Args:
     data: ``x_0``, ``[batch, *event]`` (any event shape) or unbatched with scalar ``t``.
