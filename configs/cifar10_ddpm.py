@@ -6,8 +6,6 @@ Data as in cifar10_otcfm.py: TFDS when installed, or ``--config.data.target=npz
 --config.data.path=...``.
 """
 
-from diffjax.train.config import base_config  # noqa: F401  (schema source, see below)
-
 import importlib.util
 import pathlib
 
