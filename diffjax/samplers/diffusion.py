@@ -28,7 +28,6 @@ from diffjax.samplers.fields import (CoefficientsFn, Denoiser, Predictor, Sample
                                      SigmaDenoiser, prepend_initial)
 from diffjax.samplers.ode import check_times
 from diffjax.schedules import DiscreteSchedule
-from diffjax.shapes import broadcast_to_data
 
 __all__ = [
     "default_time_of_step",

@@ -6,8 +6,8 @@ A trained network reaches the samplers as a closure ``predict(x, t) -> predictio
 the process is its :class:`~diffjax.parameterization.Coefficients` as a function of that same time,
 ``coefficients_fn(t) -> Coefficients``: ``diffusion_coefficients`` of a continuous schedule
 (diffusion time, ``t = 0`` data), ``flow_coefficients`` or a path's ``gaussian_coefficients``
-(:mod:`diffjax.paths`; flow time, ``t = 0`` noise, ``t = 1`` data), or any user function. Every conversion goes through
-``target.to_x0_eps``, so every sampler works with every target:
+(:mod:`diffjax.paths`; flow time, ``t = 0`` noise, ``t = 1`` data), or any user function. Every
+conversion goes through ``target.to_x0_eps``, so every sampler works with every target:
 
 * :func:`denoiser`: ``(x, t) -> (x0_hat, eps_hat)``, the posterior means (Tweedie);
 * :func:`velocity_field`: ``(x, t) -> dx/dt`` of the probability-flow ODE, in the time of
@@ -163,6 +163,8 @@ def time_of_log_snr(log_snr: Array, *, coefficients_fn: CoefficientsFn, t_min: f
   target = jnp.asarray(log_snr)
   target = target.astype(jnp.result_type(target, jnp.float32))
   args = (coefficients_fn, float(t_min), float(t_max), int(num_iters))
+  if isinstance(target, jax.core.Tracer):  # already inside a trace: nothing to cache
+    return _bisect_log_snr(target, *args)
   try:
     hash(args)
   except TypeError:  # an unhashable coefficients_fn: run uncompiled

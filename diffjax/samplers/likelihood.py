@@ -59,9 +59,9 @@ __all__ = [
     "bits_per_dim",
 ]
 
-DivergenceFn = Callable[[Array, Array, Array], tuple[Array, Array]]
+DivergenceFn = Callable[[Array, Array, Array | None], tuple[Array, Array]]
 """``(x, t, probes) -> (v(x, t), div v(x, t))``: ``x`` ``[batch, *event]``, ``t`` ``[batch]``,
-``probes`` ``[num_probes, batch, *event]`` (ignored by the exact divergence), outputs
+``probes`` ``[num_probes, batch, *event]`` or None (ignored by the exact divergence), outputs
 ``[batch, *event]`` and ``[batch]``."""
 
 PIXEL_BIN_WIDTH = 1.0 / 127.5
@@ -76,7 +76,7 @@ def exact_divergence(velocity: VelocityField) -> DivergenceFn:
   """``div v = tr(dv/dx) = sum_i (J e_i)_i`` with one JVP per dimension (``D`` network calls on
   the batch, through one ``jax.linearize``). Assumes examples do not interact inside ``v`` (true
   of any per-example network), so one JVP with ``e_i`` in every example serves the whole batch."""
-  def divergence(x: Array, t: Array, probes: Array) -> tuple[Array, Array]:
+  def divergence(x: Array, t: Array, probes: Array | None) -> tuple[Array, Array]:
     del probes
     batch, dim = x.shape[0], math.prod(x.shape[1:])
     v, jvp = jax.linearize(lambda z: velocity(z, t), x)
@@ -91,7 +91,10 @@ def hutchinson_divergence(velocity: VelocityField) -> DivergenceFn:
   (Hutchinson 1989; Grathwohl et al. 2019, eq. 8): one JVP per probe, unbiased, with variance
   ``2 sum_{i != j} A_ij^2`` per Rademacher probe and ``2 ||A||_F^2`` per Gaussian probe for the
   symmetric part ``A`` of the Jacobian."""
-  def divergence(x: Array, t: Array, probes: Array) -> tuple[Array, Array]:
+  def divergence(x: Array, t: Array, probes: Array | None) -> tuple[Array, Array]:
+    if probes is None:
+      raise ValueError("the Hutchinson divergence needs random probes: pass a PRNG key to "
+                       "log_likelihood")
     v, jvp = jax.linearize(lambda z: velocity(z, t), x)
     products = jax.vmap(jvp)(probes)
     estimates = jax.vmap(_sum_event)(probes * products)
@@ -178,7 +181,7 @@ def log_likelihood(key: Array | None, velocity: VelocityField, data: Array, *, t
   one ODE solve (see the module docstring for the derivation and sources).
 
   Args:
-    key: PRNG key for the Hutchinson probes (may be None for the exact divergence).
+    key: PRNG key for the Hutchinson probes (None: no probes, for the exact divergence).
     velocity: ``(x, t) -> dx/dt`` (:func:`~diffjax.samplers.fields.velocity_field`).
     data: ``[batch, *event]`` points (dequantized, for discrete data).
     times: ``[N + 1]`` grid from the data time to the noise time.
@@ -195,11 +198,7 @@ def log_likelihood(key: Array | None, velocity: VelocityField, data: Array, *, t
   if num_probes < 1:
     raise ValueError(f"num_probes={num_probes}: must be >= 1")
   div_fn = divergence(velocity)
-  if key is None:
-    if divergence is hutchinson_divergence:
-      raise ValueError("the Hutchinson divergence draws random probes: pass a PRNG key")
-    key = jax.random.PRNGKey(0)
-  probe_draws = probes(key, (num_probes,) + data.shape, data.dtype)
+  probe_draws = None if key is None else probes(key, (num_probes,) + data.shape, data.dtype)
 
   def field(state, t):
     x, _ = state
