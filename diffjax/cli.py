@@ -1,7 +1,9 @@
 """The ``diffjax`` command: ``train``, ``sample`` and ``evaluate``.
 
 Thin by design: each subcommand parses its arguments and calls one library function. A user's
-mistake ends with one line on stderr naming the value and the fix, and exit status 2.
+mistake ends with one line on stderr naming the value and the fix, and exit status 2; a run that
+stops itself (non-finite losses, a checkpoint of another model) with one line and status 3; a
+preempted run (SIGTERM/SIGINT) checkpoints and exits 0.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
       config = config_lib.load_config_file(args.config)
       config_lib.apply_overrides(config, extra)
       run.train_from_cli(config, args.workdir)
-      return 0
+      return 0  # also after a preemption: the checkpoint is written, resume with the same line
     if extra:
       return _fail(f"unknown arguments {' '.join(extra)}; --config.* overrides apply to "
                    "`diffjax train` only")
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
       return 0
   except (config_lib.ConfigError, run.UsageError) as e:
     return _fail(str(e))
+  except run.RunFailed as e:  # the run stopped for a reason the message explains
+    print(f"diffjax: error: {e}", file=sys.stderr)
+    return 3
   return _fail(f"unknown command {args.command!r}")
 
 

@@ -15,12 +15,17 @@ import ml_collections
 
 from diffjax.train import config as config_lib
 
-__all__ = ["UsageError", "train_from_cli", "restore_for_inference", "sample_from_workdir",
+__all__ = ["UsageError", "RunFailed", "train_from_cli", "restore_for_inference", "sample_from_workdir",
            "evaluate_workdir"]
 
 
 class UsageError(ValueError):
   """A command-line mistake (missing workdir, bad output path...)."""
+
+
+class RunFailed(RuntimeError):
+  """The run stopped itself with an explanation: non-finite losses, a checkpoint of another
+  model or optimizer."""
 
 
 def _check_workdir_writable(workdir: pathlib.Path) -> None:
@@ -42,8 +47,13 @@ def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
   kwargs = {}
   if d.local_device_ids:
     kwargs["local_device_ids"] = [int(i) for i in d.local_device_ids.split(",")]
+  # The heartbeat bounds how long a survivor waits on a dead peer (JAX's default of 100 s
+  # makes it wait about 97 s); the shutdown barrier likewise gets the barrier timeout.
   jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                             num_processes=d.num_processes, process_id=d.process_id, **kwargs)
+                             num_processes=d.num_processes, process_id=d.process_id,
+                             heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
+                             shutdown_timeout_seconds=int(d.barrier_timeout_s),
+                             initialization_timeout=int(d.barrier_timeout_s), **kwargs)
 
 
 def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -51,12 +61,16 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   config_lib.validate(config, num_devices=None)
   _check_workdir_writable(workdir)
+  config_lib.check_resume_config(workdir, config)
   _initialize_distributed(config)
   import jax  # pylint: disable=import-outside-toplevel
   config_lib.validate(config, num_devices=jax.device_count())
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
-  result = loop.train(config, workdir)
-  return result
+  try:
+    return loop.train(config, workdir)
+  except (loop.NonFiniteLossError, ckpt.CheckpointMismatchError) as e:
+    raise RunFailed(str(e)) from None
 
 
 def _load_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -77,6 +91,7 @@ def restore_for_inference(workdir: str | pathlib.Path):
   from diffjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
   config = _load_workdir_config(workdir)
+  fingerprint = config_lib.resume_fingerprint(config)
   # Inference runs on the local devices with data parallelism only.
   devices = jax.local_devices()
   with config.unlocked():
@@ -90,7 +105,12 @@ def restore_for_inference(workdir: str | pathlib.Path):
   manager = ckpt.make_checkpoint_manager(pathlib.Path(workdir) / "checkpoints", keep=1000,
                                          async_save=False)
   try:
-    restored = ckpt.restore_latest(manager, ckpt.abstract_with_shardings(abstract, shardings))
+    # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
+    restored = ckpt.restore_verified(
+        manager, ckpt.abstract_with_shardings(abstract, shardings), config=fingerprint,
+        move_bad=False, config_differences=config_lib.fingerprint_differences)
+  except ckpt.CheckpointMismatchError as e:
+    raise UsageError(str(e)) from None
   finally:
     manager.close()
   if restored is None:

@@ -4,17 +4,35 @@ The only module that touches orbax. A checkpoint at step ``s`` holds two items: 
 :class:`~diffjax.train.state.TrainState` pytree) and ``data`` (JSON: the data iterator's state,
 or the step for data generated on device). Restoring goes into an abstract target that carries
 the shardings, so arrays come back already laid out over the mesh.
+
+:func:`save_step` / :func:`commit_step` / :func:`restore_verified` add what orbax lacks
+(:mod:`diffjax.train.integrity`): a step is trusted only once its digest marker is written, and a
+damaged or foreign step is moved aside in favour of the newest valid one.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["make_checkpoint_manager", "save", "restore_latest", "abstract_with_shardings"]
+from diffjax.train import integrity
+
+__all__ = ["make_checkpoint_manager", "save", "restore_latest", "abstract_with_shardings",
+           "CheckpointMismatchError", "PendingCommit", "save_step", "commit_step",
+           "restore_verified", "prepare_directory", "QUARANTINE"]
+
+log = logging.getLogger("diffjax")
+
+# Bad steps are moved here, beside checkpoints/ (orbax never lists it), never deleted.
+QUARANTINE = "checkpoints_quarantine"
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint holds arrays of other shapes or dtypes than the config builds."""
 
 
 def make_checkpoint_manager(directory: str | pathlib.Path, *, keep: int,
@@ -54,3 +72,95 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """``ShapeDtypeStruct`` leaves carrying the given shardings (the restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+class PendingCommit(dict):
+  """A save started by :func:`save_step`: ``step`` and the ``arrays`` digests taken before it."""
+
+
+def save_step(manager: ocp.CheckpointManager, step: int, state: Any,
+              data_state: dict) -> PendingCommit:
+  """Digests ``state`` (host copy, before the next step may donate its buffers), then starts
+  the (possibly asynchronous) orbax save of step ``step``."""
+  arrays = integrity.array_digests(state)
+  save(manager, step, state, data_state, force=True)
+  return PendingCommit(step=int(step), arrays=arrays)
+
+
+def commit_step(manager: ocp.CheckpointManager, pending: PendingCommit | None, *,
+                config: dict, is_lead: bool) -> None:
+  """Waits for orbax to commit ``pending`` on every process, then the lead process writes the
+  digest marker that makes the step trusted."""
+  manager.wait_until_finished()
+  if pending is None or not is_lead:
+    return
+  step_dir = pathlib.Path(manager.directory) / str(pending["step"])
+  integrity.write_commit(step_dir, step=pending["step"], arrays=pending["arrays"], config=config)
+
+
+def prepare_directory(directory: pathlib.Path) -> list[str]:
+  """Removes the temporary folders of interrupted saves (lead process, before the manager is
+  created); returns their names."""
+  removed = integrity.remove_tmp_dirs(directory)
+  for name in removed:
+    log.warning("removed %s/%s left by an interrupted save", directory, name)
+  return removed
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, *, config: dict,
+                     move_bad: bool, config_differences: Callable[[dict, dict], list[str]]
+                     ) -> tuple[int, Any, dict] | None:
+  """Restores the newest step whose marker, files, config and arrays all check out.
+
+  Every step tried and found bad is named in one warning with its reason and, when
+  ``move_bad`` (the lead process of a training run), moved into ``WORKDIR/checkpoints_quarantine``.
+  A step whose arrays have other shapes or dtypes than ``abstract_state`` (a changed model or
+  optimizer) raises :class:`CheckpointMismatchError` instead: falling back would silently drop
+  the run's progress.
+
+  Returns:
+    ``(step, state, data_state)``, or ``None`` when no valid step exists.
+  """
+  directory = pathlib.Path(manager.directory)
+  spec = integrity.array_spec(abstract_state)
+  for step_dir in integrity.step_dirs(directory):
+    record, reason = integrity.read_commit(step_dir)
+    if record is not None:
+      reason = integrity.verify_files(step_dir, record)
+    if reason is None:
+      differences = config_differences(record["config"], config)
+      if differences:
+        reason = "written by another config (" + "; ".join(differences[:5]) + ")"
+    if reason is None:
+      saved_spec = {k: v.rsplit(" ", 1)[0] for k, v in record["arrays"].items()}
+      differences = integrity.spec_differences(saved_spec, spec)
+      if differences:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step_dir.name} in {directory} holds other arrays than this "
+            f"config builds (orbax would cast or fail): {'; '.join(differences[:20])}. Start a "
+            "new --workdir or restore the original model/optimizer config")
+      step = int(step_dir.name)
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 -- any failure means: try the next older step
+        reason = f"orbax could not restore it ({_first_line(e)})"
+      else:
+        digests = integrity.array_digests(restored["state"])
+        if digests == record["arrays"]:
+          return step, restored["state"], dict(restored["data"] or {})
+        bad = [k for k in record["arrays"] if digests.get(k) != record["arrays"][k]]
+        reason = f"restored arrays differ from their digest ({', '.join(bad[:3])})"
+    where = ""
+    if move_bad:
+      moved = integrity.quarantine(step_dir, into=directory.parent / QUARANTINE, reason=reason)
+      where = f"; moved to {moved}"
+      manager.reload()
+    log.warning("checkpoint step %s in %s is not usable: %s%s; falling back to the newest valid "
+                "step", step_dir.name, directory, reason, where)
+  return None

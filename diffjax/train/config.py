@@ -29,6 +29,9 @@ __all__ = [
     "validate",
     "config_to_json",
     "config_from_json",
+    "resume_fingerprint",
+    "fingerprint_differences",
+    "check_resume_config",
 ]
 
 
@@ -103,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpoint=True,
       plot_every=0,             # 0: plot only at the end
       progress_bar=True,
+      max_nonfinite_steps=3,    # consecutive non-finite steps skipped before the run halts
+      step_timeout_s=0.0,       # > 0: a step (chunk) slower than this dumps stacks and exits
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -113,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_processes=1,
       process_id=0,
       local_device_ids="",      # e.g. "0,1"; empty: all local devices
+      heartbeat_timeout_s=10,   # a dead peer is detected after about this long
+      barrier_timeout_s=120,    # every barrier diffjax itself waits at gives up after this
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -298,6 +305,25 @@ def _positive(config, names, problems, allow_zero=False):
       problems.append(f"{name}={node!r}: must be {bound}")
 
 
+def _data_file_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """An npz file or image folder is read once here, so a corrupt, unreadable, mis-shaped or
+  NaN-holding dataset fails before anything compiles (the loader's own checks, one line)."""
+  if config.data.kind != "images" or config.data.target not in ("npz", "folder"):
+    return []
+  from diffjax.data import images  # pylint: disable=import-outside-toplevel
+  key = "path" if config.data.target == "npz" else "root"
+  try:
+    arrays, _ = images.load_arrays(config.data.target, **{key: config.data.path})
+  except (ValueError, OSError) as e:
+    text = " ".join(str(e).split())
+    return [f"data.path={config.data.path!r}: {text}"]
+  shape = tuple(arrays.shape[1:])
+  if shape != tuple(config.data.shape):
+    return [f"data.shape={tuple(config.data.shape)} but {config.data.path!r} holds images of "
+            f"shape {shape}; set data.shape={shape}"]
+  return []
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> None:
   """Checks a config before anything is compiled; raises one :class:`ConfigError` listing all.
 
@@ -317,16 +343,21 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   _positive(config, ["train.steps", "train.batch_size", "train.fused_steps", "train.log_every",
                      "train.checkpoint_every", "train.keep_checkpoints",
                      "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
-                     "sample.steps", "objective.num_diffusion_steps"], problems)
+                     "sample.steps", "objective.num_diffusion_steps",
+                     "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s"],
+            problems)
   _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
                      "optimizer.grad_clip_norm", "train.plot_every", "objective.sigma",
-                     "objective.label_dropout", "sample.num_trajectories"], problems,
+                     "objective.label_dropout", "sample.num_trajectories",
+                     "train.max_nonfinite_steps", "train.step_timeout_s"], problems,
             allow_zero=True)
   if not 0.0 <= config.train.ema_decay < 1.0:
     problems.append(f"train.ema_decay={config.train.ema_decay}: must be in [0, 1)")
   if not 0.0 <= config.objective.label_dropout < 1.0:
     problems.append(f"objective.label_dropout={config.objective.label_dropout}: must be in [0, 1)")
   problems += registry.name_problems(config)
+  if not problems:
+    problems += _data_file_problems(config)
 
   # Mesh and batch.
   data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp
@@ -352,3 +383,64 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     problems += registry.shape_problems(config)
   if problems:
     raise ConfigError("\n".join(problems))
+
+
+# ---- resuming a workdir ----------------------------------------------------------------------
+
+# Keys that may change when a workdir is resumed: they steer the loop, not the state nor the
+# trajectory it follows (the mesh does not change the math; `sample.*` is read at inference).
+_FREE_ON_RESUME = ("train.steps", "train.log_every", "train.checkpoint_every",
+                   "train.keep_checkpoints", "train.async_checkpoint", "train.plot_every",
+                   "train.progress_bar", "train.max_nonfinite_steps", "train.step_timeout_s",
+                   "train.fused_steps", "mesh.", "distributed.", "sample.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return flat
+
+
+def resume_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config keys a checkpoint depends on (all but the loop's knobs), flattened to
+  ``{"a.b": value}``; with a decaying learning rate ``train.steps`` shapes the schedule and
+  counts too."""
+  flat = _flatten(json.loads(config_to_json(config)))
+  free = [k for k in _FREE_ON_RESUME
+          if not (k == "train.steps" and flat.get("optimizer.decay") != "constant")]
+  return {k: v for k, v in flat.items()
+          if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}
+
+
+def fingerprint_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """``key: saved -> new`` for each key that differs (missing keys shown as ``<absent>``)."""
+  lines = []
+  for key in sorted(set(saved) | set(new)):
+    a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
+    a, b = _tuples(a), _tuples(b)
+    if a != b or isinstance(a, bool) != isinstance(b, bool):
+      lines.append(f"{key}: {a!r} -> {b!r}")
+  return lines
+
+
+def check_resume_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Raises one :class:`ConfigError` when ``workdir`` was trained with a config whose model,
+  optimizer, objective, data or seed differ from ``config`` (a resume would mix two runs)."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    return
+  try:
+    saved = config_from_json(path.read_text())
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {e}); restore it or start "
+                      "a new --workdir") from None
+  differences = fingerprint_differences(resume_fingerprint(saved), resume_fingerprint(config))
+  if differences:
+    raise ConfigError(
+        f"--workdir {workdir} was trained with a different config; resuming would mix two "
+        f"runs. Differing keys: {'; '.join(differences)}. Start a new --workdir or restore "
+        "these values")

@@ -8,6 +8,11 @@ Two ways to feed the step, chosen by where the data comes from:
   on the devices while the current step runs (JAX's asynchronous dispatch).
 
 Everything stateful sits here; the math it calls is pure.
+
+Reliability (docs/reliability.md): a resume refuses a workdir trained with another config,
+restores the newest checkpoint whose digests verify (moving bad ones aside), a streak of more
+than ``train.max_nonfinite_steps`` non-finite steps halts the run without saving, SIGTERM/SIGINT
+checkpoint at one step agreed by all processes and return, and a step watchdog ends a stuck run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import numpy as np
 from diffjax.train import checkpoint as ckpt
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
+from diffjax.train import watchdog as watchdog_lib
+from diffjax.train.preemption import PreemptionWatcher
 from diffjax.train.experiment import Experiment, build_experiment
 from diffjax.train.metrics_log import MetricsWriter
 from diffjax.train.optim import make_optimizer
@@ -35,12 +42,9 @@ from diffjax.train.state import TrainState, init_train_state
 from diffjax.train.step import fused_train_steps, train_step
 
 __all__ = ["TrainResult", "train", "state_shardings_for", "make_initial_state",
-           "NonFiniteLossError", "MAX_NONFINITE_STREAK"]
+           "NonFiniteLossError", "first_nonfinite_excess"]
 
 log = logging.getLogger("diffjax")
-
-# Consecutive non-finite steps tolerated (their updates are skipped) before the run halts.
-MAX_NONFINITE_STREAK = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,7 +52,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainResult(dict):
-  """What :func:`train` returns: final ``state``, ``losses`` per logged step, ``trace_count``."""
+  """What :func:`train` returns: final ``state``, ``losses`` per logged step, ``trace_count``,
+  ``start_step`` and ``preempted`` (the signal's name when a signal stopped the run)."""
+
+
+def first_nonfinite_excess(streaks, losses, *, first_step: int, max_steps: int
+                           ) -> tuple[int, float, int] | None:
+  """``(step, loss, streak)`` of the first step whose consecutive non-finite count exceeds
+  ``max_steps`` among steps ``first_step, first_step + 1, ...``; ``None`` when none does."""
+  streaks = np.atleast_1d(np.asarray(streaks))
+  over = np.flatnonzero(streaks > max_steps)
+  if over.size == 0:
+    return None
+  i = int(over[0])
+  return first_step + i, float(np.atleast_1d(np.asarray(losses))[i]), int(streaks[i])
 
 
 def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
@@ -96,20 +113,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   """
   workdir = pathlib.Path(workdir)
   is_lead = jax.process_index() == 0
+  config_lib.check_resume_config(workdir, config)  # before anything is written
   devices = jax.devices() if devices is None else devices
   mesh = sharding_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+  fingerprint = config_lib.resume_fingerprint(config)
+  barrier_s = config.distributed.barrier_timeout_s
 
   abstract, shardings, create_state = make_initial_state(
       experiment, optimizer, seed=config.seed, mesh=mesh)
-  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = workdir / "checkpoints"
   if is_lead:
+    workdir.mkdir(parents=True, exist_ok=True)
     _write_config(workdir, config)
-  manager = ckpt.make_checkpoint_manager(workdir / "checkpoints",
-                                         keep=config.train.keep_checkpoints,
+    ckpt.prepare_directory(checkpoints)
+  watchdog_lib.barrier("diffjax_prepare_workdir", timeout_s=barrier_s)
+  manager = ckpt.make_checkpoint_manager(checkpoints, keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoint)
-  restored = ckpt.restore_latest(manager, ckpt.abstract_with_shardings(abstract, shardings))
+  try:
+    restored = ckpt.restore_verified(
+        manager, ckpt.abstract_with_shardings(abstract, shardings), config=fingerprint,
+        move_bad=is_lead and jax.process_count() == 1,
+        config_differences=config_lib.fingerprint_differences)
+  except BaseException:
+    manager.close()
+    raise
   if restored is None:
     state, data_state = create_state(), {}
     start = 0
@@ -130,6 +159,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   progress = _progress_bar(config, start, total, is_lead)
   step = start
   last_time, last_step = time.perf_counter(), start
+  pending = None  # the save whose digest marker is still to be written
+  preempted = None
 
   def record(step_now, metrics):
     nonlocal last_time, last_step
@@ -144,70 +175,108 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if progress is not None:
       progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.0f}")
 
-  def check_finite(state_now):
-    streak = int(state_now.nonfinite_streak)
-    if streak > MAX_NONFINITE_STREAK:
+  def check_finite(metrics, first_step):
+    excess = first_nonfinite_excess(metrics["nonfinite_streak"], metrics["loss"],
+                                    first_step=first_step,
+                                    max_steps=config.train.max_nonfinite_steps)
+    if excess is not None:
+      bad_step, loss, streak = excess
       raise NonFiniteLossError(
-          f"loss or gradient non-finite for {streak} consecutive steps up to step "
-          f"{int(state_now.step)}; lower optimizer.learning_rate or set "
-          "optimizer.grad_clip_norm; the last good checkpoint is kept")
+          f"loss or gradient non-finite for {streak} consecutive steps up to step {bad_step} "
+          f"(loss {loss}; train.max_nonfinite_steps={config.train.max_nonfinite_steps}); lower "
+          "optimizer.learning_rate or set optimizer.grad_clip_norm; the last good checkpoint "
+          f"in {checkpoints} is kept")
 
+  def save(step_now, state_now, data_state_now):
+    nonlocal pending
+    with watchdog.pause():
+      ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
+      pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
+
+  watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
   try:
-    if experiment.sample_batch is not None:
-      # On-device data: fused chunks. Chunk boundaries fall on log and checkpoint steps, so
-      # at most two chunk lengths are compiled (the configured one and a final remainder).
-      @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
-                         out_shardings=(shardings, replicated))
-      def run_chunk(state, num_steps):
-        trace_count[0] += 1
-        return fused_train_steps(state, num_steps=num_steps,
-                                 sample_batch=experiment.sample_batch, **step_kwargs)
+    with watchdog, PreemptionWatcher() as preemption:
+      if experiment.sample_batch is not None:
+        # On-device data: fused chunks. Chunk boundaries fall on log and checkpoint steps, so
+        # at most two chunk lengths are compiled (the configured one and a final remainder).
+        @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
+                           out_shardings=(shardings, replicated))
+        def run_chunk(state, num_steps):
+          trace_count[0] += 1
+          return fused_train_steps(state, num_steps=num_steps,
+                                   sample_batch=experiment.sample_batch, **step_kwargs)
 
-      while step < total:
-        chunk = min(config.train.fused_steps, total - step)
-        state, metrics = run_chunk(state, num_steps=chunk)
-        step += chunk
-        if progress is not None:
-          progress.update(chunk)
-        if step % config.train.log_every < chunk or step == total:
-          record(step, metrics)
-        check_finite(state)
-        if step % config.train.checkpoint_every < chunk or step == total:
-          ckpt.save(manager, step, state, {"step": step}, force=True)
-    else:
-      @functools.partial(jax.jit, donate_argnums=0,
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, replicated))
-      def run_step(state, batch):
-        trace_count[0] += 1
-        return train_step(state, batch, **step_kwargs)
+        while step < total:
+          chunk = min(config.train.fused_steps, total - step)
+          state, metrics = run_chunk(state, num_steps=chunk)
+          check_finite(metrics, step + 1)
+          step += chunk
+          watchdog.beat(step)
+          if progress is not None:
+            progress.update(chunk)
+          if step % config.train.log_every < chunk or step == total:
+            record(step, metrics)
+          stop = step < total and preemption.should_stop(step)
+          if stop or step % config.train.checkpoint_every < chunk or step == total:
+            save(step, state, {"step": step})
+          if stop:
+            preempted = preemption.signal_name
+            break
+      else:
+        @functools.partial(jax.jit, donate_argnums=0,
+                           in_shardings=(shardings, batch_sharding),
+                           out_shardings=(shardings, replicated))
+        def run_step(state, batch):
+          trace_count[0] += 1
+          return train_step(state, batch, **step_kwargs)
 
-      iterator = experiment.make_iterator(data_state)
-      next_batch = experiment.next_batch(iterator)
-      while step < total:
-        batch, next_batch = next_batch, None
-        state, metrics = run_step(state, batch)  # dispatched asynchronously
-        step += 1
-        if step < total:
-          next_batch = experiment.next_batch(iterator)  # host work overlaps the step
-        if progress is not None:
-          progress.update(1)
-        if step % config.train.log_every == 0 or step == total:
-          record(step, metrics)
-          check_finite(state)
-        if step % config.train.checkpoint_every == 0 or step == total:
-          ckpt.save(manager, step, state, experiment.iterator_state(iterator), force=True)
-    manager.wait_until_finished()
+        iterator = experiment.make_iterator(data_state)
+        next_batch = experiment.next_batch(iterator)
+        while step < total:
+          batch, next_batch = next_batch, None
+          state, metrics = run_step(state, batch)  # dispatched asynchronously
+          step += 1
+          stop = step < total and preemption.should_stop(step)
+          save_now = stop or step % config.train.checkpoint_every == 0 or step == total
+          # The iterator has produced exactly the batches of steps 1..step here: its state is
+          # taken before the next batch is read, so a resume replays no batch and skips none.
+          data_state_now = experiment.iterator_state(iterator) if save_now else None
+          if step < total and not stop:
+            next_batch = experiment.next_batch(iterator)  # host work overlaps the step
+          check_finite(metrics, step)  # waits for this step; the next batch is already read
+          watchdog.beat(step)
+          if progress is not None:
+            progress.update(1)
+          if step % config.train.log_every == 0 or step == total:
+            record(step, metrics)
+          if save_now:
+            save(step, state, data_state_now)
+          if stop:
+            preempted = preemption.signal_name
+            break
+      with watchdog.pause():
+        ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
+        pending = None
   finally:
+    if pending is not None:
+      # An exception after a save started: let it finish (its marker is written only if the
+      # save itself completed), so a committed step is never left half-trusted.
+      try:
+        ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
+      except Exception:  # noqa: BLE001 -- the original error matters more
+        log.exception("could not finish the checkpoint of step %d", pending["step"])
     manager.close()
     metrics_writer.close()
     if progress is not None:
       progress.close()
 
-  if is_lead and experiment.plot is not None:
+  if preempted:
+    log.warning("%s: checkpointed step %d in %s; run the same command to resume", preempted,
+                step, checkpoints)
+  elif is_lead and experiment.plot is not None:
     experiment.plot(state, workdir)
   return TrainResult(state=state, losses=losses, trace_count=trace_count[0], mesh=mesh,
-                     experiment=experiment, start_step=start)
+                     experiment=experiment, start_step=start, preempted=preempted)
 
 
 def _progress_bar(config, start, total, enabled):

@@ -26,7 +26,11 @@ class MetricsWriter:
     if not enabled:
       return
     if self.path.exists():
-      kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+      kept = {}  # by step, the last row written wins: never a step twice
+      for row in read_metrics(self.path):
+        if isinstance(row["step"], int) and row["step"] <= resume_step:
+          kept[row["step"]] = row
+      kept = [kept[s] for s in sorted(kept)]
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
       os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
@@ -41,6 +45,8 @@ class MetricsWriter:
     row = {"step": int(step)}
     row.update({k: (float(v) if math.isfinite(float(v)) else str(float(v)))
                 for k, v in metrics.items()})
+    # One write call per line: a kill leaves at most a truncated last line, which readers skip
+    # and a resume removes.
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:

@@ -51,7 +51,9 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
 
   The step's key is ``fold_in(state.key, state.step)``. A step whose loss or gradient norm is
   not finite changes nothing but ``step`` and ``nonfinite_streak`` (the loop halts when the
-  streak grows too long), so one bad batch cannot poison the parameters.
+  streak exceeds ``train.max_nonfinite_steps``), so one bad batch cannot poison the parameters.
+  Unlike ``optax.apply_if_finite``, which applies the update anyway after
+  ``max_consecutive_errors``, the update is never applied: halting is the loop's job.
   """
   key = jax.random.fold_in(state.key, state.step)
   loss, grads = _loss_and_grads(state.params, key, batch, loss_fn=loss_fn,
@@ -66,14 +68,15 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
 
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       ema_params=keep(ema_params, state.ema_params),
       step=state.step + 1,
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_streak=streak,
   )
-  return new_state, {"loss": loss, "grad_norm": grad_norm}
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_streak": streak}
 
 
 def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callable,

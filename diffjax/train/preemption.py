@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM or SIGINT on any process makes every process stop at one agreed step.
+
+One process: a signal handler sets a flag the loop reads between steps. Several processes:
+JAX's preemption sync manager (started by ``jax.distributed.initialize``) catches SIGTERM and
+agrees with the others on a step; :func:`jax.experimental.multihost_utils.
+reached_preemption_sync_point` turns true at that step on every process. SIGINT (Ctrl-C) is
+forwarded to the process as SIGTERM so it takes the same path. The loop then writes a checkpoint
+at that step and returns; the command exits 0 and the next run resumes at exactly that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import jax
+
+__all__ = ["PreemptionWatcher"]
+
+log = logging.getLogger("diffjax")
+
+
+class PreemptionWatcher:
+  """Installs the handlers on :meth:`__enter__` and restores the previous ones on exit.
+
+  ``should_stop(step)`` must be called by every process with the same sequence of steps.
+  """
+
+  def __init__(self):
+    self._flag = threading.Event()
+    self._signal = None
+    self._previous = {}
+    self._multi = jax.process_count() > 1
+
+  def _handle(self, signum, frame):
+    del frame
+    self._signal = signal.Signals(signum).name
+    if self._multi:
+      # Route Ctrl-C into JAX's preemption notifier (it listens for SIGTERM only).
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._flag.set()
+
+  def __enter__(self) -> "PreemptionWatcher":
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal handlers can only be installed from the main thread
+    names = [signal.SIGINT] + ([] if self._multi else [signal.SIGTERM])
+    for signum in names:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  @property
+  def signal_name(self) -> str | None:
+    return self._signal or ("SIGTERM" if self._multi else None)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint at ``step`` and stop (agreed by every process)."""
+    if not self._multi:
+      return self._flag.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.reached_preemption_sync_point(int(step))
