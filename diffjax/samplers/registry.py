@@ -84,7 +84,8 @@ def _require(coefficients_fn, name: str):
 
 
 def _sigma_at(coefficients_fn: CoefficientsFn, t) -> Array:
-  return coefficients_fn(jnp.reshape(jnp.asarray(t, jnp.float32), (1,))).sigma[0]
+  t = jnp.reshape(jnp.asarray(t), (1,))
+  return coefficients_fn(t.astype(jnp.result_type(t, jnp.float32))).sigma[0]
 
 
 def _ode_sampler(name: str, integrate: Callable[..., ode.ODESolution], *,
@@ -127,6 +128,8 @@ def _fixed_factory(method: str):
 def _adaptive_factory(solver: str):
   def factory(*, target, times, coefficients_fn=None, rtol: float = 1e-5, atol: float = 1e-5,
               max_steps: int = 4096) -> Sampler:
+    if not (rtol > 0 and atol > 0):
+      raise ValueError(f"rtol={rtol}, atol={atol}: both tolerances must be > 0")
     integrate = functools.partial(adaptive.integrate_adaptive,
                                   solver=adaptive.get_adaptive_solver(solver), rtol=rtol,
                                   atol=atol, max_steps=max_steps)
