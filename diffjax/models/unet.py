@@ -37,12 +37,15 @@ _zeros = nnx.initializers.zeros_init()
 
 
 def num_groups(channels: int) -> int:
-  """GroupNorm groups: ``gcd(32, channels)``, i.e. 32 whenever 32 divides ``channels``.
+  """GroupNorm groups: ``gcd(32, channels // 2)``: 32 for DDPM's widths, >= 2 channels a group.
 
-  Wu & He 2018 (https://arxiv.org/abs/1803.08494) use 32 groups; DDPM does too. ``gcd`` keeps
-  the count a divisor of ``channels`` for small widths (e.g. 16 channels -> 16 groups).
+  Wu & He 2018 (https://arxiv.org/abs/1803.08494) and DDPM use 32 groups (128 channels: 4 per
+  group). Narrow U-Nets need fewer: with one channel per group GroupNorm becomes InstanceNorm,
+  which removes any per-channel constant, so the time and class embedding that DDPM's ResBlock
+  adds just before its second norm would be cancelled exactly and the output would not depend on
+  ``t``. Two or more channels per group keep it (as differences within a group).
   """
-  return math.gcd(32, channels)
+  return math.gcd(32, max(channels // 2, 1))
 
 
 def _group_norm(channels: int, *, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
