@@ -280,6 +280,10 @@ def test_apply_conventions():
   one = apply(params, x[1], 0.3, 1)
   assert one.shape == (2,)
   np.testing.assert_allclose(one, batched[1], rtol=1e-5, atol=1e-6)
+  # vmap over single examples (the unbatched path) reproduces the batch.
+  np.testing.assert_allclose(jax.vmap(fns.apply, in_axes=(None, 0, None, 0))(params, x, 0.3,
+                                                                              labels),
+                             batched, rtol=1e-5, atol=1e-6)
   # cond=None is the null label num_classes: the unconditional model of CFG.
   unconditional = np.asarray(apply(params, x, 0.3, None))
   np.testing.assert_array_equal(unconditional, apply(params, x, 0.3, np.full((3,), 2)))
@@ -322,12 +326,16 @@ def test_clear_errors():
   with pytest.raises(ValueError, match=r"attn_resolutions \[16\] never occur"):
     models.create_model("unet", data_shape=(8, 8, 1), ch=8, ch_mult=(1, 2),
                         attn_resolutions=(16,))
+  with pytest.raises(ValueError, match=r"unknown time features 'fourrier'"):
+    models.create_model("mlp", data_shape=(2,), time_features="fourrier")
+  with pytest.raises(ValueError, match=r"num_heads=3 must divide hidden_size=32"):
+    models.create_model("dit", data_shape=(8, 8, 1), hidden_size=32, num_heads=3)
   with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
     models.create_model("mlp", data_shape=(2,), activation="swish")
   with pytest.raises(ValueError, match=r"dtype='int8' must be a floating dtype"):
     models.create_model("mlp", data_shape=(2,), dtype="int8")
   fns = models.create_model("mlp", data_shape=(2,))
-  params = fns.init(jax.random.key(0))
+  params = jax.eval_shape(fns.init, jax.random.key(0))  # apply checks inputs before using them
   with pytest.raises(ValueError, match=r"x_t has shape \(4, 3\).*data_shape=\(2,\)"):
     fns.apply(params, jnp.zeros((4, 3)), jnp.zeros(4))
   with pytest.raises(ValueError, match=r"t has shape \(3,\).*shape \(4,\)"):

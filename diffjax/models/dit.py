@@ -25,7 +25,7 @@ from jax import Array
 
 from diffjax.models.embeddings import LabelEmbedding, SinusoidalFeatures, TimeEmbedding
 
-__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "patchify", "unpatchify"]
+__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "patchify", "unpatchify", "check_config"]
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -113,8 +113,10 @@ class DiTBlock(nnx.Module):
     return x + gate_2[:, None, :] * self.mlp_out(h)
 
 
-def _check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropout) -> None:
-  """Raises a ValueError naming the bad value and the fix; runs before any array is built."""
+def check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropout,
+                 **_) -> None:
+  """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  data_shape = tuple(data_shape)
   if len(data_shape) != 3:
     raise ValueError(f"DiT needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' "
                      "model for vector data")
@@ -159,8 +161,8 @@ class DiT(nnx.Module):
                time_features_dim: int = 256, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     data_shape = tuple(data_shape)
-    _check_config(data_shape=data_shape, patch_size=patch_size, hidden_size=hidden_size,
-                  num_heads=num_heads, depth=depth, dropout=dropout)
+    check_config(data_shape=data_shape, patch_size=patch_size, hidden_size=hidden_size,
+                 num_heads=num_heads, depth=depth, dropout=dropout)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     height, width, channels = data_shape
     self.data_shape = data_shape

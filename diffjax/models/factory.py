@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 
-from diffjax.models.dit import DiT
-from diffjax.models.mlp import MLP
+from diffjax.models import dit, mlp, unet
 from diffjax.models.pure import ModelFns, functionalize
-from diffjax.models.unet import UNet
 
 __all__ = ["MODELS", "create_model", "model_kwargs"]
 
 MODELS: dict[str, type[nnx.Module]] = {
-    "mlp": MLP,
-    "unet": UNet,
-    "dit": DiT,
+    "mlp": mlp.MLP,
+    "unet": unet.UNet,
+    "dit": dit.DiT,
+}
+
+# Each model's configuration check: pure Python, so a bad config fails before any tracing.
+_CHECKS: dict[str, Callable[..., None]] = {
+    "mlp": mlp.check_config,
+    "unet": unet.check_config,
+    "dit": dit.check_config,
 }
 
 # Set by create_model itself, never through **kwargs.
@@ -89,6 +95,7 @@ def create_model(name: str, *, data_shape: tuple[int, ...], num_classes: int = 0
     raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape}")
   if int(num_classes) != num_classes or num_classes < 0:
     raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+  _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape})
   build = functools.partial(
       MODELS[name], data_shape=data_shape, num_classes=int(num_classes),
       dtype=_float_dtype(dtype, "dtype"), param_dtype=_float_dtype(param_dtype, "param_dtype"),

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-from diffjax.models.embeddings import LabelEmbedding, get_time_features
+from diffjax.models.embeddings import TIME_FEATURES, LabelEmbedding, get_time_features
 
-__all__ = ["MLP", "ACTIVATIONS", "get_activation"]
+__all__ = ["MLP", "ACTIVATIONS", "get_activation", "check_config"]
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -57,6 +57,23 @@ def _torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
   return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
 
 
+def check_config(*, width, depth, activation, time_varying, time_features, dropout,
+                 **_) -> None:
+  """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  if width < 1 or depth < 1:
+    raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+  get_activation(activation)
+  if time_features is not None:
+    if time_features not in TIME_FEATURES:
+      raise ValueError(f"unknown time features {time_features!r}; choose one of "
+                       f"{sorted(TIME_FEATURES)} or None (raw t)")
+    if not time_varying:
+      raise ValueError(f"time_features={time_features!r} needs time_varying=True; set "
+                       "time_varying=True or time_features=None")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
 class MLP(nnx.Module):
   """``f(x, t, c) = W_L a(... a(W_1 [x, tfeat(t), e(c)] + b_1) ...) + b_L``.
 
@@ -86,13 +103,8 @@ class MLP(nnx.Module):
                time_features: str | None = None, time_features_dim: int = 32,
                class_embed_dim: int = 16, dropout: float = 0.0, torch_init: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if width < 1 or depth < 1:
-      raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
-    if time_features is not None and not time_varying:
-      raise ValueError(f"time_features={time_features!r} needs time_varying=True; set "
-                       "time_varying=True or time_features=None")
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    check_config(width=width, depth=depth, activation=activation, time_varying=time_varying,
+                 time_features=time_features, dropout=dropout)
     self.data_shape = tuple(data_shape)
     self.activation = get_activation(activation)
     self.time_varying = time_varying

@@ -29,7 +29,7 @@ from jax import Array
 
 from diffjax.models.embeddings import LabelEmbedding, SinusoidalFeatures, TimeEmbedding
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock", "num_groups"]
+__all__ = ["UNet", "ResBlock", "AttentionBlock", "num_groups", "check_config"]
 
 # DDPM's default_init(scale=1): variance scaling, fan_avg, uniform (= Glorot uniform).
 _default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -155,9 +155,11 @@ class _Level(nnx.Module):
     self.resample = resample
 
 
-def _check_config(*, data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, num_heads,
-                  dropout) -> None:
-  """Raises a ValueError naming the bad value and the fix; runs before any array is built."""
+def check_config(*, data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, num_heads,
+                 dropout, **_) -> None:
+  """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  data_shape, ch_mult = tuple(data_shape), tuple(ch_mult)
+  attn_resolutions = tuple(attn_resolutions)
   if len(data_shape) != 3:
     raise ValueError(f"UNet needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' "
                      "model for vector data")
@@ -212,8 +214,8 @@ class UNet(nnx.Module):
                rngs: nnx.Rngs):
     data_shape, ch_mult = tuple(data_shape), tuple(ch_mult)
     attn_resolutions = tuple(attn_resolutions)
-    _check_config(data_shape=data_shape, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                  attn_resolutions=attn_resolutions, num_heads=num_heads, dropout=dropout)
+    check_config(data_shape=data_shape, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                 attn_resolutions=attn_resolutions, num_heads=num_heads, dropout=dropout)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     emb_dim = 4 * ch
     block_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift_norm=scale_shift_norm, **kw)
