@@ -90,18 +90,21 @@ def _isotropic_shortcut() -> list[Cell]:
       _md(r"""
       ## 1. The closed form, by induction on sums of independent Gaussians
 
-      **Claim.** $q(x_t \mid x_0) = \mathcal N\big(\sqrt{\bar\alpha_t}\,x_0,\;(1-\bar\alpha_t)\,I\big)$
+      **Claim.**
+      $q(x_t \mid x_0) = \mathcal N\big(\sqrt{\bar\alpha_t}\,x_0,\;(1-\bar\alpha_t)\,I\big)$
       when the $n_s \sim \mathcal N(0, I)$ are independent of each other and of $x_0$.
 
       *Base case* $t = 1$: $x_1 = \sqrt{\alpha_1}\,x_0 + \sqrt{\beta_1}\,n_1$ and
       $\bar\alpha_1 = \alpha_1$, $1 - \bar\alpha_1 = \beta_1$.
 
-      *Step.* Suppose $x_{t-1} = \sqrt{\bar\alpha_{t-1}}\,x_0 + \sqrt{1-\bar\alpha_{t-1}}\,\bar\varepsilon$
-      with $\bar\varepsilon \sim \mathcal N(0, I)$. $\bar\varepsilon$ is a function of
+      *Step.* Suppose
+      $x_{t-1} = \sqrt{\bar\alpha_{t-1}}\,x_0 + \sqrt{1-\bar\alpha_{t-1}}\,\bar\varepsilon$ with
+      $\bar\varepsilon \sim \mathcal N(0, I)$. $\bar\varepsilon$ is a function of
       $n_1, \dots, n_{t-1}$, hence independent of $n_t$. Then
 
       $$x_t = \sqrt{\alpha_t}\,x_{t-1} + \sqrt{\beta_t}\,n_t
-            = \sqrt{\bar\alpha_t}\,x_0 + \underbrace{\sqrt{\alpha_t(1-\bar\alpha_{t-1})}\,\bar\varepsilon
+            = \sqrt{\bar\alpha_t}\,x_0
+              + \underbrace{\sqrt{\alpha_t(1-\bar\alpha_{t-1})}\,\bar\varepsilon
               + \sqrt{\beta_t}\,n_t}_{\text{sum of independent } \mathcal N(0,\,\cdot\,I)}.$$
 
       A sum of independent zero-mean Gaussians is a zero-mean Gaussian whose covariance is the
@@ -110,8 +113,9 @@ def _isotropic_shortcut() -> list[Cell]:
 
       Unrolled, $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sum_{s \le t} c_{t,s}\,n_s$ with
       $c_{t,s}^2 = (\bar\alpha_t/\bar\alpha_s)\,\beta_s$, and the variances telescope,
-      $\sum_{s\le t} c_{t,s}^2 = \sum_{s \le t}\big(\bar\alpha_t/\bar\alpha_s - \bar\alpha_t/\bar\alpha_{s-1}\big)
-      = 1 - \bar\alpha_t$.
+      $\sum_{s\le t} c_{t,s}^2
+      = \sum_{s \le t}\big(\bar\alpha_t/\bar\alpha_s - \bar\alpha_t/\bar\alpha_{s-1}\big)
+      = 1 - \bar\alpha_t$ (with $\bar\alpha_0 = 1$).
 
       Two facts were used: (i) sums of *independent Gaussians* are Gaussian with added
       covariances, for **any** covariances; (ii) the added covariances are known without running
@@ -137,7 +141,8 @@ def _isotropic_shortcut() -> list[Cell]:
           "closed form": forward.q_sample_closed_form(
               data=data, t=t_index, key=key_closed, schedule=schedule),
       }
-      draws = {k: np.asarray(v, np.float64).reshape(len(check_steps), n, 2) for k, v in draws.items()}
+      draws = {k: np.asarray(v, np.float64).reshape(len(check_steps), n, 2)
+               for k, v in draws.items()}
 
       rows = []
       for i, t in enumerate(check_steps):
@@ -262,13 +267,16 @@ def _isotropic_shortcut() -> list[Cell]:
       x_0 + M_t\,\varepsilon$ with any $M_t M_t^\top = C_t$ is an exact one-step sampler. The
       cases:
 
-      | step noise | $C_t$ | one-step sampler |
-      |---|---|---|
-      | isotropic $\Sigma_s = I$ | $(1-\bar\alpha_t)\,I$ | $\sqrt{1-\bar\alpha_t}\,\varepsilon$ |
-      | diagonal $\Sigma_s = \mathrm{diag}(d)$ | $(1-\bar\alpha_t)\,\mathrm{diag}(d)$ | $\sqrt{(1-\bar\alpha_t)\,d}\odot\varepsilon$ |
-      | fixed full $\Sigma_s = \Sigma = LL^\top$ | $(1-\bar\alpha_t)\,\Sigma$ (telescoping sum) | $\sqrt{1-\bar\alpha_t}\,L\varepsilon$ |
-      | per-step $\Sigma_s$ | the recursion, precomputed once for all $t$ | $\mathrm{chol}(C_t)\,\varepsilon$ |
-      | state-dependent $n_s = g(x_{s-1})\,\varepsilon_s$ | depends on the path | none (section 4) |
+      * isotropic, $\Sigma_s = I$: $C_t = (1-\bar\alpha_t)\,I$, sampler
+        $\sqrt{1-\bar\alpha_t}\,\varepsilon$;
+      * diagonal, $\Sigma_s = \mathrm{diag}(d)$: $C_t = (1-\bar\alpha_t)\,\mathrm{diag}(d)$,
+        sampler $\sqrt{(1-\bar\alpha_t)\,d}\odot\varepsilon$, coordinate by coordinate;
+      * fixed full covariance, $\Sigma_s = \Sigma = LL^\top$: $C_t = (1-\bar\alpha_t)\,\Sigma$
+        (the same telescoping sum), sampler $\sqrt{1-\bar\alpha_t}\,L\varepsilon$;
+      * per-step covariances $\Sigma_s$: $C_t$ from the recursion, precomputed once for all $t$,
+        sampler $\mathrm{chol}(C_t)\,\varepsilon$;
+      * state-dependent, $n_s = g(x_{s-1})\,\varepsilon_s$: the covariance depends on the path;
+        no sampler (section 4).
 
       The per-step case costs $O(T d^3)$ once (a scan and $T$ Cholesky factors), then $O(d^2)$
       per sample for any $t$; when the $\Sigma_s$ share an eigenbasis $U$ it is $O(Td)$ once and
@@ -323,8 +331,9 @@ def _isotropic_shortcut() -> list[Cell]:
       cases = {
           "diagonal": (forward.get_noise_model("diagonal", variance=variances),
                        np.broadcast_to(np.diag(variances), (num_steps, 3, 3))),
-          "fixed full covariance": (forward.get_noise_model("full_covariance", covariance=sigma_full),
-                                    np.broadcast_to(sigma_full, (num_steps, 3, 3))),
+          "fixed full covariance": (
+              forward.get_noise_model("full_covariance", covariance=sigma_full),
+              np.broadcast_to(sigma_full, (num_steps, 3, 3))),
       }
       steps3 = [100, 1000]
       n3 = 8000
@@ -345,14 +354,16 @@ def _isotropic_shortcut() -> list[Cell]:
       """),
       _md(r"""
       **Per-step covariances.** Now $\Sigma_s$ changes along the chain: a thin Gaussian
-      ($\mathrm{diag}(1, 0.05)$) whose long axis rotates from $0$ to $90°$ as $s$ goes from 1
-      to $T$. $C_t$ is not a multiple of any single $\Sigma_s$, and no scalar formula fits, but
+      ($\mathrm{diag}(1, 0.05)$) whose long axis turns twice around the circle as $s$ goes
+      from 1 to $T$. $C_t$ averages the recent orientations (the weights
+      $\bar\alpha_t\beta_s/\bar\alpha_s$ decay into the past), so it is much rounder than any
+      single $\Sigma_s$; no scalar formula fits, but
       the one-step sampler with the precomputed $\mathrm{chol}(C_t)$
       (`forward.per_step_covariance_noise`) is exact. The draws whitened by $\mathrm{chol}(C_t)$
       must also be standard normal coordinate by coordinate (KS).
       """),
       _code(r"""
-      angles = 0.5 * np.pi * np.arange(num_steps) / (num_steps - 1)
+      angles = 4.0 * np.pi * np.arange(num_steps) / (num_steps - 1)  # two full turns
       rotations = np.stack([np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
                             for a in angles])
       step_covariances = rotations @ np.diag([1.0, 0.05]) @ np.swapaxes(rotations, 1, 2)
@@ -383,7 +394,8 @@ def _isotropic_shortcut() -> list[Cell]:
 
       # A shared eigenbasis keeps C_t diagonal in it: O(T d) eigenvalues instead of T matrices.
       basis = rotations[num_steps // 3]
-      eigenvalues = np.stack([np.linspace(1.0, 0.1, num_steps), np.linspace(0.05, 2.0, num_steps)], 1)
+      eigenvalues = np.stack([np.linspace(1.0, 0.1, num_steps),
+                              np.linspace(0.05, 2.0, num_steps)], axis=1)
       shared = forward.get_noise_model("shared_eigenbasis", basis=basis, eigenvalues=eigenvalues,
                                        schedule=schedule)
       for t in [1, 100, 1000]:
@@ -504,15 +516,23 @@ def _isotropic_shortcut() -> list[Cell]:
       _md(r"""
       ## 5. Verdict on the seed
 
-      | claim in the seed | verdict |
-      |---|---|
-      | isotropic noise collapses $T$ steps into one $O(1)$ operation | **right** (section 1, checked; section 2, timed) |
-      | with correlated noise the formula $\sqrt{1-\bar\alpha_t}\,\varepsilon$ *"becomes inaccurate"* | **right**: it is rejected by every check above (isotropic formula, $z \gg 5$) |
-      | *"the sum of Gaussians no longer yields a simple Gaussian"* | **wrong**: a sum of independent Gaussian vectors is Gaussian for any covariances; its covariance is $C_t$ |
-      | correlated noise forces *"engineers back to the sequential implementation"* | **wrong** for any state-independent Gaussian noise (diagonal, fixed full covariance, colored, per-step): $x_t = \sqrt{\bar\alpha_t}x_0 + \mathrm{chol}(C_t)\,\varepsilon$ is exact and still $O(1)$ in $T$ |
-      | the isotropic assumption is what the shortcut rests on | **half right**: what it rests on is that the increments are Gaussian, independent of each other and of the state; isotropy only makes $C_t$ a scalar |
-      | (not in the seed) state-dependent noise | no closed form; only the chain is exact (section 4) |
-      | (not in the seed) non-Gaussian i.i.d. noise | mean and covariance closed, law not (section 4) |
+      * *Isotropic noise collapses $T$ steps into one $O(1)$ operation*: **right** (section 1,
+        checked against the chain; section 2, timed).
+      * *With correlated noise the closed-form formula "becomes inaccurate"*: **right** about
+        the isotropic formula $\sqrt{1-\bar\alpha_t}\,\varepsilon$, which every check above
+        rejects ($z \gg 5$).
+      * *"The sum of Gaussians no longer yields a simple Gaussian"*: **wrong**. A sum of
+        independent Gaussian vectors is Gaussian for any covariances; its covariance is $C_t$.
+      * *Correlated noise forces "engineers back to the sequential implementation"*: **wrong**
+        for every state-independent Gaussian noise (diagonal, fixed full covariance, colored,
+        per-step): $x_t = \sqrt{\bar\alpha_t}\,x_0 + \mathrm{chol}(C_t)\,\varepsilon$ is exact and
+        still $O(1)$ in $T$ (section 3).
+      * *The shortcut rests on isotropy*: **half right**. It rests on increments that are
+        Gaussian and independent of each other and of the state; isotropy only makes $C_t$ a
+        scalar.
+      * Right, though the seed does not say it: with state-dependent noise there is no closed
+        form and only the chain is exact; with non-Gaussian i.i.d. noise the mean and covariance
+        are closed-form but the law is not (section 4).
 
       In diffjax: `forward.q_sample` / `q_sample_closed_form` for every Gaussian model in
       `forward.NOISE_MODELS`, and `forward.q_sample_sequential` as the exact reference for all of
@@ -591,7 +611,8 @@ def _dirac_decoupling() -> list[Cell]:
       * $\mathbb E_{p_t}\|v_\theta(x,t)\|^2 = \mathbb E_{q(x_1)\,p_t(x\mid x_1)}\|v_\theta(x,t)\|^2$
         (the same distribution of $x$);
       * $\mathbb E_{p_t}\langle v_\theta(x,t), u_t(x)\rangle
-        = \int \big\langle v_\theta(x,t), \int u_t(x\mid x_1)\,p_t(x\mid x_1)\,q(x_1)\,dx_1\big\rangle dx
+        = \int \big\langle v_\theta(x,t),
+          \int u_t(x\mid x_1)\,p_t(x\mid x_1)\,q(x_1)\,dx_1\big\rangle dx
         = \mathbb E_{q(x_1)\,p_t(x\mid x_1)}\langle v_\theta(x,t), u_t(x \mid x_1)\rangle$;
       * the $\|u\|^2$ terms do not involve $\theta$.
 
@@ -751,7 +772,8 @@ def _dirac_decoupling() -> list[Cell]:
           cost[name].append(best_time(compiled, *args))
           flop_counts[name].append(compiled.cost_analysis()["flops"])
       for name, values in cost.items():
-        print(f"{name:>22}: " + "  ".join(f"N={n}: {1e3 * v:.2f} ms" for n, v in zip(sizes, values)))
+        print(f"{name:>22}: "
+              + "  ".join(f"N={n}: {1e3 * v:.2f} ms" for n, v in zip(sizes, values)))
 
       fig, ax = plt.subplots(figsize=(5, 3.5))
       for name, values in cost.items():
@@ -782,7 +804,8 @@ def _dirac_decoupling() -> list[Cell]:
       Pooladian et al. 2023, https://arxiv.org/abs/2304.14772).
 
       **Straightness.** For a trajectory $x(t)$ of the learned ODE, Cauchy-Schwarz gives
-      $$\int_0^1 \|\dot x(t)\|^2\,dt \;\ge\; \Big\|\int_0^1 \dot x\,dt\Big\|^2 = \|x(1) - x(0)\|^2,$$
+      $$\int_0^1 \|\dot x(t)\|^2\,dt \;\ge\; \Big\|\int_0^1 \dot x\,dt\Big\|^2
+        = \|x(1) - x(0)\|^2,$$
       with equality iff the trajectory is a straight line at constant speed. So the *path energy*
       $\mathbb E\int\|v\|^2 dt$ minus the *displacement* $\mathbb E\|x(1)-x(0)\|^2$ is $\ge 0$ and
       measures curvature; and the displacement is $\ge W_2^2(\mathcal N(0,I), q)$. Straight
@@ -845,23 +868,23 @@ def _dirac_decoupling() -> list[Cell]:
       nfes = [1, 2, 4, 8, 100]
       results = {}
       for name, params in trained.items():
-        fine = generate(params, jax.random.key(31), 1000, steps=100, sampler="euler",
-                        return_trajectories=True)
-        trajectory = np.asarray(fine["trajectories"], np.float64)  # [101, 1000, 2]
+        # The same key for every NFE: the same 1,000 noise points, so W2 differences between NFE
+        # come from the integration, not from resampling.
+        samples = {k: generate(params, jax.random.key(31), 1000, steps=k, sampler="euler",
+                               return_trajectories=k == nfes[-1]) for k in nfes}
+        trajectory = np.asarray(samples[nfes[-1]]["trajectories"], np.float64)  # [101, 1000, 2]
         # Euler moves x by h v per step, so sum ||dx||^2 / h is the path energy of the discrete
         # path, and it converges to E int ||v||^2 dt as h -> 0.
-        energy = np.mean(np.sum(np.diff(trajectory, axis=0)**2, axis=-1).sum(0) * 100)
+        energy = np.mean(np.sum(np.diff(trajectory, axis=0)**2, axis=-1).sum(0) * nfes[-1])
         displacement = np.mean(np.sum((trajectory[-1] - trajectory[0])**2, axis=-1))
-        w2 = [evaluate.wasserstein2(np.asarray(generate(params, jax.random.key(32), 1000, steps=k,
-                                                        sampler="euler")["samples"]), reference)
-              for k in nfes[:-1]]
-        w2.append(evaluate.wasserstein2(trajectory[-1], reference))  # NFE 100
+        w2 = [evaluate.wasserstein2(np.asarray(samples[k]["samples"]), reference) for k in nfes]
         results[name] = dict(energy=energy, displacement=displacement, w2=w2,
                              trajectory=trajectory)
         print(f"{name:>6}: path energy {energy:6.2f}, displacement {displacement:6.2f}, "
               f"curvature gap {energy - displacement:6.3f}; W2 at NFE {nfes}: "
               + ", ".join(f"{v:.2f}" for v in w2))
-      source_w2 = evaluate.wasserstein2(np.asarray(toy2d.normal(jax.random.key(33), 1000)), reference)
+      source = np.asarray(toy2d.normal(jax.random.key(33), 1000))
+      source_w2 = evaluate.wasserstein2(source, reference)
       print(f"W2^2(N(0, I), 8 Gaussians) ~ {source_w2**2:.2f} (1,000 points each)")
 
       icfm, otcfm = results["icfm"], results["otcfm"]
@@ -871,19 +894,23 @@ def _dirac_decoupling() -> list[Cell]:
       gap_otcfm = otcfm["energy"] - otcfm["displacement"]
       assert gap_otcfm < 0.2 * gap_icfm, (gap_otcfm, gap_icfm)
       assert otcfm["energy"] < icfm["energy"], (otcfm["energy"], icfm["energy"])
-      for k in [1, 2, 4]:
-        i = nfes.index(k)
-        assert otcfm["w2"][i] < 0.8 * icfm["w2"][i], (k, otcfm["w2"][i], icfm["w2"][i])
+      # Margins from six training seeds: at 1 and 2 NFE the ratio was at most 0.4; at 4 NFE
+      # I-CFM is near the W2 of 1,000 samples to the target (about 0.6-0.9), so only the order is
+      # asserted there.
+      w2_ratio = {k: otcfm["w2"][nfes.index(k)] / icfm["w2"][nfes.index(k)] for k in nfes}
+      print("W2 ratio OT-CFM / I-CFM per NFE:", {k: round(v, 2) for k, v in w2_ratio.items()})
+      assert w2_ratio[1] < 0.5 and w2_ratio[2] < 0.5 and w2_ratio[4] < 1.0, w2_ratio
       """),
       _code(r"""
       fig, axes = plt.subplots(1, 3, figsize=(16, 5))
       for ax, (name, r) in zip(axes, results.items()):
         trajectory = r["trajectory"]
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.7", label="target")
-        ax.plot(trajectory[:, :200, 0], trajectory[:, :200, 1], c="olive", lw=0.5, alpha=0.6)
-        ax.scatter(trajectory[0, :, 0], trajectory[0, :, 1], s=2, c="black", label="noise, t = 0")
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", label="target")
         ax.scatter(trajectory[-1, :, 0], trajectory[-1, :, 1], s=2, c="tab:blue",
                    label="generated, t = 1")
+        ax.plot(trajectory[:, :120, 0], trajectory[:, :120, 1], c="olive", lw=0.7, alpha=0.8)
+        ax.scatter(trajectory[0, :120, 0], trajectory[0, :120, 1], s=4, c="black",
+                   label="noise, t = 0", zorder=3)
         ax.set_title(f"{name}: curvature gap {r['energy'] - r['displacement']:.3f}", fontsize=10)
         ax.set_aspect("equal")
         ax.legend(fontsize=7, markerscale=3, loc="upper right")
@@ -898,12 +925,18 @@ def _dirac_decoupling() -> list[Cell]:
       _md(r"""
       ## 5. Verdict on the seed
 
-      | claim in the seed | verdict |
-      |---|---|
-      | the conditional field of a path pinned to one data point ($\delta_{x_1}$) is simple, $x_1 - x_0$ | **right** for the straight path with $\sigma_{\min} = 0$ (in general $\dot\alpha_t x_1 + \dot\sigma_t x_0$) |
-      | regressing on it recovers the marginal gradients | **right in expectation** (section 2): the expected gradients are equal, the losses differ by a constant; per minibatch the conditional gradient is a noisier unbiased estimate, not an identical one |
-      | *"without ever performing the costly integral"* / *"bypasses O(N) computation"* | **right**: $O(1)$ per training point against $O(N)$ for the exact marginal target (section 3) |
-      | (not in the seed) the coupling matters | minibatch OT pairs (OT-CFM) learn straighter paths: lower curvature and lower $W_2$ at 1-4 Euler steps (section 4) |
+      * *The conditional field of a path pinned to one data point ($\delta_{x_1}$) is the simple
+        difference $x_1 - x_0$*: **right** for the straight path with $\sigma_{\min} = 0$; in
+        general it is $\dot\alpha_t x_1 + \dot\sigma_t x_0$.
+      * *Aggregated over a minibatch it delivers "identical gradients"*: **right in
+        expectation** (section 2). The expected gradients are equal and the two losses differ
+        by a constant; a single minibatch gives a noisier, unbiased estimate, not the same
+        number.
+      * *"Without ever performing the costly integral"*, *"bypasses O(N) computation"*:
+        **right**. $O(1)$ per training point against $O(N)$ for the exact marginal target
+        (section 3).
+      * Not in the seed: the coupling matters. Minibatch OT pairs (OT-CFM) learn straighter
+        paths, with a lower curvature gap and a lower $W_2$ at 1-4 Euler steps (section 4).
       """),
   ]
 
@@ -945,12 +978,11 @@ def _schedules_and_targets() -> list[Cell]:
       import jax.numpy as jnp
       import matplotlib.pyplot as plt
       import numpy as np
-      from scipy import integrate, special, stats
+      from scipy import integrate, stats
 
       from diffjax import losses, parameterization, paths, schedules
 
-      jax.config.update("jax_enable_x64", False)  # float32 throughout, as in training
-      NUM_SE = 5.0
+      NUM_SE = 5.0  # the Monte Carlo checks allow 5 standard errors
       """),
       _md(r"""
       ## 1. Every schedule in log-SNR
@@ -1073,15 +1105,17 @@ def _schedules_and_targets() -> list[Cell]:
       derivatives), each target is a linear function of $(x_0, \varepsilon)$ and can be solved
       back for them:
 
-      | target | definition | $(x_0, \varepsilon)$ from it |
-      |---|---|---|
-      | $\varepsilon$ (Ho et al. 2020) | $\varepsilon$ | $x_0 = (x_t - \sigma\varepsilon)/\alpha$ |
-      | $x_0$ | $x_0$ | $\varepsilon = (x_t - \alpha x_0)/\sigma$ |
-      | $v$ (Salimans & Ho 2022) | $\alpha\varepsilon - \sigma x_0$ | $x_0 = \frac{\alpha x_t - \sigma v}{\alpha^2+\sigma^2}$, $\varepsilon = \frac{\sigma x_t + \alpha v}{\alpha^2+\sigma^2}$ |
-      | velocity (Lipman et al. 2023) | $u = \dot\alpha x_0 + \dot\sigma\varepsilon$ | $x_0 = \frac{\dot\sigma x_t - \sigma u}{\det}$, $\varepsilon = \frac{\alpha u - \dot\alpha x_t}{\det}$ |
-      | score (Song et al. 2021) | $-\varepsilon/\sigma$ | $\varepsilon = -\sigma s$ |
+      * $\varepsilon$ (Ho et al. 2020): $x_0 = (x_t - \sigma\varepsilon)/\alpha$;
+      * $x_0$: $\varepsilon = (x_t - \alpha x_0)/\sigma$;
+      * $v = \alpha\varepsilon - \sigma x_0$ (Salimans & Ho 2022):
+        $x_0 = \frac{\alpha x_t - \sigma v}{\alpha^2+\sigma^2}$,
+        $\varepsilon = \frac{\sigma x_t + \alpha v}{\alpha^2+\sigma^2}$;
+      * velocity $u = \dot\alpha x_0 + \dot\sigma\varepsilon$ (Lipman et al. 2023):
+        $x_0 = \frac{\dot\sigma x_t - \sigma u}{\det}$,
+        $\varepsilon = \frac{\alpha u - \dot\alpha x_t}{\det}$;
+      * score $s = -\varepsilon/\sigma$ (Song et al. 2021): $\varepsilon = -\sigma s$.
 
-      with $\det = \alpha\dot\sigma - \sigma\dot\alpha = -\tfrac12\alpha\sigma\dot\lambda$ (from
+      Here $\det = \alpha\dot\sigma - \sigma\dot\alpha = -\tfrac12\alpha\sigma\dot\lambda$ (from
       $\dot\lambda = 2\dot\alpha/\alpha - 2\dot\sigma/\sigma$), nonzero wherever $\lambda$ moves.
       All maps are linear in $(x_t, \text{prediction})$, so they commute with the conditional
       expectation: a network's $\hat x_0 = \mathbb E[x_0 \mid x_t]$ converts into
@@ -1094,9 +1128,10 @@ def _schedules_and_targets() -> list[Cell]:
       references: the velocity is the finite-difference $dx_t/dt$ at fixed $(x_0,\varepsilon)$;
       the score is `jax.grad` of $\log\mathcal N(x_t; \alpha x_0, \sigma^2 I)$; $v =
       \frac{2}{\pi}\,dx_t/dt$ on the unclipped cosine schedule. (c) Tweedie on Gaussian data
-      $x_0 \sim \mathcal N(0, s^2 I)$: the exact posterior mean $\hat x_0 = \frac{\alpha s^2}{\alpha^2
-      s^2 + \sigma^2} x_t$ must convert into the exact marginal score $-x_t / (\alpha^2 s^2 +
-      \sigma^2)$ and into the exact probability-flow velocity
+      $x_0 \sim \mathcal N(0, s^2 I)$: the exact posterior mean
+      $\hat x_0 = \frac{\alpha s^2}{\alpha^2 s^2 + \sigma^2} x_t$ must convert into the exact
+      marginal score $-x_t / (\alpha^2 s^2 + \sigma^2)$ and into the exact probability-flow
+      velocity
       $x_t\,\frac{d}{dt}\log\sqrt{\alpha^2 s^2 + \sigma^2}$ (the marginal stays
       $\mathcal N(0, (\alpha^2 s^2 + \sigma^2) I)$, so the flow only rescales).
       """),
@@ -1186,26 +1221,30 @@ def _schedules_and_targets() -> list[Cell]:
       $p(\lambda) = p(t)\,|d\lambda/dt|^{-1}$:
 
       $$\mathcal L = \int p(\lambda)\,\frac{W}{k^2}\,\mathbb E\|\hat\varepsilon - \varepsilon\|^2
-        \,d\lambda \equiv \frac12\int w(\lambda)\,\mathbb E\|\hat\varepsilon-\varepsilon\|^2\,d\lambda,
+        \,d\lambda
+        \equiv \frac12\int w(\lambda)\,\mathbb E\|\hat\varepsilon-\varepsilon\|^2\,d\lambda,
         \qquad w(\lambda) = \frac{2\,p(\lambda)\,W}{k^2}$$
 
       (Kingma & Gao 2023, eq. 7-8, where $t \sim U[0,1]$ and $w(\lambda_t)\,|\dot\lambda_t| =
       2W/k^2$). For the cosine schedule clipped to $|\lambda| \le 15$, $\lambda = -2\log\tan u$
-      with $u = t_{\min} + t\,\Delta$, so $|\dot\lambda| = 4\Delta/\sin 2u = 4\Delta\cosh(\lambda/2)$
-      and $p(\lambda) = \mathrm{sech}(\lambda/2)/(4\Delta)$. With $e^{-\lambda} = \sigma^2/\alpha^2$,
+      with $u = t_{\min} + t\,\Delta$, so
+      $|\dot\lambda| = 4\Delta/\sin 2u = 4\Delta\cosh(\lambda/2)$ and
+      $p(\lambda) = \mathrm{sech}(\lambda/2)/(4\Delta)$. With $e^{-\lambda} = \sigma^2/\alpha^2$,
       $\alpha^2 = \mathrm{sigmoid}(\lambda)$ and $\lambda = 2\,\mathrm{logit}\,t$ on the straight
       flow-matching path:
 
-      | objective (diffjax) | $w(\lambda)$ |
-      |---|---|
-      | ELBO, `elbo` weighting (Kingma et al. 2021), any schedule | $1$ |
-      | $\varepsilon$-MSE, `uniform` (Ho et al. 2020), cosine | $\mathrm{sech}(\lambda/2)\,/\,(2\Delta)$ |
-      | $x_0$-MSE, `uniform`, cosine | $e^{-\lambda}\,\mathrm{sech}(\lambda/2)\,/\,(2\Delta)$ |
-      | $v$-MSE, `uniform` (Salimans & Ho 2022), cosine | $e^{-\lambda/2}\,/\,\Delta$ |
-      | $\varepsilon$, `min_snr` $\gamma = 5$ (Hang et al. 2023), cosine | $\min(1, \gamma e^{-\lambda})\,\mathrm{sech}(\lambda/2)\,/\,(2\Delta)$ |
-      | flow matching, straight path, $t \sim U$ (Lipman et al. 2023) | $e^{-\lambda/2}$ |
-      | flow matching, logit-normal $t$ (Esser et al. 2024, SD3) | $2\,\mathcal N(\lambda; 0, 2^2)\,(1 + e^{-\lambda/2})^2$ |
-      | EDM (Karras et al. 2022), $\sigma_d = 0.5$ | $2\,\mathcal N(\lambda; 2.4, 2.4^2)\,(e^{-\lambda} + \sigma_d^2)/\sigma_d^2$ |
+      * ELBO, `elbo` weighting (Kingma et al. 2021), any schedule: $w = 1$;
+      * $\varepsilon$-MSE, `uniform` weighting (Ho et al. 2020), cosine:
+        $w = \mathrm{sech}(\lambda/2)\,/\,(2\Delta)$;
+      * $x_0$-MSE, `uniform`, cosine: $w = e^{-\lambda}\,\mathrm{sech}(\lambda/2)\,/\,(2\Delta)$;
+      * $v$-MSE, `uniform` (Salimans & Ho 2022), cosine: $w = e^{-\lambda/2}\,/\,\Delta$;
+      * $\varepsilon$-MSE, `min_snr` with $\gamma = 5$ (Hang et al. 2023), cosine:
+        $w = \min(1, \gamma e^{-\lambda})\,\mathrm{sech}(\lambda/2)\,/\,(2\Delta)$;
+      * flow matching, straight path, $t \sim U[0,1]$ (Lipman et al. 2023): $w = e^{-\lambda/2}$;
+      * flow matching, logit-normal $t$ (Esser et al. 2024, SD3):
+        $w = 2\,\mathcal N(\lambda; 0, 2^2)\,(1 + e^{-\lambda/2})^2$;
+      * EDM (Karras et al. 2022), $\sigma_d = 0.5$:
+        $w = 2\,\mathcal N(\lambda; 2.4, 2.4^2)\,(e^{-\lambda} + \sigma_d^2)/\sigma_d^2$.
 
       Up to constants these are Kingma & Gao's Table 1 entries; in particular $v$-prediction with
       the cosine schedule and flow matching with the straight path have the same
@@ -1282,8 +1321,9 @@ def _schedules_and_targets() -> list[Cell]:
         inside = np.abs(log_snr) < 14.0  # away from the clipped ends
         np.testing.assert_allclose(w[inside], closed_form(log_snr[inside]), rtol=2e-3,
                                    err_msg=name)
+        relative_error = np.max(np.abs(w[inside] / closed_form(log_snr[inside]) - 1))
         print(f"{name:>26}: implied w(lambda) matches the closed form "
-              f"(max rel. error {np.max(np.abs(w[inside] / closed_form(log_snr[inside]) - 1)):.1e})")
+              f"(max rel. error {relative_error:.1e})")
       """),
       _code(r"""
       n_mc = 400_000
@@ -1343,14 +1383,15 @@ def _schedules_and_targets() -> list[Cell]:
         ax.errorbar(centres, 2 * estimate / widths, yerr=2 * standard_error / widths, fmt="o",
                     ms=3, label=f"{name}: Monte Carlo")
         ax.plot(np.linspace(-10, 14, 400), closed_form(np.linspace(-10, 14, 400)), "k-", lw=0.8)
-      for name, ((log_snr, w), _) in table.items():
-        ax.plot(log_snr, w, label=name)
+      styles = ["-", ":", "-", "-", "-", "--", "-."]
+      for ((name, ((log_snr, w), _)), style) in zip(table.items(), styles):
+        ax.plot(log_snr, w, style, label=name)
       ax.set_yscale("log")
       ax.set_ylim(1e-3, 1e2)
       ax.set_xlim(-15, 15)
-      ax.set_xlabel("log-SNR lambda")
+      ax.set_xlabel("log-SNR lambda (noise <- -> data)")
       ax.set_ylabel("implied weighting w(lambda)")
-      ax.legend(fontsize=7, ncol=2)
+      ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
       plt.show()
       """),
       _md(r"""
