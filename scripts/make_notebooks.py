@@ -102,14 +102,14 @@ def _isotropic_shortcut() -> list[Cell]:
       $\bar\varepsilon \sim \mathcal N(0, I)$. $\bar\varepsilon$ is a function of
       $n_1, \dots, n_{t-1}$, hence independent of $n_t$. Then
 
-      $$x_t = \sqrt{\alpha_t}\,x_{t-1} + \sqrt{\beta_t}\,n_t
-            = \sqrt{\bar\alpha_t}\,x_0
-              + \underbrace{\sqrt{\alpha_t(1-\bar\alpha_{t-1})}\,\bar\varepsilon
-              + \sqrt{\beta_t}\,n_t}_{\text{sum of independent } \mathcal N(0,\,\cdot\,I)}.$$
+      $$x_t = \sqrt{\alpha_t}\,x_{t-1} + \sqrt{\beta_t}\,n_t = \sqrt{\bar\alpha_t}\,x_0 +
+        \underbrace{\sqrt{\alpha_t(1-\bar\alpha_{t-1})}\,\bar\varepsilon +
+        \sqrt{\beta_t}\,n_t}_{\text{sum of independent } \mathcal N(0,\,\cdot\,I)}.$$
 
       A sum of independent zero-mean Gaussians is a zero-mean Gaussian whose covariance is the
-      sum of the covariances: $\alpha_t(1-\bar\alpha_{t-1}) + \beta_t = \alpha_t - \bar\alpha_t
-      + 1 - \alpha_t = 1 - \bar\alpha_t$. $\blacksquare$
+      sum of the covariances:
+      $\alpha_t(1-\bar\alpha_{t-1}) + \beta_t = \alpha_t - \bar\alpha_t + 1 - \alpha_t
+      = 1 - \bar\alpha_t$. $\blacksquare$
 
       Unrolled, $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sum_{s \le t} c_{t,s}\,n_s$ with
       $c_{t,s}^2 = (\bar\alpha_t/\bar\alpha_s)\,\beta_s$, and the variances telescope,
@@ -357,9 +357,8 @@ def _isotropic_shortcut() -> list[Cell]:
       ($\mathrm{diag}(1, 0.05)$) whose long axis turns twice around the circle as $s$ goes
       from 1 to $T$. $C_t$ averages the recent orientations (the weights
       $\bar\alpha_t\beta_s/\bar\alpha_s$ decay into the past), so it is much rounder than any
-      single $\Sigma_s$; no scalar formula fits, but
-      the one-step sampler with the precomputed $\mathrm{chol}(C_t)$
-      (`forward.per_step_covariance_noise`) is exact. The draws whitened by $\mathrm{chol}(C_t)$
+      single $\Sigma_s$; no scalar formula fits, but the one-step sampler with the precomputed
+      $\mathrm{chol}(C_t)$ (`forward.per_step_covariance_noise`) is exact. The draws whitened by $\mathrm{chol}(C_t)$
       must also be standard normal coordinate by coordinate (KS).
       """),
       _code(r"""
@@ -485,10 +484,9 @@ def _isotropic_shortcut() -> list[Cell]:
       plt.show()
       """),
       _md(r"""
-      **Non-Gaussian i.i.d. noise** (Laplace, uniform) is state-independent, so the mean and
-      covariance keep the closed form, $\mathcal N$ moments $\sqrt{\bar\alpha_t}x_0$ and
-      $(1-\bar\alpha_t)I$; but the law is a convolution of scaled non-Gaussian increments with
-      no closed form. Cumulants add over independent terms and scale as $c^k$, so the fourth
+      **Non-Gaussian i.i.d. noise** (Laplace, uniform) is state-independent, so the mean
+      $\sqrt{\bar\alpha_t}x_0$ and the covariance $(1-\bar\alpha_t)I$ keep their closed forms;
+      but the law is a convolution of scaled non-Gaussian increments with no closed form. Cumulants add over independent terms and scale as $c^k$, so the fourth
       cumulant of $x_t - \sqrt{\bar\alpha_t}x_0 = \sum_s c_{t,s} n_s$ is exactly
       $\kappa_4 = \kappa_4(n)\sum_{s \le t} c_{t,s}^4$, with $\kappa_4(n) = 3$ for unit-variance
       Laplace noise: far from Gaussian after a few steps and Gaussian only in the limit (central
@@ -638,8 +636,8 @@ def _dirac_decoupling() -> list[Cell]:
       gradient of the batch loss with three targets at the same points $x_t$: the conditional
       target, the exact marginal field (`losses.with_marginal_target`), and, as a negative
       control, the conditional target of *mismatched* pairs, $x_1' - x_0$ with $x_1'$ the data
-      point of another example of the batch (the bug of permuting data without its targets),
-      whose expectation given $x_t$ is not $u_t$. The $K$ per-batch gradient
+      point of another example of the batch (a batching bug that pairs $x_t$ with another
+      example's target), whose expectation given $x_t$ is not $u_t$. The $K$ per-batch gradient
       *differences* are i.i.d., so their mean over $K$ has standard error
       $\mathrm{std}/\sqrt K$ per coordinate (shared draws cancel most of the noise). Over the
       8,706 coordinates we allow a Bonferroni threshold: the Student-$t$ ($K-1$ degrees of
