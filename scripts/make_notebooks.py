@@ -358,8 +358,8 @@ def _isotropic_shortcut() -> list[Cell]:
       from 1 to $T$. $C_t$ averages the recent orientations (the weights
       $\bar\alpha_t\beta_s/\bar\alpha_s$ decay into the past), so it is much rounder than any
       single $\Sigma_s$; no scalar formula fits, but the one-step sampler with the precomputed
-      $\mathrm{chol}(C_t)$ (`forward.per_step_covariance_noise`) is exact. The draws whitened by $\mathrm{chol}(C_t)$
-      must also be standard normal coordinate by coordinate (KS).
+      $\mathrm{chol}(C_t)$ (`forward.per_step_covariance_noise`) is exact. The draws whitened
+      by $\mathrm{chol}(C_t)$ must also be standard normal coordinate by coordinate (KS).
       """),
       _code(r"""
       angles = 4.0 * np.pi * np.arange(num_steps) / (num_steps - 1)  # two full turns
@@ -486,8 +486,9 @@ def _isotropic_shortcut() -> list[Cell]:
       _md(r"""
       **Non-Gaussian i.i.d. noise** (Laplace, uniform) is state-independent, so the mean
       $\sqrt{\bar\alpha_t}x_0$ and the covariance $(1-\bar\alpha_t)I$ keep their closed forms;
-      but the law is a convolution of scaled non-Gaussian increments with no closed form. Cumulants add over independent terms and scale as $c^k$, so the fourth
-      cumulant of $x_t - \sqrt{\bar\alpha_t}x_0 = \sum_s c_{t,s} n_s$ is exactly
+      but the law is a convolution of scaled non-Gaussian increments with no closed form.
+      Cumulants add over independent terms and scale as $c^k$, so the fourth cumulant of
+      $x_t - \sqrt{\bar\alpha_t}x_0 = \sum_s c_{t,s} n_s$ is exactly
       $\kappa_4 = \kappa_4(n)\sum_{s \le t} c_{t,s}^4$, with $\kappa_4(n) = 3$ for unit-variance
       Laplace noise: far from Gaussian after a few steps and Gaussian only in the limit (central
       limit theorem). The check estimates $\kappa_4$ with the unbiased $k$-statistic on 20
