@@ -9,11 +9,14 @@ preempted run (SIGTERM/SIGINT) checkpoints and exits 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 
 __all__ = ["main"]
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(str(e))
   except run.RunFailed as e:  # the run stopped for a reason the message explains
     print(f"diffjax: error: {e}", file=sys.stderr)
+    return 3
+  except OSError as e:  # a full disk, a read-only or vanished workdir: one line, no traceback
+    if e.errno not in _DISK_ERRORS:
+      raise
+    print(f"diffjax: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); free space "
+          "or fix the workdir's permissions, then run the same command: the last committed "
+          "checkpoint is kept", file=sys.stderr)
     return 3
   return _fail(f"unknown command {args.command!r}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import ml_collections
 
@@ -28,14 +29,26 @@ class RunFailed(RuntimeError):
   model or optimizer."""
 
 
+# Free space a run needs before it starts (checkpoints of small models, logs, plots); a fuller
+# disk fails here in one line instead of in the middle of a checkpoint save.
+MIN_FREE_BYTES = 64 << 20
+
+
 def _check_workdir_writable(workdir: pathlib.Path) -> None:
+  """Reads only: a file in the way, no write permission, or a nearly full disk."""
   if workdir.exists() and not workdir.is_dir():
     raise UsageError(f"--workdir {workdir} is a file; pass a directory path")
   parent = workdir if workdir.exists() else workdir.parent
   while not parent.exists():
     parent = parent.parent
-  if not os.access(parent, os.W_OK):
+  if not parent.is_dir():
+    raise UsageError(f"--workdir {workdir}: {parent} is a file; pass a directory path")
+  if not os.access(parent, os.W_OK | os.X_OK):
     raise UsageError(f"--workdir {workdir} is not writable; choose a directory you can write")
+  free = shutil.disk_usage(parent).free
+  if free < MIN_FREE_BYTES:
+    raise UsageError(f"--workdir {workdir}: only {free >> 20} MiB free on its disk (need "
+                     f"{MIN_FREE_BYTES >> 20} MiB); free space or choose another disk")
 
 
 def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -79,6 +92,19 @@ def _load_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDi
     raise UsageError(f"{path} not found; --workdir must be a directory written by "
                      "`diffjax train`")
   return config_lib.config_from_json(path.read_text())
+
+
+def _check_sampler(workdir, sampler: str | None) -> None:
+  """An unknown ``--sampler`` fails before anything is restored or compiled."""
+  if sampler is None:
+    return
+  from diffjax import samplers  # pylint: disable=import-outside-toplevel
+  config = _load_workdir_config(workdir)
+  valid = (samplers.FLOW_SAMPLERS if config.objective.kind == "flow_matching"
+           else tuple(samplers.SAMPLERS))
+  if sampler not in valid:
+    raise UsageError(f"--sampler {sampler!r}: unknown for a {config.objective.kind} model; "
+                     f"choose one of {sorted(valid)}")
 
 
 def restore_for_inference(workdir: str | pathlib.Path):
@@ -133,6 +159,7 @@ def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None =
   out_path = pathlib.Path(out)
   if out_path.suffix != ".npz":
     raise UsageError(f"--out {out}: the output must be an .npz file")
+  _check_sampler(workdir, sampler)
   config, experiment, params, step = restore_for_inference(workdir)
   result = experiment.generate(params, jax.random.PRNGKey(seed), num,
                                steps=steps or config.sample.steps, sampler=sampler,
@@ -192,6 +219,9 @@ def evaluate_workdir(workdir: str, *, num: int = 2000, steps: int | None = None,
 
   if num <= 1:
     raise UsageError(f"--num {num}: must be > 1")
+  if steps is not None and steps <= 0:
+    raise UsageError(f"--steps {steps}: must be > 0")
+  _check_sampler(workdir, sampler)
   config, experiment, params, step = restore_for_inference(workdir)
   key_samples, key_target = jax.random.split(jax.random.PRNGKey(seed))
   result = experiment.generate(params, key_samples, num, steps=steps or config.sample.steps,

@@ -204,22 +204,6 @@ def test_first_nonfinite_excess():
   assert loop.first_nonfinite_excess([1], [np.nan], first_step=1, max_steps=0)[0] == 1
 
 
-def test_nonfinite_skips_then_halts_keeping_last_good_checkpoint(clean_run, tmp_path, caplog):
-  """NaN in the data of steps 5..8 (0-based: the 5th..8th updates) with the default limit 3:
-  steps 5, 6, 7 are skipped, step 8 makes a streak of 4 and halts with the step, the loss and
-  the hint. The checkpoint at step 4 is the clean run's, bit for bit; none at step 8."""
-  workdir = tmp_path / "nan_data"
-  with pytest.raises(loop.NonFiniteLossError) as info:
-    train_with(tiny_config(), workdir, nan_data_steps=(4, 5, 6, 7))
-  message = str(info.value)
-  assert "4 consecutive steps up to step 8" in message and "loss nan" in message
-  assert "optimizer.learning_rate" in message and "grad_clip_norm" in message
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
-  mine = json.loads((workdir / "checkpoints/4" / integrity.COMMIT_FILE).read_text())["arrays"]
-  clean = json.loads((clean_run[0] / "checkpoints/4" / integrity.COMMIT_FILE).read_text())
-  assert mine == clean["arrays"]
-
-
 def test_nonfinite_within_limit_leaves_state_bit_identical(tmp_path):
   """NaN gradients at steps 3 and 4 (two, within the limit): the checkpoint at step 4 holds the
   parameters, EMA and optimizer state of step 2 (recomputed by a 2-step run), its step is 4
@@ -248,16 +232,23 @@ def restore_step(workdir, config, step):
     manager.close()
 
 
-def test_skip_counter_survives_resume(tmp_path):
-  """NaN in the data of steps 7..10 with checkpoints every 4 and a first run stopped at 8:
-  the checkpoint at 8 carries a streak of 2; the resumed run reaches 4 at step 10 and halts
-  exactly as an uninterrupted run would."""
+def test_nonfinite_halts_keeping_last_good_checkpoint_across_resume(clean_run, tmp_path):
+  """NaN in the data of steps 7..10 (the default limit is 3), checkpoints every 4, a first run
+  stopped at 8: steps 7, 8 are skipped and the checkpoint at 8 carries a streak of 2; the
+  resumed run skips 9, reaches a streak of 4 at step 10 and halts with the step, the loss and
+  the hint, writing no checkpoint; the one at step 4 equals the clean run's bit for bit."""
   workdir = tmp_path / "resume"
   first = train_with(tiny_config("--config.train.steps=8"), workdir, nan_data_steps=(6, 7, 8, 9))
   assert int(first["state"].nonfinite_streak) == 2
-  with pytest.raises(loop.NonFiniteLossError, match="4 consecutive steps up to step 10"):
+  with pytest.raises(loop.NonFiniteLossError) as info:
     train_with(tiny_config(), workdir, nan_data_steps=(6, 7, 8, 9))
+  message = str(info.value)
+  assert "4 consecutive steps up to step 10" in message and "loss nan" in message
+  assert "optimizer.learning_rate" in message and "grad_clip_norm" in message
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "8"]
+  mine = json.loads((workdir / "checkpoints/4" / integrity.COMMIT_FILE).read_text())["arrays"]
+  clean = json.loads((clean_run[0] / "checkpoints/4" / integrity.COMMIT_FILE).read_text())
+  assert mine == clean["arrays"]
 
 
 # ---- 3. integrity and fallback ----------------------------------------------------------------
@@ -430,3 +421,31 @@ def test_sample_reads_json_never_python(clean_run, tmp_path, capsys):
                    "--steps", "2"]) == 0
   assert not marker.exists()
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 12
+
+
+# ---- 10. fuzzed checkpoint directories ---------------------------------------------------------
+
+
+def test_fuzzed_checkpoint_directories(clean_run, tmp_path):
+  """200 random damages (1 to 3 each of: flipped, truncated, deleted, zeroed, extended or
+  added files, garbage or foreign markers, stray steps, tmp folders, copies under a newer
+  number): each restore gives the newest undamaged step, its arrays equal to its digest, or
+  None when all are damaged; never another exception, never over 60 s."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("diffjax_torture",
+                                                ROOT / "scripts" / "torture.py")
+  torture = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torture)
+  workdir, _ = clean_run
+  config = tiny_config()
+  target = abstract_state(config)
+  logging.getLogger("diffjax").setLevel(logging.ERROR)  # 200 fallback warnings
+  try:
+    report = torture.fuzz_checkpoints(workdir, config, trials=200, seed=0, scratch=tmp_path,
+                                      restore=lambda copy: restore(copy, config, target))
+  finally:
+    logging.getLogger("diffjax").setLevel(logging.NOTSET)
+  counts = report["counts"]
+  assert counts["wrong"] == 0, report
+  assert counts["trials"] == 200 and counts["fell_back"] > 50 and counts["newest_kept"] > 10
+  assert counts["max_seconds"] < 60

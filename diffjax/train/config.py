@@ -150,7 +150,11 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function; define one")
-  config = module.get_config(variant) if variant else module.get_config()
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except Exception as e:  # noqa: BLE001 -- a user's file: report it in one line
+    raise ConfigError(f"get_config({variant!r}) in {path!r} failed: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, expected "
                       "an ml_collections.ConfigDict (start from diffjax.train.config.base_config)")
@@ -274,12 +278,21 @@ _TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a strin
 
 
 def _check_types(config, defaults, prefix, problems):
+  for key in sorted(set(config.keys()) - set(defaults.keys())):
+    problems.append(f"{prefix}{key}: unknown key; valid keys here are "
+                    f"{sorted(defaults.keys())}")
   for key in defaults.keys():
+    if key not in config:
+      problems.append(f"{prefix}{key}: missing; keep every key of base_config()")
+      continue
     if not prefix and key == "model":
       continue  # model keywords differ per model; create_model checks them by name
     value, default = config[key], defaults[key]
     name = f"{prefix}{key}"
     if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        problems.append(f"{name}={value!r}: expected a group of keys {sorted(default.keys())}")
+        continue
       _check_types(value, default, f"{name}.", problems)
       continue
     expected = type(default)
@@ -344,17 +357,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
                      "train.checkpoint_every", "train.keep_checkpoints",
                      "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
                      "sample.steps", "objective.num_diffusion_steps",
-                     "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s"],
-            problems)
+                     "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s",
+                     "optimizer.eps"], problems)
   _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
                      "optimizer.grad_clip_norm", "train.plot_every", "objective.sigma",
                      "objective.label_dropout", "sample.num_trajectories",
                      "train.max_nonfinite_steps", "train.step_timeout_s"], problems,
             allow_zero=True)
+  for name in ("optimizer.b1", "optimizer.b2"):
+    value = config.optimizer[name.split(".")[1]]
+    if not 0.0 <= value < 1.0:
+      problems.append(f"{name}={value}: must be in [0, 1)")
   if not 0.0 <= config.train.ema_decay < 1.0:
     problems.append(f"train.ema_decay={config.train.ema_decay}: must be in [0, 1)")
   if not 0.0 <= config.objective.label_dropout < 1.0:
     problems.append(f"objective.label_dropout={config.objective.label_dropout}: must be in [0, 1)")
+  if problems:  # before the name tables, whose imports take seconds
+    raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)
   if not problems:
     problems += _data_file_problems(config)
@@ -382,7 +401,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   if num_devices is not None:  # builds the model abstractly, which starts the JAX backend
     problems += registry.shape_problems(config)
   if problems:
-    raise ConfigError("\n".join(problems))
+    raise ConfigError("\n".join(_one_per_key(problems)))
+
+
+def _one_per_key(problems: list[str]) -> list[str]:
+  """The first problem reported for each key (``a.b=...`` or ``a.b: ...``)."""
+  seen, kept = set(), []
+  for line in problems:
+    key = line.split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
+    if key not in seen:
+      seen.add(key)
+      kept.append(line)
+  return kept
 
 
 # ---- resuming a workdir ----------------------------------------------------------------------

@@ -194,8 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
 
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
+  # Installed until the function returns: a signal during the final plot finishes the plot.
+  preemption = PreemptionWatcher().__enter__()
   try:
-    with watchdog, PreemptionWatcher() as preemption:
+    with watchdog:
       if experiment.sample_batch is not None:
         # On-device data: fused chunks. Chunk boundaries fall on log and checkpoint steps, so
         # at most two chunk lengths are compiled (the configured one and a final remainder).
@@ -257,6 +259,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       with watchdog.pause():
         ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
         pending = None
+  except BaseException:
+    preemption.__exit__(None, None, None)
+    raise
   finally:
     if pending is not None:
       # An exception after a save started: let it finish (its marker is written only if the
@@ -270,11 +275,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if progress is not None:
       progress.close()
 
-  if preempted:
-    log.warning("%s: checkpointed step %d in %s; run the same command to resume", preempted,
-                step, checkpoints)
-  elif is_lead and experiment.plot is not None:
-    experiment.plot(state, workdir)
+  try:
+    if preempted:
+      log.warning("%s: checkpointed step %d in %s; run the same command to resume", preempted,
+                  step, checkpoints)
+    elif is_lead and experiment.plot is not None:
+      experiment.plot(state, workdir)
+  finally:
+    preemption.__exit__(None, None, None)
   return TrainResult(state=state, losses=losses, trace_count=trace_count[0], mesh=mesh,
                      experiment=experiment, start_step=start, preempted=preempted)
 

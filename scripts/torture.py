@@ -1,0 +1,493 @@
+"""Kill `diffjax train` anywhere and check every resumed run ends bit-equal to an uninterrupted one.
+
+Usage (prints one JSON report; docs/reliability.md records the figures)::
+
+  python scripts/torture.py --kills 50 --signals 10 --devices 1 --out /tmp/torture.json
+
+A *chain* trains one workdir to ``train.steps`` through many processes: each is started with the
+same command, receives SIGKILL (or SIGTERM / SIGINT) at a random step plus a random delay (so
+some land inside a checkpoint save, some during start-up or compilation), and the next one
+resumes. The checkpoint mode alternates between synchronous and asynchronous saves (a key that
+may change on resume). At the end the final checkpoint's digest of every array (parameters, EMA,
+optimizer state, key, step, skip counter) and every logged loss must equal those of one
+uninterrupted run, with ``==``. After SIGTERM/SIGINT the process must exit 0 and the next run
+must resume at exactly the step it checkpointed.
+
+This file is also the experiment config the chains train (``--config scripts/torture.py:digits``
+or ``:toy``): 8x8 digits through grain (an epoch is 28 steps of 64, so kills fall mid-epoch and
+two resumes fall within one epoch) with a small MLP, or a 2D toy with fused steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffjax.train.config import base_config  # noqa: E402  (after the path setup)
+
+__all__ = ["get_config", "Chain", "run_chain", "uninterrupted"]
+
+
+def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
+  """The tiny experiments the chains train (variant ``digits`` or ``toy``)."""
+  config = base_config()
+  config.seed = 3
+  config.model = ml_collections.ConfigDict(dict(name="mlp", width=32, depth=2,
+                                                activation="selu"))
+  config.objective.recipe = "icfm"
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 64
+  config.train.steps = 40
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.keep_checkpoints = 3
+  config.train.progress_bar = False
+  config.train.ema_decay = 0.9
+  config.sample.num = 16
+  config.sample.steps = 2
+  if variant == "digits":
+    config.data.kind = "images"
+    config.data.target = "digits"
+    config.data.shape = (8, 8, 1)
+    config.objective.sigma = 0.0
+  elif variant == "toy":
+    config.train.steps = 60
+    config.train.fused_steps = 2
+  else:
+    raise ValueError(f"unknown variant {variant!r}; choose digits or toy")
+  return config
+
+
+def _env(devices: int, cache: pathlib.Path | None) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  if cache is not None:  # compiled programs are reused across the chain's processes
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _command(workdir: pathlib.Path, variant: str, extra: list[str]) -> list[str]:
+  return [sys.executable, "-m", "diffjax.cli", "train", "--config",
+          f"{ROOT / 'scripts' / 'torture.py'}:{variant}", "--workdir", str(workdir), *extra]
+
+
+def _last_step(workdir: pathlib.Path) -> int:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  steps = [0]
+  for line in path.read_text(errors="replace").splitlines():
+    match = re.match(r'\{"step": (\d+)', line)
+    if match:
+      steps.append(int(match.group(1)))
+  return max(steps)
+
+
+def _final_record(workdir: pathlib.Path, steps: int) -> dict:
+  marker = workdir / "checkpoints" / str(steps) / "diffjax_commit.json"
+  record = json.loads(marker.read_text())
+  losses = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if row["step"] in losses:
+      raise AssertionError(f"step {row['step']} logged twice")
+    losses[row["step"]] = row["loss"]
+  return {"arrays": record["arrays"], "losses": losses}
+
+
+def uninterrupted(workdir: pathlib.Path, *, variant: str, devices: int, extra: list[str],
+                  cache: pathlib.Path | None, timeout: float = 600) -> dict:
+  """One run from scratch to the end; its final digests and losses."""
+  proc = subprocess.run(_command(workdir, variant, extra), env=_env(devices, cache), cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f"reference run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+  return _final_record(workdir, get_config(variant).train.steps)
+
+
+class Chain:
+  """Interruptions of one workdir; ``plan`` is a list of signal names."""
+
+  def __init__(self, workdir, *, variant, devices, extra, cache, seed, plan, timeout=600):
+    self.workdir = pathlib.Path(workdir)
+    self.variant, self.devices, self.extra, self.cache = variant, devices, extra, cache
+    self.rng = random.Random(seed)
+    self.plan = list(plan)
+    self.timeout = timeout
+    self.steps = get_config(variant).train.steps
+    self.events = []
+
+  def _start(self, index: int, log_path: pathlib.Path):
+    mode = "true" if index % 2 else "false"  # alternate sync and async checkpoints
+    extra = [*self.extra, f"--config.train.async_checkpoint={mode}"]
+    log = open(log_path, "w", encoding="utf-8")
+    proc = subprocess.Popen(_command(self.workdir, self.variant, extra),
+                            env=_env(self.devices, self.cache), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc, log, mode == "true"
+
+  def run(self) -> dict:
+    """Runs the plan, then a final uninterrupted resume; returns the chain's report."""
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    expected_resume = None
+    for index, name in enumerate(self.plan + [None]):
+      log_path = self.workdir.parent / f"{self.workdir.name}.run{index}.log"
+      proc, log, async_save = self._start(index, log_path)
+      started = time.monotonic()
+      event = {"run": index, "signal": name, "async_checkpoint": async_save}
+      if name is not None:
+        # A target beyond every step logged so far, so the signal reaches a process that has
+        # resumed and trained; the steps left are shared among the interruptions left.
+        low = _last_step(self.workdir) + 1
+        left = len(self.plan) - index
+        target = low + self.rng.randrange(max(1, (self.steps - 1 - low) // left))
+        delay = self.rng.uniform(0.0, 0.4)
+        early = name == "SIGKILL" and self.rng.random() < 0.2
+        if early:  # some kills land in start-up, restore or compilation instead
+          event.update(early_delay_s=round(self.rng.uniform(0.5, 4.0), 3))
+        else:
+          event.update(target_step=target, delay_s=round(delay, 3))
+        while proc.poll() is None and (
+            time.monotonic() - started < event["early_delay_s"] if early
+            else _last_step(self.workdir) < target):
+          if time.monotonic() - started > self.timeout:
+            break
+          time.sleep(0.02)
+        if not early:
+          time.sleep(delay)
+        if proc.poll() is None and target < self.steps:
+          os.kill(proc.pid, getattr(signal, name))
+          event["sent_at_step"] = _last_step(self.workdir)
+      try:
+        proc.wait(timeout=self.timeout)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        event["hung"] = True
+      log.close()
+      text = log_path.read_text(errors="replace")
+      event["returncode"] = proc.returncode
+      event["seconds"] = round(time.monotonic() - started, 2)
+      resumed = re.search(r"resumed from step (\d+)", text)
+      event["resumed_from"] = int(resumed.group(1)) if resumed else 0
+      if expected_resume is not None and resumed:
+        event["resume_exact"] = event["resumed_from"] == expected_resume
+        expected_resume = None
+      ckdir = self.workdir / "checkpoints"
+      event["left_mid_save"] = bool(ckdir.exists() and any(
+          "orbax-checkpoint-tmp" in p.name or (p.name.isdigit() and
+                                              not (p / "diffjax_commit.json").exists())
+          for p in ckdir.iterdir()))
+      preempted = re.search(r"(SIGTERM|SIGINT): checkpointed step (\d+)", text)
+      if preempted:
+        expected_resume = int(preempted.group(2))
+        event["checkpointed_step"] = expected_resume
+      if name in ("SIGTERM", "SIGINT"):
+        event["ok"] = (proc.returncode == 0 and (preempted is not None
+                                                 or "sent_at_step" not in event))
+      elif name == "SIGKILL":
+        event["ok"] = proc.returncode in (-9, 0)
+      else:
+        event["ok"] = proc.returncode == 0
+      if not event["ok"]:
+        event["log_tail"] = text[-1500:]
+      self.events.append(event)
+    final = _final_record(self.workdir, self.steps)
+    return {"events": self.events, "final": final}
+
+
+def run_chain(workdir, reference: dict, **kwargs) -> dict:
+  """A :class:`Chain` plus the comparison with ``reference`` (from :func:`uninterrupted`)."""
+  report = Chain(workdir, **kwargs).run()
+  final = report.pop("final")
+  report["arrays_equal"] = final["arrays"] == reference["arrays"]
+  report["losses_equal"] = final["losses"] == reference["losses"]
+  report["all_steps_logged_once"] = sorted(final["losses"]) == sorted(reference["losses"])
+  report["events_ok"] = all(e["ok"] and e.get("resume_exact", True) and not e.get("hung")
+                            for e in report["events"])
+  return report
+
+
+# ---- checkpoint fuzzing (in process) -----------------------------------------------------------
+
+
+def _mutations(rng: random.Random):
+  """Each mutation ``(name, fn(ckdir, steps) -> damaged step or None)`` changes the directory;
+  it returns the step whose bytes it damaged (None: it added a stray entry)."""
+  def files_of(ckdir, step):
+    return sorted(p for p in (ckdir / str(step)).rglob("*") if p.is_file())
+
+  def pick(ckdir, steps):
+    step = rng.choice(steps)
+    files = files_of(ckdir, step)
+    return step, (rng.choice(files) if files else None)
+
+  def flip(ckdir, steps):
+    step, f = pick(ckdir, steps)
+    data = bytearray(f.read_bytes())
+    if not data:
+      f.write_bytes(b"\x00")
+      return step
+    for _ in range(rng.randint(1, 64)):
+      data[rng.randrange(len(data))] ^= rng.randint(1, 255)
+    f.write_bytes(bytes(data))
+    return step
+
+  def truncate(ckdir, steps):
+    step, f = pick(ckdir, steps)
+    data = f.read_bytes()
+    f.write_bytes(data[:rng.randrange(len(data))] if data else b"x")
+    return step
+
+  def delete(ckdir, steps):
+    step, f = pick(ckdir, steps)
+    f.unlink()
+    return step
+
+  def zero(ckdir, steps):
+    step, f = pick(ckdir, steps)
+    f.write_bytes(b"" if f.stat().st_size else b"\x00")
+    return step
+
+  def append(ckdir, steps):
+    step, f = pick(ckdir, steps)
+    f.write_bytes(f.read_bytes() + rng.randbytes(rng.randint(1, 100)))
+    return step
+
+  def extra_file(ckdir, steps):
+    step = rng.choice(steps)
+    (ckdir / str(step) / "state" / f"junk{rng.randrange(1000)}").write_bytes(b"junk")
+    return step
+
+  def garbage_marker(ckdir, steps):
+    step = rng.choice(steps)
+    (ckdir / str(step) / "diffjax_commit.json").write_bytes(rng.randbytes(rng.randint(0, 200)))
+    return step
+
+  def marker_config(ckdir, steps):
+    step = rng.choice(steps)
+    path = ckdir / str(step) / "diffjax_commit.json"
+    record = json.loads(path.read_text())
+    record["config"]["seed"] = -1
+    path.write_text(json.dumps(record))
+    return step
+
+  def newer(ckdir):
+    taken = [int(p.name.split(".")[0]) for p in ckdir.iterdir() if p.name.split(".")[0].isdigit()]
+    return max(taken) + rng.randint(1, 50)
+
+  def stray_dir(ckdir, steps):
+    (ckdir / str(newer(ckdir))).mkdir()
+
+  def stray_file(ckdir, steps):
+    (ckdir / str(newer(ckdir))).write_bytes(rng.randbytes(10))
+
+  def tmp_dir(ckdir, steps):
+    (ckdir / f"{newer(ckdir)}.orbax-checkpoint-tmp-{rng.randrange(10**6)}").mkdir()
+
+  def copy_as_newer(ckdir, steps):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.copytree(ckdir / str(rng.choice(steps)), ckdir / str(newer(ckdir)))
+
+  return [flip, truncate, delete, zero, append, extra_file, garbage_marker, marker_config,
+          stray_dir, stray_file, tmp_dir, copy_as_newer]
+
+
+def _intact(original: pathlib.Path, copy: pathlib.Path) -> bool:
+  if not copy.is_dir():
+    return False
+  files = lambda d: {p.relative_to(d).as_posix(): p for p in d.rglob("*") if p.is_file()}
+  a, b = files(original), files(copy)
+  if set(a) != set(b):
+    return False
+  for name, path in a.items():
+    if name == "diffjax_commit.json":
+      try:
+        if json.loads(b[name].read_bytes()) != json.loads(path.read_bytes()):
+          return False
+      except ValueError:
+        return False
+    elif path.read_bytes() != b[name].read_bytes():
+      return False
+  return True
+
+
+def fuzz_checkpoints(workdir: pathlib.Path, config, *, trials: int, seed: int,
+                     scratch: pathlib.Path, restore) -> dict:
+  """``trials`` random damages (1 to 3 mutations each) of copies of ``workdir/checkpoints``;
+  ``restore(copy_workdir)`` must return the newest undamaged step with arrays equal to its
+  recorded digests, or ``None`` when every step is damaged, within 60 s, never raising anything
+  but a clear ``ValueError``."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
+  rng = random.Random(seed)
+  ckdir = workdir / "checkpoints"
+  steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+  recorded = {s: json.loads((ckdir / str(s) / "diffjax_commit.json").read_text())["arrays"]
+              for s in steps}
+  mutations = _mutations(rng)
+  counts = {"trials": 0, "fell_back": 0, "newest_kept": 0, "no_valid_step": 0,
+            "clear_errors": 0, "wrong": 0, "max_seconds": 0.0}
+  failures = []
+  for trial in range(trials):
+    copy = scratch / f"t{trial}"
+    shutil.copytree(ckdir, copy / "checkpoints")
+    damaged = set()
+    names = []
+    for _ in range(rng.randint(1, 3)):
+      mutation = rng.choice(mutations)
+      names.append(mutation.__name__)
+      hit = mutation(copy / "checkpoints", [s for s in steps if s not in damaged] or steps)
+      if hit is not None:
+        damaged.add(hit)
+    # What counts as damaged is decided from the bytes, not from the mutation's intent (a
+    # flipped byte may leave a marker's JSON meaning unchanged).
+    damaged = {s for s in steps if not _intact(ckdir / str(s), copy / "checkpoints" / str(s))}
+    valid = [s for s in steps if s not in damaged]
+    expected = max(valid) if valid else None
+    start = time.monotonic()
+    try:
+      result = restore(copy)
+    except ValueError as e:
+      counts["clear_errors"] += 1
+      result = ("error", str(e).splitlines()[0][:200])
+    seconds = time.monotonic() - start
+    counts["max_seconds"] = max(counts["max_seconds"], round(seconds, 3))
+    counts["trials"] += 1
+    got = None if result is None else result[0]
+    ok = (got == expected and seconds < 60 and (
+        result is None or integrity.array_digests(result[1]) == recorded[got]))
+    if ok:
+      counts["no_valid_step" if got is None else
+             "newest_kept" if got == steps[-1] else "fell_back"] += 1
+    else:
+      counts["wrong"] += 1
+      failures.append({"trial": trial, "mutations": names, "damaged": sorted(damaged),
+                       "expected": expected, "got": got if got != "error" else result})
+    shutil.rmtree(copy, ignore_errors=True)
+  return {"counts": counts, "failures": failures[:10]}
+
+
+def _fuzz_main(args) -> int:
+  """Trains the toy variant for 12 steps (checkpoints 4, 8, 12) in this process, then fuzzes."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from diffjax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from diffjax.train import loop  # pylint: disable=import-outside-toplevel
+  from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from diffjax.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
+  from diffjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(args.root)
+  shutil.rmtree(root, ignore_errors=True)
+  config = get_config("toy")
+  with config.unlocked():
+    config.train.steps, config.train.checkpoint_every, config.train.keep_checkpoints = 12, 4, 5
+    config.train.async_checkpoint = False
+  config.lock()
+  config_lib.validate(config, num_devices=1)
+  loop.train(config, root / "run", devices=jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+  abstract, shardings, _ = loop.make_initial_state(build_experiment(config, mesh=mesh),
+                                                   optimizer, seed=config.seed, mesh=mesh)
+  target = ckpt.abstract_with_shardings(abstract, shardings)
+
+  def restore(copy):
+    manager = ckpt.make_checkpoint_manager(copy / "checkpoints", keep=100, async_save=False)
+    try:
+      ckpt.prepare_directory(copy / "checkpoints")
+      return ckpt.restore_verified(manager, target, config=config_lib.resume_fingerprint(config),
+                                   move_bad=True,
+                                   config_differences=config_lib.fingerprint_differences)
+    finally:
+      manager.close()
+
+  logging.getLogger("diffjax").setLevel(logging.ERROR)
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  started = time.monotonic()
+  report = fuzz_checkpoints(root / "run", config, trials=args.fuzz, seed=args.seed,
+                            scratch=root / "scratch", restore=restore)
+  report["seconds"] = round(time.monotonic() - started, 1)
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+  print(json.dumps(report["counts"] | {"seconds": report["seconds"]}))
+  return 0 if report["counts"]["wrong"] == 0 else 1
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kills", type=int, default=50, help="SIGKILLs in all")
+  parser.add_argument("--signals", type=int, default=10, help="SIGTERM/SIGINT in all")
+  parser.add_argument("--per-chain", type=int, default=10, help="interruptions per workdir")
+  parser.add_argument("--variant", default="digits", choices=["digits", "toy"])
+  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--root", default="/tmp/diffjax_torture")
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--fuzz", type=int, default=0,
+                      help="instead of kills: this many fuzzed checkpoint directories")
+  args = parser.parse_args()
+  if args.fuzz:
+    return _fuzz_main(args)
+
+  root = pathlib.Path(args.root)
+  if root.exists():
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(root)
+  root.mkdir(parents=True)
+  cache = root / "jax_cache"
+  started = time.monotonic()
+  reference = uninterrupted(root / "reference", variant=args.variant, devices=args.devices,
+                            extra=[], cache=cache)
+  plan = ["SIGKILL"] * args.kills + ["SIGTERM", "SIGINT"] * (args.signals // 2) + (
+      ["SIGTERM"] * (args.signals % 2))
+  random.Random(args.seed).shuffle(plan)
+  chains = []
+  for c, i in enumerate(range(0, len(plan), args.per_chain)):
+    chains.append(run_chain(root / f"chain{c}", reference, variant=args.variant,
+                            devices=args.devices, extra=[], cache=cache, seed=args.seed + c,
+                            plan=plan[i:i + args.per_chain]))
+  events = [e for ch in chains for e in ch["events"]]
+  summary = {
+      "variant": args.variant, "devices": args.devices,
+      "kills_sent": sum(1 for e in events if e["signal"] == "SIGKILL" and "sent_at_step" in e),
+      "signals_sent": sum(1 for e in events if e["signal"] in ("SIGTERM", "SIGINT")
+                          and "sent_at_step" in e),
+      "kills_that_left_a_partial_save": sum(1 for e in events if e["signal"] == "SIGKILL"
+                                            and e["left_mid_save"]),
+      "async_runs": sum(1 for e in events if e["async_checkpoint"]),
+      "preemptions_resumed_exactly": sum(1 for e in events if e.get("resume_exact")),
+      "chains": len(chains),
+      "chains_bit_equal": sum(1 for ch in chains if ch["arrays_equal"] and ch["losses_equal"]),
+      "all_events_ok": all(ch["events_ok"] for ch in chains),
+      "seconds": round(time.monotonic() - started, 1),
+  }
+  report = {"summary": summary, "chains": chains}
+  text = json.dumps(report, indent=1)
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+  print(json.dumps(summary))
+  ok = summary["all_events_ok"] and summary["chains_bit_equal"] == len(chains)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
