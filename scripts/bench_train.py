@@ -1,0 +1,713 @@
+"""Training-throughput benchmark on TorchCFM's 2D protocol: diffjax against TorchCFM, same run.
+
+Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482; TorchCFM's 2D tutorials): 8gaussians
+-> moons, the 3x64 SELU MLP on ``concat(x, t)``, batch 256, Adam 1e-3, sigma 0.1, ``--steps``
+steps (20,000), for I-CFM (independent pairs) and OT-CFM (exact minibatch OT).
+
+Ours runs through the real training path: :func:`diffjax.train.experiment.build_experiment` on a
+1-device mesh, and the very jitted chunk :func:`diffjax.train.loop.train` compiles
+(:func:`diffjax.train.step.fused_train_steps` over ``train.fused_steps`` steps, state donated,
+the per-chunk finite check). ``loop_train`` also times :func:`diffjax.train.loop.train` itself
+end to end from its metrics.jsonl (``steps_per_second`` between log points, compile excluded).
+The peer, when ``torch`` and ``torchcfm`` import, is TorchCFM's own loop: ``ConditionalFlowMatcher``
+or ``ExactOptimalTransportConditionalFlowMatcher``, ``torchcfm.models.MLP(dim=2, w=64,
+time_varying=True)``, ``torch.optim.Adam``, ``torchcfm.utils.sample_8gaussians`` /
+``sample_moons``.
+
+Timing: both models first train one chunk untimed (ours compiles there). The next steps are split
+into ``--reps`` equal segments; ours and the peer train their segments alternately (ours, peer,
+ours, ...) so both see the same machine load, then both finish the remaining steps untimed. A
+figure is the median (and minimum) over segments of steps / wall seconds; ``cpu_us_per_step`` is
+the process CPU time per step, steadier than wall time on a shared machine. After exactly
+``--steps`` steps each model draws 2000 samples with 100 Euler steps from fresh source samples and
+is scored by :func:`diffjax.evaluate.wasserstein2` against 2000 fresh samples of its own training
+target (so the speed is compared at equal quality).
+
+``profile`` splits ours into its parts (data sampling, forward, gradient, the optimizer step and
+EMA, the OT coupling, the host solvers, a bare ``pure_callback`` round trip) and tries other
+``train.fused_steps``. ``prototypes`` are NOT library code: alternatives for the OT-CFM step written
+inside this script to measure what a library change would buy (labelled ``prototype_*``).
+
+Usage::
+
+  python scripts/bench_train.py                    # full protocol (long: tens of minutes)
+  python scripts/bench_train.py --quick            # smoke run: 200 steps, small evaluation
+  python scripts/bench_train.py --steps 4000 --reps 4 --protocols otcfm
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import couplings, evaluate, losses
+from diffjax.train import config as config_lib
+from diffjax.train import sharding as sharding_lib
+from diffjax.train.experiment import build_experiment
+from diffjax.train.loop import make_initial_state
+from diffjax.train.optim import make_optimizer
+from diffjax.train.step import fused_train_steps, train_step
+
+__all__ = ["PROTOCOLS", "TARGET_RATIOS", "main", "parse_args", "run_benchmark"]
+
+# recipe -> (source, target); TorchCFM's 2D tutorials train every CFM variant on this task.
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "icfm": ("8gaussians", "moons"),
+    "otcfm": ("8gaussians", "moons"),
+}
+# From the issue: TorchCFM trains ~440 (I-CFM) and ~100 (OT-CFM) steps/s on 2 CPU cores.
+TARGET_RATIOS = {"icfm": 10.0, "otcfm": 3.0}
+PUBLISHED_PEER_STEPS_PER_S = {"icfm": 440.0, "otcfm": 100.0}
+SIGMA = 0.1
+BATCH = 256
+LEARNING_RATE = 1e-3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--steps", type=int, default=20_000, help="training steps per model")
+  p.add_argument("--reps", type=int, default=5, help="timed segments per model")
+  p.add_argument("--chunk", type=int, default=0,
+                 help="train.fused_steps (0: the config default)")
+  p.add_argument("--protocols", default="icfm,otcfm", help=f"subset of {sorted(PROTOCOLS)}")
+  p.add_argument("--eval-samples", type=int, default=2000)
+  p.add_argument("--euler-steps", type=int, default=100)
+  p.add_argument("--loop-steps", type=int, default=1000,
+                 help="steps of diffjax.train.loop.train timed end to end (0: skip)")
+  p.add_argument("--no-peer", action="store_true", help="skip TorchCFM even if importable")
+  p.add_argument("--no-profile", action="store_true", help="skip the profile and prototypes")
+  p.add_argument("--seed", type=int, default=42)
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: 200 steps, 2 segments, 256 evaluation samples, 20 Euler steps,"
+                      " no loop.train run, a small profile")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.steps, args.reps, args.chunk = 200, 2, args.chunk or 50
+    args.eval_samples, args.euler_steps, args.loop_steps = 256, 20, 0
+  protocols = [name for name in args.protocols.split(",") if name]
+  unknown = sorted(set(protocols) - set(PROTOCOLS))
+  if unknown:
+    p.error(f"--protocols: unknown {unknown}; choose from {sorted(PROTOCOLS)}")
+  args.protocols = protocols
+  for name in ("steps", "reps", "eval_samples", "euler_steps"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1")
+  return args
+
+
+# ---- small timing helpers ---------------------------------------------------------------------
+
+
+class Clock:
+  """Wall and process-CPU seconds of one block."""
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall
+    self.cpu = time.process_time() - self.cpu
+
+
+def _segment_summary(segments: list[dict]) -> dict:
+  rates = [s["steps"] / s["wall_s"] for s in segments]
+  cpu = [s["cpu_s"] / s["steps"] * 1e6 for s in segments]
+  return {"steps_per_s_median": round(statistics.median(rates), 2),
+          "steps_per_s_max": round(max(rates), 2),
+          "cpu_us_per_step_median": round(statistics.median(cpu), 1),
+          "segments": segments}
+
+
+def _per_step_us(fn: Callable[[], Any], steps: int, reps: int = 5) -> dict:
+  """Median wall and CPU microseconds per step of ``fn`` (which runs ``steps`` steps)."""
+  jax.block_until_ready(fn())
+  walls, cpus = [], []
+  for _ in range(reps):
+    with Clock() as c:
+      jax.block_until_ready(fn())
+    walls.append(c.wall / steps * 1e6)
+    cpus.append(c.cpu / steps * 1e6)
+  return {"wall_us_median": round(statistics.median(walls), 1),
+          "wall_us_min": round(min(walls), 1), "cpu_us_median": round(statistics.median(cpus), 1)}
+
+
+# ---- ours ---------------------------------------------------------------------------------------
+
+
+def make_config(recipe: str, *, steps: int, chunk: int, seed: int):
+  source, target = PROTOCOLS[recipe]
+  c = config_lib.base_config()
+  c.seed = seed
+  c.data.source, c.data.target = source, target
+  c.objective.recipe, c.objective.sigma = recipe, SIGMA
+  c.optimizer.learning_rate = LEARNING_RATE
+  c.train.batch_size, c.train.steps = BATCH, steps
+  if chunk:
+    c.train.fused_steps = chunk
+  c.train.progress_bar = False
+  c.lock()
+  config_lib.validate(c, num_devices=1)
+  return c
+
+
+class OursTrainer:
+  """The jitted chunk of :func:`diffjax.train.loop.train` on a 1-device mesh."""
+
+  def __init__(self, config):
+    self.config = config
+    self.mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+    self.experiment = build_experiment(config, mesh=self.mesh)
+    self.optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+    _, shardings, create = make_initial_state(self.experiment, self.optimizer,
+                                              seed=config.seed, mesh=self.mesh)
+    self.state = create()
+    self.step_kwargs = dict(loss_fn=self.experiment.loss_fn, optimizer=self.optimizer,
+                            ema_decay=config.train.ema_decay,
+                            accumulate_steps=config.train.accumulate_steps)
+    sample_batch = self.experiment.sample_batch
+
+    # Exactly loop.train's chunk: static length, donated state, explicit out shardings.
+    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
+                       out_shardings=(shardings, sharding_lib.replicated(self.mesh)))
+    def run_chunk(state, num_steps):
+      return fused_train_steps(state, num_steps=num_steps, sample_batch=sample_batch,
+                               **self.step_kwargs)
+
+    self.run_chunk = run_chunk
+    self.chunk = config.train.fused_steps
+    self.metrics = None
+
+  def train(self, steps: int) -> None:
+    """``steps`` steps in chunks; like loop.train, reads the non-finite streak after each."""
+    done = 0
+    while done < steps:
+      n = min(self.chunk, steps - done)
+      self.state, self.metrics = self.run_chunk(self.state, num_steps=n)
+      int(self.state.nonfinite_streak)  # loop.train's check_finite: one host sync per chunk
+      done += n
+
+  def sample(self, key, num: int, steps: int, *, ema: bool) -> np.ndarray:
+    params = self.state.ema_params if ema else self.state.params
+    out = self.experiment.generate(params, key, num, steps=steps, sampler="euler")
+    return np.asarray(out["samples"])
+
+  def target(self, key, num: int) -> np.ndarray:
+    return np.asarray(self.experiment.target_sampler(key, num))
+
+
+# ---- the peer (TorchCFM) ----------------------------------------------------------------------
+
+
+def import_peer() -> tuple[dict | None, str]:
+  """TorchCFM's pieces, or None and why not."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchcfm  # pylint: disable=import-outside-toplevel
+    from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
+    from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
+    from torchcfm.utils import sample_8gaussians, sample_moons  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return None, f"peer skipped: torch/torchcfm not importable in {sys.executable} ({e})"
+  peer = dict(torch=torch, cfm=cfm, MLP=MLP, version=getattr(torchcfm, "__version__", "?"),
+              default_threads=torch.get_num_threads(),
+              sources={"8gaussians": sample_8gaussians,
+                       "normal": lambda n: torch.randn(n, 2)},
+              targets={"moons": sample_moons, "8gaussians": sample_8gaussians})
+  return peer, "TorchCFM in the same process and run"
+
+
+class PeerTrainer:
+  """TorchCFM's 2D training loop (its tutorials' code path, step for step)."""
+
+  def __init__(self, peer: dict, recipe: str, *, seed: int):
+    torch = peer["torch"]
+    self.torch = torch
+    self.default_threads = peer["default_threads"]
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # OTPlanSampler draws pairs with np.random.choice
+    self.model = peer["MLP"](dim=2, w=64, time_varying=True)
+    self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE)
+    matchers = {"icfm": lambda: peer["cfm"].ConditionalFlowMatcher(sigma=SIGMA),
+                "otcfm": lambda: peer["cfm"].ExactOptimalTransportConditionalFlowMatcher(
+                    sigma=SIGMA)}
+    self.matcher = matchers[recipe]()
+    source, target = PROTOCOLS[recipe]
+    self.source, self.target_fn = peer["sources"][source], peer["targets"][target]
+    self.loss = float("nan")
+
+  def train(self, steps: int, *, fixed_batch: tuple | None = None) -> None:
+    """``steps`` TorchCFM steps; ``fixed_batch=(x0, x1)`` skips data sampling (profile only)."""
+    torch, model, opt = self.torch, self.model, self.optimizer
+    for _ in range(steps):
+      opt.zero_grad()
+      x0, x1 = fixed_batch or (self.source(BATCH), self.target_fn(BATCH))
+      t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1)
+      vt = model(torch.cat([xt, t[:, None]], dim=-1))
+      loss = torch.mean((vt - ut) ** 2)
+      loss.backward()
+      opt.step()
+    self.loss = float(loss.detach())
+
+  def sample(self, num: int, steps: int) -> np.ndarray:
+    """Euler steps ``x <- x + v(x, i/N) / N`` from fresh source samples (as ours)."""
+    torch = self.torch
+    with torch.no_grad():
+      x = self.source(num).float()
+      for i in range(steps):
+        t = torch.full((num, 1), i / steps)
+        x = x + self.model(torch.cat([x, t], dim=-1)) / steps
+    return x.numpy()
+
+  def target(self, num: int) -> np.ndarray:
+    return np.asarray(self.target_fn(num), dtype=np.float32)
+
+
+def choose_peer_threads(trainer: PeerTrainer, warm: int) -> dict:
+  """Trains the peer's ``warm`` warm-up steps, probing torch's thread counts on the way.
+
+  On a loaded 2-core machine torch's default 2 intra-op threads can be ~10x slower than 1 (the
+  OpenMP threads wait on each other while a core is taken), so the peer keeps whichever count
+  trained faster in its probe: the comparison is against the peer at its best here.
+  """
+  torch = trainer.torch
+  default = trainer.default_threads
+  candidates = sorted({1, default})
+  probe_steps = max(1, warm // (2 * len(candidates)))
+  rates = {}
+  for threads in candidates:
+    torch.set_num_threads(threads)
+    with Clock() as c:
+      trainer.train(probe_steps)
+    rates[threads] = probe_steps / c.wall
+  best = max(rates, key=rates.get)
+  torch.set_num_threads(best)
+  trainer.train(warm - probe_steps * len(candidates))
+  return {"torch_threads_default": default, "torch_threads_used": best,
+          "threads_probe_steps_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
+
+
+# ---- one protocol -------------------------------------------------------------------------------
+
+
+def _schedule(total: int, chunk: int, reps: int) -> tuple[int, int, int]:
+  """(warm-up steps, steps per timed segment, untimed remainder); segments are whole chunks."""
+  warm = min(chunk, total)
+  per = max(chunk, ((total - warm) // reps) // chunk * chunk)
+  reps_fit = min(reps, (total - warm) // per) if total > warm else 0
+  return warm, per if reps_fit else 0, total - warm - reps_fit * per
+
+
+def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTrainer]:
+  """Trains ours and the peer ``--steps`` steps, interleaving the timed segments; returns the
+  results and our trainer (reused by the prototypes)."""
+  config = make_config(recipe, steps=args.steps, chunk=args.chunk, seed=args.seed)
+  ours = OursTrainer(config)
+  theirs = PeerTrainer(peer, recipe, seed=args.seed) if peer else None
+  warm, per, rest = _schedule(args.steps, ours.chunk, args.reps)
+  if per == 0:
+    raise SystemExit(f"--steps {args.steps} leaves no timed segment after a warm-up chunk of "
+                     f"{ours.chunk}; use more steps or a smaller --chunk")
+  result: dict[str, Any] = {"task": "->".join(PROTOCOLS[recipe]), "steps": args.steps,
+                            "warmup_steps": warm, "segment_steps": per, "segments": args.reps}
+
+  with Clock() as c:
+    ours.train(warm)
+  ours_info = {"fused_steps": ours.chunk, "compile_and_first_chunk_s": round(c.wall, 2)}
+  if theirs:
+    probe = choose_peer_threads(theirs, warm)
+  ours_segments, peer_segments = [], []
+  for _ in range(args.reps):
+    if per * (len(ours_segments) + 1) > args.steps - warm:
+      break
+    with Clock() as c:
+      ours.train(per)
+    ours_segments.append({"steps": per, "wall_s": round(c.wall, 4), "cpu_s": round(c.cpu, 4)})
+    if theirs:
+      with Clock() as c:
+        theirs.train(per)
+      peer_segments.append({"steps": per, "wall_s": round(c.wall, 4), "cpu_s": round(c.cpu, 4)})
+  done = warm + per * len(ours_segments)
+  ours.train(args.steps - done)
+  if theirs:
+    theirs.train(args.steps - done)
+  assert int(ours.state.step) == args.steps
+
+  key = jax.random.PRNGKey(args.seed + 1000)
+  k_sample, k_target = jax.random.split(key)
+  target = ours.target(k_target, args.eval_samples)
+  ours_info.update(_segment_summary(ours_segments))
+  ours_info["final_loss"] = float(np.mean(np.asarray(ours.metrics["loss"])))
+  with Clock() as c:
+    ours_info["w2_euler"] = round(evaluate.wasserstein2(
+        ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=False), target), 4)
+  ours_info["w2_euler_ema"] = round(evaluate.wasserstein2(
+      ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=True), target), 4)
+  ours_info["eval_s"] = round(c.wall, 2)
+  result["ours"] = ours_info
+  result["w2_protocol"] = (f"W2 of {args.eval_samples} samples ({args.euler_steps} Euler steps) "
+                           f"vs {args.eval_samples} fresh target samples after {args.steps} steps;"
+                           " ours with params (as TorchCFM) and with EMA params")
+  if theirs:
+    peer_info = _segment_summary(peer_segments)
+    peer_info.update(probe)
+    peer_info["final_loss"] = theirs.loss
+    peer_info["w2_euler"] = round(evaluate.wasserstein2(
+        theirs.sample(args.eval_samples, args.euler_steps), theirs.target(args.eval_samples)), 4)
+    if not args.quick:
+      # TorchCFM's sample_8gaussians builds the batch in a Python loop; this is the peer's
+      # step without it (after the evaluation, so the scored model is unaffected).
+      fixed = (theirs.source(BATCH), theirs.target_fn(BATCH))
+      steps = min(per, 500)
+      with Clock() as c:
+        theirs.train(steps, fixed_batch=fixed)
+      peer_info["steps_per_s_without_data_sampling"] = round(steps / c.wall, 2)
+      peer_info["cpu_us_per_step_without_data_sampling"] = round(c.cpu / steps * 1e6, 1)
+    result["peer"] = peer_info
+    ratio = ours_info["steps_per_s_median"] / peer_info["steps_per_s_median"]
+    result["ratio_steps_per_s"] = round(ratio, 2)
+    result["ratio_cpu_time"] = round(peer_info["cpu_us_per_step_median"]
+                                     / ours_info["cpu_us_per_step_median"], 2)
+    result["target_ratio"] = TARGET_RATIOS[recipe]
+    result["target_met"] = bool(ratio >= TARGET_RATIOS[recipe])
+  else:
+    result["peer"] = None
+    result["ratio_steps_per_s"] = None
+    result["target_ratio"] = TARGET_RATIOS[recipe]
+    result["target_met"] = None
+  result["ratio_vs_published_peer"] = round(
+      ours_info["steps_per_s_median"] / PUBLISHED_PEER_STEPS_PER_S[recipe], 2)
+  result["loop_train"] = time_loop_train(recipe, args) if args.loop_steps else None
+  return result, ours
+
+
+def time_loop_train(recipe: str, args) -> dict:
+  """``diffjax.train.loop.train`` end to end; rates from its own metrics.jsonl."""
+  from diffjax.train import loop  # pylint: disable=import-outside-toplevel
+  config = make_config(recipe, steps=args.loop_steps, chunk=args.chunk, seed=args.seed)
+  with config.unlocked():
+    config.train.checkpoint_every = args.loop_steps
+    config.train.async_checkpoint = False
+  with tempfile.TemporaryDirectory() as workdir, Clock() as c:
+    loop.train(config, workdir, devices=jax.devices()[:1])
+    rows = [json.loads(line) for line in
+            (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  rates = [row["steps_per_second"] for row in rows[1:]]  # the first interval includes compiling
+  return {"steps": args.loop_steps, "log_every": config.train.log_every,
+          "steps_per_s_median": round(statistics.median(rates), 2) if rates else None,
+          "wall_s_total": round(c.wall, 2),
+          "note": "includes logging, checkpoint and plot; rates exclude the compiling interval"}
+
+
+# ---- profile and prototypes (ours) ---------------------------------------------------------------
+
+
+def profile(args, ours: OursTrainer) -> dict:
+  """Where an OT-CFM / I-CFM step's time goes, in CPU and wall microseconds per step
+  (``--quick``: the host solvers only, which need no compiling)."""
+  steps = 200
+  exp, state = ours.experiment, ours.state
+  out: dict[str, Any] = {"host_solvers_ms": time_host_solvers(args, exp)}
+  if args.quick:
+    out["parts_us_per_step"] = out["icfm_fused_steps"] = None
+    return out
+  out["steps_per_measurement"] = steps
+  source = exp.source_sampler
+  batch = exp.sample_batch(jax.random.PRNGKey(0))
+  icfm_loss = OursTrainer(make_config("icfm", steps=1000, chunk=args.chunk,
+                                      seed=args.seed)).experiment.loss_fn
+
+  def scan(body, init):
+    return jax.lax.scan(lambda c, _: (body(c), None), init, None, length=steps)[0]
+
+  def sgd(loss_fn):
+    return lambda p: jax.tree.map(lambda a, g: a - 1e-6 * g, p,
+                                  jax.grad(loss_fn)(p, jax.random.PRNGKey(0), batch))
+
+  def data_only(k):
+    x1 = exp.sample_batch(k)["x"]
+    x0 = source(jax.random.fold_in(k, 1), BATCH)
+    return jax.random.fold_in(k, jnp.sum(x0 + x1).astype(jnp.int32))
+
+  def coupling_only(k):
+    x0, x1 = source(k, BATCH), exp.sample_batch(jax.random.fold_in(k, 1))["x"]
+    _, x1, _ = couplings.exact_ot_coupling(k, x0, x1)
+    return jax.random.fold_in(k, jnp.sum(x1).astype(jnp.int32))
+
+  def trivial_callback(c):
+    idx = jax.pure_callback(lambda m: np.zeros(m.shape[:-1], np.int32),
+                            jax.ShapeDtypeStruct((BATCH,), jnp.int32), c,
+                            vmap_method="broadcast_all")
+    return c + idx[0].astype(c.dtype)
+
+  def fixed_batch_step(loss_fn):
+    kwargs = dict(ours.step_kwargs, loss_fn=loss_fn)
+    return jax.jit(lambda s: scan(lambda s: train_step(s, batch, **kwargs)[0], s))
+
+  key = jax.random.PRNGKey(1)
+  cost = couplings.squared_euclidean_cost(source(key, BATCH), batch["x"])
+  parts = {
+      "data sampling (8gaussians + moons)": (jax.jit(lambda k: scan(data_only, k)), key),
+      "I-CFM loss forward": (jax.jit(lambda p: scan(
+          lambda p: jax.tree.map(lambda a: a + 1e-9 * icfm_loss(p, key, batch), p), p)),
+                             state.params),
+      "I-CFM loss gradient": (jax.jit(lambda p: scan(sgd(icfm_loss), p)), state.params),
+      "I-CFM train_step (Adam, EMA, finite check)": (fixed_batch_step(icfm_loss), state),
+      "OT-CFM coupling alone (data + cost + exact OT callback)":
+          (jax.jit(lambda k: scan(coupling_only, k)), key),
+      "OT-CFM train_step (coupling inside the loss)": (fixed_batch_step(exp.loss_fn), state),
+      "pure_callback round trip (host fn returns zeros)":
+          (jax.jit(lambda c: scan(trivial_callback, c)), cost),
+  }
+  results = {}
+  for name, (fn, arg) in parts.items():
+    results[name] = _per_step_us(lambda fn=fn, arg=arg: fn(arg), steps)
+  out["parts_us_per_step"] = results
+  out["icfm_fused_steps"] = time_chunk_sizes(args)
+  return out
+
+
+def _cost_matrices(exp, num: int, seed: int) -> list[np.ndarray]:
+  keys = jax.random.split(jax.random.PRNGKey(seed), num)
+  costs = []
+  for k in keys:
+    k0, k1 = jax.random.split(k)
+    x0, x1 = exp.source_sampler(k0, BATCH), exp.target_sampler(k1, BATCH)
+    costs.append(np.asarray(couplings.squared_euclidean_cost(x0, x1), np.float64))
+  return costs
+
+
+def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+  import ot  # pylint: disable=import-outside-toplevel
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
+  uniform = np.full(BATCH, 1.0 / BATCH)
+
+  def lsa(cost):
+    return linear_sum_assignment(cost)[1].astype(np.int32)
+
+  def emd(cost):
+    # Uniform marginals, equal sizes: the simplex returns a vertex, a permutation matrix / B.
+    return np.argmax(ot.emd(uniform, uniform, cost), axis=1).astype(np.int32)
+
+  return {"scipy.linear_sum_assignment (library)": lsa, "POT ot.emd (TorchCFM's solver)": emd}
+
+
+def time_host_solvers(args, exp) -> dict:
+  costs = _cost_matrices(exp, 8 if args.quick else 40, args.seed)
+  out = {}
+  for name, solve in _solvers().items():
+    times = []
+    for cost in costs:
+      with Clock() as c:
+        solve(cost)
+      times.append(c.cpu * 1e3)
+    out[name] = {"cpu_ms_median": round(statistics.median(times), 3),
+                 "cpu_ms_min": round(min(times), 3)}
+  return out
+
+
+def time_chunk_sizes(args) -> dict:
+  out = {}
+  for chunk in (10, 100, 1000):
+    trainer = OursTrainer(make_config("icfm", steps=10_000, chunk=chunk, seed=args.seed))
+    trainer.train(chunk)  # compile
+    steps = max(2000, chunk)
+    segments = []
+    for _ in range(3):
+      with Clock() as c:
+        trainer.train(steps)
+      segments.append({"steps": steps, "wall_s": c.wall, "cpu_s": c.cpu})
+    summary = _segment_summary(segments)
+    summary.pop("segments")
+    out[str(chunk)] = summary
+  return out
+
+
+class PrototypeChunkOT:
+  """PROTOTYPE (not library code): OT-CFM with the couplings of a whole chunk solved at once.
+
+  The data of a chunk depend only on keys, not on the parameters, so a jitted function draws all
+  ``K`` batches and their cost matrices, the host solves the ``K`` assignments (optionally on a
+  thread pool), and one jitted ``lax.scan`` of the library's :func:`train_step` trains on the
+  paired batches (loss: the library's path, time sampler and regression loss). ``pipelined``
+  solves chunk ``k + 1`` on the host while the device trains chunk ``k`` (asynchronous
+  dispatch), so solving and training overlap on the two cores.
+  """
+
+  def __init__(self, trainer: OursTrainer, *, solver: Callable, threads: int, pipelined: bool):
+    exp = trainer.experiment
+    recipe = losses.get_flow_matching_recipe("otcfm", sigma=SIGMA)
+    path, _ = losses.build_flow_matching_recipe(recipe)
+    self.chunk, self.solver, self.pipelined = trainer.chunk, solver, pipelined
+    self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    self.state = jax.tree.map(jnp.copy, trainer.state)
+    source, target, model = exp.source_sampler, exp.target_sampler, exp.model
+
+    def loss_fn(params, key, batch):
+      k_example, k_dropout = jax.random.split(key)
+      example = losses.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x1"],
+                                             path=path, time_sampler=losses.uniform_time)
+      prediction = model.apply(params, example.model_input, example.model_time, None,
+                               dropout_key=k_dropout)
+      return losses.regression_loss(prediction, example)
+
+    kwargs = dict(trainer.step_kwargs, loss_fn=loss_fn)
+    k = self.chunk
+
+    @jax.jit
+    def draw(key):
+      keys = jax.random.split(key, k)
+      x0 = jax.vmap(lambda kk: source(jax.random.fold_in(kk, 0), BATCH))(keys)
+      x1 = jax.vmap(lambda kk: target(jax.random.fold_in(kk, 1), BATCH))(keys)
+      return x0, x1, jax.vmap(couplings.squared_euclidean_cost)(x0, x1)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_chunk(state, x0, x1, perms):
+      x1 = jnp.take_along_axis(x1, perms[..., None], axis=1)
+
+      def body(s, batch):
+        return train_step(s, {"x0": batch[0], "x1": batch[1]}, **kwargs)[0], None
+      return jax.lax.scan(body, state, (x0, x1))[0]
+
+    self.draw, self.train_chunk = draw, train_chunk
+    self.key = jax.random.PRNGKey(7)
+    self.index = 0
+
+  def _solve(self, cost) -> np.ndarray:
+    cost = np.asarray(cost, np.float64)
+    if self.pool is None:
+      return np.stack([self.solver(c) for c in cost])
+    return np.stack(list(self.pool.map(self.solver, cost)))
+
+  def _next_draw(self):
+    self.index += 1
+    return self.draw(jax.random.fold_in(self.key, self.index))
+
+  def train(self, steps: int) -> None:
+    chunks = max(1, steps // self.chunk)
+    x0, x1, cost = self._next_draw()
+    perms = self._solve(cost)
+    for i in range(chunks):
+      if self.pipelined and i + 1 < chunks:
+        nxt = self._next_draw()  # dispatched before the train chunk, so it is ready first
+        self.state = self.train_chunk(self.state, x0, x1, perms)  # asynchronous
+        x0, x1, cost = nxt
+        perms = self._solve(cost)  # overlaps the chunk being trained
+      else:
+        self.state = self.train_chunk(self.state, x0, x1, perms)
+        if i + 1 < chunks:
+          x0, x1, cost = self._next_draw()
+          perms = self._solve(cost)
+    jax.block_until_ready(self.state)
+
+
+def prototypes(args, base: OursTrainer) -> dict:
+  """PROTOTYPES for OT-CFM, each against the library's fused step (``base``, compiled) in the
+  same conditions (``--quick``: one prototype)."""
+  steps = base.chunk * (1 if args.quick else 4)
+  reps = 2 if args.quick else 3
+  threads = os.cpu_count() or 1
+  solvers = _solvers()
+  variants: dict[str, Any] = {"library fused step (exact_ot pure_callback per step)": base}
+  if args.quick:
+    solvers = dict(list(solvers.items())[1:])
+  for solver_name, solver in solvers.items():
+    short = solver_name.split(" (")[0]
+    variants[f"prototype_chunk_ot[{short}, 1 thread]"] = PrototypeChunkOT(
+        base, solver=solver, threads=1, pipelined=False)
+    if not args.quick:
+      variants[f"prototype_chunk_ot[{short}, {threads} threads]"] = PrototypeChunkOT(
+          base, solver=solver, threads=threads, pipelined=False)
+      variants[f"prototype_pipelined_ot[{short}, {threads} threads]"] = PrototypeChunkOT(
+          base, solver=solver, threads=threads, pipelined=True)
+  for trainer in variants.values():
+    trainer.train(base.chunk)  # compile
+    jax.block_until_ready(trainer.state)
+  segments: dict[str, list] = {name: [] for name in variants}
+  for _ in range(reps):  # interleaved, like the main comparison
+    for name, trainer in variants.items():
+      with Clock() as c:
+        trainer.train(steps)
+        jax.block_until_ready(trainer.state)
+      segments[name].append({"steps": steps, "wall_s": c.wall, "cpu_s": c.cpu})
+  out = {}
+  for name, segs in segments.items():
+    summary = _segment_summary(segs)
+    summary.pop("segments")
+    out[name] = summary
+  return {"note": "prototype_* variants are written in this script, not in diffjax; they pair "
+                  "each batch by an exact optimal permutation like the library's exact_ot",
+          "steps_per_measurement": steps, "results": out}
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def _environment(peer: dict | None) -> dict:
+  env = {"python": platform.python_version(), "platform": platform.platform(),
+         "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
+         "jax_backend": jax.default_backend(), "jax_devices": jax.device_count(),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+         "torch_version": None, "torch_num_threads": None, "torchcfm_version": None}
+  if peer:
+    env["torch_version"] = peer["torch"].__version__
+    env["torch_num_threads"] = peer["default_threads"]
+    env["torchcfm_version"] = peer["version"]
+  return env
+
+
+def run_benchmark(args) -> dict:
+  peer, peer_note = (None, "peer skipped: --no-peer") if args.no_peer else import_peer()
+  report: dict[str, Any] = {
+      "benchmark": "bench_train",
+      "protocol": {"task": "8gaussians -> moons", "model": "MLP 3x64 SELU on concat(x, t)",
+                   "batch_size": BATCH, "optimizer": f"Adam lr={LEARNING_RATE}", "sigma": SIGMA,
+                   "steps": args.steps, "reps": args.reps, "quick": args.quick},
+      "environment": _environment(peer),
+      "peer_note": peer_note,
+      "notes": [
+          "timings interleave ours and the peer segment by segment; medians over segments",
+          "the machine may be shared: see environment.loadavg_*, and prefer cpu_us_per_step",
+          "moons: TorchCFM's sample_moons uses torchdyn's generate_moons, diffjax follows "
+          "sklearn's make_moons noise; each model is scored against its own training target",
+          "TorchCFM's OT-CFM samples B pairs from the exact plan with replacement; diffjax's "
+          "exact_ot uses the optimal permutation itself",
+      ],
+      "published_peer_steps_per_s": PUBLISHED_PEER_STEPS_PER_S,
+      "results": {},
+  }
+  trainers = {}
+  for recipe in args.protocols:
+    report["results"][recipe], trainers[recipe] = run_protocol(recipe, args, peer)
+  report["profile"] = report["prototypes"] = None
+  if not args.no_profile and "otcfm" in trainers:
+    report["profile"] = profile(args, trainers["otcfm"])
+    report["prototypes"] = prototypes(args, trainers["otcfm"])
+  report["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+  return report
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  report = run_benchmark(args)
+  json.dump(report, sys.stdout, indent=2)
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,517 @@
+"""The TorchCFM paper's 2D table: I-CFM, OT-CFM, SB-CFM and Lipman's FM on four 2D tasks.
+
+Tong et al. (2024), "Improving and generalizing flow-based generative models with minibatch
+optimal transport", https://arxiv.org/abs/2302.00482, 2D experiments: the recipes "icfm",
+"otcfm", "sbcfm" and "fm" of :mod:`diffjax.losses` on N -> 8gaussians, N -> moons, 8gaussians ->
+moons and N -> scurve (FM needs a Gaussian source, so it skips 8gaussians -> moons, as the
+paper's runner does), seeds 42..46, the 3x64 SELU MLP on ``concat(x, t)``, batch 256, Adam
+1e-3, ``--steps`` steps (TorchCFM's 2D tutorials: 20,000). sigma = 0.1 for I-CFM, OT-CFM and FM
+(``sigma_min``); SB-CFM uses sigma = 1.0 with the entropic plan of regularisation ``2 sigma^2``
+(TorchCFM's runner, ``runner/configs/model/sbcfm.yaml``: ``sigma_min: 1.0``,
+``ot_sampler: sinkhorn``; ``cfm_module.py``: ``OTPlanSampler(reg=2 * sigma_min**2)``).
+
+For each (method, task) the seeds train at once: the train state of every seed is stacked and
+the very chunk :func:`diffjax.train.loop.train` runs (:func:`diffjax.train.step.fused_train_steps`)
+is ``jax.vmap``-ed over seeds. Exact OT vmaps (its ``pure_callback`` has
+``vmap_method="broadcast_all"``: one host call solves the seeds' assignments), Sinkhorn is in
+graph; if vmapping fails the seeds train one after another (``"vectorised": false``).
+
+Each trained model (its parameters, not the EMA, as TorchCFM evaluates) draws 2000 samples from
+fresh source samples with 100 Euler steps and with dopri5 (diffrax, rtol = atol = 1e-5; its
+number of network evaluations, NFE, is reported), scored by :func:`diffjax.evaluate.wasserstein2`
+against 2000 fresh target samples. When torch and torchcfm import, TorchCFM trains the same
+tasks and seeds in the same run (``ConditionalFlowMatcher``, ``ExactOptimalTransport...``,
+``SchrodingerBridgeConditionalFlowMatcher(sigma=1, ot_method="sinkhorn")``,
+``TargetConditionalFlowMatcher``; its MLP and Adam; Euler in torch, dopri5 with torchdiffeq at
+the same tolerances) and its rows sit beside ours.
+
+Writes ``--out`` (markdown table + the JSON), rewritten after every (method, task) so a long run
+leaves its finished part; prints the JSON.
+
+Usage::
+
+  python scripts/reproduce_2d.py                                  # full protocol (hours)
+  python scripts/reproduce_2d.py --steps 5000 --peer-seeds 42     # a reduced run
+  python scripts/reproduce_2d.py --quick --out /tmp/r.md          # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import evaluate
+from diffjax import samplers as samplers_lib
+from diffjax.train import config as config_lib
+from diffjax.train import sharding as sharding_lib
+from diffjax.train.experiment import build_experiment
+from diffjax.train.loop import make_initial_state
+from diffjax.train.optim import make_optimizer
+from diffjax.train.step import fused_train_steps
+
+__all__ = ["TASKS", "METHODS", "SIGMAS", "DSBM_TABLE2", "main", "parse_args", "run"]
+
+# task name -> (source, target) in diffjax.data.toy2d names
+TASKS: dict[str, tuple[str, str]] = {
+    "N->8gaussians": ("normal", "8gaussians"),
+    "N->moons": ("normal", "moons"),
+    "8gaussians->moons": ("8gaussians", "moons"),
+    "N->scurve": ("normal", "scurve"),
+}
+METHODS = ("icfm", "otcfm", "sbcfm", "fm")
+METHOD_NAMES = {"icfm": "I-CFM", "otcfm": "OT-CFM", "sbcfm": "SB-CFM", "fm": "FM (Lipman)"}
+SIGMAS = {"icfm": 0.1, "otcfm": 0.1, "sbcfm": 1.0, "fm": 0.1}
+SEEDS = (42, 43, 44, 45, 46)
+BATCH = 256
+LEARNING_RATE = 1e-3
+
+# Secondary reference, quoted from the issue: Shi et al. (2023), "Diffusion Schrodinger Bridge
+# Matching", https://arxiv.org/abs/2303.16852, Table 2: OT-CFM's 2-Wasserstein distance with 20
+# Euler steps (their own training setup, not this protocol).
+DSBM_TABLE2 = {"method": "OT-CFM", "euler_steps": 20,
+               "w2": {"moons": 0.111, "scurve": 0.102, "8gaussians": 0.253,
+                      "moons->8gaussians": 0.716}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--steps", type=int, default=20_000)
+  p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+  p.add_argument("--peer-seeds", default=None,
+                 help="seeds TorchCFM trains (default: --seeds; 'none' skips the peer)")
+  p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {list(TASKS)}")
+  p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
+  p.add_argument("--chunk", type=int, default=0, help="train.fused_steps (0: config default)")
+  p.add_argument("--eval-samples", type=int, default=2000)
+  p.add_argument("--euler-steps", type=int, default=100)
+  p.add_argument("--peer-threads", type=int, default=1,
+                 help="torch.set_num_threads for the peer (1: fastest on a loaded 2-core box)")
+  p.add_argument("--out", default="docs/results_2d.md")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: 100 steps, seeds 42,43, N->moons, I-CFM and OT-CFM, 200 "
+                      "evaluation samples, 20 Euler steps")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.steps, args.seeds = 100, "42,43"
+    args.tasks, args.methods = "N->moons", "icfm,otcfm"
+    args.chunk = args.chunk or 50
+    args.eval_samples, args.euler_steps = 200, 20
+  args.seeds = _ints(p, "--seeds", args.seeds)
+  args.peer_seeds = (args.seeds if args.peer_seeds is None else
+                     () if args.peer_seeds.lower() == "none" else
+                     _ints(p, "--peer-seeds", args.peer_seeds))
+  args.tasks = _names(p, "--tasks", args.tasks, TASKS)
+  args.methods = _names(p, "--methods", args.methods, METHODS)
+  for name in ("steps", "eval_samples", "euler_steps"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1")
+  return args
+
+
+def _ints(parser, flag: str, text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    parser.error(f"{flag}={text!r}: expected comma-separated integers such as 42,43")
+  if not values:
+    parser.error(f"{flag} is empty; give at least one seed")
+  return values
+
+
+def _names(parser, flag: str, text: str, valid) -> tuple[str, ...]:
+  names = tuple(v.strip() for v in text.split(",") if v.strip())
+  unknown = [n for n in names if n not in valid]
+  if unknown or not names:
+    parser.error(f"{flag}={text!r}: unknown {unknown}; choose from {list(valid)}")
+  return names
+
+
+def applicable(method: str, task: str) -> bool:
+  """Lipman's FM path ``x_t = t x1 + (1 - (1 - sigma_min) t) x0`` assumes ``x0 ~ N(0, I)``."""
+  return not (method == "fm" and TASKS[task][0] != "normal")
+
+
+# ---- ours ------------------------------------------------------------------------------------------
+
+
+def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
+  c = config_lib.base_config()
+  c.seed = seed
+  c.data.source, c.data.target = TASKS[task]
+  c.objective.recipe, c.objective.sigma = method, SIGMAS[method]
+  c.optimizer.learning_rate = LEARNING_RATE
+  c.train.batch_size, c.train.steps = BATCH, steps
+  if chunk:
+    c.train.fused_steps = chunk
+  c.train.progress_bar = False
+  c.lock()
+  config_lib.validate(c, num_devices=1)
+  return c
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _index(tree, i: int):
+  return jax.tree.map(lambda leaf: leaf[i], tree)
+
+
+def train_ours(method: str, task: str, args, generators: dict) -> dict:
+  """Trains every seed of one (method, task); vmapped over seeds when the step allows it.
+
+  ``generators`` caches one sample generator per source distribution: every model here is the
+  same MLP, so one jitted Euler / dopri5 program per source serves all methods and tasks (the
+  first experiment's ``apply`` is a pure function of the parameters it is given).
+  """
+  configs = [make_config(method, task, steps=args.steps, chunk=args.chunk, seed=s)
+             for s in args.seeds]
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  experiment = build_experiment(configs[0], mesh=mesh)
+  optimizer = make_optimizer(**configs[0].optimizer, total_steps=args.steps)
+  states = [make_initial_state(experiment, optimizer, seed=c.seed, mesh=mesh)[2]()
+            for c in configs]
+  kwargs = dict(loss_fn=experiment.loss_fn, optimizer=optimizer,
+                ema_decay=configs[0].train.ema_decay,
+                accumulate_steps=configs[0].train.accumulate_steps)
+  chunk = configs[0].train.fused_steps
+
+  @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
+  def run_chunk(state, num_steps):
+    return fused_train_steps(state, num_steps=num_steps, sample_batch=experiment.sample_batch,
+                             **kwargs)
+
+  @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
+  def run_chunk_seeds(stacked, num_steps):
+    return jax.vmap(lambda s: fused_train_steps(s, num_steps=num_steps,
+                                                sample_batch=experiment.sample_batch,
+                                                **kwargs))(stacked)
+
+  def train(state, fn) -> tuple[Any, float, float]:
+    """(state, seconds of the first chunk (compiles), seconds of the rest)."""
+    start = time.perf_counter()
+    state, _ = fn(state, num_steps=min(chunk, args.steps))
+    jax.block_until_ready(state)
+    first = time.perf_counter() - start
+    done = min(chunk, args.steps)
+    start = time.perf_counter()
+    while done < args.steps:
+      n = min(chunk, args.steps - done)
+      state, _ = fn(state, num_steps=n)
+      done += n
+    jax.block_until_ready(state)
+    return state, first, time.perf_counter() - start
+
+  info: dict[str, Any] = {"fused_steps": chunk}
+  try:
+    stacked, first, rest = train(_stack(states), run_chunk_seeds)
+    params = [_index(stacked.params, i) for i in range(len(configs))]
+    info.update(vectorised=True, compile_and_first_chunk_s=round(first, 2),
+                train_s_all_seeds=round(rest, 2))
+  except Exception as e:  # noqa: BLE001 -- any failure to vmap falls back to one seed at a time
+    info.update(vectorised=False, vmap_error=f"{type(e).__name__}: {str(e)[:200]}")
+    params, firsts, rests = [], [], []
+    for state in states:
+      state, first, rest = train(state, run_chunk)
+      params.append(state.params)
+      firsts.append(first)
+      rests.append(rest)
+    info.update(compile_and_first_chunk_s=round(sum(firsts), 2),
+                train_s_all_seeds=round(sum(rests), 2))
+  timed_steps = max(args.steps - min(chunk, args.steps), 0)
+  info["train_s_per_seed"] = round(info["train_s_all_seeds"] / len(configs), 2)
+  info["seed_steps_per_s"] = (round(timed_steps * len(configs) / info["train_s_all_seeds"], 1)
+                              if info["train_s_all_seeds"] > 0 else None)
+
+  source_name = TASKS[task][0]
+  if source_name not in generators:
+    generators[source_name] = samplers_lib.flow_generator(
+        apply=experiment.model.apply, source=experiment.source_sampler, data_shape=(2,))
+  generate = generators[source_name]
+  per_seed = []
+  for seed, p in zip(args.seeds, params):
+    key = jax.random.PRNGKey(seed + 10_000)
+    k_target, k_euler, k_dopri = jax.random.split(key, 3)
+    target = np.asarray(experiment.target_sampler(k_target, args.eval_samples))
+    euler = generate(p, k_euler, args.eval_samples, steps=args.euler_steps,
+                                sampler="euler")
+    dopri = generate(p, k_dopri, args.eval_samples, steps=1, sampler="dopri5")
+    per_seed.append({"seed": seed,
+                     "w2_euler": evaluate.wasserstein2(np.asarray(euler["samples"]), target),
+                     "w2_dopri5": evaluate.wasserstein2(np.asarray(dopri["samples"]), target),
+                     "nfe_dopri5": int(dopri["nfe"])})
+  info["seeds"] = per_seed
+  return info
+
+
+# ---- the peer (TorchCFM) ---------------------------------------------------------------------------
+
+
+def import_peer():
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchcfm  # pylint: disable=import-outside-toplevel
+    import torchdiffeq  # pylint: disable=import-outside-toplevel
+    from sklearn.datasets import make_s_curve  # pylint: disable=import-outside-toplevel
+    from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
+    from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
+    from torchcfm.utils import sample_8gaussians, sample_moons  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return None, f"peer skipped: torch/torchcfm/torchdiffeq not importable in {sys.executable} ({e})"
+
+  def scurve(n):
+    # diffjax's s_curve defaults (noise 0.1, scale 1): sklearn's make_s_curve on (x, z).
+    return torch.from_numpy(make_s_curve(n, noise=0.1)[0][:, [0, 2]]).float()
+
+  samplers = {"normal": lambda n: torch.randn(n, 2), "8gaussians": sample_8gaussians,
+              "moons": lambda n: sample_moons(n).float(), "scurve": scurve}
+  matchers = {
+      "icfm": lambda: cfm.ConditionalFlowMatcher(sigma=SIGMAS["icfm"]),
+      "otcfm": lambda: cfm.ExactOptimalTransportConditionalFlowMatcher(sigma=SIGMAS["otcfm"]),
+      "sbcfm": lambda: cfm.SchrodingerBridgeConditionalFlowMatcher(sigma=SIGMAS["sbcfm"],
+                                                                   ot_method="sinkhorn"),
+      "fm": lambda: cfm.TargetConditionalFlowMatcher(sigma=SIGMAS["fm"]),
+  }
+  return (dict(torch=torch, odeint=torchdiffeq.odeint, MLP=MLP, samplers=samplers,
+               matchers=matchers, version=getattr(torchcfm, "__version__", "?")),
+          "TorchCFM in the same process and run")
+
+
+def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
+  """TorchCFM's 2D loop for one seed, then Euler and dopri5 sampling and W2."""
+  torch = peer["torch"]
+  torch.manual_seed(seed)
+  np.random.seed(seed)  # OTPlanSampler and sklearn draw from NumPy's global generator
+  source, target = (peer["samplers"][name] for name in TASKS[task])
+  model = peer["MLP"](dim=2, w=64, time_varying=True)
+  optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+  matcher = peer["matchers"][method]()
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    optimizer.zero_grad()
+    t, xt, ut = matcher.sample_location_and_conditional_flow(source(BATCH), target(BATCH))
+    loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
+    loss.backward()
+    optimizer.step()
+  train_s = time.perf_counter() - start
+
+  nfe = [0]
+
+  def field(t, x):
+    nfe[0] += 1
+    return model(torch.cat([x, t.expand(x.shape[0], 1)], dim=-1))
+
+  with torch.no_grad():
+    x = source(args.eval_samples).float()
+    for i in range(args.euler_steps):
+      x = x + field(torch.tensor(i / args.euler_steps), x) / args.euler_steps
+    euler = x.numpy()
+    nfe[0] = 0
+    dopri = peer["odeint"](field, source(args.eval_samples).float(), torch.tensor([0.0, 1.0]),
+                           method="dopri5", rtol=1e-5, atol=1e-5)[-1].numpy()
+  reference = target(args.eval_samples).float().numpy()
+  return {"seed": seed, "train_s": round(train_s, 2),
+          "w2_euler": evaluate.wasserstein2(euler, reference),
+          "w2_dopri5": evaluate.wasserstein2(dopri, reference), "nfe_dopri5": nfe[0]}
+
+
+# ---- summary and markdown ---------------------------------------------------------------------------
+
+
+def _mean_std(values) -> dict | None:
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  return {"mean": round(statistics.fmean(values), 4),
+          "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+          "n": len(values)}
+
+
+def summarise(seeds: list[dict]) -> dict:
+  return {"w2_euler": _mean_std([s["w2_euler"] for s in seeds]),
+          "w2_dopri5": _mean_std([s["w2_dopri5"] for s in seeds]),
+          "nfe_dopri5": _mean_std([s["nfe_dopri5"] for s in seeds])}
+
+
+def _cell(stat: dict | None, digits: int = 3) -> str:
+  if stat is None:
+    return "-"
+  text = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+  return text if stat["n"] > 1 else f"{stat['mean']:.{digits}f} (1 seed)"
+
+
+def to_markdown(report: dict) -> str:
+  """The tables; every number comes from ``report``."""
+  run = report["run"]
+  tasks, methods = run["tasks"], run["methods"]
+  full = (run["steps"] == 20_000 and tuple(run["seeds"]) == SEEDS and
+          tuple(tasks) == tuple(TASKS) and tuple(methods) == METHODS)
+  lines = [
+      "# 2D reproduction: I-CFM, OT-CFM, SB-CFM, FM (TorchCFM protocol)",
+      "",
+      "Generated by `scripts/reproduce_2d.py`; do not edit by hand (rerun the script).",
+      "",
+      f"**What was run: {'the full protocol' if full else 'a REDUCED run, not the full protocol'}"
+      f"** ({report['status']}).",
+      "",
+      f"- command: `{run['command']}`",
+      f"- steps: {run['steps']} per model (the protocol: 20000); seeds (ours): "
+      f"{', '.join(map(str, run['seeds']))}; seeds (TorchCFM): "
+      f"{', '.join(map(str, run['peer_seeds'])) or 'none'} (the protocol: 42-46 for both)",
+      f"- tasks: {', '.join(tasks)}; methods: {', '.join(METHOD_NAMES[m] for m in methods)}",
+      "- full protocol command: `python scripts/reproduce_2d.py` (in an environment with "
+      "torch and torchcfm for the TorchCFM rows)",
+      f"- date {run['date']}; {run['machine']}; load average at start "
+      f"{run['loadavg_start']}; {report['peer_note']}",
+      "",
+      "Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482): 3x64 SELU MLP on "
+      "concat(x, t), batch 256, Adam lr 1e-3, sigma 0.1 (I-CFM, OT-CFM, FM's sigma_min), "
+      "SB-CFM sigma 1.0 with the entropic plan of regularisation 2 sigma^2 (TorchCFM's runner "
+      "`runner/configs/model/sbcfm.yaml`: `sigma_min: 1.0`, `ot_sampler: sinkhorn`; "
+      "`cfm_module.py`: `OTPlanSampler(reg=2 * sigma_min**2)`). FM needs a Gaussian source and "
+      "skips 8gaussians->moons. Score: exact 2-Wasserstein distance (POT) between "
+      f"{run['eval_samples']} generated and {run['eval_samples']} fresh target samples, mean ± "
+      "std over seeds, from the trained parameters (no EMA, as TorchCFM). Ours trains the seeds "
+      "of one (method, task) at once (`jax.vmap` over the train state); TorchCFM trains one "
+      "seed at a time with torch.set_num_threads("
+      f"{run['peer_threads']}). Data: TorchCFM's `sample_moons` uses torchdyn's moons noise, "
+      "diffjax sklearn's; each model is scored against its own training distribution. "
+      "TorchCFM's paper runner itself used batch 512, AdamW (weight decay 1e-5) and 1000 "
+      "epochs; this table follows its 2D tutorials (batch 256, Adam, 20k steps).",
+      "",
+  ]
+
+  def table(title: str, key: str, with_nfe: bool):
+    rows = [f"### {title}", "", "| method | impl. | " + " | ".join(tasks) + " |",
+            "|---|---|" + "---|" * len(tasks)]
+    for method in methods:
+      for impl in ("diffjax", "TorchCFM"):
+        cells = []
+        for task in tasks:
+          entry = report["results"].get(method, {}).get(task)
+          side = None if entry is None else entry.get("ours" if impl == "diffjax" else "peer")
+          if entry is not None and entry.get("not_applicable"):
+            cells.append("n/a")
+          elif not side:
+            cells.append("-")
+          else:
+            text = _cell(side["summary"][key])
+            if with_nfe and side["summary"]["nfe_dopri5"]:
+              text += f" (NFE {side['summary']['nfe_dopri5']['mean']:.0f})"
+            cells.append(text)
+        rows.append(f"| {METHOD_NAMES[method]} | {impl} | " + " | ".join(cells) + " |")
+    return rows + [""]
+
+  lines += table(f"W2, {run['euler_steps']} Euler steps (NFE {run['euler_steps']})",
+                 "w2_euler", False)
+  lines += table("W2, dopri5 (rtol = atol = 1e-5; mean NFE in parentheses)", "w2_dopri5", True)
+
+  lines += ["### Training time", "",
+            "Seconds of training after the first (compiling) chunk. diffjax: all seeds of a "
+            "(method, task) at once (vmapped), and that time divided by the number of seeds; "
+            "TorchCFM: mean seconds per seed.", "",
+            "| method | task | diffjax all seeds (s) | diffjax per seed (s) | diffjax compile (s) "
+            "| TorchCFM per seed (s) | ratio |", "|---|---|---|---|---|---|---|"]
+  for method in methods:
+    for task in tasks:
+      entry = report["results"].get(method, {}).get(task)
+      if not entry or entry.get("not_applicable") or not entry.get("ours"):
+        continue
+      ours = entry["ours"]
+      peer = entry.get("peer")
+      peer_s = statistics.fmean(s["train_s"] for s in peer["seeds"]) if peer else None
+      ratio = f"{peer_s / ours['train_s_per_seed']:.1f}x" if peer_s and ours[
+          "train_s_per_seed"] else "-"
+      lines.append(f"| {METHOD_NAMES[method]} | {task} | {ours['train_s_all_seeds']:.1f} | "
+                   f"{ours['train_s_per_seed']:.1f} | {ours['compile_and_first_chunk_s']:.1f} | "
+                   f"{'-' if peer_s is None else f'{peer_s:.1f}'} | {ratio} |")
+  dsbm = report["secondary_reference"]
+  lines += ["", "### Secondary reference (published, different setup)", "",
+            f"Shi et al. (2023), Diffusion Schrodinger Bridge Matching, Table 2 "
+            f"(https://arxiv.org/abs/2303.16852), {dsbm['method']}, {dsbm['euler_steps']} Euler "
+            "steps, their own training setup; numbers as quoted in the issue, not re-checked "
+            "here. Not comparable cell by cell with the tables above (other step counts, "
+            "networks and tasks: their moons->8gaussians runs the other way).", "",
+            "| " + " | ".join(dsbm["w2"]) + " |", "|" + "---|" * len(dsbm["w2"]),
+            "| " + " | ".join(f"{v:.3f}" for v in dsbm["w2"].values()) + " |", ""]
+  lines += ["<details><summary>JSON</summary>", "", "```json", json.dumps(report, indent=1),
+            "```", "", "</details>", ""]
+  return "\n".join(lines)
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+  peer, peer_note = import_peer() if args.peer_seeds else (None, "peer skipped: --peer-seeds none")
+  if peer:
+    peer["torch"].set_num_threads(args.peer_threads)
+  combos = [(m, t) for m in args.methods for t in args.tasks]
+  generators: dict = {}
+  report: dict[str, Any] = {
+      "script": "reproduce_2d",
+      "run": {"command": "python scripts/reproduce_2d.py " + " ".join(sys.argv[1:]),
+              "steps": args.steps, "seeds": list(args.seeds),
+              "peer_seeds": list(args.peer_seeds) if peer else [],
+              "tasks": list(args.tasks), "methods": list(args.methods),
+              "eval_samples": args.eval_samples, "euler_steps": args.euler_steps,
+              "sigmas": {m: SIGMAS[m] for m in args.methods}, "batch_size": BATCH,
+              "learning_rate": LEARNING_RATE, "peer_threads": args.peer_threads,
+              "date": datetime.datetime.now().isoformat(timespec="minutes"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
+                         + (f", torch {peer['torch'].__version__}, torchcfm {peer['version']}"
+                            if peer else ""),
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+      "peer_note": peer_note,
+      "status": f"partial: 0 of {len(combos)} (method, task) done",
+      "results": {},
+      "secondary_reference": DSBM_TABLE2,
+  }
+  for done, (method, task) in enumerate(combos, 1):
+    entry: dict[str, Any] = {}
+    if not applicable(method, task):
+      entry["not_applicable"] = "FM needs a Gaussian source"
+    else:
+      ours = train_ours(method, task, args, generators)
+      ours["summary"] = summarise(ours["seeds"])
+      entry["ours"] = ours
+      if peer:
+        seeds = [train_peer(peer, method, task, s, args) for s in args.peer_seeds]
+        entry["peer"] = {"seeds": seeds, "summary": summarise(seeds)}
+      else:
+        entry["peer"] = None
+    report["results"].setdefault(method, {})[task] = entry
+    report["status"] = ("complete" if done == len(combos) else
+                        f"partial: {done} of {len(combos)} (method, task) done")
+    report["run"]["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
+    if args.out:
+      out = pathlib.Path(args.out)
+      out.parent.mkdir(parents=True, exist_ok=True)
+      tmp = out.with_name(out.name + ".tmp")
+      tmp.write_text(to_markdown(report))
+      os.replace(tmp, out)
+  return report
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  report = run(args)
+  json.dump(report, sys.stdout, indent=1)
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  main()

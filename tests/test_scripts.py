@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark scripts: each runs with --quick and prints valid JSON.
+
+Each script runs as a subprocess of this interpreter (the project's virtualenv; torch absent
+there, so the TorchCFM fields must be null with a note saying why). With torch importable the
+peer fields must be filled instead. A script prints only its JSON on stdout, so ``json.loads``
+of the whole stdout is the check that nothing else leaks there. The numbers themselves are
+checked for internal consistency (a rate is steps over seconds, a W2 is finite and positive, a
+mean lies between the per-seed values), not against fixed outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_PEER = all(importlib.util.find_spec(m) is not None for m in ("torch", "torchcfm"))
+# A smoke run takes ~30-45 s of CPU; the limit is loose because the test machine is shared.
+TIMEOUT_S = 300
+
+
+def _run(script: str, *args: str) -> dict:
+  env = dict(os.environ)
+  # One CPU device, as a user runs the script (tests/conftest.py forces 8 for the suite).
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return _run("bench_train.py", "--quick")
+
+
+def test_bench_train_quick_json(bench):
+  assert bench["benchmark"] == "bench_train"
+  env = bench["environment"]
+  assert len(env["loadavg_start"]) == 3 and len(env["loadavg_end"]) == 3
+  assert env["cpu_count"] >= 1
+  assert set(bench["results"]) == {"icfm", "otcfm"}
+  for recipe, result in bench["results"].items():
+    ours = result["ours"]
+    assert result["steps"] == 200 and result["target_ratio"] in (10.0, 3.0)
+    rates = [s["steps"] / s["wall_s"] for s in ours["segments"]]
+    assert len(rates) == 2
+    # The reported median and max are those of the segments' own steps / seconds.
+    assert math.isclose(ours["steps_per_s_median"], statistics.median(rates), rel_tol=1e-3)
+    assert math.isclose(ours["steps_per_s_max"], max(rates), rel_tol=1e-3)
+    assert result["warmup_steps"] + 2 * result["segment_steps"] <= result["steps"]
+    for key in ("w2_euler", "w2_euler_ema"):
+      assert math.isfinite(ours[key]) and ours[key] > 0, (recipe, key, ours[key])
+    if HAS_PEER:
+      assert result["peer"]["steps_per_s_median"] > 0
+      assert math.isclose(result["ratio_steps_per_s"], ours["steps_per_s_median"]
+                          / result["peer"]["steps_per_s_median"], rel_tol=0.01)
+    else:
+      assert result["peer"] is None and result["ratio_steps_per_s"] is None
+  if not HAS_PEER:
+    assert bench["environment"]["torch_version"] is None
+    assert "not importable" in bench["peer_note"]
+
+
+def test_bench_train_quick_profile_and_prototypes(bench):
+  solvers = bench["profile"]["host_solvers_ms"]
+  assert len(solvers) == 2
+  assert all(0 < v["cpu_ms_min"] <= v["cpu_ms_median"] for v in solvers.values())
+  results = bench["prototypes"]["results"]
+  assert any(name.startswith("prototype_") for name in results)
+  assert any(name.startswith("library") for name in results)
+  assert all(v["steps_per_s_median"] > 0 for v in results.values())
+
+
+def test_reproduce_2d_quick_json_and_markdown(tmp_path):
+  out = tmp_path / "results.md"
+  report = _run("reproduce_2d.py", "--quick", "--out", str(out))
+  assert report["status"] == "complete"
+  assert report["run"]["seeds"] == [42, 43] and report["run"]["steps"] == 100
+  for method in ("icfm", "otcfm"):
+    entry = report["results"][method]["N->moons"]
+    ours = entry["ours"]
+    assert ours["vectorised"] is True  # exact OT's pure_callback vmaps ("broadcast_all")
+    seeds = ours["seeds"]
+    assert [s["seed"] for s in seeds] == [42, 43]
+    w2 = [s["w2_euler"] for s in seeds]
+    assert all(math.isfinite(v) and v > 0 for v in w2)
+    assert min(w2) <= ours["summary"]["w2_euler"]["mean"] <= max(w2)
+    # dopri5 (FSAL Dormand-Prince): nfe = 6 * steps + 1, at least a few steps.
+    assert all(s["nfe_dopri5"] >= 13 and (s["nfe_dopri5"] - 1) % 6 == 0 for s in seeds)
+    if HAS_PEER:
+      assert entry["peer"]["summary"]["w2_euler"]["n"] == 2
+    else:
+      assert entry["peer"] is None
+  text = out.read_text()
+  assert "REDUCED run, not the full protocol" in text
+  assert "| I-CFM | diffjax |" in text and "| OT-CFM | diffjax |" in text
+  embedded = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+  assert json.loads(embedded)["results"].keys() == report["results"].keys()
+
