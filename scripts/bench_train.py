@@ -220,7 +220,8 @@ def import_peer() -> tuple[dict | None, str]:
     import torchcfm  # pylint: disable=import-outside-toplevel
     from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
     from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
-    from torchcfm.utils import sample_8gaussians, sample_moons  # pylint: disable=import-outside-toplevel
+    from torchcfm.utils import (  # pylint: disable=import-outside-toplevel
+        sample_8gaussians, sample_moons)
   except ImportError as e:
     return None, f"peer skipped: torch/torchcfm not importable in {sys.executable} ({e})"
   peer = dict(torch=torch, cfm=cfm, MLP=MLP, version=getattr(torchcfm, "__version__", "?"),

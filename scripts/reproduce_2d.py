@@ -100,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--peer-threads", type=int, default=1,
                  help="torch.set_num_threads for the peer (1: fastest on a loaded 2-core box)")
   p.add_argument("--out", default="docs/results_2d.md")
+  p.add_argument("--render", default=None, metavar="REPORT_JSON",
+                 help="only rewrite --out from a report this script printed earlier")
+  p.add_argument("--bench-json", default=None, metavar="BENCH_JSON",
+                 help="add the throughput section from scripts/bench_train.py's JSON")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 100 steps, seeds 42,43, N->moons, I-CFM and OT-CFM, 200 "
                       "evaluation samples, 20 Euler steps")
@@ -268,9 +272,11 @@ def import_peer():
     from sklearn.datasets import make_s_curve  # pylint: disable=import-outside-toplevel
     from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
     from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
-    from torchcfm.utils import sample_8gaussians, sample_moons  # pylint: disable=import-outside-toplevel
+    from torchcfm.utils import (  # pylint: disable=import-outside-toplevel
+        sample_8gaussians, sample_moons)
   except ImportError as e:
-    return None, f"peer skipped: torch/torchcfm/torchdiffeq not importable in {sys.executable} ({e})"
+    return None, (f"peer skipped: torch/torchcfm/torchdiffeq not importable in {sys.executable} "
+                  f"({e})")
 
   def scurve(n):
     # diffjax's s_curve defaults (noise 0.1, scale 1): sklearn's make_s_curve on (x, z).
@@ -438,6 +444,8 @@ def to_markdown(report: dict) -> str:
       lines.append(f"| {METHOD_NAMES[method]} | {task} | {ours['train_s_all_seeds']:.1f} | "
                    f"{ours['train_s_per_seed']:.1f} | {ours['compile_and_first_chunk_s']:.1f} | "
                    f"{'-' if peer_s is None else f'{peer_s:.1f}'} | {ratio} |")
+  if report.get("bench"):
+    lines += bench_markdown(report["bench"])
   dsbm = report["secondary_reference"]
   lines += ["", "### Secondary reference (published, different setup)", "",
             f"Shi et al. (2023), Diffusion Schrodinger Bridge Matching, Table 2 "
@@ -450,6 +458,75 @@ def to_markdown(report: dict) -> str:
   lines += ["<details><summary>JSON</summary>", "", "```json", json.dumps(report, indent=1),
             "```", "", "</details>", ""]
   return "\n".join(lines)
+
+
+def _fmt(side: dict | None, key: str) -> str:
+  return "-" if not side or side.get(key) is None else f"{side[key]:.3f}"
+
+
+def bench_markdown(bench: dict) -> list[str]:
+  """The training-throughput section, from ``scripts/bench_train.py``'s JSON."""
+  env, proto = bench["environment"], bench["protocol"]
+  lines = ["", "### Training throughput (`scripts/bench_train.py`)", "",
+           f"8gaussians -> moons, batch {proto['batch_size']}, {proto['steps']} steps per model, "
+           f"{proto['reps']} timed segments interleaved with TorchCFM's; load average "
+           f"{env['loadavg_start']} at start, {env.get('loadavg_end')} at the end on "
+           f"{env['cpu_count']} CPUs (shared machine: wall-clock rates are noisy, CPU time per "
+           "step is steadier); torch "
+           f"{env['torch_version']} with {env['torch_num_threads']} default threads. "
+           f"{bench['peer_note']}.", "",
+           "| protocol | diffjax steps/s | TorchCFM steps/s (threads) | ratio (wall) | ratio "
+           "(CPU time) | target | diffjax W2 | TorchCFM W2 |", "|---|---|---|---|---|---|---|---|"]
+  verdict = {True: "met", False: "missed", None: "no peer"}
+  for recipe, r in bench["results"].items():
+    ours, peer = r["ours"], r.get("peer")
+    ratio = f"{r['ratio_steps_per_s']}x" if peer else "-"
+    ratio_cpu = f"{r['ratio_cpu_time']}x" if peer else "-"
+    peer_rate = (f"{peer['steps_per_s_median']:.0f} ({peer.get('torch_threads_used')})"
+                 if peer else "-")
+    lines.append(
+        f"| {METHOD_NAMES.get(recipe, recipe)} | {ours['steps_per_s_median']:.0f} | {peer_rate} "
+        f"| {ratio} | {ratio_cpu} | "
+        f">= {r['target_ratio']:.0f}x ({verdict[r['target_met']]}) | "
+        f"{ours['w2_euler']:.3f} | {_fmt(peer, 'w2_euler')} |")
+  first = next(iter(bench["results"].values()), {})
+  lines += ["", f"Medians over segments. {first.get('w2_protocol', '')}. Full numbers: the "
+            "JSON below (`bench` key).", ""]
+  for recipe, r in bench["results"].items():
+    peer = r.get("peer") or {}
+    if peer.get("steps_per_s_without_data_sampling"):
+      lines.append(f"- {METHOD_NAMES.get(recipe, recipe)}: TorchCFM without its data sampling "
+                   f"(fixed batch): {peer['steps_per_s_without_data_sampling']:.0f} steps/s, "
+                   f"{peer['cpu_us_per_step_without_data_sampling']:.0f} CPU us/step; diffjax "
+                   f"{r['ours']['cpu_us_per_step_median']:.0f} CPU us/step with its data.")
+    if r.get("loop_train"):
+      lines.append(f"- {METHOD_NAMES.get(recipe, recipe)}: `diffjax.train.loop.train` end to end "
+                   f"({r['loop_train']['steps']} steps): "
+                   f"{r['loop_train']['steps_per_s_median']} steps/s between log points.")
+  profile = bench.get("profile") or {}
+  if profile.get("parts_us_per_step"):
+    lines += ["", "Profile of one diffjax step (microseconds per step inside a jitted "
+              "`lax.scan`, median):", "", "| part | CPU us | wall us |", "|---|---|---|"]
+    for name, v in profile["parts_us_per_step"].items():
+      lines.append(f"| {name} | {v['cpu_us_median']:.0f} | {v['wall_us_median']:.0f} |")
+  if profile.get("host_solvers_ms"):
+    lines += ["", "Host OT solvers on this task's 256 x 256 cost matrices (CPU ms per solve):",
+              "", "| solver | median | min |", "|---|---|---|"]
+    for name, v in profile["host_solvers_ms"].items():
+      lines.append(f"| {name} | {v['cpu_ms_median']:.2f} | {v['cpu_ms_min']:.2f} |")
+  if profile.get("icfm_fused_steps"):
+    lines += ["", "I-CFM by `train.fused_steps` (steps per jitted chunk): " + ", ".join(
+        f"{k}: {v['steps_per_s_median']:.0f} steps/s ({v['cpu_us_per_step_median']:.0f} CPU us)"
+        for k, v in profile["icfm_fused_steps"].items()) + "."]
+  prototypes = bench.get("prototypes") or {}
+  if prototypes.get("results"):
+    lines += ["", "OT-CFM prototypes (written in `scripts/bench_train.py`, NOT library code; "
+              "interleaved with the library's step):", "",
+              "| variant | steps/s | CPU us/step |", "|---|---|---|"]
+    for name, v in prototypes["results"].items():
+      lines.append(f"| {name} | {v['steps_per_s_median']:.0f} | "
+                   f"{v['cpu_us_per_step_median']:.0f} |")
+  return lines + [""]
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -506,9 +583,18 @@ def run(args) -> dict:
   return report
 
 
+def render(args) -> dict:
+  """Rewrites ``--out`` from a saved report (and bench JSON) without training anything."""
+  report = json.loads(pathlib.Path(args.render).read_text())
+  if args.bench_json:
+    report["bench"] = json.loads(pathlib.Path(args.bench_json).read_text())
+  pathlib.Path(args.out).write_text(to_markdown(report))
+  return report
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
-  report = run(args)
+  report = render(args) if args.render else run(args)
   json.dump(report, sys.stdout, indent=1)
   sys.stdout.write("\n")
 
