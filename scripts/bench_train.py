@@ -655,7 +655,7 @@ def prototypes(args, base: OursTrainer) -> dict:
           "steps_per_measurement": steps, "results": out}
 
 
-# ---- main ------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def _environment(peer: dict | None) -> dict:

@@ -148,7 +148,7 @@ def applicable(method: str, task: str) -> bool:
   return not (method == "fm" and TASKS[task][0] != "normal")
 
 
-# ---- ours ------------------------------------------------------------------------------------------
+# ---- ours ----------------------------------------------------------------------------------------
 
 
 def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
@@ -261,7 +261,7 @@ def train_ours(method: str, task: str, args, generators: dict) -> dict:
   return info
 
 
-# ---- the peer (TorchCFM) ---------------------------------------------------------------------------
+# ---- the peer (TorchCFM) -------------------------------------------------------------------------
 
 
 def import_peer():
@@ -334,7 +334,7 @@ def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
           "w2_dopri5": evaluate.wasserstein2(dopri, reference), "nfe_dopri5": nfe[0]}
 
 
-# ---- summary and markdown ---------------------------------------------------------------------------
+# ---- summary and markdown ------------------------------------------------------------------------
 
 
 def _mean_std(values) -> dict | None:
@@ -529,7 +529,7 @@ def bench_markdown(bench: dict) -> list[str]:
   return lines + [""]
 
 
-# ---- main ----------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def run(args) -> dict:
