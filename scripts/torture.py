@@ -198,8 +198,10 @@ class Chain:
         expected_resume = int(preempted.group(2))
         event["checkpointed_step"] = expected_resume
       if name in ("SIGTERM", "SIGINT"):
-        event["ok"] = (proc.returncode == 0 and (preempted is not None
-                                                 or "sent_at_step" not in event))
+        # A signal that arrives after the last step (during the final plot) has nothing to save.
+        event["ok"] = (proc.returncode == 0 and (
+            preempted is not None or "sent_at_step" not in event
+            or event["sent_at_step"] >= self.steps))
       elif name == "SIGKILL":
         event["ok"] = proc.returncode in (-9, 0)
       else:
@@ -465,8 +467,23 @@ def main() -> int:
     chains.append(run_chain(root / f"chain{c}", reference, variant=args.variant,
                             devices=args.devices, extra=[], cache=cache, seed=args.seed + c,
                             plan=plan[i:i + args.per_chain]))
+    summary = _summary(args, chains, started)
+    if args.out:  # after every chain, so a long run reports what it has done so far
+      pathlib.Path(args.out).write_text(json.dumps({"summary": summary, "chains": chains},
+                                                   indent=1))
+  summary = _summary(args, chains, started)
+  report = {"summary": summary, "chains": chains}
+  text = json.dumps(report, indent=1)
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+  print(json.dumps(summary))
+  ok = summary["all_events_ok"] and summary["chains_bit_equal"] == len(chains)
+  return 0 if ok else 1
+
+
+def _summary(args, chains, started) -> dict:
   events = [e for ch in chains for e in ch["events"]]
-  summary = {
+  return {
       "variant": args.variant, "devices": args.devices,
       "kills_sent": sum(1 for e in events if e["signal"] == "SIGKILL" and "sent_at_step" in e),
       "signals_sent": sum(1 for e in events if e["signal"] in ("SIGTERM", "SIGINT")
@@ -480,13 +497,6 @@ def main() -> int:
       "all_events_ok": all(ch["events_ok"] for ch in chains),
       "seconds": round(time.monotonic() - started, 1),
   }
-  report = {"summary": summary, "chains": chains}
-  text = json.dumps(report, indent=1)
-  if args.out:
-    pathlib.Path(args.out).write_text(text)
-  print(json.dumps(summary))
-  ok = summary["all_events_ok"] and summary["chains_bit_equal"] == len(chains)
-  return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from diffjax.train import integrity
 
 __all__ = ["make_checkpoint_manager", "save", "restore_latest", "abstract_with_shardings",
            "CheckpointMismatchError", "PendingCommit", "save_step", "commit_step",
-           "restore_verified", "prepare_directory", "QUARANTINE"]
+           "restore_verified", "prepare_directory", "commit_if_done", "QUARANTINE"]
 
 log = logging.getLogger("diffjax")
 
@@ -95,16 +95,62 @@ def commit_step(manager: ocp.CheckpointManager, pending: PendingCommit | None, *
   if pending is None or not is_lead:
     return
   step_dir = pathlib.Path(manager.directory) / str(pending["step"])
+  if (step_dir / integrity.COMMIT_FILE).exists():
+    return
   integrity.write_commit(step_dir, step=pending["step"], arrays=pending["arrays"], config=config)
 
 
-def prepare_directory(directory: pathlib.Path) -> list[str]:
-  """Removes the temporary folders of interrupted saves (lead process, before the manager is
-  created); returns their names."""
+def prepare_directory(directory: pathlib.Path, *, config: dict | None = None,
+                      config_differences: Callable[[dict, dict], list[str]] | None = None
+                      ) -> list[str]:
+  """The lead process's clean-up before any process creates its manager: removes the
+  temporary folders of interrupted saves and, given ``config``, moves aside every step newer
+  than the newest one whose marker, files and config check out (the other processes then see
+  only trusted steps). Returns the names removed or moved."""
   removed = integrity.remove_tmp_dirs(directory)
   for name in removed:
     log.warning("removed %s/%s left by an interrupted save", directory, name)
+  if config is None:
+    return removed
+  for step_dir in integrity.step_dirs(directory):
+    reason = _file_problem(step_dir, config, config_differences)
+    if reason is None:
+      break
+    moved = integrity.quarantine(step_dir, into=directory.parent / QUARANTINE, reason=reason)
+    log.warning("checkpoint step %s in %s is not usable: %s; moved to %s; falling back to the "
+                "newest valid step", step_dir.name, directory, reason, moved)
+    removed.append(step_dir.name)
   return removed
+
+
+def _file_problem(step_dir, config, config_differences) -> str | None:
+  """Why ``step_dir`` cannot be trusted without reading it through orbax, or ``None``."""
+  record, reason = integrity.read_commit(step_dir)
+  if record is not None:
+    reason = integrity.verify_files(step_dir, record)
+  if reason is None:
+    differences = config_differences(record["config"], config)
+    if differences:
+      reason = "written by another config (" + "; ".join(differences[:5]) + ")"
+  return reason
+
+
+def commit_if_done(manager: ocp.CheckpointManager, pending: PendingCommit | None, *,
+                   config: dict, is_lead: bool) -> PendingCommit | None:
+  """Writes the marker of ``pending`` as soon as orbax has finished it (at once for a
+  synchronous save), so a kill between two saves never leaves the older one untrusted.
+  Returns what is still pending."""
+  if pending is None:
+    return None
+  if not is_lead:
+    return pending  # only the lead writes markers; the others wait at the next save
+  if manager.is_saving_in_progress():
+    return pending
+  step_dir = pathlib.Path(manager.directory) / str(pending["step"])
+  if not step_dir.is_dir():  # not committed by orbax (yet): check again later
+    return pending
+  integrity.write_commit(step_dir, step=pending["step"], arrays=pending["arrays"], config=config)
+  return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -129,14 +175,9 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, *, con
   directory = pathlib.Path(manager.directory)
   spec = integrity.array_spec(abstract_state)
   for step_dir in integrity.step_dirs(directory):
-    record, reason = integrity.read_commit(step_dir)
-    if record is not None:
-      reason = integrity.verify_files(step_dir, record)
+    reason = _file_problem(step_dir, config, config_differences)
     if reason is None:
-      differences = config_differences(record["config"], config)
-      if differences:
-        reason = "written by another config (" + "; ".join(differences[:5]) + ")"
-    if reason is None:
+      record, _ = integrity.read_commit(step_dir)
       saved_spec = {k: v.rsplit(" ", 1)[0] for k, v in record["arrays"].items()}
       differences = integrity.spec_differences(saved_spec, spec)
       if differences:

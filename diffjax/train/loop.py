@@ -127,7 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if is_lead:
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(workdir, config)
-    ckpt.prepare_directory(checkpoints)
+    ckpt.prepare_directory(checkpoints, config=fingerprint,
+                           config_differences=config_lib.fingerprint_differences)
   watchdog_lib.barrier("diffjax_prepare_workdir", timeout_s=barrier_s)
   manager = ckpt.make_checkpoint_manager(checkpoints, keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoint)
@@ -192,6 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     with watchdog.pause():
       ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
       pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
+      pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
 
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
   # Installed until the function returns: a signal during the final plot finishes the plot.
@@ -214,6 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           check_finite(metrics, step + 1)
           step += chunk
           watchdog.beat(step)
+          pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
           if progress is not None:
             progress.update(chunk)
           if step % config.train.log_every < chunk or step == total:
@@ -247,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             next_batch = experiment.next_batch(iterator)  # host work overlaps the step
           check_finite(metrics, step)  # waits for this step; the next batch is already read
           watchdog.beat(step)
+          pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
           if progress is not None:
             progress.update(1)
           if step % config.train.log_every == 0 or step == total:

@@ -33,6 +33,7 @@ class PreemptionWatcher:
     self._signal = None
     self._previous = {}
     self._multi = jax.process_count() > 1
+    self._calls = 0
 
   def _handle(self, signum, frame):
     del frame
@@ -62,7 +63,11 @@ class PreemptionWatcher:
 
   def should_stop(self, step: int) -> bool:
     """Whether to checkpoint at ``step`` and stop (agreed by every process)."""
+    del step  # the sync point counts calls: every process makes the same calls in order
     if not self._multi:
       return self._flag.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return multihost_utils.reached_preemption_sync_point(int(step))
+    # The agreed point is (largest id any process has reported) + 1, so ids must go up by one
+    # per call; train steps go up by the fused chunk length and would never meet it.
+    self._calls += 1
+    return multihost_utils.reached_preemption_sync_point(self._calls)
