@@ -105,7 +105,7 @@ def _flow_matching_loss(config, mesh, model, source):
   label_dropout = config.objective.label_dropout
 
   def loss_fn(params, key, batch):
-    k_source, k_pairs, k_labels, k_dropout = jax.random.split(key, 4)
+    k_source, k_pairs, k_example, k_labels, k_dropout = jax.random.split(key, 5)
     x1 = batch["x"]
     x0 = source(k_source, x1.shape[0])
     labels = batch.get("label") if num_classes else None
@@ -113,7 +113,7 @@ def _flow_matching_loss(config, mesh, model, source):
     if labels is not None and label_dropout > 0:
       labels = models_lib.drop_labels(k_labels, labels, num_classes=num_classes,
                                       drop_prob=label_dropout)
-    example = losses_lib.flow_matching_example(k_pairs, x0=x0, x1=x1, path=path,
+    example = losses_lib.flow_matching_example(k_example, x0=x0, x1=x1, path=path,
                                                time_sampler=time_sampler, cond=labels)
     prediction = model.apply(params, example.model_input, example.model_time, example.cond,
                              dropout_key=k_dropout)

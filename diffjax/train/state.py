@@ -17,7 +17,7 @@ class TrainState:
   """Parameters, optimizer state, EMA parameters, step and the run's base key.
 
   ``key`` never changes: step ``s`` draws its randomness from ``fold_in(key, s)`` (big_vision,
-  vdm), so a resumed run replays exactly the keys an uninterrupted one would.
+  vdm; see :func:`diffjax.train.step.step_keys`), so a resumed run replays exactly the keys an uninterrupted one would.
   ``nonfinite_streak`` counts consecutive steps whose loss or gradient was not finite (their
   update is skipped), and survives checkpoints with the rest.
   """
@@ -32,8 +32,8 @@ class TrainState:
 
 def init_train_state(*, key: jax.Array, init_params: Callable[[jax.Array], Any],
                      optimizer: optax.GradientTransformation) -> TrainState:
-  """Creates the state from a base key: the model is initialised from ``fold_in(key, -1)``'s
-  sibling so no step key is reused for initialisation."""
+  """Creates the state from a base key: ``split(key)`` gives the initialisation key and the
+  run's base key, two separate branches, so no step key repeats the initialisation's."""
   init_key, base_key = jax.random.split(key)
   params = init_params(init_key)
   return TrainState(

@@ -10,11 +10,23 @@ import optax
 
 from diffjax.train.state import TrainState
 
-__all__ = ["LossFn", "train_step", "fused_train_steps"]
+__all__ = ["LossFn", "step_keys", "train_step", "fused_train_steps"]
 
 # loss_fn(params, key, batch) -> scalar loss; built by diffjax.train.objective from the model's
 # apply function, the objective's pair-making and the regression loss.
 LossFn = Callable[[Any, jax.Array, Any], jax.Array]
+
+
+def step_keys(base_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(data_key, loss_key)`` of step ``step``: the two halves of ``split(fold_in(base, step))``.
+
+  Every random draw of a step descends from exactly one of the two, by ``split`` only. Mixing
+  ``fold_in(k, i)`` with ``split(k, n)`` on one key is a trap: with threefry, ``split(k, n)[i]``
+  *equals* ``fold_in(k, i)``, so "independent" streams silently coincide (we had data and
+  noise correlated that way: the moon of each point drawn with the same bits as its time ``t``).
+  """
+  data_key, loss_key = jax.random.split(jax.random.fold_in(base_key, step))
+  return data_key, loss_key
 
 
 def _split_micro_batches(batch, count: int):
@@ -49,13 +61,13 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
   ``ExponentialMovingAverage(num_updates=step)``): without it a short run's EMA would still be
   mostly the random initialisation.
 
-  The step's key is ``fold_in(state.key, state.step)``. A step whose loss or gradient norm is
-  not finite changes nothing but ``step`` and ``nonfinite_streak`` (the loop halts when the
+  The step's randomness is the loss key of :func:`step_keys`. A step whose loss or gradient
+  norm is not finite changes nothing but ``step`` and ``nonfinite_streak`` (the loop halts when the
   streak exceeds ``train.max_nonfinite_steps``), so one bad batch cannot poison the parameters.
   Unlike ``optax.apply_if_finite``, which applies the update anyway after
   ``max_consecutive_errors``, the update is never applied: halting is the loop's job.
   """
-  key = jax.random.fold_in(state.key, state.step)
+  _, key = step_keys(state.key, state.step)
   loss, grads = _loss_and_grads(state.params, key, batch, loss_fn=loss_fn,
                                 accumulate_steps=accumulate_steps)
   grad_norm = optax.tree.norm(grads)
@@ -83,13 +95,13 @@ def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callab
                       **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
   """``num_steps`` train steps in one ``lax.scan`` for data generated on device.
 
-  ``sample_batch(key)`` draws step ``s``'s batch from ``fold_in(fold_in(state.key, s), 1)``,
-  a key apart from the loss key ``fold_in(state.key, s)``, so data and noise never share
-  randomness and the batch depends only on the step (exact resume). Returns the final state and
+  ``sample_batch(key)`` draws step ``s``'s batch from the data key of :func:`step_keys`, a
+  branch apart from the loss key, so data and noise never share randomness and the batch depends
+  only on the step (exact resume). Returns the final state and
   the metrics stacked over the fused steps.
   """
   def body(state, _):
-    data_key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
+    data_key, _ = step_keys(state.key, state.step)
     return train_step(state, sample_batch(data_key), **step_kwargs)
 
   return jax.lax.scan(body, state, None, length=num_steps)
