@@ -16,7 +16,8 @@ import ml_collections
 
 from diffjax.train import config as config_lib
 
-__all__ = ["UsageError", "RunFailed", "train_from_cli", "restore_for_inference", "sample_from_workdir",
+__all__ = ["UsageError", "RunFailed", "train_from_cli", "restore_for_inference",
+           "sample_from_workdir",
            "evaluate_workdir"]
 
 

@@ -17,7 +17,8 @@ class TrainState:
   """Parameters, optimizer state, EMA parameters, step and the run's base key.
 
   ``key`` never changes: step ``s`` draws its randomness from ``fold_in(key, s)`` (big_vision,
-  vdm; see :func:`diffjax.train.step.step_keys`), so a resumed run replays exactly the keys an uninterrupted one would.
+  vdm; see :func:`diffjax.train.step.step_keys`), so a resumed run replays exactly the keys an
+  uninterrupted one would.
   ``nonfinite_streak`` counts consecutive steps whose loss or gradient was not finite (their
   update is skipped), and survives checkpoints with the rest.
   """
