@@ -198,7 +198,8 @@ class OursTrainer:
     while done < steps:
       n = min(self.chunk, steps - done)
       self.state, self.metrics = self.run_chunk(self.state, num_steps=n)
-      int(self.state.nonfinite_streak)  # loop.train's check_finite: one host sync per chunk
+      # loop.train's check_finite reads the chunk's metrics: one host sync per chunk.
+      np.asarray(self.metrics["loss"])
       done += n
 
   def sample(self, key, num: int, steps: int, *, ema: bool) -> np.ndarray:
