@@ -42,9 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import sinkhorn
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
@@ -239,6 +236,12 @@ def sinkhorn_log_plan(cost: Array, *, epsilon: float,
     (to ``threshold``).
   """
   cost = jax.lax.stop_gradient(cost)
+  # ott-jax is imported here, not at module level: it takes seconds to import, and every
+  # `diffjax` command (a config error included) imports this module through diffjax.losses.
+  from ott.geometry import geometry  # pylint: disable=import-outside-toplevel
+  from ott.problems.linear import linear_problem  # pylint: disable=import-outside-toplevel
+  from ott.solvers.linear import sinkhorn  # pylint: disable=import-outside-toplevel
+
   geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon, relative_epsilon=relative_epsilon)
   solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations)
   out = solver(linear_problem.LinearProblem(geom))
