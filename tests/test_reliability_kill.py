@@ -39,7 +39,8 @@ def _chain(tmp_path, *, devices, kills, signals, seed):
   # The signals really interrupted training (not a process that had already finished).
   assert sum("sent_at_step" in e for e in events if e["signal"] == "SIGKILL") >= kills - 1
   preempted = [e for e in events if e["signal"] in ("SIGTERM", "SIGINT")]
-  assert all("checkpointed_step" in e for e in preempted if "sent_at_step" in e)
+  # A signal that lands after the last step (during the final plot) has nothing to save.
+  assert all("checkpointed_step" in e for e in preempted if 0 <= e.get("sent_at_step", -1) < 40)
   assert sum("checkpointed_step" in e for e in preempted) >= signals - 1
   # Every preemption was followed by a run that resumed at exactly that step.
   assert sum(e.get("resume_exact", False) for e in events) == sum(
