@@ -100,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--peer-threads", type=int, default=1,
                  help="torch.set_num_threads for the peer (1: fastest on a loaded 2-core box)")
   p.add_argument("--out", default="docs/results_2d.md")
-  p.add_argument("--render", default=None, metavar="REPORT_JSON",
-                 help="only rewrite --out from a report this script printed earlier")
+  p.add_argument("--render", default=None, metavar="REPORT",
+                 help="only rewrite --out from a report this script printed (.json) or wrote "
+                      "(.md) earlier")
   p.add_argument("--bench-json", default=None, metavar="BENCH_JSON",
                  help="add the throughput section from scripts/bench_train.py's JSON")
   p.add_argument("--quick", action="store_true",
@@ -380,6 +381,8 @@ def to_markdown(report: dict) -> str:
       f"- tasks: {', '.join(tasks)}; methods: {', '.join(METHOD_NAMES[m] for m in methods)}",
       "- full protocol command: `python scripts/reproduce_2d.py` (in an environment with "
       "torch and torchcfm for the TorchCFM rows)",
+      f"- diffjax commit {run.get('diffjax_commit') or 'unknown'} (uncommitted changes "
+      "not recorded)",
       f"- date {run['date']}; {run['machine']}; load average at start "
       f"{run['loadavg_start']}; {report['peer_note']}",
       "",
@@ -532,6 +535,17 @@ def bench_markdown(bench: dict) -> list[str]:
 # ---- main ----------------------------------------------------------------------------------------
 
 
+def _git_commit() -> str | None:
+  """The checkout's HEAD (the library version a table was made with), if this is a checkout."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True, timeout=10,
+                          cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def run(args) -> dict:
   peer, peer_note = import_peer() if args.peer_seeds else (None, "peer skipped: --peer-seeds none")
   if peer:
@@ -551,7 +565,8 @@ def run(args) -> dict:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
                          + (f", torch {peer['torch'].__version__}, torchcfm {peer['version']}"
                             if peer else ""),
-              "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+              "diffjax_commit": _git_commit()},
       "peer_note": peer_note,
       "status": f"partial: 0 of {len(combos)} (method, task) done",
       "results": {},
@@ -585,7 +600,10 @@ def run(args) -> dict:
 
 def render(args) -> dict:
   """Rewrites ``--out`` from a saved report (and bench JSON) without training anything."""
-  report = json.loads(pathlib.Path(args.render).read_text())
+  text = pathlib.Path(args.render).read_text()
+  if args.render.endswith(".md"):  # a markdown this script wrote: its embedded JSON
+    text = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+  report = json.loads(text)
   if args.bench_json:
     report["bench"] = json.loads(pathlib.Path(args.bench_json).read_text())
   pathlib.Path(args.out).write_text(to_markdown(report))

@@ -81,9 +81,14 @@ def test_bench_train_quick_profile_and_prototypes(bench):
   assert all(v["steps_per_s_median"] > 0 for v in results.values())
 
 
-def test_reproduce_2d_quick_json_and_markdown(tmp_path):
-  out = tmp_path / "results.md"
-  report = _run("reproduce_2d.py", "--quick", "--out", str(out))
+@pytest.fixture(scope="module")
+def reproduce(tmp_path_factory):
+  out = tmp_path_factory.mktemp("reproduce") / "results.md"
+  return _run("reproduce_2d.py", "--quick", "--out", str(out)), out
+
+
+def test_reproduce_2d_quick_json_and_markdown(reproduce):
+  report, out = reproduce
   assert report["status"] == "complete"
   assert report["run"]["seeds"] == [42, 43] and report["run"]["steps"] == 100
   for method in ("icfm", "otcfm"):
@@ -107,3 +112,17 @@ def test_reproduce_2d_quick_json_and_markdown(tmp_path):
   embedded = text.split("```json\n", 1)[1].split("\n```", 1)[0]
   assert json.loads(embedded)["results"].keys() == report["results"].keys()
 
+
+
+def test_reproduce_2d_render_adds_bench_section(reproduce, bench, tmp_path):
+  """--render rebuilds the markdown from the written file alone, plus bench_train's JSON."""
+  report, written = reproduce
+  (tmp_path / "bench.json").write_text(json.dumps(bench))
+  out = tmp_path / "rendered.md"
+  rendered = _run("reproduce_2d.py", "--render", str(written), "--bench-json",
+                  str(tmp_path / "bench.json"), "--out", str(out))
+  assert rendered["results"] == report["results"]
+  text = out.read_text()
+  assert "Training throughput" in text
+  rate = bench["results"]["icfm"]["ours"]["steps_per_s_median"]
+  assert f"| I-CFM | {rate:.0f} |" in text
