@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # The keywords of diffjax.models.create_model for this model; an experiment may replace the
-  # whole group for another model (e.g. dict(name="unet", channels=32, ...)).
+  # whole group for another model (e.g. dict(name="unet", ch=32, ...)).
   c.model = ml_collections.ConfigDict(dict(
       name="mlp",
       width=64,
