@@ -28,6 +28,8 @@ def get_config(variant: str = ""):
   config.objective.kind = "flow_matching"
   config.objective.recipe = "otcfm"
   config.objective.sigma = 0.0
+  # scipy's assignment solver is ~1.5x faster than POT's simplex on 3072-D clouds (couplings.py).
+  config.objective.ot_solver = "lsa"
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 5_000

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal
 
 import jax
@@ -57,6 +59,7 @@ __all__ = [
     "label_exact_ot_coupling",
     "sinkhorn_coupling",
     "SINKHORN_ROUNDINGS",
+    "OT_SOLVERS",
     "COUPLINGS",
     "get_coupling",
 ]
@@ -109,50 +112,98 @@ def squared_euclidean_cost(x0: Array, x1: Array) -> Array:
 # Exact assignment on the host.
 # --------------------------------------------------------------------------------------------
 
-# Solver choice, measured on this machine (2 shared CPU cores, B = 256 float32 points, the float64
-# cost matrix given; fastest of 50 calls, since other jobs were running):
-#   scipy.optimize.linear_sum_assignment: 3.0 ms (d = 2), 8.2 ms (d = 3072, CIFAR-sized)
-#   POT ot.emd (network simplex):         5.2 ms (d = 2), 13.2 ms (d = 3072)
-# With uniform weights and equal batch sizes the optimal plans include a permutation matrix (a
-# Birkhoff-von Neumann vertex), so both are exact; linear_sum_assignment is about 1.7x faster and
-# returns the permutation itself, with no B x B float plan to decode, so it is used.
+# Two exact solvers; with uniform weights and equal batch sizes the optimal plans include a
+# permutation matrix (a Birkhoff-von Neumann vertex), so both return an optimal permutation.
+# Median ms per B = 256 problem on this machine (2 idle CPU cores; /tmp/solv.py in the issue-4
+# note), float64 cost given:
+#                          N->N d=2   8gaussians->moons   N->moons   N->N d=64   N->N d=3072
+#   "emd" (POT, simplex)     5.2           7.3              5.2        5.6          5.9
+#   "lsa" (scipy, aug. path)   4.5           8.9             13.1        3.3          4.0
+# The network simplex's time hardly depends on the geometry; the augmenting-path solver is
+# fastest on isotropic or high-dimensional clouds (images) and slowest on structured 2D targets.
+# "emd" is the default (TorchCFM's solver, predictable); image configs choose "lsa".
 
 
-def _assignment_host(cost: np.ndarray) -> np.ndarray:
+def _assign_lsa(matrix: np.ndarray) -> np.ndarray:
+  rows, cols = linear_sum_assignment(matrix)
+  perm = np.empty(matrix.shape[0], dtype=np.int32)
+  perm[rows] = cols
+  return perm
+
+
+def _assign_emd(matrix: np.ndarray) -> np.ndarray:
+  import ot  # pylint: disable=import-outside-toplevel  (POT is imported where it runs)
+  size = matrix.shape[0]
+  uniform = np.full(size, 1.0 / size)
+  plan = ot.emd(uniform, uniform, matrix, numItermax=max(100_000, 50 * size * size))
+  perm = np.argmax(plan, axis=1).astype(np.int32)
+  # The simplex ends at a vertex, a permutation matrix / B; should it stop early (iteration cap)
+  # the rows would not form a permutation: solve exactly by the other method instead.
+  if not np.array_equal(np.sort(perm), np.arange(size)):
+    return _assign_lsa(matrix)
+  return perm
+
+
+OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "emd": _assign_emd,
+    "lsa": _assign_lsa,
+}
+
+
+def _check_solver(solver: str) -> None:
+  if solver not in OT_SOLVERS:
+    raise ValueError(f"unknown exact OT solver {solver!r}; choose one of {sorted(OT_SOLVERS)} "
+                     "('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)")
+
+
+@functools.cache
+def _host_pool() -> ThreadPoolExecutor:
+  # Both solvers release the GIL, so a stack of problems (the K fused steps of a chunk, or a
+  # vmapped call) is solved on all cores; created once, on the first stack.
+  return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                            thread_name_prefix="diffjax-ot")
+
+
+def _assignment_host(cost: np.ndarray, *, solver: str = "emd") -> np.ndarray:
   """Row -> column optimal assignment of each ``[B, B]`` matrix in a (possibly batched) stack."""
   cost = np.asarray(cost, dtype=np.float64)
   stack = cost.reshape((-1,) + cost.shape[-2:])
-  perms = np.empty(stack.shape[:2], dtype=np.int32)
-  for k, matrix in enumerate(stack):
-    rows, cols = linear_sum_assignment(matrix)
-    perms[k, rows] = cols
-  return perms.reshape(cost.shape[:-1])
+  assign = OT_SOLVERS[solver]
+  if len(stack) == 1:
+    perms = [assign(stack[0])]
+  else:
+    perms = list(_host_pool().map(assign, stack))
+  return np.stack(perms).reshape(cost.shape[:-1])
 
 
-def exact_ot_permutation(cost: Array) -> Array:
+def exact_ot_permutation(cost: Array, *, solver: str = "emd") -> Array:
   """The optimal assignment ``sigma = argmin_{sigma in S_B} sum_i C_{i, sigma(i)}``.
 
   For two uniform empirical measures of ``B`` points each, this permutation is an exact optimal
   transport plan (the optimum of the linear program is attained at a vertex of the Birkhoff
   polytope, i.e. a permutation matrix; Peyre & Cuturi 2019, "Computational Optimal Transport",
-  Prop. 2.1, https://arxiv.org/abs/1803.00567). Solved on the host by
-  :func:`scipy.optimize.linear_sum_assignment` (Crouse 2016, shortest augmenting paths) through
-  :func:`jax.pure_callback`; batched (vmapped) calls are solved in one callback.
+  Prop. 2.1, https://arxiv.org/abs/1803.00567). Solved on the host through
+  :func:`jax.pure_callback` by POT's network simplex ``ot.emd`` (``solver="emd"``; Bonneel et al.
+  2011) or :func:`scipy.optimize.linear_sum_assignment` (``"lsa"``; Crouse 2016, shortest
+  augmenting paths). Batched (vmapped) calls are solved in one callback, on a thread pool.
 
   Args:
     cost: ``[B, B]`` cost matrix (no gradient flows through the assignment).
+    solver: ``"emd"`` or ``"lsa"`` (same optimum; see the timings above ``OT_SOLVERS``).
 
   Returns:
     ``[B]`` int32 permutation: row ``i`` is paired with column ``sigma[i]``.
   """
+  _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   # "broadcast_all": under vmap the host function gets the whole stack at once (one callback).
-  return jax.pure_callback(_assignment_host, result, cost, vmap_method="broadcast_all")
+  return jax.pure_callback(functools.partial(_assignment_host, solver=solver), result, cost,
+                           vmap_method="broadcast_all")
 
 
 def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
-                           target_labels: np.ndarray) -> np.ndarray:
+                           target_labels: np.ndarray, *, solver: str = "emd") -> np.ndarray:
   """Per-class optimal assignment; the blocks of a label-respecting assignment are independent."""
   cost = np.asarray(cost, dtype=np.float64)
   batch_shape, size = cost.shape[:-2], cost.shape[-1]
@@ -168,13 +219,12 @@ def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
             f"label-conditional OT: class {label} has {rows.size} source points but "
             f"{cols.size} data points; every class needs as many source as data points (leave "
             "x0_labels=None to assign source labels as a random permutation of the data labels)")
-      block_rows, block_cols = linear_sum_assignment(matrix[np.ix_(rows, cols)])
-      perms[k, rows[block_rows]] = cols[block_cols]
+      perms[k, rows] = cols[OT_SOLVERS[solver](matrix[np.ix_(rows, cols)])]
   return perms.reshape(batch_shape + (size,))
 
 
-def label_exact_ot_permutation(cost: Array, *, source_labels: Array,
-                               target_labels: Array) -> Array:
+def label_exact_ot_permutation(cost: Array, *, source_labels: Array, target_labels: Array,
+                               solver: str = "emd") -> Array:
   """The optimal assignment among those that pair equal labels only.
 
   ``sigma = argmin { sum_i C_{i, sigma(i)} : sigma in S_B, target_labels[sigma(i)] =
@@ -182,7 +232,7 @@ def label_exact_ot_permutation(cost: Array, *, source_labels: Array,
   into one independent assignment per class. This is the ``beta -> inf`` limit of the conditional
   Wasserstein coupling of Chemseddine et al. (2024), "Conditional Wasserstein Distances with
   Applications in Bayesian OT Flow Matching", https://arxiv.org/abs/2403.18705. Solved per class
-  on the host with :func:`scipy.optimize.linear_sum_assignment`.
+  on the host with ``solver`` (as :func:`exact_ot_permutation`).
 
   Every class must hold as many source as target points (the problem is infeasible otherwise);
   that is data-dependent, so it is checked in the callback, whose ``ValueError`` then surfaces
@@ -192,14 +242,16 @@ def label_exact_ot_permutation(cost: Array, *, source_labels: Array,
     cost: ``[B, B]`` cost matrix.
     source_labels: ``[B]`` integer labels of the rows.
     target_labels: ``[B]`` integer labels of the columns.
+    solver: ``"emd"`` or ``"lsa"``.
 
   Returns:
     ``[B]`` int32 permutation respecting the labels.
   """
+  _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-  return jax.pure_callback(_label_assignment_host, result, cost, source_labels, target_labels,
-                           vmap_method="broadcast_all")
+  return jax.pure_callback(functools.partial(_label_assignment_host, solver=solver), result,
+                           cost, source_labels, target_labels, vmap_method="broadcast_all")
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +390,8 @@ def independent_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
   return x0, _gather(x1, perm), _gather(labels, perm)
 
 
-def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None) -> tuple:
+def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
+                      solver: str = "emd") -> tuple:
   """Minibatch exact OT (OT-CFM) as a permutation: ``x1 <- x1[sigma]`` with
   ``sigma = argmin_sigma sum_i ||x0_i - x1_sigma(i)||^2``.
 
@@ -352,18 +405,19 @@ def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None) -> tuple:
     x0: ``[B, ...]`` source batch.
     x1: ``[B, ...]`` data batch.
     labels: labels of ``x1`` (array or pytree, leading axis ``B``) or None.
+    solver: exact solver, ``"emd"`` or ``"lsa"``.
 
   Returns:
     ``(x0, x1[sigma], labels[sigma])``.
   """
   del key
   _check_batches(x0, x1)
-  perm = exact_ot_permutation(squared_euclidean_cost(x0, x1))
+  perm = exact_ot_permutation(squared_euclidean_cost(x0, x1), solver=solver)
   return x0, _gather(x1, perm), _gather(labels, perm)
 
 
 def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
-                            x0_labels: Array | None = None) -> tuple:
+                            x0_labels: Array | None = None, solver: str = "emd") -> tuple:
   """Exact OT restricted to pairs of equal labels (class-conditional OT-CFM).
 
   ``sigma = argmin { sum_i ||x0_i - x1_sigma(i)||^2 : labels[sigma(i)] = x0_labels[i] }``; see
@@ -386,6 +440,7 @@ def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
     x1: ``[B, ...]`` data batch.
     labels: ``[B]`` integer labels of ``x1``.
     x0_labels: ``[B]`` integer labels of ``x0``, or None for a noise source.
+    solver: exact solver, ``"emd"`` or ``"lsa"``.
 
   Returns:
     ``(x0, x1[sigma], labels[sigma])`` with ``labels[sigma] == x0_labels``.
@@ -400,7 +455,7 @@ def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
     raise ValueError(f"x0_labels of shape {jnp.shape(x0_labels)} must match labels of shape "
                      f"{jnp.shape(labels)}")
   perm = label_exact_ot_permutation(squared_euclidean_cost(x0, x1), source_labels=x0_labels,
-                                    target_labels=labels)
+                                    target_labels=labels, solver=solver)
   return x0, _gather(x1, perm), _gather(labels, perm)
 
 
@@ -454,11 +509,12 @@ COUPLINGS: dict[str, Coupling] = {
 def get_coupling(name: str, **kwargs) -> Coupling:
   """Resolves a coupling by name, once, at the edge; binds its keyword options.
 
-  Names: "independent" (I-CFM; ``shuffle``), "exact_ot" (OT-CFM, exact permutation),
+  Names: "independent" (I-CFM; ``shuffle``), "exact_ot" (OT-CFM, exact permutation; ``solver``
+  in ``OT_SOLVERS``),
   "sinkhorn" (entropic OT; ``epsilon``, ``relative_epsilon``, ``mode`` in ``SINKHORN_ROUNDINGS``:
   "sample" (default; SB-CFM with ``epsilon=2 sigma^2, relative_epsilon=None``) or
   "permutation", ``threshold``, ``max_iterations``), "label_exact_ot" (exact OT within classes;
-  pass ``x0_labels=`` at call time when the source is labelled).
+  ``solver``; pass ``x0_labels=`` at call time when the source is labelled).
 
   Returns:
     ``coupling(key, x0, x1, labels=None) -> (x0, x1, labels)``.
@@ -480,6 +536,8 @@ def get_coupling(name: str, **kwargs) -> Coupling:
     if kwargs.get("relative_epsilon", "mean") not in ("mean", "std", None):
       raise ValueError(f"relative_epsilon must be 'mean', 'std' or None; got "
                        f"{kwargs['relative_epsilon']!r}")
+  if "solver" in kwargs:
+    _check_solver(kwargs["solver"])
   options = {p.name for p in inspect.signature(fn).parameters.values()
              if p.kind == inspect.Parameter.KEYWORD_ONLY}
   unknown = sorted(set(kwargs) - options)

@@ -25,8 +25,8 @@ target (so the speed is compared at equal quality).
 
 ``profile`` splits ours into its parts (data sampling, forward, gradient, the optimizer step and
 EMA, the OT coupling, the host solvers, a bare ``pure_callback`` round trip) and tries other
-``train.fused_steps``. ``prototypes`` are NOT library code: alternatives for the OT-CFM step written
-inside this script to measure what a library change would buy (labelled ``prototype_*``).
+``train.fused_steps``; ``host_solvers_ms`` times the exact assignment solvers on the protocol's
+cost matrices (scipy's, which the library uses, and POT's, which TorchCFM uses).
 
 Usage::
 
@@ -47,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -89,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--loop-steps", type=int, default=1000,
                  help="steps of diffjax.train.loop.train timed end to end (0: skip)")
   p.add_argument("--no-peer", action="store_true", help="skip TorchCFM even if importable")
-  p.add_argument("--no-profile", action="store_true", help="skip the profile and prototypes")
+  p.add_argument("--no-profile", action="store_true", help="skip the profile")
   p.add_argument("--seed", type=int, default=42)
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 200 steps, 2 segments, 256 evaluation samples, 20 Euler steps,"
@@ -176,7 +175,8 @@ class OursTrainer:
     _, shardings, create = make_initial_state(self.experiment, self.optimizer,
                                               seed=config.seed, mesh=self.mesh)
     self.state = create()
-    self.step_kwargs = dict(loss_fn=self.experiment.loss_fn, optimizer=self.optimizer,
+    self.step_kwargs = dict(pair_fn=self.experiment.pair_fn, loss_fn=self.experiment.loss_fn,
+                            optimizer=self.optimizer,
                             ema_decay=config.train.ema_decay,
                             accumulate_steps=config.train.accumulate_steps)
     sample_batch = self.experiment.sample_batch
@@ -316,7 +316,7 @@ def _schedule(total: int, chunk: int, reps: int) -> tuple[int, int, int]:
 
 def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTrainer]:
   """Trains ours and the peer ``--steps`` steps, interleaving the timed segments; returns the
-  results and our trainer (reused by the prototypes)."""
+  results and our trainer (reused by the profile)."""
   config = make_config(recipe, steps=args.steps, chunk=args.chunk, seed=args.seed)
   ours = OursTrainer(config)
   theirs = PeerTrainer(peer, recipe, seed=args.seed) if peer else None
@@ -415,7 +415,7 @@ def time_loop_train(recipe: str, args) -> dict:
           "note": "includes logging, checkpoint and plot; rates exclude the compiling interval"}
 
 
-# ---- profile and prototypes (ours) ---------------------------------------------------------------
+# ---- profile (ours) ---------------------------------------------------------------
 
 
 def profile(args, ours: OursTrainer) -> dict:
@@ -430,15 +430,15 @@ def profile(args, ours: OursTrainer) -> dict:
   out["steps_per_measurement"] = steps
   source = exp.source_sampler
   batch = exp.sample_batch(jax.random.PRNGKey(0))
-  icfm_loss = OursTrainer(make_config("icfm", steps=1000, chunk=args.chunk,
-                                      seed=args.seed)).experiment.loss_fn
+  icfm = OursTrainer(make_config("icfm", steps=1000, chunk=args.chunk, seed=args.seed)).experiment
+  icfm_batch = icfm.pair_fn(jax.random.PRNGKey(2), batch)
 
   def scan(body, init):
     return jax.lax.scan(lambda c, _: (body(c), None), init, None, length=steps)[0]
 
   def sgd(loss_fn):
     return lambda p: jax.tree.map(lambda a, g: a - 1e-6 * g, p,
-                                  jax.grad(loss_fn)(p, jax.random.PRNGKey(0), batch))
+                                  jax.grad(loss_fn)(p, jax.random.PRNGKey(0), icfm_batch))
 
   def data_only(k):
     x1 = exp.sample_batch(k)["x"]
@@ -456,8 +456,8 @@ def profile(args, ours: OursTrainer) -> dict:
                             vmap_method="broadcast_all")
     return c + idx[0].astype(c.dtype)
 
-  def fixed_batch_step(loss_fn):
-    kwargs = dict(ours.step_kwargs, loss_fn=loss_fn)
+  def fixed_batch_step(experiment):
+    kwargs = dict(ours.step_kwargs, pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn)
     return jax.jit(lambda s: scan(lambda s: train_step(s, batch, **kwargs)[0], s))
 
   key = jax.random.PRNGKey(1)
@@ -465,13 +465,14 @@ def profile(args, ours: OursTrainer) -> dict:
   parts = {
       "data sampling (8gaussians + moons)": (jax.jit(lambda k: scan(data_only, k)), key),
       "I-CFM loss forward": (jax.jit(lambda p: scan(
-          lambda p: jax.tree.map(lambda a: a + 1e-9 * icfm_loss(p, key, batch), p), p)),
+          lambda p: jax.tree.map(lambda a: a + 1e-9 * icfm.loss_fn(p, key, icfm_batch), p), p)),
                              state.params),
-      "I-CFM loss gradient": (jax.jit(lambda p: scan(sgd(icfm_loss), p)), state.params),
-      "I-CFM train_step (Adam, EMA, finite check)": (fixed_batch_step(icfm_loss), state),
+      "I-CFM loss gradient": (jax.jit(lambda p: scan(sgd(icfm.loss_fn), p)), state.params),
+      "I-CFM train_step (Adam, EMA, finite check)": (fixed_batch_step(icfm), state),
       "OT-CFM coupling alone (data + cost + exact OT callback)":
           (jax.jit(lambda k: scan(coupling_only, k)), key),
-      "OT-CFM train_step (coupling inside the loss)": (fixed_batch_step(exp.loss_fn), state),
+      "OT-CFM train_step (one OT callback per step, as without fusing)":
+          (fixed_batch_step(exp), state),
       "pure_callback round trip (host fn returns zeros)":
           (jax.jit(lambda c: scan(trivial_callback, c)), cost),
   }
@@ -539,123 +540,6 @@ def time_chunk_sizes(args) -> dict:
   return out
 
 
-class PrototypeChunkOT:
-  """PROTOTYPE (not library code): OT-CFM with the couplings of a whole chunk solved at once.
-
-  The data of a chunk depend only on keys, not on the parameters, so a jitted function draws all
-  ``K`` batches and their cost matrices, the host solves the ``K`` assignments (optionally on a
-  thread pool), and one jitted ``lax.scan`` of the library's :func:`train_step` trains on the
-  paired batches (loss: the library's path, time sampler and regression loss). ``pipelined``
-  solves chunk ``k + 1`` on the host while the device trains chunk ``k`` (asynchronous
-  dispatch), so solving and training overlap on the two cores.
-  """
-
-  def __init__(self, trainer: OursTrainer, *, solver: Callable, threads: int, pipelined: bool):
-    exp = trainer.experiment
-    recipe = losses.get_flow_matching_recipe("otcfm", sigma=SIGMA)
-    path, _ = losses.build_flow_matching_recipe(recipe)
-    self.chunk, self.solver, self.pipelined = trainer.chunk, solver, pipelined
-    self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    self.state = jax.tree.map(jnp.copy, trainer.state)
-    source, target, model = exp.source_sampler, exp.target_sampler, exp.model
-
-    def loss_fn(params, key, batch):
-      k_example, k_dropout = jax.random.split(key)
-      example = losses.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x1"],
-                                             path=path, time_sampler=losses.uniform_time)
-      prediction = model.apply(params, example.model_input, example.model_time, None,
-                               dropout_key=k_dropout)
-      return losses.regression_loss(prediction, example)
-
-    kwargs = dict(trainer.step_kwargs, loss_fn=loss_fn)
-    k = self.chunk
-
-    @jax.jit
-    def draw(key):
-      keys = jax.random.split(key, k)
-      x0 = jax.vmap(lambda kk: source(jax.random.fold_in(kk, 0), BATCH))(keys)
-      x1 = jax.vmap(lambda kk: target(jax.random.fold_in(kk, 1), BATCH))(keys)
-      return x0, x1, jax.vmap(couplings.squared_euclidean_cost)(x0, x1)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_chunk(state, x0, x1, perms):
-      x1 = jnp.take_along_axis(x1, perms[..., None], axis=1)
-
-      def body(s, batch):
-        return train_step(s, {"x0": batch[0], "x1": batch[1]}, **kwargs)[0], None
-      return jax.lax.scan(body, state, (x0, x1))[0]
-
-    self.draw, self.train_chunk = draw, train_chunk
-    self.key = jax.random.PRNGKey(7)
-    self.index = 0
-
-  def _solve(self, cost) -> np.ndarray:
-    cost = np.asarray(cost, np.float64)
-    if self.pool is None:
-      return np.stack([self.solver(c) for c in cost])
-    return np.stack(list(self.pool.map(self.solver, cost)))
-
-  def _next_draw(self):
-    self.index += 1
-    return self.draw(jax.random.fold_in(self.key, self.index))
-
-  def train(self, steps: int) -> None:
-    chunks = max(1, steps // self.chunk)
-    x0, x1, cost = self._next_draw()
-    perms = self._solve(cost)
-    for i in range(chunks):
-      if self.pipelined and i + 1 < chunks:
-        nxt = self._next_draw()  # dispatched before the train chunk, so it is ready first
-        self.state = self.train_chunk(self.state, x0, x1, perms)  # asynchronous
-        x0, x1, cost = nxt
-        perms = self._solve(cost)  # overlaps the chunk being trained
-      else:
-        self.state = self.train_chunk(self.state, x0, x1, perms)
-        if i + 1 < chunks:
-          x0, x1, cost = self._next_draw()
-          perms = self._solve(cost)
-    jax.block_until_ready(self.state)
-
-
-def prototypes(args, base: OursTrainer) -> dict:
-  """PROTOTYPES for OT-CFM, each against the library's fused step (``base``, compiled) in the
-  same conditions (``--quick``: one prototype)."""
-  steps = base.chunk * (1 if args.quick else 4)
-  reps = 2 if args.quick else 3
-  threads = os.cpu_count() or 1
-  solvers = _solvers()
-  variants: dict[str, Any] = {"library fused step (exact_ot pure_callback per step)": base}
-  if args.quick:
-    solvers = dict(list(solvers.items())[1:])
-  for solver_name, solver in solvers.items():
-    short = solver_name.split(" (")[0]
-    variants[f"prototype_chunk_ot[{short}, 1 thread]"] = PrototypeChunkOT(
-        base, solver=solver, threads=1, pipelined=False)
-    if not args.quick:
-      variants[f"prototype_chunk_ot[{short}, {threads} threads]"] = PrototypeChunkOT(
-          base, solver=solver, threads=threads, pipelined=False)
-      variants[f"prototype_pipelined_ot[{short}, {threads} threads]"] = PrototypeChunkOT(
-          base, solver=solver, threads=threads, pipelined=True)
-  for trainer in variants.values():
-    trainer.train(base.chunk)  # compile
-    jax.block_until_ready(trainer.state)
-  segments: dict[str, list] = {name: [] for name in variants}
-  for _ in range(reps):  # interleaved, like the main comparison
-    for name, trainer in variants.items():
-      with Clock() as c:
-        trainer.train(steps)
-        jax.block_until_ready(trainer.state)
-      segments[name].append({"steps": steps, "wall_s": c.wall, "cpu_s": c.cpu})
-  out = {}
-  for name, segs in segments.items():
-    summary = _segment_summary(segs)
-    summary.pop("segments")
-    out[name] = summary
-  return {"note": "prototype_* variants are written in this script, not in diffjax; they pair "
-                  "each batch by an exact optimal permutation like the library's exact_ot",
-          "steps_per_measurement": steps, "results": out}
-
-
 # ---- main ----------------------------------------------------------------------------------------
 
 
@@ -696,10 +580,9 @@ def run_benchmark(args) -> dict:
   trainers = {}
   for recipe in args.protocols:
     report["results"][recipe], trainers[recipe] = run_protocol(recipe, args, peer)
-  report["profile"] = report["prototypes"] = None
+  report["profile"] = None
   if not args.no_profile and "otcfm" in trainers:
     report["profile"] = profile(args, trainers["otcfm"])
-    report["prototypes"] = prototypes(args, trainers["otcfm"])
   report["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
   return report
 

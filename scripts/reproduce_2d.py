@@ -189,7 +189,7 @@ def train_ours(method: str, task: str, args, generators: dict) -> dict:
   optimizer = make_optimizer(**configs[0].optimizer, total_steps=args.steps)
   states = [make_initial_state(experiment, optimizer, seed=c.seed, mesh=mesh)[2]()
             for c in configs]
-  kwargs = dict(loss_fn=experiment.loss_fn, optimizer=optimizer,
+  kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
                 ema_decay=configs[0].train.ema_decay,
                 accumulate_steps=configs[0].train.accumulate_steps)
   chunk = configs[0].train.fused_steps
@@ -521,14 +521,6 @@ def bench_markdown(bench: dict) -> list[str]:
     lines += ["", "I-CFM by `train.fused_steps` (steps per jitted chunk): " + ", ".join(
         f"{k}: {v['steps_per_s_median']:.0f} steps/s ({v['cpu_us_per_step_median']:.0f} CPU us)"
         for k, v in profile["icfm_fused_steps"].items()) + "."]
-  prototypes = bench.get("prototypes") or {}
-  if prototypes.get("results"):
-    lines += ["", "OT-CFM prototypes (written in `scripts/bench_train.py`, NOT library code; "
-              "interleaved with the library's step):", "",
-              "| variant | steps/s | CPU us/step |", "|---|---|---|"]
-    for name, v in prototypes["results"].items():
-      lines.append(f"| {name} | {v['steps_per_s_median']:.0f} | "
-                   f"{v['cpu_us_per_step_median']:.0f} |")
   return lines + [""]
 
 

@@ -152,10 +152,12 @@ class Chain:
       event = {"run": index, "signal": name, "async_checkpoint": async_save}
       if name is not None:
         # A target beyond every step logged so far, so the signal reaches a process that has
-        # resumed and trained; the steps left are shared among the interruptions left.
+        # resumed and trained; the steps left are shared among the interruptions left, each
+        # getting a window [low, end) that its signal must not overshoot.
         low = _last_step(self.workdir) + 1
         left = len(self.plan) - index
-        target = low + self.rng.randrange(max(1, (self.steps - 1 - low) // left))
+        end = low + max(1, (self.steps - 1 - low) // left)
+        target = low + self.rng.randrange(end - low)
         delay = self.rng.uniform(0.0, 0.4)
         early = name == "SIGKILL" and self.rng.random() < 0.2
         if early:  # some kills land in start-up, restore or compilation instead
@@ -167,9 +169,15 @@ class Chain:
             else _last_step(self.workdir) < target):
           if time.monotonic() - started > self.timeout:
             break
-          time.sleep(0.02)
+          time.sleep(0.005)
         if not early:
-          time.sleep(delay)
+          # The delay moves the signal inside a step or a save; on a fast machine it could also
+          # carry the run past its window (and the windows left to the next signals, or the
+          # last step), so the signal goes at once at the window's end.
+          deadline = time.monotonic() + delay
+          while (proc.poll() is None and time.monotonic() < deadline
+                 and _last_step(self.workdir) < min(end, self.steps - 2)):
+            time.sleep(0.002)
         if proc.poll() is None and target < self.steps:
           os.kill(proc.pid, getattr(signal, name))
           event["sent_at_step"] = _last_step(self.workdir)

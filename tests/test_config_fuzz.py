@@ -37,6 +37,7 @@ RATES = ["optimizer.learning_rate", "optimizer.weight_decay", "optimizer.grad_cl
 NAMES = {"data.kind": "toy2d", "data.target": "toy2d", "data.source": "toy2d",
          "model.name": "toy2d", "objective.kind": "toy2d", "objective.recipe": "toy2d",
          "objective.time_sampler": "toy2d", "objective.coupling_scope": "toy2d",
+         "objective.ot_solver": "toy2d",
          "train.compute_dtype": "toy2d", "optimizer.name": "toy2d", "optimizer.decay": "toy2d",
          "objective.schedule": "diffusion", "objective.prediction": "diffusion",
          "objective.weighting": "diffusion"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -42,22 +43,25 @@ def _sorted_rows(x) -> np.ndarray:
   return flat[np.lexsort(flat.T[::-1])]
 
 
-def _exact_batched(key, x0, x1, labels):
-  return jax.vmap(couplings.exact_ot_coupling)(jax.random.split(key, x0.shape[0]), x0, x1, labels)
+def _exact_batched(key, x0, x1, labels, solver="emd"):
+  coupling = functools.partial(couplings.exact_ot_coupling, solver=solver)
+  return jax.vmap(coupling)(jax.random.split(key, x0.shape[0]), x0, x1, labels)
 
 
-_EXACT_BATCHED = jax.jit(_exact_batched)
+_EXACT_BATCHED = jax.jit(_exact_batched, static_argnames="solver")
 
 
+@pytest.mark.parametrize("solver", sorted(couplings.OT_SOLVERS))
 @pytest.mark.parametrize("n", [2, 3, 5, 7])
-def test_exact_ot_equals_brute_force(n):
+def test_exact_ot_equals_brute_force(n, solver):
   # Event shape [2, 3]: the coupling must flatten non-batch dims for the cost.
   batches = 4
   rng = np.random.default_rng(n)
   x0 = rng.standard_normal((batches, n, 2, 3)).astype(np.float32)
   x1 = rng.standard_normal((batches, n, 2, 3)).astype(np.float32) + 0.5
   labels = np.tile(np.arange(n), (batches, 1))
-  out0, out1, out_labels = map(np.asarray, _EXACT_BATCHED(jax.random.key(0), x0, x1, labels))
+  out0, out1, out_labels = map(np.asarray, _EXACT_BATCHED(jax.random.key(0), x0, x1, labels,
+                                                          solver=solver))
   np.testing.assert_array_equal(out0, x0)
   for b in range(batches):
     cost = _np_cost(x0[b], x1[b])
@@ -203,7 +207,29 @@ def test_sample_plan_rows_draws_from_row_conditionals():
   assert np.all(np.abs(freq - conditional) <= 5 * se + 1e-12)
 
 
-def test_label_exact_ot_pairs_within_classes_optimally():
+def test_solvers_agree_on_protocol_sized_problems_and_emd_falls_back(monkeypatch):
+  """emd and lsa reach the same optimal cost on 256-point problems of three geometries (2D
+  structured, 2D isotropic, 64-D); distinct random costs have a unique optimum, so the same
+  permutation. If POT's simplex stops at its iteration cap (a plan that is no permutation),
+  the emd solver answers with the exact lsa permutation instead of a wrong one."""
+  rng = np.random.default_rng(5)
+  moons = np.stack([np.cos(np.linspace(0, np.pi, 256)), np.sin(np.linspace(0, np.pi, 256))], 1)
+  problems = [(rng.standard_normal((256, 2)), moons + 0.05 * rng.standard_normal((256, 2))),
+              (rng.standard_normal((256, 2)), rng.standard_normal((256, 2))),
+              (rng.standard_normal((256, 64)), rng.standard_normal((256, 64)))]
+  for a, b in problems:
+    cost = _np_cost(a, b)
+    perms = {name: solve(cost) for name, solve in couplings.OT_SOLVERS.items()}
+    for perm in perms.values():
+      np.testing.assert_array_equal(np.sort(perm), np.arange(256))
+    np.testing.assert_array_equal(perms["emd"], perms["lsa"])
+  import ot
+  monkeypatch.setattr(ot, "emd", lambda a, b, m, **kw: np.full(m.shape, 1.0 / m.size))
+  np.testing.assert_array_equal(couplings.OT_SOLVERS["emd"](cost), perms["lsa"])
+
+
+@pytest.mark.parametrize("solver", sorted(couplings.OT_SOLVERS))
+def test_label_exact_ot_pairs_within_classes_optimally(solver):
   n = 7
   rng = np.random.default_rng(9)
   x0 = rng.standard_normal((n, 2)).astype(np.float32)
@@ -211,7 +237,7 @@ def test_label_exact_ot_pairs_within_classes_optimally():
   labels = np.array([0, 1, 2, 0, 1, 0, 2], np.int32)
   x0_labels = rng.permutation(labels)
   key = jax.random.key(9)
-  fn = jax.jit(couplings.label_exact_ot_coupling)
+  fn = jax.jit(functools.partial(couplings.label_exact_ot_coupling, solver=solver))
   cost = _np_cost(x0, x1)
   allowed = np.asarray(x0_labels)[:, None] == np.asarray(labels)[None, :]
   best_cost, best_perm = _brute_force(cost, allowed)
@@ -290,6 +316,8 @@ def test_get_coupling_rejects_bad_names_and_options():
     couplings.get_coupling("sinkhorn", epsilon=0.0)
   with pytest.raises(ValueError, match="relative_epsilon"):
     couplings.get_coupling("sinkhorn", relative_epsilon="median")
+  with pytest.raises(ValueError, match="unknown exact OT solver 'hungarian'.*'emd', 'lsa'"):
+    couplings.get_coupling("exact_ot", solver="hungarian")
   with pytest.raises(ValueError, match="same shape"):
     couplings.get_coupling("exact_ot")(jax.random.key(0), jnp.zeros((4, 2)), jnp.zeros((5, 2)))
   with pytest.raises(ValueError, match="integer labels of shape"):

@@ -71,14 +71,10 @@ def test_bench_train_quick_json(bench):
     assert "not importable" in bench["peer_note"]
 
 
-def test_bench_train_quick_profile_and_prototypes(bench):
+def test_bench_train_quick_profile(bench):
   solvers = bench["profile"]["host_solvers_ms"]
   assert len(solvers) == 2
   assert all(0 < v["cpu_ms_min"] <= v["cpu_ms_median"] for v in solvers.values())
-  results = bench["prototypes"]["results"]
-  assert any(name.startswith("prototype_") for name in results)
-  assert any(name.startswith("library") for name in results)
-  assert all(v["steps_per_s_median"] > 0 for v in results.values())
 
 
 @pytest.fixture(scope="module")

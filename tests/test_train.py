@@ -17,7 +17,7 @@ from diffjax.train import sharding as sharding_lib
 from diffjax.train.metrics_log import read_metrics
 from diffjax.train.optim import make_optimizer
 from diffjax.train.state import TrainState
-from diffjax.train.step import train_step
+from diffjax.train.step import step_keys, train_step
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -157,6 +157,56 @@ def test_nonfinite_step_leaves_state_unchanged():
   assert int(new.nonfinite_streak) == 1 and int(new.step) == 1
 
 
+def test_fused_chunk_pairs_ahead_and_equals_step_by_step(monkeypatch):
+  """OT-CFM's couplings of a fused chunk are solved before its scan, in ONE host callback with
+  the stack of all K cost matrices, and the chunk still equals K single train_steps (each
+  pairing inside its step) with the same keys: same permutations, losses and parameters up to
+  float32 rounding of the vmapped cost matmul (rtol 1e-5)."""
+  from diffjax import couplings
+  from diffjax.train.experiment import build_experiment
+  from diffjax.train.step import fused_train_steps
+
+  config = tiny_config(recipe="otcfm")
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  experiment = build_experiment(config, mesh=mesh)
+  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+  _, _, create = loop.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
+  kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
+                ema_decay=0.9)
+  stacks = []
+  solve = couplings._assignment_host
+  monkeypatch.setattr(couplings, "_assignment_host",
+                      lambda cost, **kw: stacks.append(np.shape(cost)) or solve(cost, **kw))
+
+  fused, fused_metrics = jax.jit(lambda s: fused_train_steps(
+      s, num_steps=6, sample_batch=experiment.sample_batch, **kwargs))(create())
+  assert stacks == [(6, 64, 64)]  # one callback for the chunk's six OT problems
+
+  stepped, losses = create(), []
+  one_step = jax.jit(lambda s: train_step(
+      s, experiment.sample_batch(step_keys(s.key, s.step)[0]), **kwargs))
+  for _ in range(6):
+    stepped, metrics = one_step(stepped)
+    losses.append(float(metrics["loss"]))
+  assert stacks[1:] == [(64, 64)] * 6
+  np.testing.assert_allclose(np.asarray(fused_metrics["loss"]), losses, rtol=1e-5)
+  for a, b in zip(leaves(fused), leaves(stepped)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_assignments_on_threads_match_one_by_one():
+  """The thread-pooled solve of a stack equals solving each matrix alone (exact permutations),
+  and each is optimal: no random permutation has a lower cost."""
+  from diffjax import couplings
+  rng = np.random.default_rng(0)
+  stack = rng.random((5, 32, 32))
+  perms = couplings._assignment_host(stack)
+  for matrix, perm in zip(stack, perms):
+    np.testing.assert_array_equal(perm, couplings._assignment_host(matrix))
+    best = matrix[np.arange(32), perm].sum()
+    assert all(matrix[np.arange(32), rng.permutation(32)].sum() >= best for _ in range(200))
+
+
 def test_fsdp_rule_shards_largest_divisible_axis():
   assert sharding_lib.fsdp_spec((64, 2), 2) == jax.sharding.PartitionSpec("fsdp", None)
   assert sharding_lib.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
@@ -212,10 +262,11 @@ def test_data_and_loss_randomness_are_independent(tmp_path):
   x0 ~ N(0, I) must approach E[x1] = (0.5, -0.25) for moons; with the bug it was (2.1, -1.4).
   Tolerance 0.35 per coordinate: a 600-step model, far looser than the 1.6 error it guards."""
   from diffjax.train.step import step_keys
-  data_key, loss_key = step_keys(jax.random.PRNGKey(0), jnp.int32(7))
+  keys = step_keys(jax.random.PRNGKey(0), jnp.int32(7))
   descendants = lambda k: {tuple(np.asarray(x)) for x in
                            [*jax.random.split(k, 8)] + [jax.random.fold_in(k, i) for i in range(8)]}
-  assert not descendants(data_key) & descendants(loss_key)
+  for i, j in [(0, 1), (0, 2), (1, 2)]:  # data, pair and loss streams share no key
+    assert not descendants(keys[i]) & descendants(keys[j])
 
   config = tiny_config(recipe="icfm", **{"data.source": "normal", "data.target": "moons",
                                          "train.steps": 600, "train.fused_steps": 100,

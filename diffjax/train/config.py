@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       sigma=0.1,                # path noise (I-CFM/OT-CFM/SB-CFM) or sigma_min (Lipman's FM)
       time_sampler="uniform",   # uniform | logit_normal | u_shaped
       coupling_scope="global",  # global: OT on the gathered batch; per_device: on each shard
+      ot_solver="emd",          # exact OT: emd (POT's simplex) | lsa (scipy; faster on images)
       label_dropout=0.0,        # classifier-free guidance training (conditional models)
       # diffusion
       schedule="linear",        # discrete: linear | scaled_linear | cosine | sigmoid

@@ -32,7 +32,9 @@ class Experiment(NamedTuple):
 
   Attributes:
     model: ``ModelFns(init, apply)``.
-    loss_fn: ``loss_fn(params, key, batch) -> scalar``.
+    pair_fn: ``pair_fn(key, batch) -> batch``, the parameter-free part of the objective run
+      before the loss (flow matching: source draws and the coupling), or ``None``.
+    loss_fn: ``loss_fn(params, key, batch) -> scalar`` on the batch ``pair_fn`` returns.
     sample_batch: ``key -> batch`` for data generated on device, else ``None``.
     make_iterator: ``data_state -> iterator`` for host data (grain), else ``None``.
     next_batch: ``iterator -> batch`` placed on the mesh.
@@ -47,6 +49,7 @@ class Experiment(NamedTuple):
   """
 
   model: Any
+  pair_fn: Callable | None
   loss_fn: Callable
   sample_batch: Callable | None
   make_iterator: Callable | None
@@ -94,32 +97,44 @@ def _flow_matching_loss(config, mesh, model, source):
   recipe = losses_lib.get_flow_matching_recipe(config.objective.recipe,
                                                **{sigma_name: config.objective.sigma})
   path, coupling = losses_lib.build_flow_matching_recipe(recipe)
-  if config.data.num_classes and recipe.coupling == "exact_ot":
+  if recipe.coupling == "exact_ot":
     # Class-agnostic OT pairs noise meant for one class with data of another, which hurts
     # conditional models: pair only within a class.
-    coupling = couplings_lib.get_coupling("label_exact_ot")
+    coupling = couplings_lib.get_coupling(
+        "label_exact_ot" if config.data.num_classes else "exact_ot",
+        solver=config.objective.ot_solver)
   if config.objective.coupling_scope == "per_device":
     coupling = sharding_lib.per_device_coupling(coupling, mesh)
   time_sampler = losses_lib.get_time_sampler(config.objective.time_sampler)
   num_classes = config.data.num_classes
   label_dropout = config.objective.label_dropout
 
-  def loss_fn(params, key, batch):
-    k_source, k_pairs, k_example, k_labels, k_dropout = jax.random.split(key, 5)
+  def pair_fn(key, batch):
+    """Source draws and the coupling: no parameters, so fused steps pair ahead of the scan."""
+    k_source, k_pairs = jax.random.split(key)
     x1 = batch["x"]
     x0 = source(k_source, x1.shape[0])
     labels = batch.get("label") if num_classes else None
     x0, x1, labels = coupling(k_pairs, x0, x1, labels)
+    paired = {"x0": x0, "x": x1}
+    if labels is not None:
+      paired["label"] = labels
+    return paired
+
+  def loss_fn(params, key, batch):
+    k_example, k_labels, k_dropout = jax.random.split(key, 3)
+    labels = batch.get("label")
     if labels is not None and label_dropout > 0:
       labels = models_lib.drop_labels(k_labels, labels, num_classes=num_classes,
                                       drop_prob=label_dropout)
-    example = losses_lib.flow_matching_example(k_example, x0=x0, x1=x1, path=path,
-                                               time_sampler=time_sampler, cond=labels)
+    example = losses_lib.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x"],
+                                               path=path, time_sampler=time_sampler,
+                                               cond=labels)
     prediction = model.apply(params, example.model_input, example.model_time, example.cond,
                              dropout_key=k_dropout)
     return losses_lib.regression_loss(prediction, example)
 
-  return loss_fn, path
+  return pair_fn, loss_fn, path
 
 
 def _diffusion_schedule(config):
@@ -177,7 +192,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
   if config.objective.kind == "flow_matching":
-    loss_fn, path = _flow_matching_loss(config, mesh, model, source)
+    pair_fn, loss_fn, path = _flow_matching_loss(config, mesh, model, source)
     generate = samplers_lib.flow_generator(apply=model.apply, source=source,
                                            data_shape=tuple(config.data.shape),
                                            num_classes=config.data.num_classes)
@@ -188,6 +203,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
           lambda params: lambda x, t: model.apply(params, x, t, None), data_time=1.0,
           noise_time=0.0, data_shape=tuple(config.data.shape))
   else:
+    pair_fn = None  # a diffusion example needs nothing drawn ahead of the parameters
     loss_fn, schedule = _diffusion_loss(config, model)
     generate = samplers_lib.diffusion_generator(
         apply=model.apply, schedule=schedule, prediction=config.objective.prediction,
@@ -221,7 +237,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     plot = functools.partial(plots.plot_experiment, config=config, generate=generate,
                              target_sampler=target_sampler)
 
-  return Experiment(model=model, loss_fn=loss_fn, sample_batch=sample_batch,
+  return Experiment(model=model, pair_fn=pair_fn, loss_fn=loss_fn, sample_batch=sample_batch,
                     make_iterator=make_iterator, next_batch=next_batch,
                     iterator_state=iterator_state, generate=generate, plot=plot,
                     target_sampler=target_sampler, source_sampler=source,

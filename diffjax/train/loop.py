@@ -150,7 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   trace_count = [0]
-  step_kwargs = dict(loss_fn=experiment.loss_fn, optimizer=optimizer,
+  step_kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
                      ema_decay=config.train.ema_decay,
                      accumulate_steps=config.train.accumulate_steps)
 

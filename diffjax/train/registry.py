@@ -23,7 +23,8 @@ def _choice(problems, key, value, choices):
 
 def name_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Unknown names in ``config``, each as one line naming the key and the valid choices."""
-  from diffjax import losses, models, schedules  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from diffjax import couplings, losses, models, schedules
   from diffjax.data import images, toy2d  # pylint: disable=import-outside-toplevel
 
   problems: list[str] = []
@@ -45,6 +46,7 @@ def name_problems(config: ml_collections.ConfigDict) -> list[str]:
             losses.TIME_SAMPLERS)
     _choice(problems, "objective.coupling_scope", config.objective.coupling_scope,
             _COUPLING_SCOPES)
+    _choice(problems, "objective.ot_solver", config.objective.ot_solver, couplings.OT_SOLVERS)
   else:
     _choice(problems, "objective.schedule", config.objective.schedule,
             schedules.DISCRETE_SCHEDULES)

@@ -1,4 +1,13 @@
-"""The train step: one pure function from (state, batch) to (state, metrics)."""
+"""The train step: one pure function from (state, batch) to (state, metrics).
+
+A step has two stages. ``pair_fn(key, batch) -> batch`` (optional) draws what the loss needs
+besides the data and does not depend on the parameters: for flow matching, the source points and
+their minibatch coupling to the data (an exact OT solve on the host for OT-CFM).
+:func:`update_step` then takes loss, gradients, the optax update and the EMA on the paired batch.
+Because pairing never reads the parameters, :func:`fused_train_steps` pairs the batches of all
+``K`` fused steps at once, before its ``lax.scan``: ``K`` OT problems reach the host in one
+callback (solved on a thread pool) instead of ``K`` sequential round trips inside the loop.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +19,25 @@ import optax
 
 from diffjax.train.state import TrainState
 
-__all__ = ["LossFn", "step_keys", "train_step", "fused_train_steps"]
+__all__ = ["LossFn", "PairFn", "step_keys", "update_step", "train_step", "fused_train_steps"]
 
-# loss_fn(params, key, batch) -> scalar loss; built by diffjax.train.objective from the model's
-# apply function, the objective's pair-making and the regression loss.
+# loss_fn(params, key, batch) -> scalar loss; built by diffjax.train.experiment from the model's
+# apply function and the objective's regression loss.
 LossFn = Callable[[Any, jax.Array, Any], jax.Array]
+# pair_fn(key, batch) -> batch: the parameter-free part of the objective (source draws, coupling).
+PairFn = Callable[[jax.Array, Any], Any]
 
 
-def step_keys(base_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(data_key, loss_key)`` of step ``step``: the two halves of ``split(fold_in(base, step))``.
+def step_keys(base_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(data_key, pair_key, loss_key)`` of step ``step``: ``split(fold_in(base, step), 3)``.
 
-  Every random draw of a step descends from exactly one of the two, by ``split`` only. Mixing
+  Every random draw of a step descends from exactly one of the three, by ``split`` only. Mixing
   ``fold_in(k, i)`` with ``split(k, n)`` on one key is a trap: with threefry, ``split(k, n)[i]``
   *equals* ``fold_in(k, i)``, so "independent" streams silently coincide (we had data and
   noise correlated that way: the moon of each point drawn with the same bits as its time ``t``).
   """
-  data_key, loss_key = jax.random.split(jax.random.fold_in(base_key, step))
-  return data_key, loss_key
+  data_key, pair_key, loss_key = jax.random.split(jax.random.fold_in(base_key, step), 3)
+  return data_key, pair_key, loss_key
 
 
 def _split_micro_batches(batch, count: int):
@@ -52,10 +63,10 @@ def _loss_and_grads(params, key, batch, *, loss_fn: LossFn, accumulate_steps: in
   return loss_sum / accumulate_steps, jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
 
 
-def train_step(state: TrainState, batch, *, loss_fn: LossFn,
-               optimizer: optax.GradientTransformation, ema_decay: float,
-               accumulate_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-  """Loss, gradients, optax update and EMA ``ema <- d ema + (1 - d) params``.
+def update_step(state: TrainState, batch, *, loss_fn: LossFn,
+                optimizer: optax.GradientTransformation, ema_decay: float,
+                accumulate_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Loss, gradients, optax update and EMA ``ema <- d ema + (1 - d) params`` on a paired batch.
 
   ``d = min(ema_decay, (1 + step) / (10 + step))`` warms the average up (TensorFlow's
   ``ExponentialMovingAverage(num_updates=step)``): without it a short run's EMA would still be
@@ -67,7 +78,7 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
   Unlike ``optax.apply_if_finite``, which applies the update anyway after
   ``max_consecutive_errors``, the update is never applied: halting is the loop's job.
   """
-  _, key = step_keys(state.key, state.step)
+  _, _, key = step_keys(state.key, state.step)
   loss, grads = _loss_and_grads(state.params, key, batch, loss_fn=loss_fn,
                                 accumulate_steps=accumulate_steps)
   grad_norm = optax.tree.norm(grads)
@@ -91,17 +102,33 @@ def train_step(state: TrainState, batch, *, loss_fn: LossFn,
   return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_streak": streak}
 
 
+def train_step(state: TrainState, batch, *, pair_fn: PairFn | None = None,
+               **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step: ``pair_fn`` with the step's pair key (if given), then :func:`update_step`."""
+  if pair_fn is not None:
+    _, pair_key, _ = step_keys(state.key, state.step)
+    batch = pair_fn(pair_key, batch)
+  return update_step(state, batch, **update_kwargs)
+
+
 def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callable,
-                      **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+                      pair_fn: PairFn | None = None,
+                      **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
   """``num_steps`` train steps in one ``lax.scan`` for data generated on device.
 
-  ``sample_batch(key)`` draws step ``s``'s batch from the data key of :func:`step_keys`, a
-  branch apart from the loss key, so data and noise never share randomness and the batch depends
-  only on the step (exact resume). Returns the final state and
-  the metrics stacked over the fused steps.
+  Step ``s``'s batch is ``sample_batch(data_key)`` and its pairing ``pair_fn(pair_key, batch)``
+  with the keys of :func:`step_keys`, so the batch depends only on the step (exact resume) and
+  equals what :func:`train_step` would use. Neither reads the parameters, so all ``num_steps``
+  batches are drawn and paired up front, vmapped: a host solver (exact OT) gets the whole stack
+  in one callback. Returns the final state and the metrics stacked over the fused steps.
   """
-  def body(state, _):
-    data_key, _ = step_keys(state.key, state.step)
-    return train_step(state, sample_batch(data_key), **step_kwargs)
+  steps = state.step + jnp.arange(num_steps, dtype=state.step.dtype)
+  data_keys, pair_keys, _ = jax.vmap(step_keys, in_axes=(None, 0))(state.key, steps)
+  batches = jax.vmap(sample_batch)(data_keys)
+  if pair_fn is not None:
+    batches = jax.vmap(pair_fn)(pair_keys, batches)
 
-  return jax.lax.scan(body, state, None, length=num_steps)
+  def body(state, batch):
+    return update_step(state, batch, **update_kwargs)
+
+  return jax.lax.scan(body, state, batches)
