@@ -506,7 +506,8 @@ def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     # Uniform marginals, equal sizes: the simplex returns a vertex, a permutation matrix / B.
     return np.argmax(ot.emd(uniform, uniform, cost), axis=1).astype(np.int32)
 
-  return {"scipy.linear_sum_assignment (library)": lsa, "POT ot.emd (TorchCFM's solver)": emd}
+  return {"POT ot.emd (library default 'emd'; TorchCFM's solver)": emd,
+          "scipy.linear_sum_assignment (library 'lsa')": lsa}
 
 
 def time_host_solvers(args, exp) -> dict:

@@ -33,7 +33,7 @@ COUNTS = ["train.steps", "train.batch_size", "train.fused_steps", "train.log_eve
           "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s"]
 RATES = ["optimizer.learning_rate", "optimizer.weight_decay", "optimizer.grad_clip_norm",
          "objective.sigma", "train.ema_decay", "objective.label_dropout", "optimizer.eps",
-         "train.step_timeout_s"]
+         "train.step_timeout_s", "train.save_timeout_s"]
 NAMES = {"data.kind": "toy2d", "data.target": "toy2d", "data.source": "toy2d",
          "model.name": "toy2d", "objective.kind": "toy2d", "objective.recipe": "toy2d",
          "objective.time_sampler": "toy2d", "objective.coupling_scope": "toy2d",

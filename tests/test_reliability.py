@@ -448,3 +448,36 @@ def test_fuzzed_checkpoint_directories(clean_run, tmp_path):
   assert counts["wrong"] == 0, report
   assert counts["trials"] == 200 and counts["fell_back"] > 50 and counts["newest_kept"] > 10
   assert counts["max_seconds"] < 60
+
+
+_WATCHDOG_SCRIPT = """
+import time
+from diffjax.train.watchdog import StepWatchdog
+watchdog = StepWatchdog(0.3, poll_s=0.02)
+with watchdog:
+  watchdog.beat(5)
+  with watchdog.allow(1.5, "checkpoint save"):
+    time.sleep(0.8)  # longer than a step may take, within a save's allowance
+  watchdog.beat(6)
+  print("survived the slow save", flush=True)
+  with watchdog.allow(0.5, "checkpoint save"):
+    time.sleep(30)  # stuck inside a save
+"""
+
+
+def test_watchdog_allows_slow_saves_but_catches_a_stuck_one():
+  """A save may outlast train.step_timeout_s, up to train.save_timeout_s; a process stuck in a
+  save is still caught (stacks dumped, exit 75) instead of hanging (docs/reliability.md, 6)."""
+  import subprocess
+  import sys
+  import time
+  started = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", _WATCHDOG_SCRIPT], capture_output=True,
+                        text=True, timeout=60, cwd=ROOT)
+  elapsed = time.monotonic() - started
+  assert proc.returncode == 75, proc.stderr[-2000:]
+  assert "survived the slow save" in proc.stdout
+  assert "no checkpoint save finished" in proc.stderr
+  assert "train.save_timeout_s=0.5" in proc.stderr and "after step 6" in proc.stderr
+  assert "File" in proc.stderr  # the stack dump
+  assert elapsed < 20, elapsed  # far below the 30 s sleep: the watchdog ended it

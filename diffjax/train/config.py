@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
       progress_bar=True,
       max_nonfinite_steps=3,    # consecutive non-finite steps skipped before the run halts
       step_timeout_s=0.0,       # > 0: a step (chunk) slower than this dumps stacks and exits
+      save_timeout_s=600.0,     # with step_timeout_s > 0: the same for a checkpoint save
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -359,7 +360,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
                      "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
                      "sample.steps", "objective.num_diffusion_steps",
                      "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s",
-                     "optimizer.eps"], problems)
+                     "optimizer.eps", "train.save_timeout_s"], problems)
   _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
                      "optimizer.grad_clip_norm", "train.plot_every", "objective.sigma",
                      "objective.label_dropout", "sample.num_trajectories",
@@ -423,7 +424,7 @@ def _one_per_key(problems: list[str]) -> list[str]:
 _FREE_ON_RESUME = ("train.steps", "train.log_every", "train.checkpoint_every",
                    "train.keep_checkpoints", "train.async_checkpoint", "train.plot_every",
                    "train.progress_bar", "train.max_nonfinite_steps", "train.step_timeout_s",
-                   "train.fused_steps", "mesh.", "distributed.", "sample.")
+                   "train.save_timeout_s", "train.fused_steps", "mesh.", "distributed.", "sample.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -190,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   def save(step_now, state_now, data_state_now):
     nonlocal pending
-    with watchdog.pause():
+    with watchdog.allow(config.train.save_timeout_s, "checkpoint save"):
       ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
       pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
       pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
@@ -260,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           if stop:
             preempted = preemption.signal_name
             break
-      with watchdog.pause():
+      with watchdog.allow(config.train.save_timeout_s, "checkpoint save"):
         ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
         pending = None
   except BaseException:

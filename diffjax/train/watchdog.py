@@ -3,8 +3,8 @@
 ``jax.distributed`` notices a dead peer through its heartbeat, but a peer that is alive and stuck
 (a deadlock, a hung filesystem, a collective another process never joins) blocks the others
 forever. :class:`StepWatchdog` is armed once the first step has compiled; if no step finishes
-within ``timeout_s`` it dumps every thread's stack to stderr and ends the process with
-:data:`EXIT_CODE`. Every process runs one, so all of them exit within ``timeout_s`` plus the
+within ``timeout_s`` (``train.step_timeout_s``; a checkpoint save gets ``train.save_timeout_s``)
+it dumps every thread's stack to stderr and ends the process with :data:`EXIT_CODE`. Every process runs one, so all of them exit within ``timeout_s`` plus the
 watchdog's polling interval. The last committed checkpoint is untouched (its marker is written
 only after the save completes), so a restart of all processes resumes from it.
 """
@@ -34,35 +34,42 @@ class StepWatchdog:
     self._last = None
     self._step = None
     self._stop = threading.Event()
-    self._paused = 0
+    self._allowance = None  # (limit_s, what) while a longer phase (a checkpoint save) runs
     self._thread = None
 
   def beat(self, step: int) -> None:
     self._last, self._step = time.monotonic(), int(step)
 
-  def pause(self):
-    """A context in which the watchdog does not fire (checkpoint writes, plotting)."""
+  def allow(self, limit_s: float, what: str):
+    """A context in which the limit is ``limit_s`` instead of ``timeout_s``: a checkpoint save
+    may legitimately outlast a step, but a process stuck inside one (a hung filesystem, a peer
+    that never joins orbax's barrier) is still caught. The clock restarts on entry and exit."""
     watchdog = self
 
-    class _Pause:
+    class _Allow:
       def __enter__(self):
-        watchdog._paused += 1
-
-      def __exit__(self, *exc):
-        watchdog._paused -= 1
+        watchdog._allowance = (float(limit_s), what)
         if watchdog._last is not None:
           watchdog._last = time.monotonic()
 
-    return _Pause()
+      def __exit__(self, *exc):
+        watchdog._allowance = None
+        if watchdog._last is not None:
+          watchdog._last = time.monotonic()
+
+    return _Allow()
 
   def _run(self) -> None:
     while not self._stop.wait(self._poll):
-      if self._last is None or self._paused:
+      last, allowance = self._last, self._allowance
+      if last is None:
         continue
-      waited = time.monotonic() - self._last
-      if waited > self.timeout_s:
-        message = (f"diffjax: error: no train step finished for {waited:.0f} s after step "
-                   f"{self._step} (train.step_timeout_s={self.timeout_s:g}); a process is "
+      limit, what = allowance or (self.timeout_s, "train step")
+      waited = time.monotonic() - last
+      if waited > limit:
+        setting = "train.save_timeout_s" if allowance else "train.step_timeout_s"
+        message = (f"diffjax: error: no {what} finished for {waited:.0f} s after step "
+                   f"{self._step} ({setting}={limit:g}); a process is "
                    "stuck. Stacks follow; the last committed checkpoint is kept, restart all "
                    "processes to resume")
         print(message, file=sys.stderr, flush=True)
