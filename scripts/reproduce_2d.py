@@ -495,6 +495,7 @@ def bench_markdown(bench: dict) -> list[str]:
   first = next(iter(bench["results"].values()), {})
   lines += ["", f"Medians over segments. {first.get('w2_protocol', '')}. Full numbers: the "
             "JSON below (`bench` key).", ""]
+  lines += [f"- {note}" for note in bench.get("notes", [])]
   for recipe, r in bench["results"].items():
     peer = r.get("peer") or {}
     if peer.get("steps_per_s_without_data_sampling"):
@@ -564,6 +565,8 @@ def run(args) -> dict:
       "results": {},
       "secondary_reference": DSBM_TABLE2,
   }
+  if args.bench_json:
+    report["bench"] = json.loads(pathlib.Path(args.bench_json).read_text())
   for done, (method, task) in enumerate(combos, 1):
     entry: dict[str, Any] = {}
     if not applicable(method, task):
