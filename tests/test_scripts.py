@@ -122,3 +122,22 @@ def test_reproduce_2d_render_adds_bench_section(reproduce, bench, tmp_path):
   assert "Training throughput" in text
   rate = bench["results"]["icfm"]["ours"]["steps_per_s_median"]
   assert f"| I-CFM | {rate:.0f} |" in text
+
+
+def test_reproduce_2d_headline_says_which_side_is_reduced(reproduce):
+  """The headline names the full protocol only for the side that ran it."""
+  spec = importlib.util.spec_from_file_location("reproduce_2d",
+                                                ROOT / "scripts" / "reproduce_2d.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  report = json.loads(json.dumps(reproduce[0]))
+  report["run"].update(steps=20_000, seeds=list(module.SEEDS), tasks=list(module.TASKS),
+                       methods=list(module.METHODS))
+  cases = {tuple(module.SEEDS): "**What was run: the full protocol**",
+           (42,): "the full protocol for diffjax; TorchCFM REDUCED to seed(s) 42**",
+           (): "the full protocol for diffjax; TorchCFM not run**"}
+  for peer_seeds, headline in cases.items():
+    report["run"]["peer_seeds"] = list(peer_seeds)
+    assert headline in module.to_markdown(report)
+  report["run"]["steps"] = 2000
+  assert "a REDUCED run, not the full protocol" in module.to_markdown(report)
