@@ -103,12 +103,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--render", default=None, metavar="REPORT",
                  help="only rewrite --out from a report this script printed (.json) or wrote "
                       "(.md) earlier")
+  p.add_argument("--merge", nargs="+", default=[], metavar="REPORT",
+                 help="with --render: fill the (method, task) cells the first report lacks from "
+                      "other reports of the same protocol (e.g. a second run of the methods a "
+                      "long run did not reach); their commands are listed")
   p.add_argument("--bench-json", default=None, metavar="BENCH_JSON",
                  help="add the throughput section from scripts/bench_train.py's JSON")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 100 steps, seeds 42,43, N->moons, I-CFM and OT-CFM, 200 "
                       "evaluation samples, 20 Euler steps")
   args = p.parse_args(argv)
+  if args.merge and not args.render:
+    p.error("--merge needs --render (it combines reports written earlier)")
   if args.quick:
     args.steps, args.seeds = 100, "42,43"
     args.tasks, args.methods = "N->moons", "icfm,otcfm"
@@ -393,6 +399,9 @@ def to_markdown(report: dict) -> str:
       "not recorded)",
       f"- date {run['date']}; {run['machine']}; load average at start "
       f"{run['loadavg_start']}; {report['peer_note']}",
+      *[f"- cells this run did not reach, from a second run of the same protocol: "
+        f"`{m['command']}` ({m['date']}, diffjax commit {m['diffjax_commit']}, load average at "
+        f"start {m['loadavg_start']})" for m in run.get("merged", [])],
       "",
       "Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482): 3x64 SELU MLP on "
       "concat(x, t), batch 256, Adam lr 1e-3, sigma 0.1 (I-CFM, OT-CFM, FM's sigma_min), "
@@ -601,12 +610,41 @@ def run(args) -> dict:
   return report
 
 
+def _load_report(path: str) -> dict:
+  text = pathlib.Path(path).read_text()
+  if path.endswith(".md"):  # a markdown this script wrote: its embedded JSON
+    text = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+  return json.loads(text)
+
+
+# Run settings two reports must share for their cells to sit in one table.
+_PROTOCOL_KEYS = ("steps", "seeds", "peer_seeds", "eval_samples", "euler_steps", "batch_size",
+                  "learning_rate")
+
+
+def merge_reports(report: dict, other: dict, *, name: str) -> None:
+  """Adds ``other``'s finished (method, task) cells that ``report`` lacks (in place)."""
+  for key in _PROTOCOL_KEYS:
+    if report["run"][key] != other["run"][key]:
+      raise SystemExit(f"--merge {name}: run.{key} is {other['run'][key]!r} there but "
+                       f"{report['run'][key]!r} in --render; merge only runs of one protocol")
+  for method, cells in other["results"].items():
+    for task, entry in cells.items():
+      report["results"].setdefault(method, {}).setdefault(task, entry)
+  report["run"].setdefault("merged", []).append(
+      {key: other["run"].get(key) for key in ("command", "date", "diffjax_commit",
+                                               "loadavg_start")})
+  combos = [(m, t) for m in report["run"]["methods"] for t in report["run"]["tasks"]]
+  done = sum(t in report["results"].get(m, {}) for m, t in combos)
+  report["status"] = ("complete" if done == len(combos) else
+                      f"partial: {done} of {len(combos)} (method, task) done")
+
+
 def render(args) -> dict:
   """Rewrites ``--out`` from a saved report (and bench JSON) without training anything."""
-  text = pathlib.Path(args.render).read_text()
-  if args.render.endswith(".md"):  # a markdown this script wrote: its embedded JSON
-    text = text.split("```json\n", 1)[1].split("\n```", 1)[0]
-  report = json.loads(text)
+  report = _load_report(args.render)
+  for path in args.merge:
+    merge_reports(report, _load_report(path), name=path)
   if args.bench_json:
     report["bench"] = json.loads(pathlib.Path(args.bench_json).read_text())
   pathlib.Path(args.out).write_text(to_markdown(report))

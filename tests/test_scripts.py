@@ -141,3 +141,28 @@ def test_reproduce_2d_headline_says_which_side_is_reduced(reproduce):
     assert headline in module.to_markdown(report)
   report["run"]["steps"] = 2000
   assert "a REDUCED run, not the full protocol" in module.to_markdown(report)
+
+
+def test_reproduce_2d_merge_fills_missing_cells(reproduce, tmp_path):
+  """--render A --merge B: the cells of a second run of the same protocol fill A's gaps, the
+  status is recomputed and B's command is listed; a run of another protocol is refused."""
+  report = reproduce[0]
+  first = json.loads(json.dumps(report))
+  del first["results"]["otcfm"]
+  first["status"] = "partial: 1 of 2 (method, task) done"
+  second = json.loads(json.dumps(report))
+  del second["results"]["icfm"]
+  second["run"]["command"] = "python scripts/reproduce_2d.py --methods otcfm (second run)"
+  (tmp_path / "a.json").write_text(json.dumps(first))
+  (tmp_path / "b.json").write_text(json.dumps(second))
+  out = tmp_path / "merged.md"
+  merged = _run("reproduce_2d.py", "--render", str(tmp_path / "a.json"), "--merge",
+                str(tmp_path / "b.json"), "--out", str(out))
+  assert merged["results"] == report["results"] and merged["status"] == "complete"
+  assert "--methods otcfm (second run)" in out.read_text()
+  second["run"]["steps"] = 7
+  (tmp_path / "b.json").write_text(json.dumps(second))
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_2d.py"), "--render",
+                         str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json"), "--out",
+                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "run.steps is 7 there" in proc.stderr
