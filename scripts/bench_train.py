@@ -71,9 +71,12 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
 # From the issue: TorchCFM trains ~440 (I-CFM) and ~100 (OT-CFM) steps/s on 2 CPU cores.
 TARGET_RATIOS = {"icfm": 10.0, "otcfm": 3.0}
 PUBLISHED_PEER_STEPS_PER_S = {"icfm": 440.0, "otcfm": 100.0}
-SIGMA = 0.1
-BATCH = 256
-LEARNING_RATE = 1e-3
+# The protocol's model, batch and optimizer are configs/toy2d_otcfm.py's: one definition.
+PROTOCOL_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy2d_otcfm.py")
+_PROTOCOL = config_lib.load_config_file(PROTOCOL_CONFIG)
+SIGMA = _PROTOCOL.objective.sigma
+BATCH = _PROTOCOL.train.batch_size
+LEARNING_RATE = _PROTOCOL.optimizer.learning_rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,17 +152,15 @@ def _per_step_us(fn: Callable[[], Any], steps: int, reps: int = 5) -> dict:
 
 
 def make_config(recipe: str, *, steps: int, chunk: int, seed: int):
-  source, target = PROTOCOLS[recipe]
-  c = config_lib.base_config()
+  """configs/toy2d_otcfm.py with this protocol's recipe, steps, chunk and seed."""
+  c = config_lib.load_config_file(PROTOCOL_CONFIG)
   c.seed = seed
-  c.data.source, c.data.target = source, target
-  c.objective.recipe, c.objective.sigma = recipe, SIGMA
-  c.optimizer.learning_rate = LEARNING_RATE
-  c.train.batch_size, c.train.steps = BATCH, steps
+  c.data.source, c.data.target = PROTOCOLS[recipe]
+  c.objective.recipe = recipe
+  c.train.steps = steps
   if chunk:
     c.train.fused_steps = chunk
   c.train.progress_bar = False
-  c.lock()
   config_lib.validate(c, num_devices=1)
   return c
 

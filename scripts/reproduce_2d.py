@@ -75,8 +75,11 @@ METHODS = ("icfm", "otcfm", "sbcfm", "fm")
 METHOD_NAMES = {"icfm": "I-CFM", "otcfm": "OT-CFM", "sbcfm": "SB-CFM", "fm": "FM (Lipman)"}
 SIGMAS = {"icfm": 0.1, "otcfm": 0.1, "sbcfm": 1.0, "fm": 0.1}
 SEEDS = (42, 43, 44, 45, 46)
-BATCH = 256
-LEARNING_RATE = 1e-3
+# The protocol's model, batch and optimizer are configs/toy2d_otcfm.py's: one definition.
+PROTOCOL_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy2d_otcfm.py")
+_PROTOCOL = config_lib.load_config_file(PROTOCOL_CONFIG)
+BATCH = _PROTOCOL.train.batch_size
+LEARNING_RATE = _PROTOCOL.optimizer.learning_rate
 
 # Secondary reference, quoted from the issue: Shi et al. (2023), "Diffusion Schrodinger Bridge
 # Matching", https://arxiv.org/abs/2303.16852, Table 2: OT-CFM's 2-Wasserstein distance with 20
@@ -159,16 +162,15 @@ def applicable(method: str, task: str) -> bool:
 
 
 def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
-  c = config_lib.base_config()
+  """configs/toy2d_otcfm.py with this cell's method, sigma, task, steps, chunk and seed."""
+  c = config_lib.load_config_file(PROTOCOL_CONFIG)
   c.seed = seed
   c.data.source, c.data.target = TASKS[task]
   c.objective.recipe, c.objective.sigma = method, SIGMAS[method]
-  c.optimizer.learning_rate = LEARNING_RATE
-  c.train.batch_size, c.train.steps = BATCH, steps
+  c.train.steps = steps
   if chunk:
     c.train.fused_steps = chunk
   c.train.progress_bar = False
-  c.lock()
   config_lib.validate(c, num_devices=1)
   return c
 
