@@ -135,11 +135,13 @@ def _assign_emd(matrix: np.ndarray) -> np.ndarray:
   import ot  # pylint: disable=import-outside-toplevel  (POT is imported where it runs)
   size = matrix.shape[0]
   uniform = np.full(size, 1.0 / size)
-  plan = ot.emd(uniform, uniform, matrix, numItermax=max(100_000, 50 * size * size))
+  plan, log = ot.emd(uniform, uniform, matrix, numItermax=max(100_000, 50 * size * size),
+                     log=True)
   perm = np.argmax(plan, axis=1).astype(np.int32)
-  # The simplex ends at a vertex, a permutation matrix / B; should it stop early (iteration cap)
-  # the rows would not form a permutation: solve exactly by the other method instead.
-  if not np.array_equal(np.sort(perm), np.arange(size)):
+  # An optimal simplex vertex is a permutation matrix / B. Should the simplex stop short of
+  # optimality (its iteration cap), its plan may be a worse vertex or no permutation at all:
+  # solve exactly by the other method instead.
+  if log["result_code"] != 1 or not np.array_equal(np.sort(perm), np.arange(size)):
     return _assign_lsa(matrix)
   return perm
 
