@@ -20,22 +20,30 @@ The isotropic shortcut, and exactly where it survives (``abar_t = prod_{s <= t} 
 :func:`q_sample_sequential` runs the Markov chain itself with ``jax.lax.scan``; it is the reference
 every closed form is tested against (tests/test_forward.py).
 
-Noise generation. On CPU, drawing the noise costs 20 times more than the affine op itself, and
-``jax.random.normal`` computes it on the full-rank shape, which XLA:CPU does not vectorise (the
-innermost axis of an image batch is often the 3 channels). :func:`standard_normal` computes the
-same Threefry bits on the flattened shape: bit-for-bit ``jax.random.normal(key, shape)`` (tested),
-about 3x faster alone and inside the closed form. The other key implementations are no help on
-CPU: ``rbg`` and ``unsafe_rbg`` use XLA's Philox bit generator, slower here than threefry; a
-bfloat16 draw is no faster and has an 8-bit uniform with truncated tails, so low-precision noise is
-drawn in float32 and rounded. Recommended: the default ``jax.random.key(seed)``.
+Noise generation. On CPU, drawing the noise costs 10-20 times more than the affine op, and the
+threefry hash is most of it. :func:`standard_normal` (every noise model's sampler) uses both 32-bit
+words of each threefry call, JAX's original layout: bit-for-bit ``jax.random.normal(key, shape)``
+under ``jax.threefry_partitionable(False)`` (tested), half the hashing of JAX's current default
+layout, which spends a call per element (``x0 ^ x1``). The hash is written out as elementwise ops
+(bit-for-bit JAX's primitive, tested), so the isotropic and diagonal closed forms compute hash,
+normal transform and affine op in one fused loop per half of the batch, the layout's two halves,
+which XLA:CPU vectorises; the draw alone is written to memory by a short loop first, so that no
+consumer (often an op on ``[batch, H, W, 3]``, which XLA:CPU does not vectorise) pulls the hash
+into its own loop. The other key implementations are no help: ``rbg`` and ``unsafe_rbg`` use
+XLA's Philox bit generator, slower here than threefry; a bfloat16 draw is no faster and has an
+8-bit uniform with truncated tails, so low-precision noise is drawn in float32 and rounded.
+Recommended: the default ``jax.random.key(seed)``.
 
-Figures (``python scripts/bench_forward.py``; 2-core CPU shared with other jobs, load ~9; batch
-64x32x32x3 float32; median / min ms): closed form with :func:`standard_normal` 1.22 / 1.15, with
-``jax.random.normal`` 3.53 / 3.24, the affine op alone 0.06; noise alone: :func:`standard_normal`
-1.44 / 1.08, ``jax.random.normal`` threefry 3.49 (min), ``rbg`` 19.9 (min), ``unsafe_rbg`` 7.1
-(min); ``lax.scan`` chain / closed form: 214x (T = 100), 1016x (T = 500), 1836x (T = 1000).
-torch 2.13 CPU ``randn_like`` 0.67; a faithful torch copy of diffusers' ``add_noise`` 0.75-0.84
-when the machine is idle, several ms under load (OpenMP stalls).
+Figures (``python scripts/bench_forward.py`` in a venv with torch 2.14.1 and diffusers 0.42.1;
+2-core CPU, idle; batch 64x32x32x3 float32; ms, median of 20). Head to head (ten alternating
+segments): the closed form 0.55 against diffusers' ``DDPMScheduler.add_noise`` +
+``torch.randn_like`` 0.80, ratio 0.69; pinned to one core (``taskset -c 0``) 1.12 against 1.29,
+ratio 0.87. Timed apart, the closed form's median moved between 0.57 and 1.2 from run to run (the
+second core is not always free), the minimum stayed 0.47-0.64. Noise alone:
+:func:`standard_normal` 0.92-1.09, ``jax.random.normal`` 2.9 in the default layout and 1.05-1.1 in
+the original one; ``q_sample`` of noise drawn first 1.06-1.28, ``q_sample`` alone 0.06-0.12,
+bfloat16 data (drawn first, then the affine op) 1.0-1.17. ``lax.scan`` chain / closed form:
+80-95x (T = 100), 424-475x (T = 500), 990-1600x (T = 1000).
 """
 
 from __future__ import annotations

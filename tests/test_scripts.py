@@ -166,3 +166,38 @@ def test_reproduce_2d_merge_fills_missing_cells(reproduce, tmp_path):
                          str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json"), "--out",
                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "run.steps is 7 there" in proc.stderr
+
+
+def test_bench_forward_quick_json():
+  result = _run("bench_forward.py", "--quick")
+  (process,) = result["processes"]
+  assert process["T"] == 100
+  # The ratios are the printed times' ratios (rounded), and the T/2 flag says what they say.
+  assert math.isclose(process["sequential_over_closed"],
+                      process["sequential_ms"] / process["closed_ms"], rel_tol=0.02)
+  assert process["target_T_over_2_met"] == (process["sequential_over_closed"] >= 50)
+  for figures in [*result["closed_form_variants"].values(), *result["noise_options"].values()]:
+    assert 0 < figures["min_ms"] <= figures["median_ms"]
+  assert "jax.random.normal[threefry2x32 original layout,float32]" in result["noise_options"]
+  if HAS_PEER:
+    head_to_head = result["peer"]["head_to_head"]
+    assert result["peer"]["jax_closed_over_peer"] == head_to_head["closed_over_peer"]
+  else:
+    assert result["peer"] is None and "torch" in result["peer_note"]
+
+
+def test_bench_forward_head_to_head_ratio():
+  # Two known costs: a 4 ms and a 2 ms sleep (sleeps overshoot by a fraction of a millisecond,
+  # hence the tolerance), alternated as the script alternates the peer and the closed form.
+  import time  # noqa: PLC0415
+
+  sys.path.insert(0, str(ROOT / "scripts"))
+  try:
+    import bench_forward  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(ROOT / "scripts"))
+  figures = bench_forward._head_to_head(lambda: time.sleep(0.004), lambda: time.sleep(0.002),
+                                        rounds=3, reps=4)
+  assert figures["rounds"] == 3 and figures["reps_per_round"] == 4
+  assert 0.35 < figures["closed_over_peer"] < 0.65, figures
+  assert figures["peer_min_ms"] >= 4.0 and figures["closed_min_ms"] >= 2.0
