@@ -26,7 +26,8 @@ target (so the speed is compared at equal quality).
 ``profile`` splits ours into its parts (data sampling, forward, gradient, the optimizer step and
 EMA, the OT coupling, the host solvers, a bare ``pure_callback`` round trip) and tries other
 ``train.fused_steps``; ``host_solvers_ms`` times the exact assignment solvers on the protocol's
-cost matrices (scipy's, which the library uses, and POT's, which TorchCFM uses).
+cost matrices (``diffjax.couplings.OT_SOLVERS``: POT's network simplex, the default and
+TorchCFM's solver, and scipy's ``linear_sum_assignment``).
 
 Usage::
 
@@ -416,7 +417,7 @@ def time_loop_train(recipe: str, args) -> dict:
           "note": "includes logging, checkpoint and plot; rates exclude the compiling interval"}
 
 
-# ---- profile (ours) ---------------------------------------------------------------
+# ---- profile (ours) ------------------------------------------------------------------------------
 
 
 def profile(args, ours: OursTrainer) -> dict:

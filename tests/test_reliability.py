@@ -456,11 +456,11 @@ from diffjax.train.watchdog import StepWatchdog
 watchdog = StepWatchdog(0.3, poll_s=0.02)
 with watchdog:
   watchdog.beat(5)
-  with watchdog.allow(1.5, "checkpoint save"):
+  with watchdog.allow(1.5, "checkpoint save", setting="train.save_timeout_s"):
     time.sleep(0.8)  # longer than a step may take, within a save's allowance
   watchdog.beat(6)
   print("survived the slow save", flush=True)
-  with watchdog.allow(0.5, "checkpoint save"):
+  with watchdog.allow(0.5, "checkpoint save", setting="train.save_timeout_s"):
     time.sleep(30)  # stuck inside a save
 """
 

@@ -98,8 +98,8 @@ def _flow_matching_loss(config, mesh, model, source):
                                                **{sigma_name: config.objective.sigma})
   path, coupling = losses_lib.build_flow_matching_recipe(recipe)
   if recipe.coupling == "exact_ot":
-    # Class-agnostic OT pairs noise meant for one class with data of another, which hurts
-    # conditional models: pair only within a class.
+    # Rebuilt to bind the configured solver. Class-agnostic OT pairs noise meant for one class
+    # with data of another, which hurts conditional models: with labels, pair within a class.
     coupling = couplings_lib.get_coupling(
         "label_exact_ot" if config.data.num_classes else "exact_ot",
         solver=config.objective.ot_solver)

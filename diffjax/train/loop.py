@@ -190,7 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   def save(step_now, state_now, data_state_now):
     nonlocal pending
-    with watchdog.allow(config.train.save_timeout_s, "checkpoint save"):
+    with watchdog.allow(config.train.save_timeout_s, "checkpoint save",
+                        setting="train.save_timeout_s"):
       ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
       pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
       pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
@@ -260,7 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           if stop:
             preempted = preemption.signal_name
             break
-      with watchdog.allow(config.train.save_timeout_s, "checkpoint save"):
+      with watchdog.allow(config.train.save_timeout_s, "checkpoint save",
+                          setting="train.save_timeout_s"):
         ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
         pending = None
   except BaseException:

@@ -4,8 +4,8 @@
 (a deadlock, a hung filesystem, a collective another process never joins) blocks the others
 forever. :class:`StepWatchdog` is armed once the first step has compiled; if no step finishes
 within ``timeout_s`` (``train.step_timeout_s``; a checkpoint save gets ``train.save_timeout_s``)
-it dumps every thread's stack to stderr and ends the process with :data:`EXIT_CODE`. Every process runs one, so all of them exit within ``timeout_s`` plus the
-watchdog's polling interval. The last committed checkpoint is untouched (its marker is written
+it dumps every thread's stack to stderr and ends the process with :data:`EXIT_CODE`. Every
+process runs one, so all of them exit within ``timeout_s`` plus the watchdog's polling interval. The last committed checkpoint is untouched (its marker is written
 only after the save completes), so a restart of all processes resumes from it.
 """
 
@@ -34,21 +34,22 @@ class StepWatchdog:
     self._last = None
     self._step = None
     self._stop = threading.Event()
-    self._allowance = None  # (limit_s, what) while a longer phase (a checkpoint save) runs
+    self._allowance = None  # (limit_s, what, setting) while a longer phase (a checkpoint save) runs
     self._thread = None
 
   def beat(self, step: int) -> None:
     self._last, self._step = time.monotonic(), int(step)
 
-  def allow(self, limit_s: float, what: str):
+  def allow(self, limit_s: float, what: str, *, setting: str):
     """A context in which the limit is ``limit_s`` instead of ``timeout_s``: a checkpoint save
     may legitimately outlast a step, but a process stuck inside one (a hung filesystem, a peer
-    that never joins orbax's barrier) is still caught. The clock restarts on entry and exit."""
+    that never joins orbax's barrier) is still caught. The clock restarts on entry and exit.
+    ``what`` and ``setting`` (the config key of ``limit_s``) name the phase in the error."""
     watchdog = self
 
     class _Allow:
       def __enter__(self):
-        watchdog._allowance = (float(limit_s), what)
+        watchdog._allowance = (float(limit_s), what, setting)
         if watchdog._last is not None:
           watchdog._last = time.monotonic()
 
@@ -64,10 +65,9 @@ class StepWatchdog:
       last, allowance = self._last, self._allowance
       if last is None:
         continue
-      limit, what = allowance or (self.timeout_s, "train step")
+      limit, what, setting = allowance or (self.timeout_s, "train step", "train.step_timeout_s")
       waited = time.monotonic() - last
       if waited > limit:
-        setting = "train.save_timeout_s" if allowance else "train.step_timeout_s"
         message = (f"diffjax: error: no {what} finished for {waited:.0f} s after step "
                    f"{self._step} ({setting}={limit:g}); a process is "
                    "stuck. Stacks follow; the last committed checkpoint is kept, restart all "
