@@ -15,7 +15,8 @@ Every coupling here has the one signature
 ``labels`` (an array or pytree of arrays with leading axis ``B``, or ``None``) are gathered with
 the same indices, so a label stays attached to its data point. The cost between ``x0[i]`` and
 ``x1[j]`` is the squared Euclidean distance of the flattened points. All couplings are pure and
-jittable; the exact solvers run on the host through :func:`jax.pure_callback`.
+jittable; the exact solvers run on the host (:class:`HostSolvedCoupling`: through
+:func:`jax.pure_callback` when called, or between two programs in a trainer).
 
 Differences from TorchCFM (``torchcfm.optimal_transport.OTPlanSampler``): TorchCFM solves the
 exact plan with POT and then *samples* ``B`` pairs from it with replacement, so some points are
@@ -26,18 +27,20 @@ that is what a Schrodinger-bridge coupling is.
 
 Sharding: called inside ``jax.jit`` on globally sharded arrays (e.g. ``NamedSharding(mesh,
 P("data"))``), a coupling solves the problem on the *global* batch: the callback receives the
-gathered cost matrix and Sinkhorn's reductions are global. A per-device coupling belongs where the
-mesh is known (``shard_map`` in ``diffjax.train``), not here.
+gathered cost matrix and Sinkhorn's reductions are global. :func:`blockwise_coupling` pairs within
+equal blocks of the batch instead (one block per device: ``diffjax.train.sharding`` knows how
+many).
 
 Names resolve to couplings once, at the edge, through :func:`get_coupling`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Callable, Literal
 
 import jax
@@ -58,6 +61,10 @@ __all__ = [
     "exact_ot_coupling",
     "label_exact_ot_coupling",
     "sinkhorn_coupling",
+    "HostSolvedCoupling",
+    "exact_ot_stages",
+    "label_exact_ot_stages",
+    "blockwise_coupling",
     "SINKHORN_ROUNDINGS",
     "OT_SOLVERS",
     "COUPLINGS",
@@ -158,23 +165,49 @@ def _check_solver(solver: str) -> None:
                      "('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)")
 
 
-@functools.cache
-def _host_pool() -> ThreadPoolExecutor:
-  # Both solvers release the GIL, so a stack of problems (the K fused steps of a chunk, or a
-  # vmapped call) is solved on all cores; created once, on the first stack.
-  return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                            thread_name_prefix="diffjax-ot")
+def _map_on_daemon_threads(fn: Callable, items) -> list:
+  """``[fn(item) for item in items]`` on up to ``min(8, cores)`` threads.
+
+  Both solvers release the GIL, so a stack of problems (the K fused steps of a chunk, or a
+  vmapped call) is solved on all cores. The threads are daemons and are not kept in a pool: a
+  trainer that stops waiting for a stuck solve (a signal, a watchdog) can still exit, whereas
+  ``concurrent.futures`` joins its workers at interpreter exit.
+  """
+  items = list(items)
+  if len(items) <= 1:
+    return [fn(item) for item in items]
+  results: list = [None] * len(items)
+  errors: list[BaseException] = []
+  indices = iter(range(len(items)))
+  lock = threading.Lock()
+
+  def work():
+    while not errors:
+      with lock:
+        i = next(indices, None)
+      if i is None:
+        return
+      try:
+        results[i] = fn(items[i])
+      except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+        errors.append(e)
+
+  threads = [threading.Thread(target=work, name="diffjax-ot", daemon=True)
+             for _ in range(min(8, os.cpu_count() or 1, len(items)))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  if errors:
+    raise errors[0]
+  return results
 
 
 def _assignment_host(cost: np.ndarray, *, solver: str = "emd") -> np.ndarray:
   """Row -> column optimal assignment of each ``[B, B]`` matrix in a (possibly batched) stack."""
   cost = np.asarray(cost, dtype=np.float64)
   stack = cost.reshape((-1,) + cost.shape[-2:])
-  assign = OT_SOLVERS[solver]
-  if len(stack) == 1:
-    perms = [assign(stack[0])]
-  else:
-    perms = list(_host_pool().map(assign, stack))
+  perms = _map_on_daemon_threads(OT_SOLVERS[solver], stack)
   return np.stack(perms).reshape(cost.shape[:-1])
 
 
@@ -212,8 +245,10 @@ def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
   stack = cost.reshape((-1, size, size))
   sources = np.broadcast_to(source_labels, batch_shape + (size,)).reshape((-1, size))
   targets = np.broadcast_to(target_labels, batch_shape + (size,)).reshape((-1, size))
-  perms = np.empty((stack.shape[0], size), dtype=np.int32)
-  for k, (matrix, source, target) in enumerate(zip(stack, sources, targets)):
+
+  def assign(problem):
+    matrix, source, target = problem
+    perm = np.empty(size, dtype=np.int32)
     for label in np.union1d(source, target):
       rows, cols = np.flatnonzero(source == label), np.flatnonzero(target == label)
       if rows.size != cols.size:
@@ -221,8 +256,11 @@ def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
             f"label-conditional OT: class {label} has {rows.size} source points but "
             f"{cols.size} data points; every class needs as many source as data points (leave "
             "x0_labels=None to assign source labels as a random permutation of the data labels)")
-      perms[k, rows] = cols[OT_SOLVERS[solver](matrix[np.ix_(rows, cols)])]
-  return perms.reshape(batch_shape + (size,))
+      perm[rows] = cols[OT_SOLVERS[solver](matrix[np.ix_(rows, cols)])]
+    return perm
+
+  perms = _map_on_daemon_threads(assign, zip(stack, sources, targets))
+  return np.stack(perms).reshape(batch_shape + (size,))
 
 
 def label_exact_ot_permutation(cost: Array, *, source_labels: Array, target_labels: Array,
@@ -392,6 +430,87 @@ def independent_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
   return x0, _gather(x1, perm), _gather(labels, perm)
 
 
+def _apply_index(index: Array, x0: Array, x1: Array, labels=None) -> tuple:
+  return x0, _gather(x1, index), _gather(labels, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSolvedCoupling:
+  """A coupling whose assignment is solved on the host, in three stages.
+
+  * ``problem(key, x0, x1, labels, **kw) -> tuple of arrays`` (in graph): the cost matrix first,
+    then whatever constrains the assignment (class labels);
+  * ``solve(problem) -> [..., B] int32`` (host, NumPy): one assignment per problem of a stack with
+    any leading axes, solved on threads;
+  * ``apply(index, x0, x1, labels) -> (x0, x1[index], labels[index])`` (in graph).
+
+  Calling the coupling runs all three in one program, the solve through
+  :func:`jax.pure_callback`; that is the right thing on one device. A trainer on a mesh runs
+  ``solve`` between two programs instead: ``pure_callback`` hands its operands to the host
+  function as arrays on the first CPU device, and inside an SPMD program over CPU devices that
+  copy waits for a thread of the pool whose threads are blocked in the program's collectives,
+  so the program deadlocks. Between programs, a solve is also plain Python that a signal or a
+  watchdog can interrupt.
+  """
+
+  problem: Callable[..., tuple]
+  solve: Callable[[tuple], np.ndarray]
+  apply: Callable[..., tuple] = _apply_index
+
+  def __call__(self, key: Array, x0: Array, x1: Array, labels=None, **problem_kwargs) -> tuple:
+    problem = self.problem(key, x0, x1, labels, **problem_kwargs)
+    result = jax.ShapeDtypeStruct(jnp.shape(problem[0])[:-1], jnp.int32)
+    # "broadcast_all": under vmap the host function gets the whole stack at once (one callback).
+    index = jax.pure_callback(self.solve, result, problem, vmap_method="broadcast_all")
+    return self.apply(index, x0, x1, labels)
+
+
+def _solve_exact(problem: tuple, *, solver: str) -> np.ndarray:
+  (cost,) = problem
+  return _assignment_host(cost, solver=solver)
+
+
+def _solve_label_exact(problem: tuple, *, solver: str) -> np.ndarray:
+  cost, source_labels, target_labels = problem
+  return _label_assignment_host(cost, source_labels, target_labels, solver=solver)
+
+
+def _exact_problem(key: Array, x0: Array, x1: Array, labels=None) -> tuple:
+  del key, labels
+  _check_batches(x0, x1)
+  return (jax.lax.stop_gradient(squared_euclidean_cost(x0, x1)),)
+
+
+def _label_exact_problem(key: Array, x0: Array, x1: Array, labels: Array, *,
+                         x0_labels: Array | None = None) -> tuple:
+  _check_batches(x0, x1)
+  if labels is None or jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(x1)[0]:
+    raise ValueError(f"label-conditional OT needs integer labels of shape [{jnp.shape(x1)[0]}] "
+                     f"for x1; got {None if labels is None else jnp.shape(labels)}")
+  if x0_labels is None:
+    x0_labels = jax.random.permutation(key, labels)
+  elif jnp.shape(x0_labels) != jnp.shape(labels):
+    raise ValueError(f"x0_labels of shape {jnp.shape(x0_labels)} must match labels of shape "
+                     f"{jnp.shape(labels)}")
+  cost = jax.lax.stop_gradient(squared_euclidean_cost(x0, x1))
+  return cost, x0_labels, labels
+
+
+def exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
+  """:func:`exact_ot_coupling` as a :class:`HostSolvedCoupling` (the form :func:`get_coupling`
+  returns)."""
+  _check_solver(solver)
+  return HostSolvedCoupling(problem=_exact_problem,
+                            solve=functools.partial(_solve_exact, solver=solver))
+
+
+def label_exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
+  """:func:`label_exact_ot_coupling` as a :class:`HostSolvedCoupling`."""
+  _check_solver(solver)
+  return HostSolvedCoupling(problem=_label_exact_problem,
+                            solve=functools.partial(_solve_label_exact, solver=solver))
+
+
 def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
                       solver: str = "emd") -> tuple:
   """Minibatch exact OT (OT-CFM) as a permutation: ``x1 <- x1[sigma]`` with
@@ -400,7 +519,7 @@ def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
   Tong et al. (2024), OT-CFM, https://arxiv.org/abs/2302.00482; Pooladian et al. (2023),
   "Multisample Flow Matching", https://arxiv.org/abs/2304.14772. Unlike TorchCFM, which samples
   ``B`` pairs with replacement from the plan, every point is used exactly once. See
-  :func:`exact_ot_permutation` for the solver.
+  :func:`exact_ot_permutation` for the solver and :class:`HostSolvedCoupling` for the stages.
 
   Args:
     key: unused (uniform signature).
@@ -412,10 +531,7 @@ def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
   Returns:
     ``(x0, x1[sigma], labels[sigma])``.
   """
-  del key
-  _check_batches(x0, x1)
-  perm = exact_ot_permutation(squared_euclidean_cost(x0, x1), solver=solver)
-  return x0, _gather(x1, perm), _gather(labels, perm)
+  return exact_ot_stages(solver=solver)(key, x0, x1, labels)
 
 
 def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
@@ -447,18 +563,51 @@ def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
   Returns:
     ``(x0, x1[sigma], labels[sigma])`` with ``labels[sigma] == x0_labels``.
   """
-  _check_batches(x0, x1)
-  if labels is None or jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(x1)[0]:
-    raise ValueError(f"label-conditional OT needs integer labels of shape [{jnp.shape(x1)[0]}] "
-                     f"for x1; got {None if labels is None else jnp.shape(labels)}")
-  if x0_labels is None:
-    x0_labels = jax.random.permutation(key, labels)
-  elif jnp.shape(x0_labels) != jnp.shape(labels):
-    raise ValueError(f"x0_labels of shape {jnp.shape(x0_labels)} must match labels of shape "
-                     f"{jnp.shape(labels)}")
-  perm = label_exact_ot_permutation(squared_euclidean_cost(x0, x1), source_labels=x0_labels,
-                                    target_labels=labels, solver=solver)
-  return x0, _gather(x1, perm), _gather(labels, perm)
+  return label_exact_ot_stages(solver=solver)(key, x0, x1, labels, x0_labels=x0_labels)
+
+
+def _blocks(tree, num_blocks: int):
+  return jax.tree.map(lambda x: x.reshape((num_blocks, x.shape[0] // num_blocks) + x.shape[1:]),
+                      tree)
+
+
+def _unblock(tree):
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def blockwise_coupling(coupling: Coupling, *, num_blocks: int) -> Coupling:
+  """Couples within each of ``num_blocks`` consecutive, equal blocks of the batch only.
+
+  ``x1`` rows ``[k b, (k + 1) b)`` (``b = B / num_blocks``) are paired with ``x0`` rows of the
+  same block, by ``coupling`` applied to each block with its own key (``split(key,
+  num_blocks)[k]``). With one block per device of a batch-sharded mesh this is TorchCFM's
+  behaviour under DDP (each process pairs its own shard): cheaper, a worse plan. A
+  :class:`HostSolvedCoupling` stays one (its stages are vmapped over the blocks), so a trainer
+  still solves it between programs.
+  """
+  def blocks(*trees):
+    size = jnp.shape(trees[0])[0]
+    if size % num_blocks:
+      raise ValueError(f"a batch of {size} does not split into {num_blocks} equal coupling "
+                       "blocks; make the batch a multiple of the number of devices")
+    return _blocks(trees, num_blocks)
+
+  if isinstance(coupling, HostSolvedCoupling):
+    def problem(key, x0, x1, labels=None, **kwargs):
+      per_block = lambda k, a, b, c, kw: coupling.problem(k, a, b, c, **kw)
+      keys = jax.random.split(key, num_blocks)
+      return jax.vmap(per_block)(keys, *blocks(x0, x1, labels, kwargs))
+
+    def apply(index, x0, x1, labels=None):
+      return _unblock(jax.vmap(coupling.apply)(index, *blocks(x0, x1, labels)))
+
+    return HostSolvedCoupling(problem=problem, solve=coupling.solve, apply=apply)
+
+  def blockwise(key, x0, x1, labels=None):
+    keys = jax.random.split(key, num_blocks)
+    return _unblock(jax.vmap(coupling)(keys, *blocks(x0, x1, labels)))
+
+  return blockwise
 
 
 def sinkhorn_coupling(key: Array, x0: Array, x1: Array, labels=None, *, epsilon: float = 0.05,
@@ -508,6 +657,13 @@ COUPLINGS: dict[str, Coupling] = {
 }
 
 
+# The couplings whose assignment is solved on the host, by the factory of their stages.
+_HOST_SOLVED: dict[str, Callable[..., HostSolvedCoupling]] = {
+    "exact_ot": exact_ot_stages,
+    "label_exact_ot": label_exact_ot_stages,
+}
+
+
 def get_coupling(name: str, **kwargs) -> Coupling:
   """Resolves a coupling by name, once, at the edge; binds its keyword options.
 
@@ -519,7 +675,8 @@ def get_coupling(name: str, **kwargs) -> Coupling:
   ``solver``; pass ``x0_labels=`` at call time when the source is labelled).
 
   Returns:
-    ``coupling(key, x0, x1, labels=None) -> (x0, x1, labels)``.
+    ``coupling(key, x0, x1, labels=None) -> (x0, x1, labels)``; the exact couplings come as a
+    :class:`HostSolvedCoupling`, callable the same way.
 
   Raises:
     ValueError: unknown name, mode, option, or an invalid option value.
@@ -546,4 +703,6 @@ def get_coupling(name: str, **kwargs) -> Coupling:
   if unknown:
     raise ValueError(f"unknown option(s) {unknown} for coupling {name!r}; valid options: "
                      f"{sorted(options | ({'mode'} if name == 'sinkhorn' else set()))}")
+  if name in _HOST_SOLVED:
+    return _HOST_SOLVED[name](**kwargs)
   return functools.partial(fn, **kwargs)

@@ -23,6 +23,7 @@ from diffjax import samplers as samplers_lib
 from diffjax import schedules as schedules_lib
 from diffjax.data import toy2d
 from diffjax.train import sharding as sharding_lib
+from diffjax.train import step as step_lib
 
 __all__ = ["Experiment", "build_experiment", "create_model", "model_kwargs", "compute_dtype"]
 
@@ -33,7 +34,10 @@ class Experiment(NamedTuple):
   Attributes:
     model: ``ModelFns(init, apply)``.
     pair_fn: ``pair_fn(key, batch) -> batch``, the parameter-free part of the objective run
-      before the loss (flow matching: source draws and the coupling), or ``None``.
+      before the loss (flow matching: source draws and the coupling), or ``None``; in one
+      program (a host-solved coupling through a callback: for one device).
+    host_pairing: the same pairing as a :class:`~diffjax.train.step.HostPairing` when its
+      coupling is solved on the host (exact OT), else ``None``; what the trainer runs.
     loss_fn: ``loss_fn(params, key, batch) -> scalar`` on the batch ``pair_fn`` returns.
     sample_batch: ``key -> batch`` for data generated on device, else ``None``.
     make_iterator: ``data_state -> iterator`` for host data (grain), else ``None``.
@@ -50,6 +54,7 @@ class Experiment(NamedTuple):
 
   model: Any
   pair_fn: Callable | None
+  host_pairing: step_lib.HostPairing | None
   loss_fn: Callable
   sample_batch: Callable | None
   make_iterator: Callable | None
@@ -91,6 +96,13 @@ def _source_sampler(config) -> Callable:
   return normal
 
 
+def _paired(x0, x1, labels):
+  paired = {"x0": x0, "x": x1}
+  if labels is not None:
+    paired["label"] = labels
+  return paired
+
+
 def _flow_matching_loss(config, mesh, model, source):
   # Lipman's FM names its noise level sigma_min; the CFM recipes call it sigma.
   sigma_name = "sigma_min" if config.objective.recipe == "fm" else "sigma"
@@ -109,17 +121,27 @@ def _flow_matching_loss(config, mesh, model, source):
   num_classes = config.data.num_classes
   label_dropout = config.objective.label_dropout
 
-  def pair_fn(key, batch):
-    """Source draws and the coupling: no parameters, so fused steps pair ahead of the scan."""
+  def draw(key, batch):
     k_source, k_pairs = jax.random.split(key)
     x1 = batch["x"]
     x0 = source(k_source, x1.shape[0])
     labels = batch.get("label") if num_classes else None
-    x0, x1, labels = coupling(k_pairs, x0, x1, labels)
-    paired = {"x0": x0, "x": x1}
-    if labels is not None:
-      paired["label"] = labels
-    return paired
+    return k_pairs, x0, x1, labels
+
+  def pair_fn(key, batch):
+    """Source draws and the coupling: no parameters, so fused steps pair ahead of the scan."""
+    return _paired(*coupling(*draw(key, batch)))
+
+  host_pairing = None
+  if isinstance(coupling, couplings_lib.HostSolvedCoupling):
+    def propose(key, batch):
+      k_pairs, x0, x1, labels = draw(key, batch)
+      return _paired(x0, x1, labels), coupling.problem(k_pairs, x0, x1, labels)
+
+    def finish(batch, solution):
+      return _paired(*coupling.apply(solution, batch["x0"], batch["x"], batch.get("label")))
+
+    host_pairing = step_lib.HostPairing(propose=propose, solve=coupling.solve, finish=finish)
 
   def loss_fn(params, key, batch):
     k_example, k_labels, k_dropout = jax.random.split(key, 3)
@@ -134,7 +156,7 @@ def _flow_matching_loss(config, mesh, model, source):
                              dropout_key=k_dropout)
     return losses_lib.regression_loss(prediction, example)
 
-  return pair_fn, loss_fn, path
+  return pair_fn, host_pairing, loss_fn, path
 
 
 def _diffusion_schedule(config):
@@ -192,7 +214,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
   batch_sharding = sharding_lib.batch_sharding(mesh)
 
   if config.objective.kind == "flow_matching":
-    pair_fn, loss_fn, path = _flow_matching_loss(config, mesh, model, source)
+    pair_fn, host_pairing, loss_fn, path = _flow_matching_loss(config, mesh, model, source)
     generate = samplers_lib.flow_generator(apply=model.apply, source=source,
                                            data_shape=tuple(config.data.shape),
                                            num_classes=config.data.num_classes)
@@ -203,7 +225,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
           lambda params: lambda x, t: model.apply(params, x, t, None), data_time=1.0,
           noise_time=0.0, data_shape=tuple(config.data.shape))
   else:
-    pair_fn = None  # a diffusion example needs nothing drawn ahead of the parameters
+    # A diffusion example needs nothing drawn ahead of the parameters.
+    pair_fn = host_pairing = None
     loss_fn, schedule = _diffusion_loss(config, model)
     generate = samplers_lib.diffusion_generator(
         apply=model.apply, schedule=schedule, prediction=config.objective.prediction,
@@ -237,7 +260,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     plot = functools.partial(plots.plot_experiment, config=config, generate=generate,
                              target_sampler=target_sampler)
 
-  return Experiment(model=model, pair_fn=pair_fn, loss_fn=loss_fn, sample_batch=sample_batch,
+  return Experiment(model=model, pair_fn=pair_fn, host_pairing=host_pairing, loss_fn=loss_fn,
+                    sample_batch=sample_batch,
                     make_iterator=make_iterator, next_batch=next_batch,
                     iterator_state=iterator_state, generate=generate, plot=plot,
                     target_sampler=target_sampler, source_sampler=source,

@@ -23,7 +23,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +39,12 @@ from diffjax.train.experiment import Experiment, build_experiment
 from diffjax.train.metrics_log import MetricsWriter
 from diffjax.train.optim import make_optimizer
 from diffjax.train.state import TrainState, init_train_state
-from diffjax.train.step import fused_train_steps, train_step
+from diffjax.train.host_solve import solve_on_host
+from diffjax.train.step import (finish_fused_steps, finish_step, fused_train_steps,
+                                propose_fused_pairs, propose_pairs, train_step)
 
-__all__ = ["TrainResult", "train", "state_shardings_for", "make_initial_state",
+__all__ = ["TrainResult", "train", "state_shardings_for", "make_initial_state", "chunk_advancer",
+           "step_advancer",
            "NonFiniteLossError", "first_nonfinite_excess"]
 
 log = logging.getLogger("diffjax")
@@ -99,6 +102,90 @@ def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
   os.replace(tmp, path)
 
 
+def _solve_without_stop(solve, problem):
+  return solve_on_host(solve, problem, stop_requested=lambda: False)
+
+
+def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
+                   trace_count: list, host_solve=None) -> Callable:
+  """``advance(state, num_steps) -> (state, metrics)`` for on-device data: ``num_steps`` fused
+  steps, or ``None`` when ``host_solve(solve, problem)`` (default: :func:`solve_on_host` with
+  no stop) returned ``None``, a stop requested while the host solved the chunk's couplings
+  (the state is then untouched: nothing was donated yet).
+
+  Without a host-solved coupling the chunk is one jitted ``lax.scan``. With one, it is two
+  programs and a host solve between them: the chunk's batches and coupling problems
+  (:func:`~diffjax.train.step.propose_fused_pairs`), all problems solved in one host call, then
+  the pairs finished inside the update program (:func:`~diffjax.train.step.finish_fused_steps`).
+  """
+  replicated = sharding_lib.replicated(mesh)
+  pairing = experiment.host_pairing
+  if pairing is None:
+    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
+                       out_shardings=(shardings, replicated))
+    def run_chunk(state, num_steps):
+      trace_count[0] += 1
+      return fused_train_steps(state, num_steps=num_steps, sample_batch=experiment.sample_batch,
+                               **step_kwargs)
+
+    return lambda state, num_steps: run_chunk(state, num_steps=num_steps)
+
+  host_solve = host_solve or _solve_without_stop
+  update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
+  propose = jax.jit(functools.partial(propose_fused_pairs, sample_batch=experiment.sample_batch,
+                                      propose=pairing.propose), static_argnames="num_steps")
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
+  def finish(state, batches, solutions):
+    trace_count[0] += 1
+    return finish_fused_steps(state, batches, solutions, finish=pairing.finish, **update_kwargs)
+
+  def advance(state, num_steps):
+    batches, problems = propose(state.key, state.step, num_steps=num_steps)
+    solutions = host_solve(pairing.solve, sharding_lib.to_host(problems))
+    if solutions is None:
+      return None
+    return finish(state, batches, sharding_lib.put_replicated(solutions, mesh))
+
+  return advance
+
+
+def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
+                  trace_count: list, host_solve=None) -> Callable:
+  """``advance(state, batch) -> (state, metrics)`` for host data, one step per call (``None``
+  when a stop request ended the wait for a host solve), in the two stages of
+  :func:`chunk_advancer` when the coupling is solved on the host."""
+  replicated = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  pairing = experiment.host_pairing
+  if pairing is None:
+    @functools.partial(jax.jit, donate_argnums=0, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated))
+    def run_step(state, batch):
+      trace_count[0] += 1
+      return train_step(state, batch, **step_kwargs)
+
+    return run_step
+
+  host_solve = host_solve or _solve_without_stop
+  update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
+  propose = jax.jit(functools.partial(propose_pairs, propose=pairing.propose))
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
+  def finish(state, batch, solution):
+    trace_count[0] += 1
+    return finish_step(state, batch, solution, finish=pairing.finish, **update_kwargs)
+
+  def advance(state, batch):
+    batch, problem = propose(state.key, state.step, batch)
+    solution = host_solve(pairing.solve, sharding_lib.to_host(problem))
+    if solution is None:
+      return None
+    return finish(state, batch, sharding_lib.put_replicated(solution, mesh))
+
+  return advance
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           devices=None) -> TrainResult:
   """Trains (or resumes) the experiment ``config`` in ``workdir``.
@@ -147,8 +234,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     start, state, data_state = restored
     log.info("resumed from step %d in %s", start, workdir)
 
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  replicated = sharding_lib.replicated(mesh)
   trace_count = [0]
   step_kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
                      ema_decay=config.train.ema_decay,
@@ -188,32 +273,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           "optimizer.learning_rate or set optimizer.grad_clip_norm; the last good checkpoint "
           f"in {checkpoints} is kept")
 
+  saved_step = start if restored is not None else None
+
   def save(step_now, state_now, data_state_now):
-    nonlocal pending
+    nonlocal pending, saved_step
+    if step_now == saved_step:
+      return  # a stop right after a save (or a resume) has nothing new to write
     with watchdog.allow(config.train.save_timeout_s, "checkpoint save",
                         setting="train.save_timeout_s"):
       ckpt.commit_step(manager, pending, config=fingerprint, is_lead=is_lead)
       pending = ckpt.save_step(manager, step_now, state_now, data_state_now)
       pending = ckpt.commit_if_done(manager, pending, config=fingerprint, is_lead=is_lead)
+    saved_step = step_now
 
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
   # Installed until the function returns: a signal during the final plot finishes the plot.
   preemption = PreemptionWatcher().__enter__()
+
+  def host_solve(solve, problem):
+    # Bounded by train.step_timeout_s from the first chunk on (compilation is not inside).
+    with watchdog.allow(config.train.step_timeout_s, "host coupling solve",
+                        setting="train.step_timeout_s"):
+      return solve_on_host(solve, problem, stop_requested=preemption.stop_requested_here)
+
+  advancers = dict(step_kwargs=step_kwargs, shardings=shardings, mesh=mesh,
+                   trace_count=trace_count, host_solve=host_solve)
   try:
     with watchdog:
       if experiment.sample_batch is not None:
-        # On-device data: fused chunks. Chunk boundaries fall on log and checkpoint steps, so
-        # at most two chunk lengths are compiled (the configured one and a final remainder).
-        @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
-                           out_shardings=(shardings, replicated))
-        def run_chunk(state, num_steps):
-          trace_count[0] += 1
-          return fused_train_steps(state, num_steps=num_steps,
-                                   sample_batch=experiment.sample_batch, **step_kwargs)
-
+        # On-device data: fused chunks. A chunk ends early on a log or checkpoint step only at
+        # the end of training, so at most two chunk lengths are compiled.
+        advance = chunk_advancer(experiment, **advancers)
         while step < total:
           chunk = min(config.train.fused_steps, total - step)
-          state, metrics = run_chunk(state, num_steps=chunk)
+          advanced = advance(state, chunk)
+          if advanced is None:  # a signal while the host solved this chunk's couplings
+            preempted = preemption.signal_name
+            save(step, state, {"step": step})
+            break
+          state, metrics = advanced
           check_finite(metrics, step + 1)
           step += chunk
           watchdog.beat(step)
@@ -229,24 +327,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             preempted = preemption.signal_name
             break
       else:
-        @functools.partial(jax.jit, donate_argnums=0,
-                           in_shardings=(shardings, batch_sharding),
-                           out_shardings=(shardings, replicated))
-        def run_step(state, batch):
-          trace_count[0] += 1
-          return train_step(state, batch, **step_kwargs)
-
+        advance = step_advancer(experiment, **advancers)
         iterator = experiment.make_iterator(data_state)
+        # The iterator state before each batch is read: what a checkpoint of the step before
+        # that batch must hold (a stop during a host solve saves the unfinished step's start).
+        data_state_before = experiment.iterator_state(iterator)
         next_batch = experiment.next_batch(iterator)
         while step < total:
           batch, next_batch = next_batch, None
-          state, metrics = run_step(state, batch)  # dispatched asynchronously
+          advanced = advance(state, batch)  # dispatched asynchronously
+          if advanced is None:  # a signal while the host solved this step's coupling
+            preempted = preemption.signal_name
+            save(step, state, data_state_before)
+            break
+          state, metrics = advanced
           step += 1
           stop = step < total and preemption.should_stop(step)
           save_now = stop or step % config.train.checkpoint_every == 0 or step == total
           # The iterator has produced exactly the batches of steps 1..step here: its state is
           # taken before the next batch is read, so a resume replays no batch and skips none.
-          data_state_now = experiment.iterator_state(iterator) if save_now else None
+          data_state_before = experiment.iterator_state(iterator)
           if step < total and not stop:
             next_batch = experiment.next_batch(iterator)  # host work overlaps the step
           check_finite(metrics, step)  # waits for this step; the next batch is already read
@@ -257,7 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           if step % config.train.log_every == 0 or step == total:
             record(step, metrics)
           if save_now:
-            save(step, state, data_state_now)
+            save(step, state, data_state_before)
           if stop:
             preempted = preemption.signal_name
             break

@@ -61,6 +61,11 @@ class PreemptionWatcher:
   def signal_name(self) -> str | None:
     return self._signal or ("SIGTERM" if self._multi else None)
 
+  def stop_requested_here(self) -> bool:
+    """Whether a signal reached this single-process run (checked while the loop waits on the
+    host; with several processes the stop step is agreed in :meth:`should_stop` only)."""
+    return not self._multi and self._flag.is_set()
+
   def should_stop(self, step: int) -> bool:
     """Whether to checkpoint at ``step`` and stop (agreed by every process)."""
     del step  # the sync point counts calls: every process makes the same calls in order

@@ -9,12 +9,13 @@ With ``fsdp = 1`` this is plain data parallelism.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffjax import couplings as couplings_lib
 
 __all__ = [
     "BATCH_AXES",
@@ -23,7 +24,10 @@ __all__ = [
     "replicated",
     "fsdp_spec",
     "state_shardings",
+    "num_batch_shards",
     "per_device_coupling",
+    "to_host",
+    "put_replicated",
     "global_batch_from_local",
 ]
 
@@ -75,33 +79,33 @@ def state_shardings(abstract_tree, mesh: Mesh):
                       abstract_tree)
 
 
+def num_batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch is split into (the product of the batch axes)."""
+  return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
 def per_device_coupling(coupling: Callable, mesh: Mesh) -> Callable:
   """Runs ``coupling(key, x0, x1, labels)`` on each device's shard only (TorchCFM's behaviour,
   cheaper but a worse plan); the default in diffjax solves on the gathered global batch.
 
-  Each shard gets its own key (``fold_in`` of the device's position), so shards differ.
+  The batch axis is split over the devices in order, so one block of
+  :func:`diffjax.couplings.blockwise_coupling` per device is exactly each device's shard.
   """
-  def local(key, x0, x1, labels):
-    index = jax.lax.axis_index(BATCH_AXES)
-    return coupling(jax.random.fold_in(key[0], index), x0, x1, labels)
+  return couplings_lib.blockwise_coupling(coupling, num_blocks=num_batch_shards(mesh))
 
-  spec = P(BATCH_AXES)
 
-  @functools.wraps(coupling)
-  def wrapped(key, x0, x1, labels=None):
-    has_labels = labels is not None
-    labels_in = labels if has_labels else np.zeros((x0.shape[0],), np.int32)
-    keys = jax.numpy.broadcast_to(key, (1,) + key.shape)
+def to_host(tree):
+  """The global value of every array in ``tree`` as NumPy, on every process (a process holds
+  only its own shards of a multi-host array, so those are all-gathered)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
 
-    def body(k, a, b, c):
-      out0, out1, out2 = local(k, a, b, c if has_labels else None)
-      return out0, out1, (out2 if has_labels else c)
 
-    out = jax.shard_map(body, mesh=mesh, in_specs=(P(), spec, spec, spec),
-                        out_specs=(spec, spec, spec), check_vma=False)(keys, x0, x1, labels_in)
-    return out[0], out[1], (out[2] if has_labels else None)
-
-  return wrapped
+def put_replicated(tree, mesh: Mesh):
+  """Host values that every process holds identically, replicated over the mesh."""
+  return jax.device_put(tree, replicated(mesh))
 
 
 def global_batch_from_local(local_batch, mesh: Mesh):

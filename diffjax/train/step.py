@@ -2,16 +2,22 @@
 
 A step has two stages. ``pair_fn(key, batch) -> batch`` (optional) draws what the loss needs
 besides the data and does not depend on the parameters: for flow matching, the source points and
-their minibatch coupling to the data (an exact OT solve on the host for OT-CFM).
-:func:`update_step` then takes loss, gradients, the optax update and the EMA on the paired batch.
-Because pairing never reads the parameters, :func:`fused_train_steps` pairs the batches of all
-``K`` fused steps at once, before its ``lax.scan``: ``K`` OT problems reach the host in one
-callback (solved on a thread pool) instead of ``K`` sequential round trips inside the loop.
+their minibatch coupling to the data. :func:`update_step` then takes loss, gradients, the optax
+update and the EMA on the paired batch. Because pairing never reads the parameters,
+:func:`fused_train_steps` pairs the batches of all ``K`` fused steps at once, before its
+``lax.scan``.
+
+A coupling solved on the host (exact OT) comes as a :class:`HostPairing` instead: the trainer
+runs ``propose`` (:func:`propose_fused_pairs`, :func:`propose_pairs`), solves the stacked problems
+on the host between programs, and finishes the pairs inside the update program
+(:func:`finish_fused_steps`, :func:`finish_step`). ``K`` fused steps' problems are solved in one
+host call, on threads. Why not one program with a callback: see
+:class:`diffjax.couplings.HostSolvedCoupling`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +25,31 @@ import optax
 
 from diffjax.train.state import TrainState
 
-__all__ = ["LossFn", "PairFn", "step_keys", "update_step", "train_step", "fused_train_steps"]
+__all__ = ["LossFn", "PairFn", "HostPairing", "step_keys", "update_step", "train_step",
+           "fused_train_steps", "propose_pairs", "finish_step", "propose_fused_pairs",
+           "finish_fused_steps"]
 
 # loss_fn(params, key, batch) -> scalar loss; built by diffjax.train.experiment from the model's
 # apply function and the objective's regression loss.
 LossFn = Callable[[Any, jax.Array, Any], jax.Array]
 # pair_fn(key, batch) -> batch: the parameter-free part of the objective (source draws, coupling).
 PairFn = Callable[[jax.Array, Any], Any]
+
+
+class HostPairing(NamedTuple):
+  """A pairing whose coupling is solved on the host, between two programs.
+
+  Attributes:
+    propose: ``(key, batch) -> (batch, problem)`` in graph: the batch with its source draws
+      (unpaired) and the coupling's problem (cost matrix and constraints).
+    solve: ``problem -> solution`` on the host (NumPy), for a stack of problems with leading
+      step axes.
+    finish: ``(batch, solution) -> batch`` in graph: the paired batch ``pair_fn`` would return.
+  """
+
+  propose: Callable[[jax.Array, Any], tuple[Any, Any]]
+  solve: Callable[[Any], Any]
+  finish: Callable[[Any, Any], Any]
 
 
 def step_keys(base_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -111,6 +135,16 @@ def train_step(state: TrainState, batch, *, pair_fn: PairFn | None = None,
   return update_step(state, batch, **update_kwargs)
 
 
+def _chunk_keys(key: jax.Array, first_step: jax.Array, num_steps: int):
+  steps = first_step + jnp.arange(num_steps, dtype=jnp.asarray(first_step).dtype)
+  data_keys, pair_keys, _ = jax.vmap(step_keys, in_axes=(None, 0))(key, steps)
+  return data_keys, pair_keys
+
+
+def _scan_update_steps(state: TrainState, batches, **update_kwargs):
+  return jax.lax.scan(lambda s, batch: update_step(s, batch, **update_kwargs), state, batches)
+
+
 def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callable,
                       pair_fn: PairFn | None = None,
                       **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -119,16 +153,39 @@ def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callab
   Step ``s``'s batch is ``sample_batch(data_key)`` and its pairing ``pair_fn(pair_key, batch)``
   with the keys of :func:`step_keys`, so the batch depends only on the step (exact resume) and
   equals what :func:`train_step` would use. Neither reads the parameters, so all ``num_steps``
-  batches are drawn and paired up front, vmapped: a host solver (exact OT) gets the whole stack
-  in one callback. Returns the final state and the metrics stacked over the fused steps.
+  batches are drawn and paired up front, vmapped. Returns the final state and the metrics
+  stacked over the fused steps.
   """
-  steps = state.step + jnp.arange(num_steps, dtype=state.step.dtype)
-  data_keys, pair_keys, _ = jax.vmap(step_keys, in_axes=(None, 0))(state.key, steps)
+  data_keys, pair_keys = _chunk_keys(state.key, state.step, num_steps)
   batches = jax.vmap(sample_batch)(data_keys)
   if pair_fn is not None:
     batches = jax.vmap(pair_fn)(pair_keys, batches)
+  return _scan_update_steps(state, batches, **update_kwargs)
 
-  def body(state, batch):
-    return update_step(state, batch, **update_kwargs)
 
-  return jax.lax.scan(body, state, batches)
+def propose_fused_pairs(key: jax.Array, first_step: jax.Array, *, num_steps: int,
+                        sample_batch: Callable, propose: Callable):
+  """The batches of steps ``first_step ... first_step + num_steps - 1`` with their source draws
+  and coupling problems, stacked on a leading step axis (the keys of :func:`step_keys`)."""
+  data_keys, pair_keys = _chunk_keys(key, first_step, num_steps)
+  return jax.vmap(propose)(pair_keys, jax.vmap(sample_batch)(data_keys))
+
+
+def finish_fused_steps(state: TrainState, batches, solutions, *, finish: Callable,
+                       **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The pairs of :func:`propose_fused_pairs`'s batches from the host's ``solutions``, then one
+  :func:`update_step` per batch in a ``lax.scan``; equal to :func:`fused_train_steps`."""
+  return _scan_update_steps(state, jax.vmap(finish)(batches, solutions), **update_kwargs)
+
+
+def propose_pairs(key: jax.Array, step: jax.Array, batch, *, propose: Callable):
+  """``propose`` with the pair key of step ``step`` (:func:`step_keys`)."""
+  _, pair_key, _ = step_keys(key, step)
+  return propose(pair_key, batch)
+
+
+def finish_step(state: TrainState, batch, solution, *, finish: Callable,
+                **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+  """``finish`` the pairs of :func:`propose_pairs` with the host's ``solution``, then
+  :func:`update_step`; equal to :func:`train_step` with the composed ``pair_fn``."""
+  return update_step(state, finish(batch, solution), **update_kwargs)

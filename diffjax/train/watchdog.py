@@ -43,20 +43,21 @@ class StepWatchdog:
   def allow(self, limit_s: float, what: str, *, setting: str):
     """A context in which the limit is ``limit_s`` instead of ``timeout_s``: a checkpoint save
     may legitimately outlast a step, but a process stuck inside one (a hung filesystem, a peer
-    that never joins orbax's barrier) is still caught. The clock restarts on entry and exit.
-    ``what`` and ``setting`` (the config key of ``limit_s``) name the phase in the error."""
+    that never joins orbax's barrier) is still caught. The clock restarts on entry and exit, and
+    runs inside the context even before the first beat (a host solve of the first chunk is
+    bounded too; compilation, which precedes it, is not). ``what`` and ``setting`` (the config
+    key of ``limit_s``) name the phase in the error."""
     watchdog = self
 
     class _Allow:
       def __enter__(self):
+        self.armed = watchdog._last is not None
         watchdog._allowance = (float(limit_s), what, setting)
-        if watchdog._last is not None:
-          watchdog._last = time.monotonic()
+        watchdog._last = time.monotonic()
 
       def __exit__(self, *exc):
         watchdog._allowance = None
-        if watchdog._last is not None:
-          watchdog._last = time.monotonic()
+        watchdog._last = time.monotonic() if self.armed else None
 
     return _Allow()
 
@@ -67,9 +68,10 @@ class StepWatchdog:
         continue
       limit, what, setting = allowance or (self.timeout_s, "train step", "train.step_timeout_s")
       waited = time.monotonic() - last
+      after = "the start" if self._step is None else f"step {self._step}"
       if waited > limit:
-        message = (f"diffjax: error: no {what} finished for {waited:.0f} s after step "
-                   f"{self._step} ({setting}={limit:g}); a process is "
+        message = (f"diffjax: error: no {what} finished for {waited:.0f} s after "
+                   f"{after} ({setting}={limit:g}); a process is "
                    "stuck. Stacks follow; the last committed checkpoint is kept, restart all "
                    "processes to resume")
         print(message, file=sys.stderr, flush=True)
