@@ -14,6 +14,8 @@ _spec = importlib.util.spec_from_file_location(
 _otcfm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_otcfm)
 
+VARIANTS = _otcfm.VARIANTS  # get_config passes its variant on
+
 
 def get_config(variant: str = ""):
   config = _otcfm.get_config(variant)  # same data, model and optimizer

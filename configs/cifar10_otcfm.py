@@ -13,6 +13,9 @@ import ml_collections
 
 from diffjax.train.config import base_config
 
+# The ``:variant`` names get_config accepts: bfloat16 compute.
+VARIANTS = ("bf16",)
+
 
 def get_config(variant: str = ""):
   config = base_config()
@@ -37,7 +40,7 @@ def get_config(variant: str = ""):
   config.train.batch_size = 128
   config.train.steps = 400_000
   config.train.ema_decay = 0.9999
-  config.train.compute_dtype = "bfloat16" if "bf16" in variant else "float32"
+  config.train.compute_dtype = "bfloat16" if "bf16" in variant.split(",") else "float32"
   config.train.log_every = 100
   config.train.checkpoint_every = 20_000
   config.sample.num = 64

@@ -8,6 +8,9 @@ import ml_collections
 
 from diffjax.train.config import base_config
 
+# The ``:variant`` names get_config accepts, alone or joined by commas (``:cond,small``).
+VARIANTS = ("cond", "small")
+
 
 def get_config(variant: str = ""):
   config = base_config()
@@ -31,10 +34,10 @@ def get_config(variant: str = ""):
   config.train.log_every = 100
   config.train.checkpoint_every = 1_000
   config.sample.steps = 1000
-  if "cond" in variant:
+  if "cond" in variant.split(","):
     config.data.num_classes = 10
     config.objective.label_dropout = 0.1
-  if "small" in variant:
+  if "small" in variant.split(","):
     config.train.steps = 20
     config.train.log_every = 10
     config.train.checkpoint_every = 10

@@ -13,11 +13,13 @@ _spec = importlib.util.spec_from_file_location(
 _digits_ddpm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_digits_ddpm)
 
+VARIANTS = _digits_ddpm.VARIANTS  # get_config passes its variant on
+
 
 def get_config(variant: str = ""):
   config = _digits_ddpm.get_config(variant)
   config.objective.kind = "flow_matching"
   config.objective.recipe = "icfm"
   config.objective.sigma = 0.0
-  config.sample.steps = 10 if "small" in variant else 100
+  config.sample.steps = 10 if "small" in variant.split(",") else 100
   return config

@@ -3,6 +3,9 @@
 
 from diffjax.train.config import base_config
 
+# The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
+VARIANTS = ("small",)
+
 
 def get_config(variant: str = ""):
   config = base_config()
@@ -19,7 +22,7 @@ def get_config(variant: str = ""):
   config.train.steps = 20_000
   config.train.checkpoint_every = 5_000
   config.sample.steps = 1000
-  if variant == "small":
+  if "small" in variant.split(","):
     config.train.steps = 200
     config.train.checkpoint_every = 100
     config.sample.num = 500

@@ -2,6 +2,9 @@
 
 from diffjax.train.config import base_config
 
+# The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
+VARIANTS = ("small",)
+
 
 def get_config(variant: str = ""):
   config = base_config()
@@ -14,7 +17,7 @@ def get_config(variant: str = ""):
   config.train.batch_size = 256
   config.train.steps = 20_000
   config.train.checkpoint_every = 5_000
-  if variant == "small":  # a smoke test: seconds on a laptop
+  if "small" in variant.split(","):  # a smoke test: seconds on a laptop
     config.train.steps = 200
     config.train.checkpoint_every = 100
     config.sample.num = 500

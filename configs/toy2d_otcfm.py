@@ -4,6 +4,9 @@ with minibatch optimal transport", https://arxiv.org/abs/2302.00482)."""
 
 from diffjax.train.config import base_config
 
+# The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
+VARIANTS = ("small",)
+
 
 def get_config(variant: str = ""):
   config = base_config()
@@ -16,7 +19,7 @@ def get_config(variant: str = ""):
   config.train.batch_size = 256
   config.train.steps = 20_000
   config.train.checkpoint_every = 5_000
-  if variant == "small":
+  if "small" in variant.split(","):
     config.train.steps = 200
     config.train.checkpoint_every = 100
     config.sample.num = 500

@@ -8,6 +8,7 @@ from WORKDIR/config.json (never from a Python file in a workdir) and restore the
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -108,10 +109,46 @@ def _check_sampler(workdir, sampler: str | None) -> None:
                      f"choose one of {sorted(valid)}")
 
 
+def _check_guidance(workdir, guidance: float | None) -> None:
+  """``--guidance`` needs a class-conditional model trained with label dropout: guidance mixes
+  the conditional prediction with the null label's, which only label dropout trains."""
+  if guidance is None:
+    return
+  if not math.isfinite(guidance):
+    raise UsageError(f"--guidance {guidance}: must be a finite number")
+  config = _load_workdir_config(workdir)
+  if not config.data.num_classes:
+    raise UsageError(f"--guidance {guidance}: the model in {workdir} is unconditional "
+                     "(data.num_classes=0), so there is nothing to guide; drop --guidance, or "
+                     "train a class-conditional model (e.g. configs/digits_fm.py:cond)")
+  if not config.objective.label_dropout > 0:
+    raise UsageError(f"--guidance {guidance}: the model in {workdir} was trained without label "
+                     "dropout (objective.label_dropout=0), so its unconditional (null-label) "
+                     "prediction is untrained; drop --guidance, or train with "
+                     "--config.objective.label_dropout=0.1")
+
+
+def _check_config_matches_checkpoints(workdir, checkpoints: pathlib.Path,
+                                      fingerprint: dict) -> None:
+  """A WORKDIR/config.json edited after training no longer matches the config recorded with
+  the checkpoints; the restore would skip every step as another run's. Say so, with the keys."""
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  mismatch = ckpt.config_mismatch(checkpoints, config=fingerprint,
+                                  config_differences=config_lib.fingerprint_differences)
+  if mismatch is None:
+    return
+  step, differences = mismatch
+  shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
+  raise UsageError(f"{pathlib.Path(workdir) / 'config.json'} no longer matches the config its "
+                   f"checkpoints were trained with (step {step}, checkpoint -> config.json: "
+                   f"{shown}); restore those values in config.json, or train in a new --workdir")
+
+
 def restore_for_inference(workdir: str | pathlib.Path):
   """The experiment and the EMA parameters of the newest checkpoint in ``workdir``."""
   import jax  # pylint: disable=import-outside-toplevel
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from diffjax.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
@@ -119,6 +156,8 @@ def restore_for_inference(workdir: str | pathlib.Path):
 
   config = _load_workdir_config(workdir)
   fingerprint = config_lib.resume_fingerprint(config)
+  checkpoints = pathlib.Path(workdir) / "checkpoints"
+  _check_config_matches_checkpoints(workdir, checkpoints, fingerprint)
   # Inference runs on the local devices with data parallelism only.
   devices = jax.local_devices()
   with config.unlocked():
@@ -129,8 +168,7 @@ def restore_for_inference(workdir: str | pathlib.Path):
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
   abstract, shardings, _ = loop.make_initial_state(experiment, optimizer, seed=config.seed,
                                                    mesh=mesh)
-  manager = ckpt.make_checkpoint_manager(pathlib.Path(workdir) / "checkpoints", keep=1000,
-                                         async_save=False)
+  manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False)
   try:
     # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
     restored = ckpt.restore_verified(
@@ -141,7 +179,11 @@ def restore_for_inference(workdir: str | pathlib.Path):
   finally:
     manager.close()
   if restored is None:
-    raise UsageError(f"no checkpoint in {workdir}/checkpoints; train first")
+    found = len(integrity.step_dirs(checkpoints))
+    if found:
+      raise UsageError(f"none of the {found} checkpoint steps in {checkpoints} is usable (see "
+                       "the warnings above); train again to write a new one")
+    raise UsageError(f"no checkpoint in {checkpoints}; train first")
   step, state, _ = restored
   return config, experiment, state.ema_params, step
 
@@ -161,6 +203,7 @@ def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None =
   if out_path.suffix != ".npz":
     raise UsageError(f"--out {out}: the output must be an .npz file")
   _check_sampler(workdir, sampler)
+  _check_guidance(workdir, guidance)
   config, experiment, params, step = restore_for_inference(workdir)
   result = experiment.generate(params, jax.random.PRNGKey(seed), num,
                                steps=steps or config.sample.steps, sampler=sampler,

@@ -5,8 +5,9 @@ Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482; TorchCFM's 2D tuto
 steps (20,000), for I-CFM (independent pairs) and OT-CFM (exact minibatch OT).
 
 Ours runs through the real training path: :func:`diffjax.train.experiment.build_experiment` on a
-1-device mesh, and the very jitted chunk :func:`diffjax.train.loop.train` compiles
-(:func:`diffjax.train.step.fused_train_steps` over ``train.fused_steps`` steps, state donated,
+1-device mesh, and the very chunk :func:`diffjax.train.loop.train` runs
+(:func:`diffjax.train.loop.chunk_advancer`: ``train.fused_steps`` steps in one jitted scan, state
+donated; for OT-CFM the chunk's coupling problems, one host solve of all of them, then the scan;
 the per-chunk finite check). ``loop_train`` also times :func:`diffjax.train.loop.train` itself
 end to end from its metrics.jsonl (``steps_per_second`` between log points, compile excluded).
 The peer, when ``torch`` and ``torchcfm`` import, is TorchCFM's own loop: ``ConditionalFlowMatcher``
@@ -58,7 +59,7 @@ from diffjax import couplings, evaluate, losses
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.experiment import build_experiment
-from diffjax.train.loop import make_initial_state
+from diffjax.train.loop import chunk_advancer, make_initial_state
 from diffjax.train.optim import make_optimizer
 from diffjax.train.step import fused_train_steps, train_step
 
@@ -181,16 +182,9 @@ class OursTrainer:
                             optimizer=self.optimizer,
                             ema_decay=config.train.ema_decay,
                             accumulate_steps=config.train.accumulate_steps)
-    sample_batch = self.experiment.sample_batch
-
-    # Exactly loop.train's chunk: static length, donated state, explicit out shardings.
-    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
-                       out_shardings=(shardings, sharding_lib.replicated(self.mesh)))
-    def run_chunk(state, num_steps):
-      return fused_train_steps(state, num_steps=num_steps, sample_batch=sample_batch,
-                               **self.step_kwargs)
-
-    self.run_chunk = run_chunk
+    # Exactly loop.train's chunk: one program, or two with the host's OT solve between them.
+    self.advance = chunk_advancer(self.experiment, self.step_kwargs, shardings=shardings,
+                                  mesh=self.mesh, trace_count=[0])
     self.chunk = config.train.fused_steps
     self.metrics = None
 
@@ -199,7 +193,7 @@ class OursTrainer:
     done = 0
     while done < steps:
       n = min(self.chunk, steps - done)
-      self.state, self.metrics = self.run_chunk(self.state, num_steps=n)
+      self.state, self.metrics = self.advance(self.state, n)
       # loop.train's check_finite reads the chunk's metrics: one host sync per chunk.
       np.asarray(self.metrics["loss"])
       done += n

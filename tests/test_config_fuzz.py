@@ -105,7 +105,8 @@ def override_cases() -> list[tuple[str, list[str], str]]:
       (CONFIG, ["--config.data.kind=images"], "data.target='8gaussians': unknown"),
       (DIGITS, ["--config.data.shape=(16, 16, 1)"], "(8, 8, 1)"),
       (DIGITS, ["--config.data.source=moons"], "data.source='moons'"),
-      (CONFIG + ":nonesuch_variant_ok", ["--config.train.steps=0"], "train.steps=0"),
+      (CONFIG + ":small", ["--config.train.steps=0"], "train.steps=0"),
+      (CONFIG + ":nonesuch_variant", [], "unknown variant 'nonesuch_variant'"),
   ]
   return cases
 

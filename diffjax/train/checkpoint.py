@@ -23,7 +23,8 @@ from diffjax.train import integrity
 
 __all__ = ["make_checkpoint_manager", "save", "restore_latest", "abstract_with_shardings",
            "CheckpointMismatchError", "PendingCommit", "save_step", "commit_step",
-           "restore_verified", "prepare_directory", "commit_if_done", "QUARANTINE"]
+           "restore_verified", "prepare_directory", "commit_if_done", "config_mismatch",
+           "QUARANTINE"]
 
 log = logging.getLogger("diffjax")
 
@@ -133,6 +134,27 @@ def _file_problem(step_dir, config, config_differences) -> str | None:
     if differences:
       reason = "written by another config (" + "; ".join(differences[:5]) + ")"
   return reason
+
+
+def config_mismatch(directory: str | pathlib.Path, *, config: dict,
+                    config_differences: Callable[[dict, dict], list[str]]
+                    ) -> tuple[str, list[str]] | None:
+  """``(step, differences)`` of the newest step when no step in ``directory`` was written with
+  ``config`` (``key: saved -> given``); ``None`` when one was, or when no marker is readable.
+
+  A restore skips the steps of another config as foreign, so without this a hand-edited
+  WORKDIR/config.json makes a directory full of checkpoints look empty. Reads only the markers.
+  """
+  newest = None
+  for step_dir in integrity.step_dirs(pathlib.Path(directory)):
+    record, _ = integrity.read_commit(step_dir)
+    if record is None:
+      continue
+    differences = config_differences(record["config"], config)
+    if not differences:
+      return None
+    newest = newest or (step_dir.name, differences)
+  return newest
 
 
 def commit_if_done(manager: ocp.CheckpointManager, pending: PendingCommit | None, *,

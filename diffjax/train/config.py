@@ -7,12 +7,14 @@ sub-dict is exactly the keyword arguments of one factory (``model`` feeds
 
 :func:`validate` checks what ``ml_collections`` does not (True for an int field, NaN, negative
 counts, unknown names, a batch that does not split over the mesh, data that does not fit the
-model) and raises one :class:`ConfigError` listing every problem, each naming the key and the fix.
+model, labels outside ``data.num_classes``) and raises one :class:`ConfigError` listing every
+problem, each naming the key and the fix.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import math
@@ -20,6 +22,7 @@ import pathlib
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 __all__ = [
     "ConfigError",
@@ -32,6 +35,7 @@ __all__ = [
     "resume_fingerprint",
     "fingerprint_differences",
     "check_resume_config",
+    "label_problem",
 ]
 
 
@@ -139,6 +143,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Runs ``get_config()`` from a Python config file and locks the result.
 
   ``path`` may end in ``:variant``, passed to ``get_config(variant)`` (big_vision convention).
+  A file that declares ``VARIANTS = ("small", ...)`` accepts only those names, alone or joined
+  by commas (``:cond,small``): a mistyped variant would otherwise run the full experiment. A
+  file without the declaration gets its variant unchecked, as ``get_config`` sees it.
   """
   path, _, variant = path.partition(":")
   file = pathlib.Path(path)
@@ -152,6 +159,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function; define one")
+  _check_variant(path, variant, getattr(module, "VARIANTS", None))
   try:
     config = module.get_config(variant) if variant else module.get_config()
   except Exception as e:  # noqa: BLE001 -- a user's file: report it in one line
@@ -162,6 +170,25 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
                       "an ml_collections.ConfigDict (start from diffjax.train.config.base_config)")
   config.lock()
   return config
+
+
+def _check_variant(path: str, variant: str, declared: Any) -> None:
+  """Raises one :class:`ConfigError` when ``variant`` names a variant the file does not declare
+  in its ``VARIANTS`` tuple (``None``: the file declares none, nothing to check)."""
+  if declared is None or not variant:
+    return
+  if not (isinstance(declared, (tuple, list)) and all(isinstance(v, str) for v in declared)):
+    raise ConfigError(f"VARIANTS in {path!r} is {declared!r}; declare a tuple of variant "
+                      "names, e.g. VARIANTS = ('small',)")
+  unknown = [name for name in variant.split(",") if name not in declared]
+  if not unknown:
+    return
+  close = difflib.get_close_matches(unknown[0], declared, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  known = ", ".join(repr(v) for v in declared) or "none"
+  raise ConfigError(f"--config {path}:{variant}: unknown variant {unknown[0]!r}{hint}; the "
+                    f"file's VARIANTS are {known} (join several with ','), or drop "
+                    f"':{variant}' for the full experiment")
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
@@ -320,23 +347,55 @@ def _positive(config, names, problems, allow_zero=False):
       problems.append(f"{name}={node!r}: must be {bound}")
 
 
-def _data_file_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """An npz file or image folder is read once here, so a corrupt, unreadable, mis-shaped or
-  NaN-holding dataset fails before anything compiles (the loader's own checks, one line)."""
-  if config.data.kind != "images" or config.data.target not in ("npz", "folder"):
+def label_problem(labels, *, num_classes: int, origin: str, complete: bool = True
+                  ) -> str | None:
+  """One line when ``labels`` do not all lie in ``0 .. num_classes - 1``, else ``None``.
+
+  A conditional model's label table has ``num_classes + 1`` rows, the last one the null label of
+  classifier-free guidance: a label equal to ``num_classes`` would silently train as the null
+  label, a larger one reads outside the table (NaN from ``jnp.take``). ``num_classes == 0``
+  (an unconditional model) ignores labels. ``complete=False`` (one batch, not the whole data
+  set) makes the suggested count a lower bound.
+  """
+  labels = np.asarray(labels)
+  if num_classes == 0 or labels.size == 0:
+    return None
+  low, high = int(labels.min()), int(labels.max())
+  if 0 <= low and high < num_classes:
+    return None
+  found = f"data.num_classes={num_classes} but the labels in {origin} span {low}..{high}"
+  if low < 0:
+    return f"{found}; relabel the data to 0 .. N-1, or set data.num_classes=0 (unconditional)"
+  count = f"data.num_classes={high + 1}" if complete else f"data.num_classes >= {high + 1}"
+  return (f"{found} (label {num_classes} is the null label, larger ones lie outside the label "
+          f"table); set {count}, or 0 to train unconditionally")
+
+
+def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """An in-memory dataset (npz file, image folder, digits) is read here, so a corrupt,
+  unreadable, mis-shaped or NaN-holding dataset, or labels outside ``data.num_classes``, fail
+  before anything compiles (the loader's own checks, one line). Digits are read only when a
+  conditional model needs their labels checked: their shape is fixed."""
+  target = config.data.target
+  if config.data.kind != "images" or target not in ("npz", "folder", "digits"):
+    return []
+  if target == "digits" and not config.data.num_classes:
     return []
   from diffjax.data import images  # pylint: disable=import-outside-toplevel
-  key = "path" if config.data.target == "npz" else "root"
+  kwargs = {"npz": {"path": config.data.path}, "folder": {"root": config.data.path},
+            "digits": {}}[target]
+  origin = repr(config.data.path) if kwargs else repr(target)
   try:
-    arrays, _ = images.load_arrays(config.data.target, **{key: config.data.path})
+    arrays, labels = images.load_arrays(target, **kwargs)
   except (ValueError, OSError) as e:
-    text = " ".join(str(e).split())
-    return [f"data.path={config.data.path!r}: {text}"]
+    key = "data.path" if kwargs else "data.target"
+    return [f"{key}={origin}: {' '.join(str(e).split())}"]
   shape = tuple(arrays.shape[1:])
-  if shape != tuple(config.data.shape):
-    return [f"data.shape={tuple(config.data.shape)} but {config.data.path!r} holds images of "
-            f"shape {shape}; set data.shape={shape}"]
-  return []
+  if kwargs and shape != tuple(config.data.shape):
+    return [f"data.shape={tuple(config.data.shape)} but {origin} holds images of shape {shape}; "
+            f"set data.shape={shape}"]
+  problem = label_problem(labels, num_classes=config.data.num_classes, origin=origin)
+  return [problem] if problem else []
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> None:
@@ -378,7 +437,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)
   if not problems:
-    problems += _data_file_problems(config)
+    problems += _dataset_problems(config)
 
   # Mesh and batch.
   data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from diffjax.data import images
+from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
 
 __all__ = ["dataset_kwargs", "make_input_hooks"]
@@ -28,7 +29,9 @@ def make_input_hooks(config, mesh):
 
   Each process reads its own shard (``process_index`` of ``process_count``) with a per-process
   batch of ``batch_size / process_count``; :func:`sharding.global_batch_from_local` assembles
-  the global batch over the mesh.
+  the global batch over the mesh. Every batch's labels are checked against
+  ``data.num_classes`` on the host (validation already did so for in-memory data; a TFDS source
+  is first seen here, and its first batch is read before the step compiles).
   """
   process_count = jax.process_count()
   loader = images.make_loader(
@@ -42,10 +45,17 @@ def make_input_hooks(config, mesh):
       return images.restore_iterator(loader, data_state["grain"])
     return iter(loader)
 
+  num_classes = config.data.num_classes
+  origin = f"a batch of data.target={config.data.target!r}"
+
   def next_batch(iterator):
     batch = next(iterator)
     local = {"x": np.asarray(batch["image"], np.float32),
              "label": np.asarray(batch["label"], np.int32)}
+    problem = config_lib.label_problem(local["label"], num_classes=num_classes, origin=origin,
+                                       complete=False)
+    if problem:
+      raise config_lib.ConfigError(problem)
     return sharding_lib.global_batch_from_local(local, mesh)
 
   def iterator_state(iterator) -> dict:

@@ -59,12 +59,19 @@ class TrainResult(dict):
   ``start_step`` and ``preempted`` (the signal's name when a signal stopped the run)."""
 
 
-def first_nonfinite_excess(streaks, losses, *, first_step: int, max_steps: int
-                           ) -> tuple[int, float, int] | None:
+def first_nonfinite_excess(streaks, losses, *, first_step: int, max_steps: int,
+                           last_step: int | None = None) -> tuple[int, float, int] | None:
   """``(step, loss, streak)`` of the first step whose consecutive non-finite count exceeds
-  ``max_steps`` among steps ``first_step, first_step + 1, ...``; ``None`` when none does."""
+  ``max_steps`` among steps ``first_step, first_step + 1, ...``; ``None`` when none does.
+
+  The run's ``last_step`` also counts when its streak covers every step since initialisation
+  (``streak == step``): a run no longer than ``max_steps`` whose every step was non-finite
+  never exceeds the limit, and would otherwise end as a success that trained nothing.
+  """
   streaks = np.atleast_1d(np.asarray(streaks))
-  over = np.flatnonzero(streaks > max_steps)
+  steps = first_step + np.arange(streaks.size)
+  untrained = (steps == last_step) & (streaks >= steps) if last_step is not None else False
+  over = np.flatnonzero((streaks > max_steps) | untrained)
   if over.size == 0:
     return None
   i = int(over[0])
@@ -264,14 +271,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   def check_finite(metrics, first_step):
     excess = first_nonfinite_excess(metrics["nonfinite_streak"], metrics["loss"],
                                     first_step=first_step,
-                                    max_steps=config.train.max_nonfinite_steps)
-    if excess is not None:
-      bad_step, loss, streak = excess
+                                    max_steps=config.train.max_nonfinite_steps,
+                                    last_step=total)
+    if excess is None:
+      return
+    bad_step, loss, streak = excess
+    if streak >= bad_step:  # not one finite step since initialisation: data or config
       raise NonFiniteLossError(
-          f"loss or gradient non-finite for {streak} consecutive steps up to step {bad_step} "
-          f"(loss {loss}; train.max_nonfinite_steps={config.train.max_nonfinite_steps}); lower "
-          "optimizer.learning_rate or set optimizer.grad_clip_norm; the last good checkpoint "
-          f"in {checkpoints} is kept")
+          f"loss or gradient non-finite at every step of the run, 1 to {bad_step} (loss {loss}):"
+          " nothing was trained; check the data and the config (NaN pixels, labels >= "
+          "data.num_classes, optimizer.learning_rate)")
+    raise NonFiniteLossError(
+        f"loss or gradient non-finite for {streak} consecutive steps up to step {bad_step} "
+        f"(loss {loss}; train.max_nonfinite_steps={config.train.max_nonfinite_steps}); lower "
+        "optimizer.learning_rate or set optimizer.grad_clip_norm; the last good checkpoint "
+        f"in {checkpoints} is kept")
 
   saved_step = start if restored is not None else None
 
