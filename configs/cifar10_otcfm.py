@@ -11,7 +11,7 @@ default here), or from a user-given file: ``--config.data.target=npz
 
 import ml_collections
 
-from diffjax.train.config import base_config
+from diffjax.train.config import base_config, objective_group
 
 # The ``:variant`` names get_config accepts: bfloat16 compute.
 VARIANTS = ("bf16",)
@@ -28,11 +28,8 @@ def get_config(variant: str = ""):
   config.model = ml_collections.ConfigDict(dict(
       name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
       dropout=0.1, num_heads=4))
-  config.objective.kind = "flow_matching"
-  config.objective.recipe = "otcfm"
-  config.objective.sigma = 0.0
   # scipy's assignment solver is ~1.5x faster than POT's simplex on 3072-D clouds (couplings.py).
-  config.objective.ot_solver = "lsa"
+  config.objective = objective_group("otcfm", sigma=0.0, ot_solver="lsa")
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 5_000

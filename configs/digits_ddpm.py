@@ -6,7 +6,7 @@ guidance; ``:small`` is a smoke test.
 
 import ml_collections
 
-from diffjax.train.config import base_config
+from diffjax.train.config import base_config, objective_group
 
 # The ``:variant`` names get_config accepts, alone or joined by commas (``:cond,small``).
 VARIANTS = ("cond", "small")
@@ -21,10 +21,8 @@ def get_config(variant: str = ""):
   config.model = ml_collections.ConfigDict(dict(
       name="unet", ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
       dropout=0.1, num_heads=1))
-  config.objective.kind = "diffusion"
-  config.objective.schedule = "cosine"
-  config.objective.num_diffusion_steps = 1000
-  config.objective.prediction = "eps"
+  config.objective = objective_group("diffusion", schedule="cosine", num_diffusion_steps=1000,
+                                     prediction="eps")
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
   config.optimizer.grad_clip_norm = 1.0

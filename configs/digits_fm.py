@@ -2,11 +2,13 @@
 optimizer with the flow-matching objective.
 
 Variants: ``:cond`` (class-conditional, label dropout 0.1, label-aware OT when
-``objective.recipe=otcfm``), ``:small`` (smoke test).
+``objective.name=otcfm``), ``:small`` (smoke test).
 """
 
 import importlib.util
 import pathlib
+
+from diffjax.train.config import objective_group
 
 _spec = importlib.util.spec_from_file_location(
     "digits_ddpm", pathlib.Path(__file__).with_name("digits_ddpm.py"))
@@ -18,8 +20,7 @@ VARIANTS = _digits_ddpm.VARIANTS  # get_config passes its variant on
 
 def get_config(variant: str = ""):
   config = _digits_ddpm.get_config(variant)
-  config.objective.kind = "flow_matching"
-  config.objective.recipe = "icfm"
-  config.objective.sigma = 0.0
+  config.objective = objective_group("icfm", sigma=0.0,
+                                     label_dropout=config.objective.label_dropout)
   config.sample.steps = 10 if "small" in variant.split(",") else 100
   return config

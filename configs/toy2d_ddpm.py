@@ -1,7 +1,7 @@
 """DDPM on 2D toys: eps-prediction, linear betas over 1000 steps, the 3x64 SELU MLP
 (Ho et al. 2020, https://arxiv.org/abs/2006.11239)."""
 
-from diffjax.train.config import base_config
+from diffjax.train.config import base_config, objective_group
 
 # The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
 VARIANTS = ("small",)
@@ -11,11 +11,8 @@ def get_config(variant: str = ""):
   config = base_config()
   config.seed = 42
   config.data.target = "moons"
-  config.objective.kind = "diffusion"
-  config.objective.schedule = "linear"
-  config.objective.num_diffusion_steps = 1000
-  config.objective.prediction = "eps"
-  config.objective.weighting = "uniform"
+  config.objective = objective_group("diffusion", schedule="linear", num_diffusion_steps=1000,
+                                     prediction="eps", weighting="uniform")
   config.model.width = 128
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256

@@ -1,6 +1,6 @@
 """I-CFM on 2D toys: N(0, I) -> 8gaussians, sigma 0.1, TorchCFM's 3x64 SELU MLP (Tong et al. 2024)."""
 
-from diffjax.train.config import base_config
+from diffjax.train.config import base_config, objective_group
 
 # The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
 VARIANTS = ("small",)
@@ -11,8 +11,7 @@ def get_config(variant: str = ""):
   config.seed = 42
   config.data.source = "normal"
   config.data.target = "8gaussians"
-  config.objective.recipe = "icfm"
-  config.objective.sigma = 0.1
+  config.objective = objective_group("icfm", sigma=0.1)
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256
   config.train.steps = 20_000

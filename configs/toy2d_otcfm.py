@@ -2,7 +2,7 @@
 batch 256, 20k steps (Tong et al. 2024, "Improving and generalizing flow-based generative models
 with minibatch optimal transport", https://arxiv.org/abs/2302.00482)."""
 
-from diffjax.train.config import base_config
+from diffjax.train.config import base_config, objective_group
 
 # The ``:variant`` names get_config accepts (checked by load_config_file): a smoke test.
 VARIANTS = ("small",)
@@ -13,8 +13,7 @@ def get_config(variant: str = ""):
   config.seed = 42
   config.data.source = "8gaussians"
   config.data.target = "moons"
-  config.objective.recipe = "otcfm"
-  config.objective.sigma = 0.1
+  config.objective = objective_group("otcfm", sigma=0.1)
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256
   config.train.steps = 20_000

@@ -61,20 +61,24 @@ def _save(fig, path) -> None:
   os.replace(tmp, path)
 
 
-def plot_experiment(state, workdir, *, config, generate, target_sampler) -> None:
-  """WORKDIR/samples.png from the EMA parameters of ``state``."""
-  key = jax.random.PRNGKey(config.seed + 1)
-  num = config.sample.num if len(config.data.shape) == 1 else 64
-  out = generate(state.ema_params, key, num, steps=config.sample.steps, return_trajectories=True)
+def plot_experiment(state, workdir, *, generate, target_sampler, data_shape: tuple[int, ...],
+                    seed: int, num: int, steps: int, num_trajectories: int,
+                    title: str) -> None:
+  """WORKDIR/samples.png from the EMA parameters of ``state``: a 2D scatter over the target with
+  ``num_trajectories`` trajectories, or a grid of 64 images."""
+  key = jax.random.PRNGKey(seed + 1)
+  vectors = len(data_shape) == 1
+  out = generate(state.ema_params, key, num if vectors else 64, steps=steps,
+                 return_trajectories=True)
   samples = np.asarray(out["samples"])
-  title = f"{config.objective.kind}: {config.model.name}, step {int(state.step)}"
-  if len(config.data.shape) == 1:
+  title = f"{title}, step {int(state.step)}"
+  if vectors:
     target = None
     if target_sampler is not None:
-      target = np.asarray(target_sampler(jax.random.PRNGKey(config.seed + 2), num))
+      target = np.asarray(target_sampler(jax.random.PRNGKey(seed + 2), num))
     trajectories = out.get("trajectories")
     if trajectories is not None:
-      trajectories = np.asarray(trajectories)[:, : config.sample.num_trajectories]
+      trajectories = np.asarray(trajectories)[:, :num_trajectories]
     plot_2d(pathlib.Path(workdir) / "samples.png", samples=samples, target=target,
             trajectories=trajectories, title=title)
   else:

@@ -100,13 +100,13 @@ def _check_sampler(workdir, sampler: str | None) -> None:
   """An unknown ``--sampler`` fails before anything is restored or compiled."""
   if sampler is None:
     return
-  from diffjax import samplers  # pylint: disable=import-outside-toplevel
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
   config = _load_workdir_config(workdir)
-  valid = (samplers.FLOW_SAMPLERS if config.objective.kind == "flow_matching"
-           else tuple(samplers.SAMPLERS))
-  if sampler not in valid:
-    raise UsageError(f"--sampler {sampler!r}: unknown for a {config.objective.kind} model; "
-                     f"choose one of {sorted(valid)}")
+  spec = objectives.OBJECTIVES[config.objective.name]
+  if sampler not in spec.samplers:
+    raise UsageError(f"--sampler {sampler!r}: cannot sample a {config.objective.name!r} "
+                     f"model (its output is {spec.output}); choose one of "
+                     f"{sorted(spec.samplers)}")
 
 
 def _check_guidance(workdir, guidance: float | None) -> None:
@@ -121,7 +121,7 @@ def _check_guidance(workdir, guidance: float | None) -> None:
     raise UsageError(f"--guidance {guidance}: the model in {workdir} is unconditional "
                      "(data.num_classes=0), so there is nothing to guide; drop --guidance, or "
                      "train a class-conditional model (e.g. configs/digits_fm.py:cond)")
-  if not config.objective.label_dropout > 0:
+  if not config.objective.get("label_dropout", 0.0) > 0:
     raise UsageError(f"--guidance {guidance}: the model in {workdir} was trained without label "
                      "dropout (objective.label_dropout=0), so its unconditional (null-label) "
                      "prediction is untrained; drop --guidance, or train with "

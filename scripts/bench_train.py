@@ -158,7 +158,7 @@ def make_config(recipe: str, *, steps: int, chunk: int, seed: int):
   c = config_lib.load_config_file(PROTOCOL_CONFIG)
   c.seed = seed
   c.data.source, c.data.target = PROTOCOLS[recipe]
-  c.objective.recipe = recipe
+  config_lib.apply_overrides(c, [f"--config.objective.name={recipe}"])
   c.train.steps = steps
   if chunk:
     c.train.fused_steps = chunk

@@ -166,7 +166,10 @@ def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
   c = config_lib.load_config_file(PROTOCOL_CONFIG)
   c.seed = seed
   c.data.source, c.data.target = TASKS[task]
-  c.objective.recipe, c.objective.sigma = method, SIGMAS[method]
+  # Lipman's FM names its noise level sigma_min (TorchCFM's TargetConditionalFlowMatcher sigma).
+  noise = "sigma_min" if method == "fm" else "sigma"
+  config_lib.apply_overrides(c, [f"--config.objective.name={method}",
+                                 f"--config.objective.{noise}={SIGMAS[method]}"])
   c.train.steps = steps
   if chunk:
     c.train.fused_steps = chunk

@@ -36,7 +36,8 @@ import ml_collections
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffjax.train.config import base_config  # noqa: E402  (after the path setup)
+from diffjax.train.config import (  # noqa: E402  (after the path setup)
+    base_config, objective_group)
 
 __all__ = ["get_config", "Chain", "run_chain", "uninterrupted"]
 
@@ -47,7 +48,7 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
   config.seed = 3
   config.model = ml_collections.ConfigDict(dict(name="mlp", width=32, depth=2,
                                                 activation="selu"))
-  config.objective.recipe = "icfm"
+  config.objective = objective_group("icfm")
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 64
   config.train.steps = 40

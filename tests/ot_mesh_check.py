@@ -51,7 +51,7 @@ def case_config(data: str, fsdp: int, scope: str, steps: int):
     overrides = [f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps // 2}"]
   else:
     config = config_lib.load_config_file(str(CONFIGS / "digits_fm.py") + ":cond")
-    overrides = ["--config.objective.recipe=otcfm", f"--config.train.steps={steps}",
+    overrides = ["--config.objective.name=otcfm", f"--config.train.steps={steps}",
                  f"--config.train.checkpoint_every={steps // 2}", "--config.model.ch=16",
                  "--config.model.num_res_blocks=1", "--config.train.batch_size=64"]
   config_lib.apply_overrides(config, overrides + [

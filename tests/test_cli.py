@@ -65,7 +65,7 @@ def test_evaluate_prints_w2(trained_workdir, capsys):
     ("--config.train.batch_size=60", "not divisible by"),
     ("--config.model.name=resnet", "model.name='resnet': unknown"),
     ("--config.data.target=spiral", "data.target='spiral': unknown"),
-    ("--config.objective.recipe=magic", "objective.recipe='magic': unknown"),
+    ("--config.objective.name=magic", "objective.name='magic': unknown"),
     ("--config.data.shape=(3,)", "data.shape=(3,)"),
     ("--config.train.ema_decay=1.5", "train.ema_decay=1.5"),
 ])

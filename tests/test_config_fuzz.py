@@ -29,18 +29,48 @@ CONFIG = str(ROOT / "configs" / "toy2d_icfm.py")
 DIGITS = str(ROOT / "configs" / "digits_fm.py")
 COUNTS = ["train.steps", "train.batch_size", "train.fused_steps", "train.log_every",
           "train.checkpoint_every", "train.keep_checkpoints", "train.accumulate_steps",
-          "sample.num", "sample.steps", "objective.num_diffusion_steps",
+          "sample.num", "sample.steps",
           "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s"]
 RATES = ["optimizer.learning_rate", "optimizer.weight_decay", "optimizer.grad_clip_norm",
          "objective.sigma", "train.ema_decay", "objective.label_dropout", "optimizer.eps",
          "train.step_timeout_s", "train.save_timeout_s"]
-NAMES = {"data.kind": "toy2d", "data.target": "toy2d", "data.source": "toy2d",
-         "model.name": "toy2d", "objective.kind": "toy2d", "objective.recipe": "toy2d",
-         "objective.time_sampler": "toy2d", "objective.coupling_scope": "toy2d",
-         "objective.ot_solver": "toy2d",
-         "train.compute_dtype": "toy2d", "optimizer.name": "toy2d", "optimizer.decay": "toy2d",
-         "objective.schedule": "diffusion", "objective.prediction": "diffusion",
-         "objective.weighting": "diffusion"}
+NAMES = ["data.kind", "data.target", "data.source", "model.name", "objective.name",
+         "train.compute_dtype", "optimizer.name", "optimizer.decay"]
+# Wrong combinations within one objective, each rejected with its reason.
+COMBINATIONS = [
+    ("diffusion", ["zero_terminal_snr=true", "prediction=eps"], "zero_terminal_snr"),
+    ("diffusion", ["zero_terminal_snr=true", "prediction=v", "weighting=elbo"], "infinite"),
+    ("diffusion", ["prediction=velocity"], "d alpha / dt"),
+    ("diffusion", ["num_diffusion_steps=1"], "num_diffusion_steps=1"),
+    ("otcfm", ["label_dropout=1.0"], "label_dropout=1.0"),
+]
+
+
+def objective_cases() -> list[tuple[str, list[str], str]]:
+  """Generated from the objectives table: for every objective, an unknown value for each of its
+  string keywords, a negative value for each numeric one its check bounds, a key it does not
+  take; and every combination above."""
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
+  cases = []
+  for name, spec in sorted(objectives.OBJECTIVES.items()):
+    start = ["--config.data.source=normal", f"--config.objective.name={name}"]
+    for key, default in objectives.defaults(spec.build).items():
+      if isinstance(default, str):
+        bad = {**objectives.defaults(spec.build), key: "nonesuch"}
+        if spec.check(**bad):  # a name the objective looks up
+          cases.append((CONFIG, [*start, f"--config.objective.{key}=nonesuch"],
+                        f"objective.{key}='nonesuch'"))
+      elif isinstance(default, float) and not isinstance(default, bool):
+        bad = {**objectives.defaults(spec.build), key: -0.5}
+        if spec.check(**bad):
+          cases.append((CONFIG, [*start, f"--config.objective.{key}=-0.5"],
+                        f"objective.{key}=-0.5"))
+    cases.append((CONFIG, [*start, "--config.objective.nonesuch_key=1"],
+                  "objective.nonesuch_key: unknown key"))
+  for name, settings, fragment in COMBINATIONS:
+    cases.append((CONFIG, ["--config.data.source=normal", f"--config.objective.name={name}",
+                           *[f"--config.objective.{s}" for s in settings]], fragment))
+  return cases
 
 
 def _flat_schema():
@@ -82,9 +112,9 @@ def override_cases() -> list[tuple[str, list[str], str]]:
     cases += [(CONFIG, [f"--config.{key}=nan"], f"{key}=nan: must be a finite number"),
               (CONFIG, [f"--config.{key}=inf"], f"{key}=inf: must be a finite number"),
               (CONFIG, [f"--config.{key}=-0.5"], f"{key}=-0.5")]
-  for key, kind in NAMES.items():
-    extra = ["--config.objective.kind=diffusion"] if kind == "diffusion" else []
-    cases.append((CONFIG, [*extra, f"--config.{key}=nonesuch"], f"{key}='nonesuch': unknown"))
+  for key in NAMES:
+    cases.append((CONFIG, [f"--config.{key}=nonesuch"], f"{key}='nonesuch': unknown"))
+  cases += objective_cases()
   for batch in (60, 12, 100, 4):
     cases.append((CONFIG, [f"--config.train.batch_size={batch}"], "not divisible by"))
   cases += [

@@ -24,7 +24,7 @@ def test_config_validates(path):
 def test_torchcfm_2d_protocol():
   config = config_lib.load_config_file(str(CONFIGS[0].with_name("toy2d_otcfm.py")))
   assert (config.data.source, config.data.target) == ("8gaussians", "moons")
-  assert (config.objective.recipe, config.objective.sigma) == ("otcfm", 0.1)
+  assert (config.objective.name, config.objective.sigma) == ("otcfm", 0.1)
   assert (config.model.name, config.model.width, config.model.depth,
           config.model.activation) == ("mlp", 64, 3, "selu")
   assert (config.optimizer.name, config.optimizer.learning_rate) == ("adam", 1e-3)

@@ -230,7 +230,7 @@ def test_sinkhorn_per_device_plots_likelihood_and_samplers_on_four_devices(tmp_p
   workdir = tmp_path / "sb"
   commands = [
       ["train", "--config", str(ROOT / "configs" / "toy2d_otcfm.py") + ":small",
-       "--config.objective.recipe=sbcfm", "--config.objective.coupling_scope=per_device",
+       "--config.objective.name=sbcfm", "--config.objective.coupling_scope=per_device",
        "--config.data.source=normal", "--config.mesh.fsdp=2", "--config.train.progress_bar=false",
        "--workdir", str(workdir)],
       ["evaluate", "--workdir", str(workdir), "--num", "256", "--sampler", "dopri5"],

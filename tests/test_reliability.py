@@ -357,9 +357,9 @@ MUTATIONS = [
     "--config.optimizer.decay=cosine", "--config.optimizer.grad_clip_norm=1.0",
     "--config.train.compute_dtype=bfloat16", "--config.train.batch_size=64",
     "--config.train.accumulate_steps=2", "--config.train.ema_decay=0.99", "--config.seed=1",
-    "--config.objective.recipe=otcfm", "--config.objective.sigma=0.2",
+    "--config.objective.name=otcfm", "--config.objective.sigma=0.2",
     "--config.objective.time_sampler=logit_normal", "--config.data.target=moons",
-    "--config.data.source=8gaussians", "--config.objective.kind=diffusion",
+    "--config.data.source=8gaussians", "--config.objective.name=diffusion",
 ]
 
 

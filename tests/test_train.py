@@ -26,7 +26,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 def tiny_config(recipe="otcfm", **overrides):
   config = config_lib.load_config_file(str(CONFIGS / "toy2d_otcfm.py"))
   config_lib.apply_overrides(config, [
-      f"--config.objective.recipe={recipe}", "--config.train.steps=20",
+      f"--config.objective.name={recipe}", "--config.train.steps=20",
       "--config.train.fused_steps=5", "--config.train.log_every=5",
       "--config.train.checkpoint_every=10", "--config.train.batch_size=64",
       "--config.model.width=32", "--config.train.progress_bar=false",

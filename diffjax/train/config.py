@@ -36,11 +36,28 @@ __all__ = [
     "fingerprint_differences",
     "check_resume_config",
     "label_problem",
+    "objective_group",
 ]
 
 
 class ConfigError(ValueError):
   """A config or command-line problem a user can fix; the message lists each problem."""
+
+
+def objective_group(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.objective`` for objective ``name``: its factory's keywords with their defaults,
+  then ``overrides``; an unknown name or keyword raises :class:`ConfigError`."""
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
+  if name not in objectives.OBJECTIVES:
+    raise ConfigError(f"objective.name={name!r}: unknown; choose one of "
+                      f"{sorted(objectives.OBJECTIVES)}")
+  group = {"name": name, **objectives.defaults(objectives.OBJECTIVES[name].build)}
+  unknown = sorted(set(overrides) - set(group))
+  if unknown:
+    raise ConfigError(f"objective {name!r} takes no {unknown}; its keywords are "
+                      f"{sorted(set(group) - {'name'})}")
+  group.update(overrides)
+  return ml_collections.ConfigDict(group)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,22 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
       activation="selu",
   ))
 
-  # The objective: kind "flow_matching" (a recipe of path + coupling) or "diffusion".
-  c.objective = ml_collections.ConfigDict(dict(
-      kind="flow_matching",
-      recipe="icfm",            # icfm | otcfm | sbcfm | fm
-      sigma=0.1,                # path noise (I-CFM/OT-CFM/SB-CFM) or sigma_min (Lipman's FM)
-      time_sampler="uniform",   # uniform | logit_normal | u_shaped
-      coupling_scope="global",  # global: OT on the gathered batch; per_device: on each shard
-      ot_solver="emd",          # exact OT: emd (POT's simplex) | lsa (scipy; faster on images)
-      label_dropout=0.0,        # classifier-free guidance training (conditional models)
-      # diffusion
-      schedule="linear",        # discrete: linear | scaled_linear | cosine | sigmoid
-      num_diffusion_steps=1000,
-      prediction="eps",         # eps | x0 | v
-      weighting="uniform",      # uniform | min_snr | elbo
-      min_snr_gamma=5.0,
-  ))
+  # The objective: a name in diffjax.objectives.OBJECTIVES plus exactly its factory's keywords
+  # (experiments of another objective replace the whole group: objective_group(name)).
+  c.objective = objective_group("icfm")
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam",              # adam | adamw
@@ -230,9 +234,26 @@ def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies ``--config.a.b=value`` overrides, each parsed by the type of the field it replaces.
 
+  ``--config.objective.name=NAME`` first replaces the objective group by NAME's (the keys differ
+  per objective): a key both objectives take keeps a value the config set (one that differs
+  from the old objective's default), every other key gets NAME's default, and the other
+  ``--config.objective.*`` overrides apply to the new group.
+
   Raises one :class:`ConfigError` listing every unknown key and unparsable value.
   """
   problems = []
+  for item in overrides:
+    if item.startswith("--config.objective.name="):
+      name = item.split("=", 1)[1]
+      if name != config.objective.name:
+        try:
+          before = objective_group(config.objective.name)
+          shared = {key: value for key, value in config.objective.items()
+                    if key in objective_group(name) and key != "name" and value != before[key]}
+          with config.unlocked():
+            config.objective = objective_group(name, **shared)
+        except ConfigError as e:
+          problems.append(str(e))
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
       problems.append(f"{item}: expected --config.<key>=<value>")
@@ -293,8 +314,15 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
       else:
         node[key] = value
 
-  # The model group holds one model's keywords, which differ per model: take it whole.
+  # The model and objective groups hold one factory's keywords, which differ per name: the model
+  # group is taken whole, the objective group over its objective's defaults.
   config.model = ml_collections.ConfigDict(loaded.pop("model"))
+  objective = dict(loaded.pop("objective", {}))
+  if "name" not in objective:
+    raise ConfigError("config.json: the objective group has no name; the workdir was written by "
+                      "an incompatible diffjax version (train it again in a new --workdir)")
+  config.objective = objective_group(objective.pop("name"))
+  merge(config.objective, objective, "objective.")
   merge(config, loaded, "")
   config.lock()
   return config
@@ -317,6 +345,11 @@ def _check_types(config, defaults, prefix, problems):
     if not prefix and key == "model":
       continue  # model keywords differ per model; create_model checks them by name
     value, default = config[key], defaults[key]
+    if not prefix and key == "objective":
+      # The keys are the named objective's keywords (unknown ones: objective_problems).
+      default = _objective_defaults(value, problems)
+      if default is None:
+        continue
     name = f"{prefix}{key}"
     if isinstance(default, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
@@ -333,6 +366,28 @@ def _check_types(config, defaults, prefix, problems):
       problems.append(f"{name}={value!r}: expected {_TYPES.get(expected, expected.__name__)}")
     elif expected is float and not math.isfinite(value):
       problems.append(f"{name}={value!r}: must be a finite number")
+
+
+def _objective_defaults(group, problems) -> ml_collections.ConfigDict | None:
+  """The defaults of the objective ``group`` names, restricted to the keys it holds (so only
+  their types are compared here); ``None`` after reporting an unusable group."""
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
+  if not isinstance(group, ml_collections.ConfigDict) or "name" not in group:
+    problems.append(f"objective={group!r}: expected a group with a name, one of "
+                    f"{sorted(objectives.OBJECTIVES)}")
+    return None
+  name = group["name"]
+  if name not in objectives.OBJECTIVES:
+    problems.append(f"objective.name={name!r}: unknown; choose one of "
+                    f"{sorted(objectives.OBJECTIVES)}")
+    return None
+  defaults = {"name": name, **objectives.defaults(objectives.OBJECTIVES[name].build)}
+  unknown = [key for key in group.keys() if key not in defaults]
+  for key in unknown:
+    problems.append(f"objective.{key}: objective {name!r} does not take it (its keywords: "
+                    f"{sorted(set(defaults) - {'name'})}); drop it, or start from a config of "
+                    "an objective that does")
+  return ml_collections.ConfigDict({k: v for k, v in defaults.items() if k in group})
 
 
 def _positive(config, names, problems, allow_zero=False):
@@ -417,12 +472,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   _positive(config, ["train.steps", "train.batch_size", "train.fused_steps", "train.log_every",
                      "train.checkpoint_every", "train.keep_checkpoints",
                      "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
-                     "sample.steps", "objective.num_diffusion_steps",
+                     "sample.steps",
                      "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s",
                      "optimizer.eps", "train.save_timeout_s"], problems)
   _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
-                     "optimizer.grad_clip_norm", "train.plot_every", "objective.sigma",
-                     "objective.label_dropout", "sample.num_trajectories",
+                     "optimizer.grad_clip_norm", "train.plot_every",
+                     "sample.num_trajectories",
                      "train.max_nonfinite_steps", "train.step_timeout_s"], problems,
             allow_zero=True)
   for name in ("optimizer.b1", "optimizer.b2"):
@@ -431,8 +486,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
       problems.append(f"{name}={value}: must be in [0, 1)")
   if not 0.0 <= config.train.ema_decay < 1.0:
     problems.append(f"train.ema_decay={config.train.ema_decay}: must be in [0, 1)")
-  if not 0.0 <= config.objective.label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={config.objective.label_dropout}: must be in [0, 1)")
   if problems:  # before the name tables, whose imports take seconds
     raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)

@@ -1,7 +1,7 @@
 """The names a config may use, checked before anything compiles.
 
 Each check looks the name up in the table of the module that owns it (models, toy2d, images,
-losses, schedules, samplers), so a new entry there is valid here without an edit.
+objectives), so a new entry there is valid here without an edit.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import ml_collections
 __all__ = ["name_problems", "shape_problems"]
 
 _DATA_KINDS = ("toy2d", "images")
-_OBJECTIVES = ("flow_matching", "diffusion")
-_COUPLING_SCOPES = ("global", "per_device")
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -24,7 +22,7 @@ def _choice(problems, key, value, choices):
 def name_problems(config: ml_collections.ConfigDict) -> list[str]:
   """Unknown names in ``config``, each as one line naming the key and the valid choices."""
   # pylint: disable-next=import-outside-toplevel
-  from diffjax import couplings, losses, models, schedules
+  from diffjax import models, objectives
   from diffjax.data import images, toy2d  # pylint: disable=import-outside-toplevel
 
   problems: list[str] = []
@@ -38,20 +36,12 @@ def name_problems(config: ml_collections.ConfigDict) -> list[str]:
       problems.append(f"data.source={config.data.source!r}: image experiments start from "
                       "noise; set data.source='normal'")
   _choice(problems, "model.name", config.model.name, models.MODELS)
-  _choice(problems, "objective.kind", config.objective.kind, _OBJECTIVES)
-  if config.objective.kind == "flow_matching":
-    _choice(problems, "objective.recipe", config.objective.recipe,
-            losses.FLOW_MATCHING_RECIPES)
-    _choice(problems, "objective.time_sampler", config.objective.time_sampler,
-            losses.TIME_SAMPLERS)
-    _choice(problems, "objective.coupling_scope", config.objective.coupling_scope,
-            _COUPLING_SCOPES)
-    _choice(problems, "objective.ot_solver", config.objective.ot_solver, couplings.OT_SOLVERS)
-  else:
-    _choice(problems, "objective.schedule", config.objective.schedule,
-            schedules.DISCRETE_SCHEDULES)
-    _choice(problems, "objective.prediction", config.objective.prediction, ("eps", "x0", "v"))
-    _choice(problems, "objective.weighting", config.objective.weighting, losses.WEIGHTINGS)
+  problems += objectives.objective_problems(config.objective.to_dict())
+  spec = objectives.OBJECTIVES.get(config.objective.name)
+  if spec is not None and not spec.any_source and config.data.source != "normal":
+    problems.append(f"data.source={config.data.source!r}: objective "
+                    f"{config.objective.name!r} starts from N(0, I); set data.source='normal' "
+                    "(a flow-matching objective transports any source)")
   _choice(problems, "train.compute_dtype", config.train.compute_dtype, _COMPUTE_DTYPES)
   _choice(problems, "optimizer.name", config.optimizer.name, ("adam", "adamw"))
   _choice(problems, "optimizer.decay", config.optimizer.decay, ("constant", "cosine"))

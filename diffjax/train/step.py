@@ -17,12 +17,13 @@ host call, on threads. Why not one program with a callback: see
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from diffjax.objectives import HostPairing
 from diffjax.train.state import TrainState
 
 __all__ = ["LossFn", "PairFn", "HostPairing", "step_keys", "update_step", "train_step",
@@ -34,22 +35,6 @@ __all__ = ["LossFn", "PairFn", "HostPairing", "step_keys", "update_step", "train
 LossFn = Callable[[Any, jax.Array, Any], jax.Array]
 # pair_fn(key, batch) -> batch: the parameter-free part of the objective (source draws, coupling).
 PairFn = Callable[[jax.Array, Any], Any]
-
-
-class HostPairing(NamedTuple):
-  """A pairing whose coupling is solved on the host, between two programs.
-
-  Attributes:
-    propose: ``(key, batch) -> (batch, problem)`` in graph: the batch with its source draws
-      (unpaired) and the coupling's problem (cost matrix and constraints).
-    solve: ``problem -> solution`` on the host (NumPy), for a stack of problems with leading
-      step axes.
-    finish: ``(batch, solution) -> batch`` in graph: the paired batch ``pair_fn`` would return.
-  """
-
-  propose: Callable[[jax.Array, Any], tuple[Any, Any]]
-  solve: Callable[[Any], Any]
-  finish: Callable[[Any, Any], Any]
 
 
 def step_keys(base_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

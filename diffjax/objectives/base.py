@@ -1,0 +1,156 @@
+"""What an objective is, and the pieces every objective module shares.
+
+An objective is the value a method resolves to: built by one factory from ``config.objective``
+(its ``name`` plus exactly that factory's keyword arguments) and an :class:`ObjectiveContext`
+(the model's apply function and the data's source, resolved at the edge), it carries everything
+the trainer, the samplers and the evaluator need, so no config string is read below the edge.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffjax import models as models_lib
+from diffjax import samplers as samplers_lib
+
+__all__ = ["ObjectiveContext", "Objective", "ObjectiveSpec", "HostPairing", "keywords",
+           "defaults", "drop_labels_for_guidance", "probability_flow_likelihood"]
+
+
+class ObjectiveContext(NamedTuple):
+  """What a factory gets besides its keywords (the experiment's edge resolves it once).
+
+  Attributes:
+    apply: ``apply(params, x_t, t, cond, dropout_key=None) -> output`` of the model.
+    source: ``(key, num) -> [num, *data_shape]`` source draws (noise or a 2D toy).
+    data_shape: shape of one example.
+    num_classes: > 0 for a class-conditional model (labels in ``0 .. num_classes - 1``).
+    num_batch_shards: how many pieces the batch is split over (per-device couplings).
+    source_is_normal: the source is ``N(0, I)``, so a likelihood through the ODE exists.
+    target_sampler: ``(key, num) -> samples`` of a data distribution generated on device
+      (2D toys), else ``None``.
+    seed: the experiment's seed (fixed draws an objective needs once, e.g. a finite data set).
+  """
+
+  apply: Callable
+  source: Callable
+  data_shape: tuple[int, ...]
+  num_classes: int = 0
+  num_batch_shards: int = 1
+  source_is_normal: bool = True
+  target_sampler: Callable | None = None
+  seed: int = 0
+
+
+class HostPairing(NamedTuple):
+  """A pairing whose coupling is solved on the host, between two programs.
+
+  Attributes:
+    propose: ``(key, batch) -> (batch, problem)`` in graph: the batch with its source draws
+      (unpaired) and the coupling's problem (cost matrix and constraints).
+    solve: ``problem -> solution`` on the host (NumPy), for a stack of problems with leading
+      step axes.
+    finish: ``(batch, solution) -> batch`` in graph: the paired batch ``pair_fn`` would return.
+  """
+
+  propose: Callable[[jax.Array, Any], tuple[Any, Any]]
+  solve: Callable[[Any], Any]
+  finish: Callable[[Any, Any], Any]
+
+
+class Objective(NamedTuple):
+  """A built objective.
+
+  Attributes:
+    loss_fn: ``(params, key, batch) -> scalar`` on the batch ``pair_fn`` returns.
+    pair_fn: ``(key, batch) -> batch``, the parameter-free draws made before the loss (source
+      points and their coupling), or ``None``; one program (a host-solved coupling through a
+      callback: for one device).
+    host_pairing: the same pairing as a :class:`HostPairing` when a coupling is solved on the
+      host (exact OT), else ``None``: what the trainer runs.
+    generate: ``generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
+      return_trajectories=False) -> dict(samples=..., trajectories=..., nfe=...)``.
+    log_likelihood: ``(params, key, data, *, steps) -> [batch] log p(data)`` in nats, or
+      ``None`` where the objective defines no density.
+  """
+
+  loss_fn: Callable
+  pair_fn: Callable | None
+  host_pairing: HostPairing | None
+  generate: Callable
+  log_likelihood: Callable | None
+
+
+class ObjectiveSpec(NamedTuple):
+  """One entry of the objectives table.
+
+  Attributes:
+    build: ``build(context, **keywords) -> Objective``; its keyword-only parameters are exactly
+      the config group's keys (besides ``name``), their defaults the group's defaults.
+    check: ``check(**keywords) -> [problem, ...]``: combinations that are wrong, each one line
+      with the reason (run at validation, before anything is built).
+    samplers: the sampler names its generator accepts.
+    default_sampler: the one it uses when none is named.
+    output: what the model's output means ("velocity", "eps", "x0", "v", "edm_denoiser").
+    summary: one line for the README and ``--help``.
+    any_source: the objective transports any source distribution (flow matching); otherwise
+      its source is ``N(0, I)`` (``data.source='normal'``).
+  """
+
+  build: Callable[..., Objective]
+  check: Callable[..., list[str]]
+  samplers: tuple[str, ...]
+  default_sampler: str
+  output: str
+  summary: str
+  any_source: bool = False
+
+
+def keywords(build: Callable) -> dict[str, inspect.Parameter]:
+  """The keyword-only parameters of a factory, by name."""
+  return {p.name: p for p in inspect.signature(build).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+def defaults(build: Callable) -> dict[str, Any]:
+  """A factory's keywords with their defaults (what ``config.objective`` holds by default)."""
+  return {name: p.default for name, p in keywords(build).items()}
+
+
+def drop_labels_for_guidance(key, labels, *, num_classes: int, label_dropout: float):
+  """Labels with a fraction ``label_dropout`` replaced by the null label (classifier-free
+  guidance training, Ho & Salimans 2022, https://arxiv.org/abs/2207.12598); unchanged when
+  there are no labels or no dropout."""
+  if labels is None or label_dropout <= 0:
+    return labels
+  return models_lib.drop_labels(key, labels, num_classes=num_classes, drop_prob=label_dropout)
+
+
+def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, noise_time: float,
+                                data_shape: tuple[int, ...]) -> Callable:
+  """``log p(x)`` by the instantaneous change of variables along the probability-flow ODE
+  (Chen et al. 2018; Song et al. 2021, App. D.2), with RK4 from the data time to the noise
+  time: the exact divergence for vectors (2D toys), Hutchinson's estimator for images.
+
+  Args:
+    velocity_of: ``params -> (x, t) -> dx/dt`` in the objective's own time.
+    data_time: the time at which the ODE holds the data.
+    noise_time: the time at which it holds ``N(0, I)``.
+    data_shape: shape of one example.
+  """
+  exact = len(data_shape) == 1
+  divergence = (samplers_lib.exact_divergence if exact else samplers_lib.hutchinson_divergence)
+
+  @functools.partial(jax.jit, static_argnames="steps")
+  def log_likelihood(params, key, data, *, steps):
+    times = jnp.linspace(data_time, noise_time, steps + 1)
+    out = samplers_lib.log_likelihood(key, velocity_of(params), data, times=times,
+                                      divergence=divergence)
+    return out.log_prob
+
+  return log_likelihood

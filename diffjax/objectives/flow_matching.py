@@ -1,0 +1,181 @@
+"""Conditional flow matching: the I-CFM, OT-CFM, SB-CFM and Lipman FM recipes.
+
+Each recipe is a path and a coupling (``diffjax.losses.FLOW_MATCHING_RECIPES``); here either can
+be replaced by name (``path``, ``coupling``: empty keeps the recipe's own), with any time sampler.
+The model regresses the conditional velocity ``u_t(x | x0, x1)`` of the path (Lipman et al. 2023,
+https://arxiv.org/abs/2210.02747; Tong et al. 2024, https://arxiv.org/abs/2302.00482); flow time
+runs from the source (``t = 0``) to the data (``t = 1``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from diffjax import couplings as couplings_lib
+from diffjax import losses as losses_lib
+from diffjax import paths as paths_lib
+from diffjax import samplers as samplers_lib
+from diffjax.objectives import base
+
+__all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "COUPLING_SCOPES", "SPECS"]
+
+COUPLING_SCOPES = ("global", "per_device")
+
+
+def _noise_keywords(path_name: str, noise: dict) -> dict:
+  """The recipe's noise level for a path that takes one (``sigma`` or ``sigma_min``)."""
+  accepted = base.keywords(paths_lib.PATHS[path_name])
+  value = next(iter(noise.values()))
+  return {name: value for name in ("sigma", "sigma_min") if name in accepted}
+
+
+def _coupling(name: str, recipe: losses_lib.FlowMatchingRecipe, *, ot_solver: str,
+              num_classes: int):
+  """The coupling by name; exact OT binds the solver and, with labels, pairs within a class
+  (class-agnostic OT pairs noise meant for one class with data of another)."""
+  if name in ("exact_ot", "label_exact_ot"):
+    return couplings_lib.get_coupling("label_exact_ot" if num_classes else "exact_ot",
+                                      solver=ot_solver)
+  kwargs = recipe.coupling_kwargs if name == recipe.coupling else {}
+  return couplings_lib.get_coupling(name, **kwargs)
+
+
+def _paired(x0, x1, labels):
+  paired = {"x0": x0, "x": x1}
+  if labels is not None:
+    paired["label"] = labels
+  return paired
+
+
+def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, path: str,
+           coupling: str, time_sampler: str, ot_solver: str, coupling_scope: str,
+           label_dropout: float) -> base.Objective:
+  recipe = losses_lib.get_flow_matching_recipe(recipe_name, **noise)
+  path_name = path or recipe.path
+  path_fn = paths_lib.get_path(path_name, **_noise_keywords(path_name, noise))
+  pair_coupling = _coupling(coupling or recipe.coupling, recipe, ot_solver=ot_solver,
+                            num_classes=context.num_classes)
+  if coupling_scope == "per_device":
+    pair_coupling = couplings_lib.blockwise_coupling(pair_coupling,
+                                                     num_blocks=context.num_batch_shards)
+  sample_time = losses_lib.get_time_sampler(time_sampler)
+  num_classes = context.num_classes
+
+  def draw(key, batch):
+    k_source, k_pairs = jax.random.split(key)
+    x1 = batch["x"]
+    x0 = context.source(k_source, x1.shape[0])
+    labels = batch.get("label") if num_classes else None
+    return k_pairs, x0, x1, labels
+
+  def pair_fn(key, batch):
+    """Source draws and the coupling: no parameters, so fused steps pair ahead of the scan."""
+    return _paired(*pair_coupling(*draw(key, batch)))
+
+  host_pairing = None
+  if isinstance(pair_coupling, couplings_lib.HostSolvedCoupling):
+    def propose(key, batch):
+      k_pairs, x0, x1, labels = draw(key, batch)
+      return _paired(x0, x1, labels), pair_coupling.problem(k_pairs, x0, x1, labels)
+
+    def finish(batch, solution):
+      return _paired(*pair_coupling.apply(solution, batch["x0"], batch["x"], batch.get("label")))
+
+    host_pairing = base.HostPairing(propose=propose, solve=pair_coupling.solve, finish=finish)
+
+  def loss_fn(params, key, batch):
+    k_example, k_labels, k_dropout = jax.random.split(key, 3)
+    labels = base.drop_labels_for_guidance(k_labels, batch.get("label"), num_classes=num_classes,
+                                           label_dropout=label_dropout)
+    example = losses_lib.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x"],
+                                               path=path_fn, time_sampler=sample_time,
+                                               cond=labels)
+    prediction = context.apply(params, example.model_input, example.model_time, example.cond,
+                               dropout_key=k_dropout)
+    return losses_lib.regression_loss(prediction, example)
+
+  generate = samplers_lib.flow_generator(apply=context.apply, source=context.source,
+                                         data_shape=context.data_shape, num_classes=num_classes)
+  log_likelihood = None
+  if context.source_is_normal:
+    # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
+    log_likelihood = base.probability_flow_likelihood(
+        lambda params: lambda x, t: context.apply(params, x, t, None), data_time=1.0,
+        noise_time=0.0, data_shape=context.data_shape)
+  return base.Objective(loss_fn=loss_fn, pair_fn=pair_fn, host_pairing=host_pairing,
+                        generate=generate, log_likelihood=log_likelihood)
+
+
+def check(*, path: str = "", coupling: str = "", time_sampler: str = "uniform",
+          ot_solver: str = "emd", coupling_scope: str = "global", label_dropout: float = 0.0,
+          **noise) -> list[str]:
+  """Unknown names and out-of-range values, one line each."""
+  problems = []
+  choices = [("path", path, paths_lib.PATHS, True),
+             ("coupling", coupling, couplings_lib.COUPLINGS, True),
+             ("time_sampler", time_sampler, losses_lib.TIME_SAMPLERS, False),
+             ("ot_solver", ot_solver, couplings_lib.OT_SOLVERS, False),
+             ("coupling_scope", coupling_scope, COUPLING_SCOPES, False)]
+  for key, value, table, may_be_empty in choices:
+    if not (value in table or (may_be_empty and value == "")):
+      empty = " ('' keeps the recipe's own)" if may_be_empty else ""
+      problems.append(f"objective.{key}={value!r}: unknown; choose one of "
+                      f"{sorted(table)}{empty}")
+  if not 0.0 <= label_dropout < 1.0:
+    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  for key, value in noise.items():
+    if not value >= 0:
+      problems.append(f"objective.{key}={value!r}: a noise level must be >= 0")
+  return problems
+
+
+def icfm(context: base.ObjectiveContext, *, sigma: float = 0.1, path: str = "",
+         coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
+         coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+  """I-CFM: ``x_t = t x1 + (1 - t) x0 + sigma z``, target ``x1 - x0``, independent pairs."""
+  return _build(context, "icfm", {"sigma": sigma}, path=path, coupling=coupling,
+                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
+                label_dropout=label_dropout)
+
+
+def otcfm(context: base.ObjectiveContext, *, sigma: float = 0.1, path: str = "",
+          coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
+          coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+  """OT-CFM: I-CFM's path on the pairs of an exact minibatch OT permutation."""
+  return _build(context, "otcfm", {"sigma": sigma}, path=path, coupling=coupling,
+                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
+                label_dropout=label_dropout)
+
+
+def sbcfm(context: base.ObjectiveContext, *, sigma: float = 1.0, path: str = "",
+          coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
+          coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+  """SB-CFM: the Brownian bridge of variance ``sigma^2`` on pairs drawn from the entropic OT
+  plan with ``eps = 2 sigma^2`` (the static Schrodinger bridge, Tong et al. 2024, Prop. 3.5)."""
+  return _build(context, "sbcfm", {"sigma": sigma}, path=path, coupling=coupling,
+                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
+                label_dropout=label_dropout)
+
+
+def fm(context: base.ObjectiveContext, *, sigma_min: float = 1e-4, path: str = "",
+       coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
+       coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+  """Lipman's FM: ``x_t = t x1 + (1 - (1 - sigma_min) t) x0``, independent pairs."""
+  return _build(context, "fm", {"sigma_min": sigma_min}, path=path, coupling=coupling,
+                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
+                label_dropout=label_dropout)
+
+
+_SUMMARIES = {
+    "icfm": "I-CFM: icfm path (sigma), independent pairs (Tong et al. 2024)",
+    "otcfm": "OT-CFM: icfm path (sigma), exact minibatch OT pairs (Tong et al. 2024)",
+    "sbcfm": "SB-CFM: Brownian bridge (sigma), entropic OT with eps = 2 sigma^2 (Tong et al.)",
+    "fm": "Lipman's FM: linear path with sigma_min, independent pairs (Lipman et al. 2023)",
+}
+
+SPECS = {
+    name: base.ObjectiveSpec(build=factory, check=check, samplers=samplers_lib.FLOW_SAMPLERS,
+                             default_sampler="euler", output="velocity",
+                             summary=_SUMMARIES[name], any_source=True)
+    for name, factory in [("icfm", icfm), ("otcfm", otcfm), ("sbcfm", sbcfm), ("fm", fm)]
+}
