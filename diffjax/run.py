@@ -7,7 +7,6 @@ from WORKDIR/config.json (never from a Python file in a workdir) and restore the
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -149,10 +148,8 @@ def restore_for_inference(workdir: str | pathlib.Path):
   import jax  # pylint: disable=import-outside-toplevel
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
-  from diffjax.train import loop  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from diffjax.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
-  from diffjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from diffjax.train.trainer import make_trainer  # pylint: disable=import-outside-toplevel
 
   config = _load_workdir_config(workdir)
   fingerprint = config_lib.resume_fingerprint(config)
@@ -164,10 +161,9 @@ def restore_for_inference(workdir: str | pathlib.Path):
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.train.batch_size = len(devices)
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=devices)
-  experiment = build_experiment(config, mesh=mesh)
-  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  abstract, shardings, _ = loop.make_initial_state(experiment, optimizer, seed=config.seed,
-                                                   mesh=mesh)
+  trainer = make_trainer(config, mesh)
+  experiment, abstract, shardings = (trainer.experiment, trainer.abstract_state,
+                                     trainer.shardings)
   manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False)
   try:
     # The newest step whose digests verify; a damaged one is reported, not moved (read-only).

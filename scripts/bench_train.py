@@ -6,7 +6,7 @@ steps (20,000), for I-CFM (independent pairs) and OT-CFM (exact minibatch OT).
 
 Ours runs through the real training path: :func:`diffjax.train.experiment.build_experiment` on a
 1-device mesh, and the very chunk :func:`diffjax.train.loop.train` runs
-(:func:`diffjax.train.loop.chunk_advancer`: ``train.fused_steps`` steps in one jitted scan, state
+(:func:`diffjax.train.trainer.make_trainer`: ``train.fused_steps`` steps in one jitted scan, state
 donated; for OT-CFM the chunk's coupling problems, one host solve of all of them, then the scan;
 the per-chunk finite check). ``loop_train`` also times :func:`diffjax.train.loop.train` itself
 end to end from its metrics.jsonl (``steps_per_second`` between log points, compile excluded).
@@ -40,7 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -55,13 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import couplings, evaluate, losses
+from diffjax import couplings, evaluate
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
-from diffjax.train.experiment import build_experiment
-from diffjax.train.loop import chunk_advancer, make_initial_state
-from diffjax.train.optim import make_optimizer
-from diffjax.train.step import fused_train_steps, train_step
+from diffjax.train.trainer import make_trainer
+from diffjax.train.step import train_step
 
 __all__ = ["PROTOCOLS", "TARGET_RATIOS", "main", "parse_args", "run_benchmark"]
 
@@ -173,18 +170,15 @@ class OursTrainer:
   def __init__(self, config):
     self.config = config
     self.mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
-    self.experiment = build_experiment(config, mesh=self.mesh)
-    self.optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-    _, shardings, create = make_initial_state(self.experiment, self.optimizer,
-                                              seed=config.seed, mesh=self.mesh)
-    self.state = create()
+    # The trainer loop.train runs: one program per chunk, or two with the host's OT solve.
+    trainer = make_trainer(config, self.mesh)
+    self.experiment, self.optimizer = trainer.experiment, trainer.optimizer
+    self.state = trainer.create_state()
     self.step_kwargs = dict(pair_fn=self.experiment.pair_fn, loss_fn=self.experiment.loss_fn,
                             optimizer=self.optimizer,
                             ema_decay=config.train.ema_decay,
                             accumulate_steps=config.train.accumulate_steps)
-    # Exactly loop.train's chunk: one program, or two with the host's OT solve between them.
-    self.advance = chunk_advancer(self.experiment, self.step_kwargs, shardings=shardings,
-                                  mesh=self.mesh, trace_count=[0])
+    self.advance = trainer.advance
     self.chunk = config.train.fused_steps
     self.metrics = None
 

@@ -58,7 +58,7 @@ from diffjax import samplers as samplers_lib
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.experiment import build_experiment
-from diffjax.train.loop import make_initial_state
+from diffjax.train.trainer import make_initial_state
 from diffjax.train.optim import make_optimizer
 from diffjax.train.step import fused_train_steps
 

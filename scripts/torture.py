@@ -402,8 +402,7 @@ def _fuzz_main(args) -> int:
   from diffjax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from diffjax.train.experiment import build_experiment  # pylint: disable=import-outside-toplevel
-  from diffjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from diffjax.train.trainer import make_trainer  # pylint: disable=import-outside-toplevel
   import logging  # pylint: disable=import-outside-toplevel
 
   root = pathlib.Path(args.root)
@@ -416,10 +415,8 @@ def _fuzz_main(args) -> int:
   config_lib.validate(config, num_devices=1)
   loop.train(config, root / "run", devices=jax.devices()[:1])
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
-  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  abstract, shardings, _ = loop.make_initial_state(build_experiment(config, mesh=mesh),
-                                                   optimizer, seed=config.seed, mesh=mesh)
-  target = ckpt.abstract_with_shardings(abstract, shardings)
+  trainer = make_trainer(config, mesh)
+  target = ckpt.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
 
   def restore(copy):
     manager = ckpt.make_checkpoint_manager(copy / "checkpoints", keep=100, async_save=False)

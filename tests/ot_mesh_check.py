@@ -37,8 +37,7 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 from diffjax.train import config as config_lib  # noqa: E402
 from diffjax.train import loop  # noqa: E402
 from diffjax.train import sharding as sharding_lib  # noqa: E402
-from diffjax.train.experiment import build_experiment  # noqa: E402
-from diffjax.train.optim import make_optimizer  # noqa: E402
+from diffjax.train.trainer import make_trainer  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -73,10 +72,6 @@ def first_advance(config, devices):
   ``(problem, solution, proposed batch)`` as NumPy."""
   mesh = sharding_lib.make_mesh(data=-1, fsdp=config.mesh.fsdp if len(devices) > 1 else 1,
                                 devices=devices)
-  experiment = build_experiment(config, mesh=mesh)
-  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  _, shardings, create = loop.make_initial_state(experiment, optimizer, seed=config.seed,
-                                                 mesh=mesh)
   seen = {}
 
   def recording_solve(solve, problem):
@@ -84,14 +79,10 @@ def first_advance(config, devices):
     seen["solution"] = solve(problem)
     return seen["solution"]
 
-  kwargs = dict(step_kwargs=dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn,
-                                 optimizer=optimizer, ema_decay=config.train.ema_decay),
-                shardings=shardings, mesh=mesh, trace_count=[0], host_solve=recording_solve)
-  if experiment.sample_batch is not None:
-    loop.chunk_advancer(experiment, **kwargs)(create(), config.train.fused_steps)
-  else:
-    iterator = experiment.make_iterator({})
-    loop.step_advancer(experiment, **kwargs)(create(), experiment.next_batch(iterator))
+  trainer = make_trainer(config, mesh, host_solve=recording_solve)
+  experiment = trainer.experiment
+  batch = None if experiment.sample_batch else experiment.next_batch(experiment.make_iterator({}))
+  trainer.advance(trainer.create_state(), config.train.fused_steps, batch)
   return seen
 
 

@@ -189,7 +189,7 @@ def test_trainer_programs_hold_no_host_callback(recipe, scope):
 
   import jax
 
-  from diffjax.train import loop
+  from diffjax.train import trainer as trainer_lib
   from diffjax.train import sharding as sharding_lib
   from diffjax.train.experiment import build_experiment
   from diffjax.train.optim import make_optimizer
@@ -200,7 +200,7 @@ def test_trainer_programs_hold_no_host_callback(recipe, scope):
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:4])
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  _, _, create = loop.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
+  _, _, create = trainer_lib.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
   state = create()
   update = dict(loss_fn=experiment.loss_fn, optimizer=optimizer, ema_decay=0.9)
   one_program = jax.jit(lambda s: fused_train_steps(

@@ -23,6 +23,7 @@ from diffjax.train import checkpoint as ckpt
 from diffjax.train import config as config_lib
 from diffjax.train import integrity
 from diffjax.train import loop
+from diffjax.train import trainer as trainer_lib
 from diffjax.train.metrics_log import MetricsWriter, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def _step_key_matches(key, base_key, steps, *, data: bool):
 def train_with(config, workdir, *, nan_data_steps=(), nan_grad_steps=()):
   """loop.train on one device with NaN injected into the data or the gradients of the given
   (0-based) steps, and no end-of-run plot."""
-  original = loop.build_experiment
+  original = trainer_lib.build_experiment
   base_key = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # init_train_state's split
 
   @jax.custom_vjp
@@ -86,12 +87,12 @@ def train_with(config, workdir, *, nan_data_steps=(), nan_grad_steps=()):
 
     return experiment._replace(sample_batch=bad_sample_batch, loss_fn=bad_loss_fn, plot=None)
 
-  loop.build_experiment = build
+  trainer_lib.build_experiment = build
   try:
     config_lib.validate(config, num_devices=1)
     return loop.train(config, workdir, devices=jax.devices()[:1])
   finally:
-    loop.build_experiment = original
+    trainer_lib.build_experiment = original
 
 
 def abstract_state(config):
@@ -102,8 +103,8 @@ def abstract_state(config):
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  abstract, shardings, _ = loop.make_initial_state(experiment, optimizer, seed=config.seed,
-                                                   mesh=mesh)
+  abstract, shardings, _ = trainer_lib.make_initial_state(experiment, optimizer,
+                                                          seed=config.seed, mesh=mesh)
   return ckpt.abstract_with_shardings(abstract, shardings)
 
 

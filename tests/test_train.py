@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import jax
@@ -14,6 +13,7 @@ import pytest
 
 from diffjax.train import config as config_lib
 from diffjax.train import loop
+from diffjax.train import trainer as trainer_lib
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.metrics_log import read_metrics
 from diffjax.train.optim import make_optimizer
@@ -202,7 +202,7 @@ def test_fused_chunk_pairs_ahead_and_equals_step_by_step(monkeypatch):
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  _, _, create = loop.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
+  _, _, create = trainer_lib.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
   kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
                 ema_decay=0.9)
   stacks = []

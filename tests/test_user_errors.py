@@ -17,6 +17,7 @@ import pytest
 from diffjax import cli
 from diffjax.train import config as config_lib
 from diffjax.train import loop
+from diffjax.train import trainer as trainer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -106,7 +107,7 @@ def test_loader_checks_labels_of_every_batch(tmp_path):
 
 def nan_data_train(config, workdir):
   """loop.train on one device with every data point NaN (every step non-finite), no plot."""
-  original = loop.build_experiment
+  original = trainer_lib.build_experiment
 
   def build(cfg, *, mesh):
     experiment = original(cfg, mesh=mesh)
@@ -116,11 +117,11 @@ def nan_data_train(config, workdir):
       return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), sample_batch(key))
     return experiment._replace(sample_batch=nan_batch, plot=None)
 
-  loop.build_experiment = build
+  trainer_lib.build_experiment = build
   try:
     return loop.train(config, workdir, devices=jax.devices()[:1])
   finally:
-    loop.build_experiment = original
+    trainer_lib.build_experiment = original
 
 
 def test_run_without_a_finite_step_halts(tmp_path):

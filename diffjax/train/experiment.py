@@ -13,11 +13,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from diffjax import models as models_lib
 from diffjax import objectives as objectives_lib
 from diffjax.data import toy2d
+from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
 
 __all__ = ["Experiment", "build_experiment", "create_model", "model_kwargs", "compute_dtype"]
@@ -106,7 +106,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
       source_is_normal=config.data.kind == "images" or config.data.source == "normal",
       target_sampler=target_sampler, seed=config.seed)
   keywords = {k: v for k, v in config.objective.items() if k != "name"}
-  objective = objectives_lib.get_objective(config.objective.name, context, **keywords)
+  try:
+    objective = objectives_lib.get_objective(config.objective.name, context, **keywords)
+  except ValueError as e:  # what only the built context shows (the data, the labels)
+    raise config_lib.ConfigError(f"objective {config.objective.name!r}: {e}") from None
 
   sample_batch = make_iterator = next_batch = iterator_state = None
   if config.data.kind == "toy2d":

@@ -1,0 +1,192 @@
+"""One trainer for every caller: from a config and a mesh to the state creator, the shardings
+and the jitted advance function.
+
+:func:`make_trainer` is what ``diffjax train`` (:func:`diffjax.train.loop.train`), the scripts
+and the tests build, so each of them runs the same compiled programs. ``advance(state,
+num_steps, batch)`` moves the state by ``num_steps`` steps: a fused chunk of on-device data
+(``batch`` unused) or one step on a host batch (``num_steps`` is 1).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+
+from diffjax.train import sharding as sharding_lib
+from diffjax.train.experiment import Experiment, build_experiment
+from diffjax.train.host_solve import solve_on_host
+from diffjax.train.optim import make_optimizer
+from diffjax.train.state import TrainState, init_train_state
+from diffjax.train.step import (finish_fused_steps, finish_step, fused_train_steps,
+                                propose_fused_pairs, propose_pairs, train_step)
+
+__all__ = ["Trainer", "make_trainer", "state_shardings_for", "make_initial_state",
+           "chunk_advancer", "step_advancer"]
+
+
+class Trainer(NamedTuple):
+  """What :func:`make_trainer` builds.
+
+  Attributes:
+    experiment: the resolved :class:`~diffjax.train.experiment.Experiment`.
+    optimizer: the optax transformation.
+    mesh: the device mesh.
+    abstract_state: ``jax.eval_shape`` of the train state.
+    shardings: the state's shardings (FSDP rule).
+    create_state: ``() -> state``, born sharded, from the config's seed.
+    advance: ``(state, num_steps, batch) -> (state, metrics)``, or ``None`` when ``host_solve``
+      returned ``None`` (a stop requested during a host solve; the state is untouched).
+    trace_count: a one-element list counting traces of the update program (none per step).
+  """
+
+  experiment: Experiment
+  optimizer: Any
+  mesh: Any
+  abstract_state: TrainState
+  shardings: TrainState
+  create_state: Callable[[], TrainState]
+  advance: Callable
+  trace_count: list
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh, *,
+                 host_solve: Callable | None = None) -> Trainer:
+  """The trainer of ``config`` on ``mesh``.
+
+  Args:
+    config: a validated experiment config.
+    mesh: from :func:`diffjax.train.sharding.make_mesh`.
+    host_solve: ``(solve, problem) -> solution | None`` running a host coupling solve (the
+      loop's waits for a signal and is bounded by the watchdog); default: wait until done.
+  """
+  experiment = build_experiment(config, mesh=mesh)
+  optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+  abstract, shardings, create = make_initial_state(experiment, optimizer, seed=config.seed,
+                                                   mesh=mesh)
+  trace_count = [0]
+  step_kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
+                     ema_decay=config.train.ema_decay,
+                     accumulate_steps=config.train.accumulate_steps)
+  kwargs = dict(step_kwargs=step_kwargs, shardings=shardings, mesh=mesh, trace_count=trace_count,
+                host_solve=host_solve)
+  if experiment.sample_batch is not None:
+    chunk = chunk_advancer(experiment, **kwargs)
+    advance = lambda state, num_steps, batch=None: chunk(state, num_steps)
+  else:
+    one = step_advancer(experiment, **kwargs)
+    advance = lambda state, num_steps, batch: one(state, batch)
+  return Trainer(experiment=experiment, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
+                 shardings=shardings, create_state=create, advance=advance,
+                 trace_count=trace_count)
+
+
+def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
+  """Parameters, EMA and optimizer leaves follow the FSDP rule; counters and the key are
+  replicated."""
+  replicated = sharding_lib.replicated(mesh)
+  return TrainState(
+      params=sharding_lib.state_shardings(abstract_state.params, mesh),
+      opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh),
+      ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh),
+      step=replicated, key=replicated, nonfinite_streak=replicated)
+
+
+def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh):
+  """Abstract state, its shardings, and a function creating the state born sharded
+  (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy)."""
+  init = functools.partial(init_train_state, init_params=experiment.model.init,
+                           optimizer=optimizer)
+  key = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(lambda k: init(key=k), key)
+  shardings = state_shardings_for(abstract, mesh)
+  create = jax.jit(lambda k: init(key=k), out_shardings=shardings)
+  return abstract, shardings, lambda: create(key)
+
+
+def _solve_without_stop(solve, problem):
+  return solve_on_host(solve, problem, stop_requested=lambda: False)
+
+
+def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
+                   trace_count: list, host_solve=None) -> Callable:
+  """``advance(state, num_steps) -> (state, metrics)`` for on-device data: ``num_steps`` fused
+  steps, or ``None`` when ``host_solve(solve, problem)`` (default: :func:`solve_on_host` with
+  no stop) returned ``None``, a stop requested while the host solved the chunk's couplings
+  (the state is then untouched: nothing was donated yet).
+
+  Without a host-solved coupling the chunk is one jitted ``lax.scan``. With one, it is two
+  programs and a host solve between them: the chunk's batches and coupling problems
+  (:func:`~diffjax.train.step.propose_fused_pairs`), all problems solved in one host call, then
+  the pairs finished inside the update program (:func:`~diffjax.train.step.finish_fused_steps`).
+  """
+  replicated = sharding_lib.replicated(mesh)
+  pairing = experiment.host_pairing
+  if pairing is None:
+    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
+                       out_shardings=(shardings, replicated))
+    def run_chunk(state, num_steps):
+      trace_count[0] += 1
+      return fused_train_steps(state, num_steps=num_steps, sample_batch=experiment.sample_batch,
+                               **step_kwargs)
+
+    return lambda state, num_steps: run_chunk(state, num_steps=num_steps)
+
+  host_solve = host_solve or _solve_without_stop
+  update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
+  propose = jax.jit(functools.partial(propose_fused_pairs, sample_batch=experiment.sample_batch,
+                                      propose=pairing.propose), static_argnames="num_steps")
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
+  def finish(state, batches, solutions):
+    trace_count[0] += 1
+    return finish_fused_steps(state, batches, solutions, finish=pairing.finish, **update_kwargs)
+
+  def advance(state, num_steps):
+    batches, problems = propose(state.key, state.step, num_steps=num_steps)
+    solutions = host_solve(pairing.solve, sharding_lib.to_host(problems))
+    if solutions is None:
+      return None
+    return finish(state, batches, sharding_lib.put_replicated(solutions, mesh))
+
+  return advance
+
+
+def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
+                  trace_count: list, host_solve=None) -> Callable:
+  """``advance(state, batch) -> (state, metrics)`` for host data, one step per call (``None``
+  when a stop request ended the wait for a host solve), in the two stages of
+  :func:`chunk_advancer` when the coupling is solved on the host."""
+  replicated = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  pairing = experiment.host_pairing
+  if pairing is None:
+    @functools.partial(jax.jit, donate_argnums=0, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated))
+    def run_step(state, batch):
+      trace_count[0] += 1
+      return train_step(state, batch, **step_kwargs)
+
+    return run_step
+
+  host_solve = host_solve or _solve_without_stop
+  update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
+  propose = jax.jit(functools.partial(propose_pairs, propose=pairing.propose))
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
+  def finish(state, batch, solution):
+    trace_count[0] += 1
+    return finish_step(state, batch, solution, finish=pairing.finish, **update_kwargs)
+
+  def advance(state, batch):
+    batch, problem = propose(state.key, state.step, batch)
+    solution = host_solve(pairing.solve, sharding_lib.to_host(problem))
+    if solution is None:
+      return None
+    return finish(state, batch, sharding_lib.put_replicated(solution, mesh))
+
+  return advance
+
+
