@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from diffjax.objectives import diffusion as _diffusion
 from diffjax.objectives import flow_matching as _flow_matching
+from diffjax.objectives import marginal_fm as _marginal_fm
 from diffjax.objectives.base import (HostPairing, Objective, ObjectiveContext, ObjectiveSpec,
                                      defaults, keywords)
 
@@ -21,6 +22,7 @@ __all__ = ["OBJECTIVES", "get_objective", "objective_problems", "Objective", "Ob
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     **_flow_matching.SPECS,
     "diffusion": _diffusion.SPEC,
+    "marginal_fm": _marginal_fm.SPEC,
 }
 
 
