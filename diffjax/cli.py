@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--steps", type=int, default=None)
   sample.add_argument("--sampler", default=None, help="sampler name (default: per objective)")
   sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--seed-index", type=int, default=None,
+                      help="with train.num_seeds > 1: the trained seed to sample (default: all)")
   sample.add_argument("--guidance", type=float, default=None,
                       help="classifier-free guidance scale (conditional models)")
 
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--steps", type=int, default=None)
   evaluate.add_argument("--sampler", default=None)
   evaluate.add_argument("--seed", type=int, default=0)
+  evaluate.add_argument("--seed-index", type=int, default=None,
+                        help="with train.num_seeds > 1: the trained seed to evaluate (default: "
+                        "each, with mean and std)")
   return parser
 
 
@@ -73,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample":
       out = run.sample_from_workdir(args.workdir, num=args.num, out=args.out, steps=args.steps,
                                     sampler=args.sampler, seed=args.seed,
+                                    seed_index=args.seed_index,
                                     guidance=args.guidance)
       print(json.dumps(out))
       return 0
     if args.command == "evaluate":
       print(json.dumps(run.evaluate_workdir(args.workdir, num=args.num, steps=args.steps,
-                                            sampler=args.sampler, seed=args.seed)))
+                                            sampler=args.sampler, seed=args.seed,
+                                            seed_index=args.seed_index)))
       return 0
   except (config_lib.ConfigError, run.UsageError) as e:
     return _fail(str(e))

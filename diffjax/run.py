@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import shutil
+from typing import Any
 
 import ml_collections
 
@@ -184,10 +185,29 @@ def restore_for_inference(workdir: str | pathlib.Path):
   return config, experiment, state.ema_params, step
 
 
+def _seed_members(config, params, seed_index: int | None) -> list[tuple[int | None, Any]]:
+  """``[(index, params)]`` of the trained seeds to use: the one model of a single-seed run, the
+  seed ``seed_index`` of a ``train.num_seeds`` run, or each of its seeds (``None``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  count = config.train.num_seeds
+  if count == 1:
+    if seed_index not in (None, 0):
+      raise UsageError(f"--seed-index {seed_index}: the run in the workdir trained one seed; "
+                       "drop --seed-index")
+    return [(None, params)]
+  if seed_index is not None and not 0 <= seed_index < count:
+    raise UsageError(f"--seed-index {seed_index}: the run trained train.num_seeds={count} "
+                     f"seeds; choose 0 .. {count - 1}, or drop it for all")
+  indices = range(count) if seed_index is None else [seed_index]
+  return [(k, jax.tree.map(lambda x, k=k: x[k], params)) for k in indices]
+
+
 def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None = None,
                         sampler: str | None = None, seed: int = 0,
-                        guidance: float | None = None) -> dict:
-  """Draws ``num`` samples with the EMA parameters and writes them to ``out`` (.npz)."""
+                        guidance: float | None = None, seed_index: int | None = None) -> dict:
+  """Draws ``num`` samples with the EMA parameters and writes them to ``out`` (.npz); for a run
+  of several seeds, of seed ``seed_index`` or of each (``samples`` then has a leading seed axis,
+  and ``seed_index`` lists the seeds)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -201,16 +221,20 @@ def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None =
   _check_sampler(workdir, sampler)
   _check_guidance(workdir, guidance)
   config, experiment, params, step = restore_for_inference(workdir)
-  result = experiment.generate(params, jax.random.PRNGKey(seed), num,
-                               steps=steps or config.sample.steps, sampler=sampler,
-                               guidance=guidance)
-  samples = np.asarray(result["samples"])
+  members = _seed_members(config, params, seed_index)
+  results = [experiment.generate(member, jax.random.PRNGKey(seed), num,
+                                 steps=steps or config.sample.steps, sampler=sampler,
+                                 guidance=guidance) for _, member in members]
+  arrays = {"samples": np.asarray(results[0]["samples"])}
+  if members[0][0] is not None:
+    arrays = {"samples": np.stack([np.asarray(r["samples"]) for r in results]),
+              "seed_index": np.array([k for k, _ in members])}
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.with_name(out_path.stem + ".tmp.npz")
-  np.savez(tmp, samples=samples)
+  np.savez(tmp, **arrays)
   os.replace(tmp, out_path)
-  return {"out": str(out_path), "num": int(samples.shape[0]), "shape": list(samples.shape),
-          "step": int(step), "nfe": int(result.get("nfe", 0))}
+  return {"out": str(out_path), "num": num, "shape": list(arrays["samples"].shape),
+          "step": int(step), "nfe": int(results[0].get("nfe", 0))}
 
 
 def _held_out_images(config, num: int):
@@ -247,15 +271,15 @@ def _likelihood_metrics(config, experiment, params, data, *, seed: int, steps: i
 
 
 def evaluate_workdir(workdir: str, *, num: int = 2000, steps: int | None = None,
-                     sampler: str | None = None, seed: int = 0) -> dict:
+                     sampler: str | None = None, seed: int = 0,
+                     seed_index: int | None = None) -> dict:
   """JSON metrics of the EMA model: for 2D targets the exact 2-Wasserstein distance (POT)
   between ``num`` generated samples and ``num`` fresh target samples; for digits the Frechet
   distance in a digits classifier's features (not FID); the negative log-likelihood of ``num``
   target points (nats; bits/dim for images) through the probability-flow ODE when the source
-  is N(0, I)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  is N(0, I). For a run of several seeds: of seed ``seed_index``, or of each, reported per seed
+  with the mean and standard deviation over seeds."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from diffjax import evaluate  # pylint: disable=import-outside-toplevel
 
   if num <= 1:
     raise UsageError(f"--num {num}: must be > 1")
@@ -263,6 +287,27 @@ def evaluate_workdir(workdir: str, *, num: int = 2000, steps: int | None = None,
     raise UsageError(f"--steps {steps}: must be > 0")
   _check_sampler(workdir, sampler)
   config, experiment, params, step = restore_for_inference(workdir)
+  members = _seed_members(config, params, seed_index)
+  reports = [_evaluate_params(config, experiment, member, step=step, num=num, steps=steps,
+                              sampler=sampler, seed=seed) for _, member in members]
+  if members[0][0] is None:
+    return reports[0]
+  numbers = [k for k, v in reports[0].items()
+             if isinstance(v, float) and all(isinstance(r.get(k), float) for r in reports)]
+  summary = {"step": int(step), "num": num, "seeds": [k for k, _ in members],
+             "per_seed": reports,
+             "mean": {k: float(np.mean([r[k] for r in reports])) for k in numbers},
+             "std": {k: float(np.std([r[k] for r in reports])) for k in numbers}}
+  return summary
+
+
+def _evaluate_params(config, experiment, params, *, step: int, num: int, steps: int | None,
+                     sampler: str | None, seed: int) -> dict:
+  """The metrics of :func:`evaluate_workdir` for one set of parameters."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from diffjax import evaluate  # pylint: disable=import-outside-toplevel
+
   key_samples, key_target = jax.random.split(jax.random.PRNGKey(seed))
   result = experiment.generate(params, key_samples, num, steps=steps or config.sample.steps,
                                sampler=sampler)

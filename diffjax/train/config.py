@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_nonfinite_steps=3,    # consecutive non-finite steps skipped before the run halts
       step_timeout_s=0.0,       # > 0: a step (chunk) slower than this dumps stacks and exits
       save_timeout_s=600.0,     # with step_timeout_s > 0: the same for a checkpoint save
+      num_seeds=1,              # > 1: train seeds seed, seed + 1, ... at once (state vmapped)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -474,7 +475,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
                      "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
                      "sample.steps",
                      "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s",
-                     "optimizer.eps", "train.save_timeout_s"], problems)
+                     "optimizer.eps", "train.save_timeout_s", "train.num_seeds"], problems)
   _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
                      "optimizer.grad_clip_norm", "train.plot_every",
                      "sample.num_trajectories",

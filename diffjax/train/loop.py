@@ -187,7 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       log.warning("%s: checkpointed step %d in %s; run the same command to resume",
                   run.preempted, run.step, checkpoints)
     elif is_lead and trainer.experiment.plot is not None:
-      trainer.experiment.plot(state, workdir)
+      first_seed = state if trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
+      trainer.experiment.plot(first_seed, workdir)
   return TrainResult(state=state, losses=run.losses, trace_count=trainer.trace_count[0],
                      mesh=mesh, experiment=trainer.experiment, start_step=start,
                      preempted=run.preempted)
@@ -282,21 +283,32 @@ class _Run:
     except Exception:  # noqa: BLE001 -- the original error matters more
       log.exception("could not finish the checkpoint of step %d", self.pending["step"])
 
+  def _per_seed(self, values) -> np.ndarray:
+    """``[seeds, steps]`` from a metric of the last chunk (``[steps]`` or ``[seeds, steps]``)."""
+    return np.asarray(values).reshape(self.trainer.num_seeds, -1)
+
   def _record(self, metrics) -> None:
-    loss = float(np.mean(np.asarray(metrics["loss"])))
+    per_seed = self._per_seed(metrics["loss"]).mean(axis=1)
+    loss = float(per_seed.mean())
     now = time.perf_counter()
     rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, self.step
     self.losses.append((self.step, loss))
-    self.metrics.write(self.step, {"loss": loss,
-                                   "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
-                                   "steps_per_second": rate})
+    row = {"loss": loss, "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
+           "steps_per_second": rate}
+    if self.trainer.num_seeds > 1:
+      row["loss_per_seed"] = [float(x) for x in per_seed]
+    self.metrics.write(self.step, row)
     if self.progress is not None:
       self.progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.0f}")
 
   def _check_finite(self, metrics, first_step: int) -> None:
     limit = self.config.train.max_nonfinite_steps
-    excess = first_nonfinite_excess(metrics["nonfinite_streak"], metrics["loss"],
+    # With several seeds, the seed with the longest streak at each step decides.
+    streaks = self._per_seed(metrics["nonfinite_streak"])
+    worst = np.argmax(streaks, axis=0)
+    losses = np.take_along_axis(self._per_seed(metrics["loss"]), worst[None], axis=0)[0]
+    excess = first_nonfinite_excess(streaks.max(axis=0), losses,
                                     first_step=first_step, max_steps=limit,
                                     last_step=self.config.train.steps)
     if excess is None:

@@ -10,6 +10,11 @@ import pathlib
 __all__ = ["MetricsWriter", "read_metrics"]
 
 
+def _json_number(value) -> float | str:
+  value = float(value)
+  return value if math.isfinite(value) else str(value)
+
+
 class MetricsWriter:
   """Appends ``{"step": s, name: value, ...}`` lines; only process 0 writes.
 
@@ -39,19 +44,25 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
-  def write(self, step: int, metrics: dict[str, float]) -> None:
+  def write(self, step: int, metrics: dict[str, float | list[float]]) -> None:
+    """One line ``{"step": ..., name: value}``; a list value (one per seed) is written as a list
+    and logged to TensorBoard as ``name/0``, ``name/1``, ..."""
     if not self.enabled:
       return
     row = {"step": int(step)}
-    row.update({k: (float(v) if math.isfinite(float(v)) else str(float(v)))
-                for k, v in metrics.items()})
+    row.update({k: ([_json_number(x) for x in v] if isinstance(v, (list, tuple))
+                    else _json_number(v)) for k, v in metrics.items()})
     # One write call per line: a kill leaves at most a truncated last line, which readers skip
     # and a resume removes.
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
       for name, value in metrics.items():
-        self._tb.add_scalar(name, float(value), int(step))
+        if isinstance(value, (list, tuple)):
+          for i, x in enumerate(value):
+            self._tb.add_scalar(f"{name}/{i}", float(x), int(step))
+        else:
+          self._tb.add_scalar(name, float(value), int(step))
 
   def close(self) -> None:
     if not self.enabled:

@@ -5,6 +5,11 @@ and the jitted advance function.
 and the tests build, so each of them runs the same compiled programs. ``advance(state,
 num_steps, batch)`` moves the state by ``num_steps`` steps: a fused chunk of on-device data
 (``batch`` unused) or one step on a host batch (``num_steps`` is 1).
+
+``train.num_seeds = K > 1`` trains K independent seeds in one process: the state has a leading
+seed axis (seed ``k`` is initialised as a run with ``config.seed + k``), every program is
+``jax.vmap``-ed over it, and the metrics gain that axis. On-device data is drawn per seed from
+each seed's key; a host batch is shared by the seeds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.experiment import Experiment, build_experiment
@@ -40,6 +47,7 @@ class Trainer(NamedTuple):
     advance: ``(state, num_steps, batch) -> (state, metrics)``, or ``None`` when ``host_solve``
       returned ``None`` (a stop requested during a host solve; the state is untouched).
     trace_count: a one-element list counting traces of the update program (none per step).
+    num_seeds: the length of the state's leading seed axis (1: no such axis).
   """
 
   experiment: Experiment
@@ -50,6 +58,7 @@ class Trainer(NamedTuple):
   create_state: Callable[[], TrainState]
   advance: Callable
   trace_count: list
+  num_seeds: int = 1
 
 
 def make_trainer(config: ml_collections.ConfigDict, mesh, *,
@@ -64,14 +73,15 @@ def make_trainer(config: ml_collections.ConfigDict, mesh, *,
   """
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
+  num_seeds = config.train.num_seeds
   abstract, shardings, create = make_initial_state(experiment, optimizer, seed=config.seed,
-                                                   mesh=mesh)
+                                                   mesh=mesh, num_seeds=num_seeds)
   trace_count = [0]
   step_kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
                      ema_decay=config.train.ema_decay,
                      accumulate_steps=config.train.accumulate_steps)
   kwargs = dict(step_kwargs=step_kwargs, shardings=shardings, mesh=mesh, trace_count=trace_count,
-                host_solve=host_solve)
+                host_solve=host_solve, num_seeds=num_seeds)
   if experiment.sample_batch is not None:
     chunk = chunk_advancer(experiment, **kwargs)
     advance = lambda state, num_steps, batch=None: chunk(state, num_steps)
@@ -80,7 +90,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh, *,
     advance = lambda state, num_steps, batch: one(state, batch)
   return Trainer(experiment=experiment, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
                  shardings=shardings, create_state=create, advance=advance,
-                 trace_count=trace_count)
+                 trace_count=trace_count, num_seeds=num_seeds)
 
 
 def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
@@ -94,16 +104,30 @@ def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
       step=replicated, key=replicated, nonfinite_streak=replicated)
 
 
-def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh):
+def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh,
+                       num_seeds: int = 1):
   """Abstract state, its shardings, and a function creating the state born sharded
-  (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy)."""
+  (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy); with
+  ``num_seeds > 1`` the states of seeds ``seed, seed + 1, ...`` stacked on a leading axis."""
   init = functools.partial(init_train_state, init_params=experiment.model.init,
                            optimizer=optimizer)
   key = jax.random.PRNGKey(seed)
+  per_seed = state_shardings_for(jax.eval_shape(lambda k: init(key=k), key), mesh)
+  if num_seeds > 1:
+    key = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(num_seeds)])
+    init_one = init
+    init = lambda key: jax.vmap(lambda k: init_one(key=k))(key)
+    # The seed axis is replicated: each device holds every seed's slice of its shards.
+    per_seed = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), per_seed)
   abstract = jax.eval_shape(lambda k: init(key=k), key)
-  shardings = state_shardings_for(abstract, mesh)
-  create = jax.jit(lambda k: init(key=k), out_shardings=shardings)
-  return abstract, shardings, lambda: create(key)
+  create = jax.jit(lambda k: init(key=k), out_shardings=per_seed)
+  return abstract, per_seed, lambda: create(key)
+
+
+def _over_seeds(fn: Callable, num_seeds: int, in_axes) -> Callable:
+  """``fn`` vmapped over the leading seed axis of the arguments ``in_axes`` marks (0), the
+  others shared (None); ``fn`` itself for one seed."""
+  return jax.vmap(fn, in_axes=in_axes) if num_seeds > 1 else fn
 
 
 def _solve_without_stop(solve, problem):
@@ -111,7 +135,7 @@ def _solve_without_stop(solve, problem):
 
 
 def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
-                   trace_count: list, host_solve=None) -> Callable:
+                   trace_count: list, host_solve=None, num_seeds: int = 1) -> Callable:
   """``advance(state, num_steps) -> (state, metrics)`` for on-device data: ``num_steps`` fused
   steps, or ``None`` when ``host_solve(solve, problem)`` (default: :func:`solve_on_host` with
   no stop) returned ``None``, a stop requested while the host solved the chunk's couplings
@@ -129,20 +153,27 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
                        out_shardings=(shardings, replicated))
     def run_chunk(state, num_steps):
       trace_count[0] += 1
-      return fused_train_steps(state, num_steps=num_steps, sample_batch=experiment.sample_batch,
-                               **step_kwargs)
+      chunk = lambda s: fused_train_steps(s, num_steps=num_steps,
+                                          sample_batch=experiment.sample_batch, **step_kwargs)
+      return _over_seeds(chunk, num_seeds, 0)(state)
 
     return lambda state, num_steps: run_chunk(state, num_steps=num_steps)
 
   host_solve = host_solve or _solve_without_stop
   update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
-  propose = jax.jit(functools.partial(propose_fused_pairs, sample_batch=experiment.sample_batch,
-                                      propose=pairing.propose), static_argnames="num_steps")
+
+  @functools.partial(jax.jit, static_argnames="num_steps")
+  def propose(key, first_step, num_steps):
+    one = lambda k, s: propose_fused_pairs(k, s, num_steps=num_steps,
+                                           sample_batch=experiment.sample_batch,
+                                           propose=pairing.propose)
+    return _over_seeds(one, num_seeds, (0, 0))(key, first_step)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
   def finish(state, batches, solutions):
     trace_count[0] += 1
-    return finish_fused_steps(state, batches, solutions, finish=pairing.finish, **update_kwargs)
+    one = lambda s, b, x: finish_fused_steps(s, b, x, finish=pairing.finish, **update_kwargs)
+    return _over_seeds(one, num_seeds, 0)(state, batches, solutions)
 
   def advance(state, num_steps):
     batches, problems = propose(state.key, state.step, num_steps=num_steps)
@@ -155,7 +186,7 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
 
 
 def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
-                  trace_count: list, host_solve=None) -> Callable:
+                  trace_count: list, host_solve=None, num_seeds: int = 1) -> Callable:
   """``advance(state, batch) -> (state, metrics)`` for host data, one step per call (``None``
   when a stop request ended the wait for a host solve), in the two stages of
   :func:`chunk_advancer` when the coupling is solved on the host."""
@@ -167,18 +198,24 @@ def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
                        out_shardings=(shardings, replicated))
     def run_step(state, batch):
       trace_count[0] += 1
-      return train_step(state, batch, **step_kwargs)
+      one = lambda s, b: train_step(s, b, **step_kwargs)
+      return _over_seeds(one, num_seeds, (0, None))(state, batch)
 
     return run_step
 
   host_solve = host_solve or _solve_without_stop
   update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
-  propose = jax.jit(functools.partial(propose_pairs, propose=pairing.propose))
+
+  @jax.jit
+  def propose(key, step, batch):
+    one = lambda k, s, b: propose_pairs(k, s, b, propose=pairing.propose)
+    return _over_seeds(one, num_seeds, (0, 0, None))(key, step, batch)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
   def finish(state, batch, solution):
     trace_count[0] += 1
-    return finish_step(state, batch, solution, finish=pairing.finish, **update_kwargs)
+    one = lambda s, b, x: finish_step(s, b, x, finish=pairing.finish, **update_kwargs)
+    return _over_seeds(one, num_seeds, 0)(state, batch, solution)
 
   def advance(state, batch):
     batch, problem = propose(state.key, state.step, batch)
