@@ -10,7 +10,9 @@ below.
 
 from __future__ import annotations
 
+from diffjax.objectives import continuous_diffusion as _continuous_diffusion
 from diffjax.objectives import diffusion as _diffusion
+from diffjax.objectives import edm as _edm
 from diffjax.objectives import flow_matching as _flow_matching
 from diffjax.objectives import marginal_fm as _marginal_fm
 from diffjax.objectives.base import (HostPairing, Objective, ObjectiveContext, ObjectiveSpec,
@@ -22,6 +24,8 @@ __all__ = ["OBJECTIVES", "get_objective", "objective_problems", "Objective", "Ob
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     **_flow_matching.SPECS,
     "diffusion": _diffusion.SPEC,
+    "continuous_diffusion": _continuous_diffusion.SPEC,
+    "edm": _edm.SPEC,
     "marginal_fm": _marginal_fm.SPEC,
 }
 

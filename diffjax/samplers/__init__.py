@@ -31,7 +31,9 @@ from diffjax.samplers.fields import (CoefficientsFn, Denoiser, Predictor, Sample
                                      SigmaDenoiser, VelocityField, denoiser,
                                      log_snr_of, ode_field,
                                      sigma_denoiser, time_of_log_snr, velocity_field)
-from diffjax.samplers.generate import FLOW_SAMPLERS, diffusion_generator, flow_generator
+from diffjax.samplers.generate import (CONTINUOUS_SAMPLERS, FLOW_SAMPLERS,
+                                       continuous_diffusion_generator, diffusion_generator,
+                                       edm_generator, flow_generator, noise_level_coefficients)
 from diffjax.samplers.grids import (DISCRETE_STEPS, TIME_GRIDS, edm_grid, edm_sigmas,
                                     get_discrete_steps, get_time_grid, leading_steps,
                                     linspace_steps, log_snr_grid, trailing_steps, uniform_grid)
@@ -73,5 +75,6 @@ __all__ = [
     "LikelihoodOutput", "log_likelihood", "PIXEL_BIN_WIDTH", "dequantize", "bits_per_dim",
     # registry and generators
     "Sampler", "SAMPLERS", "get_sampler", "FLOW_SAMPLERS", "flow_generator",
-    "diffusion_generator",
+    "diffusion_generator", "CONTINUOUS_SAMPLERS", "continuous_diffusion_generator",
+    "edm_generator", "noise_level_coefficients",
 ]

@@ -1,8 +1,9 @@
 """Sample generators for trained models: a network ``apply`` plus a sampler name -> samples.
 
 The edge between the training code and the samplers: :func:`flow_generator` (a velocity model in
-flow time, any source) and :func:`diffusion_generator` (a model trained on a discrete DDPM
-schedule) return
+flow time, any source), :func:`diffusion_generator` (a model trained on a discrete DDPM
+schedule), :func:`continuous_diffusion_generator` (a model trained on a continuous schedule) and
+:func:`edm_generator` (EDM's denoiser ``D(x; sigma)``) return
 
     generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
              return_trajectories=False) -> dict(samples=..., trajectories=..., nfe=...)
@@ -14,22 +15,33 @@ program cached); ``guidance`` is the classifier-free guidance weight ``w`` (None
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
-from diffjax.parameterization import get_prediction_target
+from diffjax.parameterization import (Coefficients, PredictionTarget, diffusion_coefficients,
+                                      get_prediction_target)
 from diffjax.samplers import grids
 from diffjax.samplers.diffusion import interpolated_coefficients_fn
+from diffjax.samplers.fields import CoefficientsFn
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
-from diffjax.schedules import DiscreteSchedule
+from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 
-__all__ = ["FLOW_SAMPLERS", "flow_generator", "diffusion_generator"]
+__all__ = ["FLOW_SAMPLERS", "CONTINUOUS_SAMPLERS", "flow_generator", "diffusion_generator",
+           "continuous_diffusion_generator", "edm_generator", "noise_level_coefficients"]
 
 FLOW_SAMPLERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "tsit5")
 """Samplers that need only a velocity (any source distribution)."""
+
+CONTINUOUS_SAMPLERS = FLOW_SAMPLERS + ("dpmpp_2m", "dpmpp_3m", "edm", "euler_ancestral")
+"""Samplers of a continuous Gaussian process whose ``coefficients_fn`` is known: the
+probability-flow ODE solvers on a time grid and the noise-level samplers ("edm",
+"euler_ancestral"). Not "ddpm" and "ddim", which step a discrete schedule."""
+
+_SIGMA_SAMPLERS = ("edm", "euler_ancestral")
 
 Generate = Callable[..., dict]
 
@@ -99,6 +111,15 @@ def flow_generator(*, apply: Callable, source: Callable[[Array, int], Array],
                         num_classes=num_classes)
 
 
+def _normal_source(data_shape: tuple[int, ...]) -> Callable[[Array, int], Array]:
+  """``N(0, I)`` draws; every sampler given ``coefficients_fn`` scales them to its prior
+  (``sigma(times[0])``, ``sigmas[0]`` or the first discrete step's, see
+  :mod:`~diffjax.samplers.registry`)."""
+  def source(key, num):
+    return jax.random.normal(key, (num,) + tuple(data_shape), jnp.float32)
+  return source
+
+
 def diffusion_generator(*, apply: Callable, schedule: DiscreteSchedule, prediction: str,
                         data_shape: tuple[int, ...], num_classes: int = 0,
                         default_sampler: str = "ddim") -> Generate:
@@ -123,9 +144,6 @@ def diffusion_generator(*, apply: Callable, schedule: DiscreteSchedule, predicti
   coefficients_fn = interpolated_coefficients_fn(schedule)
   t_first = 1.0 / num_train
 
-  def source(key, num):
-    return jax.random.normal(key, (num,) + tuple(data_shape), jnp.float32)
-
   def build(name: str, steps: int) -> Sampler:
     if name not in SAMPLERS:
       raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
@@ -141,5 +159,121 @@ def diffusion_generator(*, apply: Callable, schedule: DiscreteSchedule, predicti
     times = grids.uniform_grid(num_steps=steps, t_start=1.0, t_end=t_first)
     return get_sampler(name, target=target, coefficients_fn=coefficients_fn, times=times)
 
-  return _make_generate(build, apply=apply, source=source, default=default_sampler,
-                        num_classes=num_classes)
+  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
+                        default=default_sampler, num_classes=num_classes)
+
+
+def _process_build(*, target: PredictionTarget, coefficients_fn: CoefficientsFn,
+                   times: Callable[[int], Array], sigmas: Callable[[int], Array],
+                   denoiser_options: dict, edm_options: dict) -> Callable[[str, int], Sampler]:
+  """``build(name, steps)`` for :data:`CONTINUOUS_SAMPLERS`: the ODE solvers and DPM-Solver++
+  over ``times(steps)``, "edm" and "euler_ancestral" over ``sigmas(steps)``."""
+  def build(name: str, steps: int) -> Sampler:
+    if name not in CONTINUOUS_SAMPLERS:
+      raise ValueError(f"sampler {name!r} cannot sample a continuous-time diffusion model; "
+                       f"choose one of {list(CONTINUOUS_SAMPLERS)}")
+    if name in _SIGMA_SAMPLERS:
+      options = edm_options if name == "edm" else {}
+      return get_sampler(name, target=target, coefficients_fn=coefficients_fn,
+                         sigmas=sigmas(steps), **denoiser_options, **options)
+    return get_sampler(name, target=target, coefficients_fn=coefficients_fn,
+                       times=times(steps))
+  return build
+
+
+def continuous_diffusion_generator(*, apply: Callable, schedule: ContinuousSchedule,
+                                   prediction: str, data_shape: tuple[int, ...],
+                                   num_classes: int = 0, t_min: float = 1e-5,
+                                   default_sampler: str = "heun") -> Generate:
+  """Generator for a model trained on a continuous ``schedule`` (diffusion time, ``t = 0``
+  data, model time ``t`` in ``[t_min, 1]``).
+
+  The process is ``x_t = alpha(t) x0 + sigma(t) eps`` with ``coefficients_fn = partial(
+  diffusion_coefficients, schedule)``. Every sampler starts from ``N(0, sigma(1)^2 I)``, the
+  terminal marginal up to the data's share ``alpha(1) x0`` (so ``N(0, sigma_max^2 I)`` for VE)
+  and ends at ``t_min``. The time samplers of :data:`CONTINUOUS_SAMPLERS` run on EDM's time
+  steps (:func:`~diffjax.samplers.grids.edm_grid`: ``sigma / alpha`` rho-spaced, rho = 7),
+  which Karras et al. (2022, Sec. 3 and Fig. 2, https://arxiv.org/abs/2206.00364) found better
+  than uniform steps for the VP and VE processes alike; "edm" and "euler_ancestral" run on
+  :func:`~diffjax.samplers.grids.edm_sigmas` between ``sigma / alpha`` at ``t_min`` and at 1.
+
+  Args:
+    apply: ``apply(params, x_t, t, cond) -> prediction``.
+    schedule: the training schedule.
+    prediction: the training target's name ("eps", "x0", "v", "velocity", "score").
+    data_shape: shape of one example.
+    num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
+    t_min: the earliest time the model was trained on (where sampling stops).
+    default_sampler: used when ``sampler`` is None.
+  """
+  target = get_prediction_target(prediction)
+  coefficients_fn = functools.partial(diffusion_coefficients, schedule)
+  # sigma / alpha = exp(-lambda / 2), the variance-exploding noise level.
+  sigma_ve = jnp.exp(-0.5 * schedule.log_snr(jnp.asarray([t_min, 1.0], jnp.float32)))
+  sigma_lo, sigma_hi = float(sigma_ve[0]), float(sigma_ve[1])
+
+  def times(steps):
+    return grids.edm_grid(num_steps=steps, t_start=1.0, t_end=t_min,
+                          coefficients_fn=coefficients_fn)
+
+  def sigmas(steps):
+    return grids.edm_sigmas(num_steps=steps, sigma_min=sigma_lo, sigma_max=sigma_hi)
+
+  build = _process_build(target=target, coefficients_fn=coefficients_fn, times=times,
+                         sigmas=sigmas, denoiser_options=dict(t_min=t_min, t_max=1.0),
+                         edm_options={})
+  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
+                        default=default_sampler, num_classes=num_classes)
+
+
+def noise_level_coefficients(sigma: Array) -> Coefficients:
+  """The process ``x = x0 + sigma eps`` with the noise level as its time: ``alpha = 1``,
+  ``sigma(t) = t``, ``d_alpha = 0``, ``d_sigma = 1`` (EDM's choice ``sigma(t) = t``, ``s(t) =
+  1``; Karras et al. 2022, Table 1, https://arxiv.org/abs/2206.00364). Its probability-flow
+  field for an x0 (denoiser) prediction is ``dx / dsigma = (x - D(x; sigma)) / sigma``."""
+  sigma = jnp.asarray(sigma)
+  return Coefficients(alpha=jnp.ones_like(sigma), sigma=sigma, d_alpha=jnp.zeros_like(sigma),
+                      d_sigma=jnp.ones_like(sigma))
+
+
+def _identity(sigma: Array) -> Array:
+  return sigma
+
+
+def edm_generator(*, apply: Callable, data_shape: tuple[int, ...], num_classes: int = 0,
+                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                  s_noise: float = 1.0, default_sampler: str = "edm") -> Generate:
+  """Generator for EDM's denoiser ``apply(params, x, sigma, cond) -> D(x; sigma)`` (the
+  preconditioned network; model time is the noise level, :func:`noise_level_coefficients`).
+
+  "edm" is Karras et al.'s Algorithm 2 (Heun with churn ``s_churn``, ``s_tmin``, ``s_tmax``,
+  ``s_noise``; Algorithm 1 when ``s_churn = 0``) on the ``steps + 1`` noise levels of eq. 5
+  from ``sigma_max`` to ``sigma_min`` and a final 0 (:func:`~diffjax.samplers.grids.edm_sigmas`),
+  as is "euler_ancestral". The ODE solvers and DPM-Solver++ integrate ``dx / dsigma = (x -
+  D(x; sigma)) / sigma`` over the same spacing without the final 0 (``steps + 1`` levels from
+  ``sigma_max`` to ``sigma_min``, where ``D`` is not needed), so their samples keep noise of
+  std ``sigma_min``. All start from ``N(0, sigma_max^2 I)`` (Karras et al. 2022,
+  https://arxiv.org/abs/2206.00364, Algorithms 1 and 2).
+
+  Args:
+    apply: ``apply(params, x, sigma, cond) -> D(x; sigma)`` with ``sigma`` ``[batch]``.
+    data_shape: shape of one example.
+    num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
+    sigma_min, sigma_max, rho: the noise levels of eq. 5.
+    s_churn, s_tmin, s_tmax, s_noise: the churn of Algorithm 2 (used by "edm").
+    default_sampler: used when ``sampler`` is None.
+  """
+  def sigmas(steps):
+    return grids.edm_sigmas(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+
+  def times(steps):
+    return grids.edm_sigmas(num_steps=steps + 1, sigma_min=sigma_min, sigma_max=sigma_max,
+                            rho=rho)[:-1]
+
+  build = _process_build(
+      target=get_prediction_target("x0"), coefficients_fn=noise_level_coefficients,
+      times=times, sigmas=sigmas, denoiser_options=dict(time_of_sigma=_identity),
+      edm_options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
+                        default=default_sampler, num_classes=num_classes)
