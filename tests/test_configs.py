@@ -37,3 +37,11 @@ def test_torchcfm_cifar10_recipe():
   assert config.optimizer.learning_rate == 2e-4 and config.optimizer.warmup_steps == 5_000
   assert config.optimizer.grad_clip_norm == 1.0 and config.train.ema_decay == 0.9999
   assert config.train.batch_size == 128 and config.train.steps == 400_000
+
+
+def test_readme_lists_every_objective():
+  """README's table of objectives names each entry of diffjax.objectives.OBJECTIVES."""
+  from diffjax import objectives
+  readme = (CONFIGS[0].parents[1] / "README.md").read_text()
+  missing = [name for name in objectives.OBJECTIVES if f"| `{name}` |" not in readme]
+  assert not missing, missing
