@@ -43,6 +43,13 @@ COMBINATIONS = [
     ("diffusion", ["prediction=velocity"], "d alpha / dt"),
     ("diffusion", ["num_diffusion_steps=1"], "num_diffusion_steps=1"),
     ("otcfm", ["label_dropout=1.0"], "label_dropout=1.0"),
+    ("continuous_diffusion", ["schedule=vp", "t_min=0.0"], "t_min"),
+    ("continuous_diffusion", ["weighting=elbo", "time_sampler=logit_normal"], "weighting"),
+    ("continuous_diffusion", ["prediction=score"], "prediction"),
+    ("edm", ["s_tmin=10.0", "s_tmax=1.0"], "s_tmin"),
+    ("edm", ["sigma_min=90.0"], "sigma_min"),
+    ("marginal_fm", ["path=vp"], "path='vp'"),
+    ("marginal_fm", ["num_points=0"], "num_points=0"),
 ]
 
 
