@@ -49,6 +49,9 @@ import numpy as np
 from jax import Array
 from scipy.optimize import linear_sum_assignment
 
+from diffjax._lookup import lookup
+from diffjax.shapes import compute_dtype
+
 __all__ = [
     "Coupling",
     "squared_euclidean_cost",
@@ -107,7 +110,7 @@ def squared_euclidean_cost(x0: Array, x1: Array) -> Array:
   Returns:
     ``[B0, B1]`` float32 (or wider) cost matrix.
   """
-  dtype = jnp.promote_types(jnp.result_type(x0, x1), jnp.float32)
+  dtype = compute_dtype(x0, x1)
   a = jnp.reshape(x0, (x0.shape[0], -1)).astype(dtype)
   b = jnp.reshape(x1, (x1.shape[0], -1)).astype(dtype)
   cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
@@ -160,9 +163,8 @@ OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def _check_solver(solver: str) -> None:
-  if solver not in OT_SOLVERS:
-    raise ValueError(f"unknown exact OT solver {solver!r}; choose one of {sorted(OT_SOLVERS)} "
-                     "('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)")
+  lookup(OT_SOLVERS, solver, "exact OT solver",
+         hint=" ('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)")
 
 
 def _map_on_daemon_threads(fn: Callable, items) -> list:
@@ -681,15 +683,9 @@ def get_coupling(name: str, **kwargs) -> Coupling:
   Raises:
     ValueError: unknown name, mode, option, or an invalid option value.
   """
-  if name not in COUPLINGS:
-    raise ValueError(f"unknown coupling {name!r}; choose one of {sorted(COUPLINGS)}")
-  fn = COUPLINGS[name]
+  fn = lookup(COUPLINGS, name, "coupling")
   if name == "sinkhorn":
-    mode = kwargs.pop("mode", "sample")
-    if mode not in SINKHORN_ROUNDINGS:
-      raise ValueError(f"unknown sinkhorn mode {mode!r}; choose one of "
-                       f"{sorted(SINKHORN_ROUNDINGS)}")
-    kwargs["rounding"] = SINKHORN_ROUNDINGS[mode]
+    kwargs["rounding"] = lookup(SINKHORN_ROUNDINGS, kwargs.pop("mode", "sample"), "sinkhorn mode")
     if not kwargs.get("epsilon", 1.0) > 0:
       raise ValueError(f"sinkhorn epsilon must be > 0; got {kwargs['epsilon']!r}")
     if kwargs.get("relative_epsilon", "mean") not in ("mean", "std", None):

@@ -58,8 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from diffjax.schedules import DiscreteSchedule
-from diffjax.shapes import broadcast_to_data
+from diffjax._lookup import lookup
+from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
+from diffjax.shapes import broadcast_to_data, compute_dtype, concrete
 
 __all__ = [
     "standard_normal",
@@ -241,7 +242,7 @@ def _scale_and_add_noise(*, key: Array, data: Array, signal_scale: Array,
   vectorised loop per half, joined by a final concatenate. Otherwise ``eps`` is drawn first (a
   16-bit input in that loop stops XLA:CPU from vectorising it: measured 6x slower in bfloat16).
   """
-  dtype = _compute_dtype(data)
+  dtype = compute_dtype(data)
   size = data.size
   key_data = _threefry_key_data(key, size)
   if (key_data is None or data.dtype != jnp.float32 or data.ndim == 0
@@ -276,24 +277,13 @@ def _check_steps(t: Array, data: Array, schedule: DiscreteSchedule) -> Array:
   if t.ndim > 1 or (t.ndim == 1 and (data.ndim == 0 or t.shape[0] != data.shape[0])):
     raise ValueError(f"t of shape {t.shape} does not match data of shape {data.shape}; pass one "
                      "step per example (shape [batch]) or a scalar")
-  if not isinstance(t, jax.core.Tracer):
-    bad = np.asarray(t)
+  bad = concrete(t)
+  if bad is not None:
     num_steps = schedule.num_steps
     if bad.size and (bad.min() < 0 or bad.max() >= num_steps):
       raise ValueError(f"step indices must lie in [0, {num_steps - 1}] for a schedule of "
                        f"{num_steps} steps, got min {bad.min()} and max {bad.max()}")
   return t
-
-
-def _compute_dtype(data: Array):
-  """Math in at least float32: bfloat16 coefficients lose ``1 - abar`` near ``t = 0``."""
-  return jnp.promote_types(data.dtype, jnp.float32)
-
-
-def _marginal_scales(schedule: DiscreteSchedule, t: Array) -> tuple[Array, Array]:
-  """``(sqrt(abar_t), sqrt(1 - abar_t))``; ``1 - abar = sigmoid(-log_snr)`` keeps precision where
-  ``abar`` is close to one."""
-  return jnp.sqrt(schedule.alpha_bars[t]), jnp.sqrt(jax.nn.sigmoid(-schedule.log_snr[t]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,9 +295,10 @@ def q_sample(*, data: Array, t: Array, noise: Array, schedule: DiscreteSchedule)
   """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``: the isotropic closed form.
 
   Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", eq. 4,
-  https://arxiv.org/abs/2006.11239. Two ``[batch]`` gathers (``abar_t`` and ``log_snr_t``, for
-  ``1 - abar_t = sigmoid(-log_snr_t)``) and one fused elementwise op; the math runs in at least
-  float32 and the result has ``data``'s dtype.
+  https://arxiv.org/abs/2006.11239. One ``[batch]`` gather (``log_snr_t``: ``abar_t =
+  sigmoid(log_snr_t)`` and ``1 - abar_t = sigmoid(-log_snr_t)``, precise where ``abar_t`` is
+  close to one) and one fused elementwise op; the math runs in at least float32 and the result
+  has ``data``'s dtype.
 
   Args:
     data: ``x_0``, ``[batch, *event]`` (any event shape) or unbatched with scalar ``t``.
@@ -327,8 +318,8 @@ def q_sample(*, data: Array, t: Array, noise: Array, schedule: DiscreteSchedule)
 
 @jax.jit
 def _q_sample_kernel(data: Array, t: Array, noise: Array, schedule: DiscreteSchedule) -> Array:
-  dtype = _compute_dtype(data)
-  signal_scale, noise_scale = _marginal_scales(schedule, t)
+  dtype = compute_dtype(data)
+  signal_scale, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
   x_t = (broadcast_to_data(signal_scale, data) * data.astype(dtype)
          + broadcast_to_data(noise_scale, data) * noise.astype(dtype))
   return x_t.astype(data.dtype)
@@ -382,7 +373,7 @@ def q_sample_sequential(*, data: Array, t: Array, key: Array, schedule: Discrete
   data = jnp.asarray(data)
   t = _check_steps(t, data, schedule)
   num_steps = schedule.num_steps
-  x_start = data.astype(_compute_dtype(data))
+  x_start = data.astype(compute_dtype(data))
 
   def step(x_prev, inputs):
     s, step_key = inputs
@@ -447,7 +438,7 @@ def _posterior_kernel(data: Array, x_t: Array, t: Array,
   log_variances = jnp.log(jnp.concatenate([variances[1:2], variances[1:]]))
   data_coef = jnp.sqrt(alpha_bars_prev[t]) * schedule.betas[t] / one_minus[t]
   x_t_coef = jnp.sqrt(schedule.alphas[t]) * one_minus_prev[t] / one_minus[t]
-  dtype = _compute_dtype(data)
+  dtype = compute_dtype(data)
   mean = (broadcast_to_data(data_coef, data) * data.astype(dtype)
           + broadcast_to_data(x_t_coef, data) * x_t.astype(dtype))
   return PosteriorMoments(mean=mean.astype(data.dtype),
@@ -471,8 +462,8 @@ def _pytree(data_fields: tuple[str, ...] = (), meta_fields: tuple[str, ...] = ()
 def _affine_marginal(*, data: Array, t: Array, schedule: DiscreteSchedule,
                      noise_term: Callable[[Any], Array]) -> Array:
   """``x_t = sqrt(abar_t) x_0 + noise_term``: the shared shape of every Gaussian closed form."""
-  dtype = _compute_dtype(data)
-  signal_scale = jnp.sqrt(schedule.alpha_bars[t])
+  dtype = compute_dtype(data)
+  signal_scale, _ = alpha_sigma_from_log_snr(schedule.log_snr[t])
   x_t = broadcast_to_data(signal_scale, data) * data.astype(dtype) + noise_term(dtype)
   return x_t.astype(data.dtype)
 
@@ -482,8 +473,9 @@ def _isotropic_marginal(key: Array, data: Array, t: Array, schedule: DiscreteSch
                         noise_std: Array | float) -> Array:
   """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) std eps``, ``std`` a scalar or per coordinate:
   the isotropic and diagonal closed forms, in one fused op."""
-  signal_scale, noise_scale = _marginal_scales(schedule, t)
-  return _scale_and_add_noise(key=key, data=data, signal_scale=broadcast_to_data(signal_scale, data),
+  signal_scale, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
+  return _scale_and_add_noise(key=key, data=data,
+                              signal_scale=broadcast_to_data(signal_scale, data),
                               noise_scale=broadcast_to_data(noise_scale, data) * noise_std)
 
 
@@ -565,7 +557,7 @@ class FullCovarianceNoise:
     _check_last_axis(data, self.scale.shape[-1], self.name)
 
     def noise_term(dtype):
-      _, noise_scale = _marginal_scales(schedule, t)
+      _, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
       eps = _matvec(self.scale.astype(dtype), standard_normal(key, data.shape, dtype))
       return broadcast_to_data(noise_scale, data) * eps
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
@@ -604,7 +596,7 @@ class ColoredNoise:
   def sample_marginal(self, *, key: Array, data: Array, t: Array,
                       schedule: DiscreteSchedule) -> Array:
     def noise_term(dtype):
-      _, noise_scale = _marginal_scales(schedule, t)
+      _, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
       return broadcast_to_data(noise_scale, data) * self._color(
           standard_normal(key, data.shape, dtype))
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
@@ -738,11 +730,15 @@ def _check_num_steps(num_steps: int, schedule: DiscreteSchedule, name: str) -> N
 
 
 def _concrete(value, what: str) -> np.ndarray:
+  """The float64 value of a noise model's array, which must be known before tracing."""
   try:
-    return np.asarray(value, dtype=np.float64)
-  except (TypeError, jax.errors.TracerArrayConversionError) as error:
+    values = concrete(value, dtype=np.float64)
+  except TypeError:
+    values = None
+  if values is None:
     raise ValueError(f"{what} must be a concrete array when the noise model is built "
-                     "(build noise models outside jit)") from error
+                     "(build noise models outside jit)")
+  return values
 
 
 def _check_covariance(covariance: np.ndarray, what: str) -> None:
@@ -915,6 +911,4 @@ def get_noise_model(name: str, **kwargs):
       (``covariances=``, ``schedule=``), "shared_eigenbasis" (``basis=``, ``eigenvalues=``,
       ``schedule=``), "heteroscedastic" (``offset=``), "laplace", "uniform".
   """
-  if name not in NOISE_MODELS:
-    raise ValueError(f"unknown noise model {name!r}; choose one of {sorted(NOISE_MODELS)}")
-  return NOISE_MODELS[name](**kwargs)
+  return lookup(NOISE_MODELS, name, "noise model")(**kwargs)

@@ -35,11 +35,13 @@ import jax.numpy as jnp
 import optax
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.couplings import Coupling, get_coupling
-from diffjax.parameterization import Coefficients, PredictionTarget
+from diffjax.parameterization import (Coefficients, PredictionTarget, check_discrete_target,
+                                      diffusion_coefficients, discrete_coefficients)
 from diffjax.paths import Path, get_path
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
-from diffjax.shapes import broadcast_to_data
+from diffjax.shapes import broadcast_to_data, compute_dtype
 
 __all__ = [
     "TrainingExample",
@@ -125,7 +127,7 @@ def regression_loss(prediction: Array, example: TrainingExample) -> Array:
   Returns:
     A scalar.
   """
-  dtype = jnp.promote_types(prediction.dtype, jnp.float32)
+  dtype = compute_dtype(prediction)
   squared = optax.squared_error(prediction.astype(dtype), example.target.astype(dtype))
   per_example = jnp.mean(squared.reshape(squared.shape[0], -1), axis=-1)
   return jnp.mean(example.weight.astype(dtype) * per_example)
@@ -192,9 +194,7 @@ def get_time_sampler(name: str, **kwargs) -> TimeSampler:
     name: one of ``TIME_SAMPLERS``: "uniform", "stratified", "logit_normal" (``loc``,
       ``scale``), "u_shaped" (``a``).
   """
-  if name not in TIME_SAMPLERS:
-    raise ValueError(f"unknown time sampler {name!r}; choose one of {sorted(TIME_SAMPLERS)}")
-  return functools.partial(TIME_SAMPLERS[name], **kwargs)
+  return functools.partial(lookup(TIME_SAMPLERS, name, "time sampler"), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,10 +298,7 @@ def get_flow_matching_recipe(name: str, **kwargs) -> FlowMatchingRecipe:
       pairs).
     **kwargs: ``sigma`` (icfm, otcfm, sbcfm) or ``sigma_min`` (fm).
   """
-  if name not in FLOW_MATCHING_RECIPES:
-    raise ValueError(f"unknown flow-matching recipe {name!r}; choose one of "
-                     f"{sorted(FLOW_MATCHING_RECIPES)}")
-  return FLOW_MATCHING_RECIPES[name](**kwargs)
+  return lookup(FLOW_MATCHING_RECIPES, name, "flow-matching recipe")(**kwargs)
 
 
 def build_flow_matching_recipe(recipe: FlowMatchingRecipe) -> tuple[Path, Coupling]:
@@ -384,9 +381,7 @@ def get_weighting(name: str, **kwargs) -> Weighting:
     name: one of ``WEIGHTINGS``: "uniform", "min_snr" (``gamma``), "elbo", "edm"
       (``sigma_data``).
   """
-  if name not in WEIGHTINGS:
-    raise ValueError(f"unknown weighting {name!r}; choose one of {sorted(WEIGHTINGS)}")
-  return functools.partial(WEIGHTINGS[name], **kwargs)
+  return functools.partial(lookup(WEIGHTINGS, name, "weighting"), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,12 +424,6 @@ def diffusion_example_from_coefficients(
                          target=regression_target, weight=weight)
 
 
-def _check_target_for_discrete(target: PredictionTarget):
-  if target.name == "velocity":
-    raise ValueError("target 'velocity' needs d alpha / dt, which a discrete schedule does not "
-                     "define; use 'eps', 'x0', 'v' or 'score', or a continuous schedule")
-
-
 def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSchedule,
                                target: PredictionTarget, weighting: Weighting,
                                cond: Array | None = None) -> TrainingExample:
@@ -443,14 +432,15 @@ def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSch
 
   ``model_time = (s + 1) / T`` in ``(0, 1]``: step ``s`` ends at continuous diffusion time
   ``(s + 1) / T`` (schedules built from a continuous ``abar`` define ``abar_s = abar((s+1)/T)``),
-  so the same network can be evaluated by continuous-time samplers. ``sigma = sqrt(sigmoid(
-  -lambda_s))`` is taken from the log-SNR, accurate where ``abar_s`` is close to 1. The ELBO
+  so the same network can be evaluated by continuous-time samplers. ``alpha_s, sigma_s`` come
+  from the log-SNR (:func:`~diffjax.parameterization.discrete_coefficients`), so ``sigma_s =
+  sqrt(sigmoid(-lambda_s))`` stays accurate where ``abar_s`` is close to 1. The ELBO
   weighting uses ``d lambda / dt ~ T (lambda_s - lambda_{s-1})`` (a forward difference at
   ``s = 0``), the continuous-time approximation of the discrete bound. With a zero-terminal-SNR
   schedule the last step has ``lambda = -inf``, where the ELBO and EDM weights are infinite:
   use the uniform or min-SNR weighting there.
   """
-  _check_target_for_discrete(target)
+  check_discrete_target(target)
   num_steps = schedule.num_steps
   key_step, key_noise = jax.random.split(key)
   batch = data.shape[0]
@@ -458,10 +448,7 @@ def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSch
   log_snr = schedule.log_snr[step]
   lambdas = schedule.log_snr
   d_log_snr_all = num_steps * jnp.diff(lambdas, prepend=2.0 * lambdas[:1] - lambdas[1:2])
-  coefficients = Coefficients(
-      alpha=jnp.sqrt(schedule.alpha_bars[step]),
-      sigma=jnp.exp(0.5 * jax.nn.log_sigmoid(-log_snr)),
-      d_alpha=jnp.zeros_like(log_snr), d_sigma=jnp.zeros_like(log_snr))
+  coefficients = discrete_coefficients(log_snr)
   noise = jax.random.normal(key_noise, data.shape, data.dtype)
   model_time = (step + 1).astype(jnp.float32) / num_steps
   return diffusion_example_from_coefficients(
@@ -485,7 +472,7 @@ def continuous_diffusion_example(key: Array, *, data: Array, schedule: Continuou
   key_time, key_noise = jax.random.split(key)
   batch = data.shape[0]
   t = t_min + (1.0 - t_min) * time_sampler(key_time, batch)
-  coefficients = Coefficients(*schedule.alpha_sigma_and_derivatives(t))
+  coefficients = diffusion_coefficients(schedule, t)
   noise = jax.random.normal(key_noise, data.shape, data.dtype)
   return diffusion_example_from_coefficients(
       data=data, noise=noise, coefficients=coefficients, log_snr=schedule.log_snr(t),

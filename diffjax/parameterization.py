@@ -20,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, NamedTuple
 
+import jax.numpy as jnp
 from jax import Array
 
-from diffjax.schedules import ContinuousSchedule
+from diffjax._lookup import lookup
+from diffjax.schedules import ContinuousSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import broadcast_to_data
 
 __all__ = [
     "Coefficients",
     "diffusion_coefficients",
+    "discrete_coefficients",
     "flow_coefficients",
     "flow_time_from_diffusion_time",
     "x0_eps_from_eps",
@@ -43,6 +46,7 @@ __all__ = [
     "PredictionTarget",
     "PREDICTION_TARGETS",
     "get_prediction_target",
+    "check_discrete_target",
     "convert",
 ]
 
@@ -64,6 +68,20 @@ def diffusion_coefficients(schedule: ContinuousSchedule, t: Array) -> Coefficien
   ``d_alpha = d alpha / dt`` and ``d_sigma = d sigma / dt`` by ``jax.jvp`` (Kingma et al. 2021,
   VDM, eq. 1, https://arxiv.org/abs/2107.00630)."""
   return Coefficients(*schedule.alpha_sigma_and_derivatives(t))
+
+
+def discrete_coefficients(log_snr: Array) -> Coefficients:
+  """Coefficients of a discrete (DDPM) step from its log-SNR: ``alpha = sqrt(abar) =
+  sqrt(sigmoid(lambda))``, ``sigma = sqrt(1 - abar) = sqrt(sigmoid(-lambda))``
+  (:func:`~diffjax.schedules.alpha_sigma_from_log_snr`; Ho et al. 2020, eq. 4,
+  https://arxiv.org/abs/2006.11239).
+
+  A discrete schedule has no time derivative, so ``d_alpha = d_sigma = 0``: the "velocity"
+  target is rejected on it, in training and sampling alike (:func:`check_discrete_target`).
+  """
+  alpha, sigma = alpha_sigma_from_log_snr(log_snr)
+  zeros = jnp.zeros_like(alpha)
+  return Coefficients(alpha=alpha, sigma=sigma, d_alpha=zeros, d_sigma=zeros)
 
 
 def flow_time_from_diffusion_time(t: Array) -> Array:
@@ -212,10 +230,22 @@ PREDICTION_TARGETS: dict[str, PredictionTarget] = {
 def get_prediction_target(name: str) -> PredictionTarget:
   """Resolves a prediction target by name ("eps", "x0", "v", "velocity", "score"), once, at the
   edge."""
-  if name not in PREDICTION_TARGETS:
-    raise ValueError(f"unknown prediction target {name!r}; choose one of "
-                     f"{sorted(PREDICTION_TARGETS)}")
-  return PREDICTION_TARGETS[name]
+  return lookup(PREDICTION_TARGETS, name, "prediction target")
+
+
+def check_discrete_target(target: PredictionTarget, *,
+                          fix: str = "use 'eps', 'x0', 'v' or 'score', or a continuous "
+                                     "schedule") -> None:
+  """Rejects the "velocity" target on a discrete schedule: ``velocity = d_alpha x0 + d_sigma
+  eps`` needs ``d alpha / dt``, which discrete steps do not define (:func:`discrete_coefficients`).
+
+  Args:
+    target: the prediction target.
+    fix: the way out the caller offers, ending the message.
+  """
+  if target.name == "velocity":
+    raise ValueError("target 'velocity' needs d alpha / dt, which a discrete schedule does not "
+                     f"define; {fix}")
 
 
 def convert(prediction: Array, *, source: PredictionTarget, destination: PredictionTarget,

@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.parameterization import Coefficients, flow_coefficients
 from diffjax.schedules import ContinuousSchedule, cosine_schedule, vp_schedule
-from diffjax.shapes import broadcast_to_data
+from diffjax.shapes import broadcast_to_data, in_compute_dtype
 
 __all__ = [
     "PathCoefficients",
@@ -63,12 +64,6 @@ class PathCoefficients(NamedTuple):
   d_gamma: Array
 
 
-def _as_float_time(t) -> Array:
-  t = jnp.asarray(t)
-  # Coefficients are computed in at least float32: bfloat16 times would round t(1 - t) badly.
-  return t.astype(jnp.promote_types(t.dtype, jnp.float32))
-
-
 @dataclasses.dataclass(frozen=True)
 class Path:
   """A probability path ``x_t = alpha_t x1 + sigma_t x0 + gamma_t z`` (``t = 0`` source, 1 data).
@@ -91,14 +86,15 @@ class Path:
 
   def coefficients(self, t) -> tuple[Array, Array, Array]:
     """``(alpha_t, sigma_t, gamma_t)``, each of the shape of ``t``."""
-    return tuple(self.coefficient_fn(_as_float_time(t)))
+    # In at least float32, and returned so: bfloat16 times would round t (1 - t) badly.
+    return tuple(self.coefficient_fn(in_compute_dtype(t)))
 
   def coefficients_and_derivatives(self, t) -> PathCoefficients:
     """Coefficients and their time derivatives (``jax.jvp`` of ``coefficient_fn``).
 
     The derivatives are taken at ``clip(t, *derivative_range)``.
     """
-    t = _as_float_time(t)
+    t = in_compute_dtype(t)
     values = self.coefficient_fn(t)
     t_safe = jnp.clip(t, *self.derivative_range)
     _, derivatives = jax.jvp(self.coefficient_fn, (t_safe,), (jnp.ones_like(t_safe),))
@@ -310,6 +306,4 @@ def get_path(name: str, **kwargs) -> Path:
       (``beta_min``, ``beta_max``, ``derivative_eps``), "cosine" (``log_snr_min``,
       ``log_snr_max``). For any other schedule call :func:`schedule_path`.
   """
-  if name not in PATHS:
-    raise ValueError(f"unknown path {name!r}; choose one of {sorted(PATHS)}")
-  return PATHS[name](**kwargs)
+  return lookup(PATHS, name, "path")(**kwargs)

@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
+from diffjax.shapes import as_floating, in_compute_dtype
+
 __all__ = [
     "DiscreteSchedule",
     "discrete_schedule",
@@ -39,6 +42,8 @@ __all__ = [
     "sigmoid_betas",
     "geodiff_sigmoid_betas",
     "rescale_zero_terminal_snr",
+    "log_alpha_sigma_from_log_snr",
+    "alpha_sigma_from_log_snr",
     "get_discrete_schedule",
     "ContinuousSchedule",
     "vp_log_alpha_sigma",
@@ -66,6 +71,36 @@ def _require(ok: bool, message: str) -> None:
   """Raises a user-facing ValueError before anything is traced."""
   if not ok:
     raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Variance preserving coefficients from the log-SNR (both families).
+# --------------------------------------------------------------------------------------------
+
+
+def log_alpha_sigma_from_log_snr(log_snr: Array) -> tuple[Array, Array]:
+  """``log alpha = 1/2 log sigmoid(lambda)``, ``log sigma = 1/2 log sigmoid(-lambda)``: the
+  variance-preserving marginal with ``alpha^2 + sigma^2 = 1`` and ``lambda = log(alpha^2 /
+  sigma^2)`` (Kingma et al. 2021, VDM, eq. 4, https://arxiv.org/abs/2107.00630).
+
+  ``log_sigmoid`` keeps both logs exact for any ``lambda``: ``1 - sigmoid(lambda)`` rounds to 0 in
+  float32 from ``lambda = 17`` on, and ``log sigmoid`` stays finite where ``sigmoid`` underflows.
+  ``lambda = -inf`` (a zero-terminal-SNR step) gives ``(-inf, 0)``, ``lambda = +inf`` ``(0, -inf)``.
+  """
+  return 0.5 * jax.nn.log_sigmoid(log_snr), 0.5 * jax.nn.log_sigmoid(-log_snr)
+
+
+def alpha_sigma_from_log_snr(log_snr: Array) -> tuple[Array, Array]:
+  """``alpha = sqrt(sigmoid(lambda))``, ``sigma = sqrt(sigmoid(-lambda))``, elementwise.
+
+  The exponentials of :func:`log_alpha_sigma_from_log_snr`, so ``sigma = sqrt(1 - abar)`` keeps its
+  precision where ``abar = sigmoid(lambda)`` is close to 1 (Ho et al. 2020's ``sqrt(1 - abar_t)``,
+  https://arxiv.org/abs/2006.11239, for a discrete schedule's ``log_snr``). ``lambda = -inf``
+  gives ``(0, 1)``. Computed in at least float32, returned in ``log_snr``'s floating dtype.
+  """
+  log_snr = as_floating(log_snr)
+  log_alpha, log_sigma = log_alpha_sigma_from_log_snr(in_compute_dtype(log_snr))
+  return jnp.exp(log_alpha).astype(log_snr.dtype), jnp.exp(log_sigma).astype(log_snr.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,11 +143,9 @@ def discrete_schedule(betas: Array) -> DiscreteSchedule:
   Args:
     betas: ``[..., T]`` variances in ``(0, 1]``; leading axes are independent schedules.
   """
-  betas = jnp.asarray(betas)
-  if not jnp.issubdtype(betas.dtype, jnp.floating):
-    betas = betas.astype(jnp.float32)
+  betas = as_floating(betas)
   # A bfloat16 cumulative sum over 1000 steps would keep ~3 significant digits.
-  work = betas.astype(jnp.promote_types(betas.dtype, jnp.float32))
+  work = in_compute_dtype(betas)
   log_alpha_bars = jnp.cumsum(jnp.log1p(-work), axis=-1)
   alpha_bars = jnp.exp(log_alpha_bars)
   log_snr = log_alpha_bars - jnp.log(-jnp.expm1(log_alpha_bars))
@@ -277,10 +310,7 @@ def get_discrete_schedule(name: str, *, zero_terminal_snr: bool = False,
     zero_terminal_snr: apply :func:`rescale_zero_terminal_snr` to the betas.
     **kwargs: keyword arguments of the beta function (``num_steps``, ``beta_start``, ...).
   """
-  if name not in DISCRETE_SCHEDULES:
-    raise ValueError(f"unknown discrete schedule {name!r}; choose one of "
-                     f"{sorted(DISCRETE_SCHEDULES)}")
-  betas = DISCRETE_SCHEDULES[name](**kwargs)
+  betas = lookup(DISCRETE_SCHEDULES, name, "discrete schedule")(**kwargs)
   if zero_terminal_snr:
     betas = rescale_zero_terminal_snr(betas)
   return discrete_schedule(betas)
@@ -289,19 +319,6 @@ def get_discrete_schedule(name: str, *, zero_terminal_snr: bool = False,
 # --------------------------------------------------------------------------------------------
 # Continuous schedules (diffusion time: t = 0 data, t = 1 noise).
 # --------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(t: Array):
-  """Schedules compute in at least float32 (bfloat16 has 8 bits of mantissa: not enough for
-  ``expm1`` near zero) and return the caller's floating dtype."""
-  return jnp.promote_types(t.dtype, jnp.float32)
-
-
-def _as_float_time(t) -> Array:
-  t = jnp.asarray(t)
-  if not jnp.issubdtype(t.dtype, jnp.floating):
-    t = t.astype(jnp.float32)
-  return t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +358,9 @@ class ContinuousSchedule:
   log_alpha_sigma: Callable[[Array], tuple[Array, Array]]
 
   def _eval(self, fn, t):
-    t = _as_float_time(t)
-    out = fn(t.astype(_compute_dtype(t)))
+    # In at least float32 (``expm1`` near zero), returned in the caller's floating dtype.
+    t = as_floating(t)
+    out = fn(in_compute_dtype(t))
     return jax.tree.map(lambda x: x.astype(t.dtype), out)
 
   def alpha_sigma(self, t) -> tuple[Array, Array]:
@@ -382,12 +400,6 @@ class ContinuousSchedule:
         return 2.0 * (log_alpha - log_sigma)
       return jax.jvp(log_snr, (u,), (jnp.ones_like(u),))[1]
     return self._eval(fn, t)
-
-
-def _vp_from_log_snr(log_snr: Array) -> tuple[Array, Array]:
-  """Variance preserving ``alpha^2 = sigmoid(lambda)``, ``sigma^2 = sigmoid(-lambda)``;
-  ``log_sigmoid`` keeps both logs finite for any ``lambda``."""
-  return 0.5 * jax.nn.log_sigmoid(log_snr), 0.5 * jax.nn.log_sigmoid(-log_snr)
 
 
 def vp_log_alpha_sigma(t: Array, *, beta_min: float = 0.1,
@@ -495,8 +507,8 @@ def sigmoid_log_alpha_sigma(t: Array, *, start: float = -3.0, end: float = 3.0,
   return 0.5 * log_abar, 0.5 * log_one_minus
 
 
-def _log_alpha_sigma_from_log_snr(t, *, log_snr_fn):
-  return _vp_from_log_snr(log_snr_fn(t))
+def _log_alpha_sigma_of_log_snr_fn(t, *, log_snr_fn):
+  return log_alpha_sigma_from_log_snr(log_snr_fn(t))
 
 
 def _ve_from_sigma(t, *, sigma_fn):
@@ -516,7 +528,7 @@ def log_snr_schedule(log_snr_fn: Callable[[Array], Array],
   """
   _require(callable(log_snr_fn), f"log_snr_fn must be a function t -> lambda(t), got "
            f"{log_snr_fn!r}")
-  return ContinuousSchedule(name, _bind(_log_alpha_sigma_from_log_snr, log_snr_fn=log_snr_fn))
+  return ContinuousSchedule(name, _bind(_log_alpha_sigma_of_log_snr_fn, log_snr_fn=log_snr_fn))
 
 
 def vp_schedule(*, beta_min: float = 0.1, beta_max: float = 20.0) -> ContinuousSchedule:
@@ -614,7 +626,4 @@ def get_continuous_schedule(name: str, **kwargs) -> ContinuousSchedule:
       "linear_log_snr", "edm", "sigmoid" (Chen)). For any other log-SNR curve, call
       :func:`log_snr_schedule` with the function.
   """
-  if name not in CONTINUOUS_SCHEDULES:
-    raise ValueError(f"unknown continuous schedule {name!r}; choose one of "
-                     f"{sorted(CONTINUOUS_SCHEDULES)}")
-  return CONTINUOUS_SCHEDULES[name](**kwargs)
+  return lookup(CONTINUOUS_SCHEDULES, name, "continuous schedule")(**kwargs)

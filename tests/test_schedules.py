@@ -196,6 +196,49 @@ def test_discrete_errors_name_the_bad_value():
 
 
 # ------------------------------------------------------------------------------------------
+# Variance preserving alpha, sigma from the log-SNR (both families).
+# ------------------------------------------------------------------------------------------
+
+# -inf: a zero-terminal-SNR step; +-60: where 1 - sigmoid(lambda) rounds to 0 in float32.
+LOG_SNRS = np.array([-np.inf, -60.0, -20.0, -1.0, 0.0, 1.0, 20.0, 60.0, np.inf])
+
+
+def test_alpha_sigma_from_log_snr_is_sqrt_sigmoid_to_float32_precision():
+  with np.errstate(over="ignore"):  # exp(inf) in the reference at lambda = -inf: sigmoid is 0
+    want_alpha, want_sigma = np.sqrt(_np_sigmoid(LOG_SNRS)), np.sqrt(_np_sigmoid(-LOG_SNRS))
+  alpha, sigma = jax.jit(schedules.alpha_sigma_from_log_snr)(jnp.asarray(LOG_SNRS, jnp.float32))
+  assert alpha.dtype == sigma.dtype == jnp.float32
+  # Relative at every lambda: sigma(60) = e^-30 ~ 9.4e-14 keeps all its digits.
+  np.testing.assert_allclose(alpha, want_alpha, rtol=FORMULA_RTOL, atol=0.0)
+  np.testing.assert_allclose(sigma, want_sigma, rtol=FORMULA_RTOL, atol=0.0)
+  assert (alpha[0], sigma[0], alpha[-1], sigma[-1]) == (0.0, 1.0, 1.0, 0.0)
+  # The naive sqrt(1 - sigmoid(lambda)) loses sigma entirely at lambda = 60.
+  assert float(jnp.sqrt(1.0 - jax.nn.sigmoid(jnp.float32(60.0)))) == 0.0 < float(sigma[-2])
+  log_alpha, log_sigma = schedules.log_alpha_sigma_from_log_snr(jnp.asarray(LOG_SNRS))
+  np.testing.assert_allclose(np.exp(log_alpha), alpha, rtol=FORMULA_RTOL, atol=0.0)
+  np.testing.assert_allclose(np.exp(log_sigma), sigma, rtol=FORMULA_RTOL, atol=0.0)
+
+
+def test_alpha_sigma_from_log_snr_of_a_zero_terminal_snr_schedule():
+  schedule = schedules.get_discrete_schedule("linear", zero_terminal_snr=True)
+  assert float(schedule.log_snr[-1]) == -np.inf
+  alpha, sigma = schedules.alpha_sigma_from_log_snr(schedule.log_snr)
+  assert np.all(np.isfinite(alpha)) and np.all(np.isfinite(sigma))
+  assert (float(alpha[-1]), float(sigma[-1])) == (0.0, 1.0)
+  np.testing.assert_allclose(alpha**2, schedule.alpha_bars, rtol=ABAR_RTOL, atol=1e-30)
+  np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, rtol=FORMULA_RTOL)
+
+
+def test_alpha_sigma_from_log_snr_computes_in_float32_and_returns_bfloat16():
+  log_snr = jnp.asarray(LOG_SNRS[1:-1], jnp.bfloat16)
+  alpha, sigma = schedules.alpha_sigma_from_log_snr(log_snr)
+  assert alpha.dtype == sigma.dtype == jnp.bfloat16
+  want_alpha, want_sigma = schedules.alpha_sigma_from_log_snr(log_snr.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(alpha, np.float32), want_alpha, rtol=BF16_RTOL)
+  np.testing.assert_allclose(np.asarray(sigma, np.float32), want_sigma, rtol=BF16_RTOL)
+
+
+# ------------------------------------------------------------------------------------------
 # Continuous schedules.
 # ------------------------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
+from diffjax._lookup import lookup
+
 __all__ = [
     "ImageSource",
     "TfdsImageSource",
@@ -95,9 +97,7 @@ def _validate_arrays(images: np.ndarray, labels: np.ndarray, *, origin: str) -> 
 
 
 def _to_nhwc(images: np.ndarray, *, layout: str, origin: str) -> np.ndarray:
-  if layout not in _LAYOUT_TO_NHWC:
-    raise ValueError(f"unknown layout {layout!r} for {origin}; choose one of "
-                     f"{sorted(_LAYOUT_TO_NHWC)}")
+  axes = lookup(_LAYOUT_TO_NHWC, layout, "layout", hint=f" (images from {origin})")
   if images.ndim != 4:
     raise ValueError(f"images from {origin} have shape {images.shape}; expected 4-D "
                      f"[N, H, W, C] or [N, C, H, W] (layout={layout!r}). Add a channel axis to "
@@ -106,7 +106,7 @@ def _to_nhwc(images: np.ndarray, *, layout: str, origin: str) -> np.ndarray:
   if layout == "NHWC" and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
     raise ValueError(f"images from {origin} have shape {images.shape}, which looks channel-first;"
                      " pass layout='NCHW'")
-  return np.ascontiguousarray(np.transpose(images, _LAYOUT_TO_NHWC[layout]))
+  return np.ascontiguousarray(np.transpose(images, axes))
 
 
 def _scale_images(images: np.ndarray, *, value_range: tuple[float, float] | None,
@@ -308,11 +308,8 @@ def load_arrays(source: str, /, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     ``(images, labels)``: uint8 ``[N, H, W, C]`` in ``[0, 255]`` or float32 in ``[-1, 1]``, and
     int32 ``[N]``.
   """
-  if source not in ARRAY_LOADERS:
-    raise ValueError(f"unknown in-memory image source {source!r}; choose one of "
-                     f"{sorted(ARRAY_LOADERS)} (TFDS sources are not in memory: use "
-                     "get_dataset('tfds', ...))")
-  return ARRAY_LOADERS[source](**kwargs)
+  return lookup(ARRAY_LOADERS, source, "in-memory image source",
+                hint=" (TFDS sources are not in memory: use get_dataset('tfds', ...))")(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,9 +407,7 @@ def get_dataset(name: str, /, **kwargs) -> grain.sources.RandomAccessDataSource:
     name: one of ``DATASETS`` ("digits", "npz", "folder", "tfds").
     **kwargs: keyword arguments of the source (``path=``, ``root=``, ``split=``, ...).
   """
-  if name not in DATASETS:
-    raise ValueError(f"unknown image dataset {name!r}; choose one of {sorted(DATASETS)}")
-  return DATASETS[name](**kwargs)
+  return lookup(DATASETS, name, "image dataset")(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

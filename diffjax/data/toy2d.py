@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
+
 __all__ = [
     "normal",
     "eight_gaussians",
@@ -386,12 +388,10 @@ def get_toy2d(name: str, *, labelled: bool = False, **options) -> Callable:
     ValueError: unknown name, no labelled variant, or an unknown option.
   """
   table = TOY2D_LABELLED if labelled else TOY2D
-  if name not in table:
-    if labelled and name in TOY2D:
-      raise ValueError(f"toy distribution {name!r} has no labelled variant; labelled ones: "
-                       f"{sorted(TOY2D_LABELLED)}")
-    raise ValueError(f"unknown toy distribution {name!r}; choose one of {sorted(table)}")
-  fn = table[name]
+  if labelled and name in TOY2D and name not in TOY2D_LABELLED:
+    raise ValueError(f"toy distribution {name!r} has no labelled variant; labelled ones: "
+                     f"{sorted(TOY2D_LABELLED)}")
+  fn = lookup(table, name, "toy distribution")
   valid = _options(fn)
   unknown = sorted(set(options) - valid)
   if unknown:

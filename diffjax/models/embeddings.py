@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from diffjax._lookup import lookup
+
 __all__ = [
     "sinusoidal_embedding",
     "fourier_features",
@@ -138,9 +140,7 @@ TIME_FEATURES: dict[str, Callable[..., nnx.Module]] = {
 
 def get_time_features(name: str, **kwargs) -> nnx.Module:
   """Resolves a time feature map by name (once, at construction); ``kwargs`` go to its class."""
-  if name not in TIME_FEATURES:
-    raise ValueError(f"unknown time features {name!r}; choose one of {sorted(TIME_FEATURES)}")
-  return TIME_FEATURES[name](**kwargs)
+  return lookup(TIME_FEATURES, name, "time features")(**kwargs)
 
 
 class TimeEmbedding(nnx.Module):

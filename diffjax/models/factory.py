@@ -15,6 +15,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from diffjax._lookup import lookup
 from diffjax.models import dit, mlp, unet
 from diffjax.models.pure import ModelFns, functionalize
 
@@ -46,8 +47,7 @@ def model_kwargs(name: str) -> dict[str, object]:
 
 
 def _check_name(name: str) -> None:
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  lookup(MODELS, name, "model")
 
 
 def _float_dtype(value, what: str):

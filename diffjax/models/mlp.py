@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.models.embeddings import TIME_FEATURES, LabelEmbedding, get_time_features
 
 __all__ = ["MLP", "ACTIVATIONS", "get_activation", "check_config"]
@@ -38,9 +39,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 def get_activation(name: str) -> Callable[[Array], Array]:
   """Resolves an activation by name (once, at construction)."""
-  if name not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+  return lookup(ACTIVATIONS, name, "activation")
 
 
 def _torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
@@ -64,9 +63,7 @@ def check_config(*, width, depth, activation, time_varying, time_features, dropo
     raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
   get_activation(activation)
   if time_features is not None:
-    if time_features not in TIME_FEATURES:
-      raise ValueError(f"unknown time features {time_features!r}; choose one of "
-                       f"{sorted(TIME_FEATURES)} or None (raw t)")
+    lookup(TIME_FEATURES, time_features, "time features", hint=" or None (raw t)")
     if not time_varying:
       raise ValueError(f"time_features={time_features!r} needs time_varying=True; set "
                        "time_varying=True or time_features=None")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.samplers.ode import Field, ODESolution, check_times
 
 __all__ = ["ADAPTIVE_SOLVERS", "get_adaptive_solver", "evaluations_per_step",
@@ -33,10 +34,7 @@ ADAPTIVE_SOLVERS: dict[str, Callable[[], diffrax.AbstractAdaptiveSolver]] = {
 
 def get_adaptive_solver(name: str) -> diffrax.AbstractAdaptiveSolver:
   """Resolves a diffrax solver by name ("dopri5", "tsit5", "dopri8")."""
-  if name not in ADAPTIVE_SOLVERS:
-    raise ValueError(f"unknown adaptive solver {name!r}; choose one of "
-                     f"{sorted(ADAPTIVE_SOLVERS)}")
-  return ADAPTIVE_SOLVERS[name]()
+  return lookup(ADAPTIVE_SOLVERS, name, "adaptive solver")()
 
 
 def evaluations_per_step(solver: diffrax.AbstractAdaptiveSolver) -> tuple[int, int]:

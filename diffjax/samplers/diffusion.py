@@ -10,8 +10,9 @@
 * :func:`dpm_solver_pp_sample` runs on continuous model times with any ``coefficients_fn``.
 
 The discrete coefficients are ``alpha_s = sqrt(abar_s)``, ``sigma_s = sqrt(1 - abar_s)``, both
-computed from the log-SNR (``abar = sigmoid(lambda)``, ``1 - abar = sigmoid(-lambda)``), so steps
-with ``abar`` close to 1 keep their precision.
+computed from the log-SNR (``abar = sigmoid(lambda)``, ``1 - abar = sigmoid(-lambda)``,
+:func:`~diffjax.parameterization.discrete_coefficients`), so steps with ``abar`` close to 1 keep
+their precision.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from diffjax.parameterization import Coefficients, PredictionTarget
+from diffjax import parameterization
+from diffjax._lookup import lookup
+from diffjax.parameterization import Coefficients, PredictionTarget, discrete_coefficients
 from diffjax.samplers.fields import (CoefficientsFn, Denoiser, Predictor, SamplerOutput,
                                      SigmaDenoiser, prepend_initial)
 from diffjax.samplers.ode import check_times
-from diffjax.schedules import DiscreteSchedule
+from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
+from diffjax.shapes import concrete, in_compute_dtype
 
 __all__ = [
     "default_time_of_step",
@@ -50,18 +54,6 @@ def default_time_of_step(steps: Array, *, num_train_steps: int) -> Array:
   return (steps + 1).astype(jnp.float32) / num_train_steps
 
 
-def discrete_coefficients(log_snr: Array) -> Coefficients:
-  """``alpha = sqrt(sigmoid(lambda))``, ``sigma = sqrt(sigmoid(-lambda))`` of a discrete step.
-
-  A discrete schedule has no time derivative, so ``d_alpha = d_sigma = 0``: the "velocity"
-  target is rejected before sampling (as in training).
-  """
-  zeros = jnp.zeros_like(log_snr)
-  return Coefficients(alpha=jnp.exp(0.5 * jax.nn.log_sigmoid(log_snr)),
-                      sigma=jnp.exp(0.5 * jax.nn.log_sigmoid(-log_snr)), d_alpha=zeros,
-                      d_sigma=zeros)
-
-
 def interpolated_coefficients_fn(schedule: DiscreteSchedule, *,
                                  log_snr_floor: float = -30.0) -> CoefficientsFn:
   """A continuous-time view of a discrete schedule, for the continuous samplers.
@@ -78,12 +70,10 @@ def interpolated_coefficients_fn(schedule: DiscreteSchedule, *,
   values = jnp.maximum(schedule.log_snr, log_snr_floor)
 
   def alpha_sigma(t):
-    lam = jnp.interp(t, knots, values)
-    return (jnp.exp(0.5 * jax.nn.log_sigmoid(lam)), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam)))
+    return alpha_sigma_from_log_snr(jnp.interp(t, knots, values))
 
   def coefficients_fn(t: Array) -> Coefficients:
-    t = jnp.asarray(t)
-    t = t.astype(jnp.result_type(t, jnp.float32))
+    t = in_compute_dtype(t)
     (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(alpha_sigma, (t,), (jnp.ones_like(t),))
     return Coefficients(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma)
   return coefficients_fn
@@ -114,29 +104,18 @@ DDPM_VARIANCES: dict[str, Callable[..., Array]] = {
 
 def get_ddpm_variance(name: str) -> Callable[..., Array]:
   """Resolves DDPM's reverse variance by name: "small" (``beta_tilde``) or "large" (``beta``)."""
-  if name not in DDPM_VARIANCES:
-    raise ValueError(f"unknown DDPM variance {name!r}; choose one of {sorted(DDPM_VARIANCES)}")
-  return DDPM_VARIANCES[name]
-
-
-def _concrete(x) -> np.ndarray | None:
-  """The value of ``x`` when it is known outside tracing, else None (skip value checks)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
+  return lookup(DDPM_VARIANCES, name, "DDPM variance")
 
 
 def check_discrete_target(target: PredictionTarget) -> None:
-  """A discrete schedule has no ``d alpha / dt``: the velocity target is undefined there."""
-  if target.name == "velocity":
-    raise ValueError("target 'velocity' needs d alpha / dt, which a discrete schedule does not "
-                     "define; sample it with a continuous sampler (euler, heun, ...) instead")
+  """:func:`diffjax.parameterization.check_discrete_target`, offering the continuous samplers."""
+  parameterization.check_discrete_target(
+      target, fix="sample it with a continuous sampler (euler, heun, ...) instead")
 
 
 def check_steps(steps, num_train_steps: int) -> None:
   """Steps must be a strictly decreasing 1-D sequence in ``[0, T)``; raised before tracing."""
-  values = _concrete(steps)
+  values = concrete(steps)
   if values is None:
     return
   if values.ndim != 1 or values.size < 1:
@@ -266,7 +245,7 @@ def check_sigmas(sigmas) -> None:
   if len(shape) != 1 or shape[0] < 2:
     raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {shape}; "
                      "build one with edm_sigmas")
-  values = _concrete(sigmas)
+  values = concrete(sigmas)
   if values is not None and (values.min() < 0 or not np.all(np.diff(values) < 0)):
     raise ValueError("sigmas must be non-negative and strictly decreasing, e.g. "
                      "edm_sigmas(num_steps=18)")

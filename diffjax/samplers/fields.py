@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from diffjax.parameterization import Coefficients, PredictionTarget, velocity_from_x0_eps
-from diffjax.shapes import broadcast_to_data
+from diffjax.shapes import broadcast_to_data, compute_dtype, in_compute_dtype
 
 __all__ = [
     "Predictor",
@@ -117,7 +117,7 @@ def ode_field(velocity: VelocityField) -> Callable[[Array, Array], Array]:
   """``(x, t_scalar) -> velocity(x, t)`` with the scalar solver time repeated over the batch
   (``t = full([batch], t_scalar)``), the form the ODE integrators of this package call."""
   def field(x: Array, t: Array) -> Array:
-    return velocity(x, jnp.full(x.shape[:1], t, dtype=jnp.result_type(t, jnp.float32)))
+    return velocity(x, jnp.full(x.shape[:1], t, dtype=compute_dtype(t)))
   return field
 
 
@@ -160,8 +160,7 @@ def time_of_log_snr(log_snr: Array, *, coefficients_fn: CoefficientsFn, t_min: f
   so ``lambda = +inf`` (``sigma = 0``) gives the data end. ``num_iters = 48`` halvings reach the
   float32 resolution of ``[0, 1]``.
   """
-  target = jnp.asarray(log_snr)
-  target = target.astype(jnp.result_type(target, jnp.float32))
+  target = in_compute_dtype(log_snr)
   args = (coefficients_fn, float(t_min), float(t_max), int(num_iters))
   if isinstance(target, jax.core.Tracer):  # already inside a trace: nothing to cache
     return _bisect_log_snr(target, *args)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.samplers.fields import CoefficientsFn, log_snr_of, time_of_log_snr
 
 __all__ = [
@@ -130,9 +131,7 @@ def get_time_grid(name: str, **kwargs) -> Array:
     name: one of ``TIME_GRIDS`` ("uniform", "edm", "log_snr").
     **kwargs: ``num_steps``, ``t_start``, ``t_end``, ``coefficients_fn`` (and ``rho`` for "edm").
   """
-  if name not in TIME_GRIDS:
-    raise ValueError(f"unknown time grid {name!r}; choose one of {sorted(TIME_GRIDS)}")
-  return TIME_GRIDS[name](**kwargs)
+  return lookup(TIME_GRIDS, name, "time grid")(**kwargs)
 
 
 # ---- discrete DDPM steps (0-indexed; Lin et al. 2024, Table 2, counts from 1) --------------
@@ -183,6 +182,4 @@ DISCRETE_STEPS: dict[str, Callable[..., Array]] = {
 def get_discrete_steps(name: str, **kwargs) -> Array:
   """Resolves a discrete step spacing by name ("linspace", "leading", "trailing") and builds the
   ``[num_steps]`` step indices (noisiest first); ``kwargs``: ``num_steps``, ``num_train_steps``."""
-  if name not in DISCRETE_STEPS:
-    raise ValueError(f"unknown step spacing {name!r}; choose one of {sorted(DISCRETE_STEPS)}")
-  return DISCRETE_STEPS[name](**kwargs)
+  return lookup(DISCRETE_STEPS, name, "step spacing")(**kwargs)

@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.samplers.fields import VelocityField
 from diffjax.samplers.ode import FIXED_STEP_METHODS, ODESolution, integrate_fixed
+from diffjax.shapes import compute_dtype
 
 __all__ = [
     "DivergenceFn",
@@ -110,9 +112,7 @@ DIVERGENCES: dict[str, Callable[[VelocityField], DivergenceFn]] = {
 
 def get_divergence(name: str) -> Callable[[VelocityField], DivergenceFn]:
   """Resolves a divergence by name: "exact" or "hutchinson"."""
-  if name not in DIVERGENCES:
-    raise ValueError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
-  return DIVERGENCES[name]
+  return lookup(DIVERGENCES, name, "divergence")
 
 
 def rademacher_probes(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
@@ -133,9 +133,7 @@ PROBES: dict[str, Callable[..., Array]] = {
 
 def get_probes(name: str) -> Callable[..., Array]:
   """Resolves a probe distribution by name: "rademacher" or "gaussian"."""
-  if name not in PROBES:
-    raise ValueError(f"unknown probe distribution {name!r}; choose one of {sorted(PROBES)}")
-  return PROBES[name]
+  return lookup(PROBES, name, "probe distribution")
 
 
 def standard_normal_log_prob(x: Array, *, scale: float = 1.0) -> Array:
@@ -202,7 +200,7 @@ def log_likelihood(key: Array | None, velocity: VelocityField, data: Array, *, t
 
   def field(state, t):
     x, _ = state
-    t_batch = jnp.full(x.shape[:1], t, dtype=jnp.result_type(t, jnp.float32))
+    t_batch = jnp.full(x.shape[:1], t, dtype=compute_dtype(t))
     return div_fn(x, t_batch, probe_draws)
 
   delta0 = jnp.zeros(data.shape[:1], data.dtype)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
+
 __all__ = [
     "ODESolution",
     "euler_step",
@@ -117,10 +119,7 @@ FIXED_STEP_METHODS: dict[str, FixedStepMethod] = {
 
 def get_fixed_step_method(name: str) -> FixedStepMethod:
   """Resolves a fixed-step method by name ("euler", "heun", "midpoint", "rk4")."""
-  if name not in FIXED_STEP_METHODS:
-    raise ValueError(f"unknown fixed-step method {name!r}; choose one of "
-                     f"{sorted(FIXED_STEP_METHODS)}")
-  return FIXED_STEP_METHODS[name]
+  return lookup(FIXED_STEP_METHODS, name, "fixed-step method")
 
 
 def check_times(times) -> None:

@@ -44,16 +44,17 @@ import inspect
 import math
 from typing import Callable, Protocol
 
-import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._lookup import lookup
 from diffjax.parameterization import PredictionTarget, get_prediction_target
 from diffjax.samplers import adaptive, diffusion, edm, ode
 from diffjax.samplers.fields import (CoefficientsFn, Predictor, SamplerOutput, denoiser,
                                      ode_field, sigma_denoiser, velocity_field)
 from diffjax.samplers.guidance import classifier_free_guidance
-from diffjax.schedules import DiscreteSchedule
+from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
+from diffjax.shapes import in_compute_dtype
 
 __all__ = ["Sampler", "SAMPLERS", "get_sampler"]
 
@@ -84,8 +85,7 @@ def _require(coefficients_fn, name: str):
 
 
 def _sigma_at(coefficients_fn: CoefficientsFn, t) -> Array:
-  t = jnp.reshape(jnp.asarray(t), (1,))
-  return coefficients_fn(t.astype(jnp.result_type(t, jnp.float32))).sigma[0]
+  return coefficients_fn(in_compute_dtype(jnp.reshape(jnp.asarray(t), (1,)))).sigma[0]
 
 
 def _ode_sampler(name: str, integrate: Callable[..., ode.ODESolution], *,
@@ -191,8 +191,8 @@ def _sigma_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict)
 
 
 def _discrete_start(schedule: DiscreteSchedule, steps: Array) -> Array:
-  """``sqrt(1 - abar) = sqrt(sigmoid(-lambda))`` at the first step."""
-  return jnp.sqrt(jax.nn.sigmoid(-schedule.log_snr[steps[0]]))
+  """``sigma = sqrt(1 - abar) = sqrt(sigmoid(-lambda))`` at the first step."""
+  return alpha_sigma_from_log_snr(schedule.log_snr[steps[0]])[1]
 
 
 def _discrete_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict,
@@ -257,9 +257,7 @@ def get_sampler(name: str, **kwargs) -> Sampler:
     ``sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,
     return_trajectory=False) -> SamplerOutput``.
   """
-  if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-  factory = SAMPLERS[name]
+  factory = lookup(SAMPLERS, name, "sampler")
   parameters = inspect.signature(factory).parameters
   takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
   unknown = set(kwargs) - set(parameters)
