@@ -57,30 +57,37 @@ def _trainer(num_seeds: int, seed: int, steps: int):
   return make_trainer(config, mesh), config.train.fused_steps
 
 
-def _train_seconds(num_seeds: int, seed: int, steps: int) -> tuple[float, float]:
-  """(seconds of ``steps`` steps after a first, untimed chunk; final mean loss)."""
+def _compiled(num_seeds: int, seed: int, steps: int):
+  """A trainer's ``advance`` and state after one untimed chunk (compilation), and the chunk."""
   trainer, chunk = _trainer(num_seeds, seed, steps)
-  state = trainer.create_state()
-  state, metrics = trainer.advance(state, chunk, None)
-  np.asarray(metrics["loss"])  # compiled and run once
-  start, done = time.perf_counter(), 0
-  while done < steps:
-    n = min(chunk, steps - done)
-    state, metrics = trainer.advance(state, n, None)
-    np.asarray(metrics["loss"])  # the loop's per-chunk finite check syncs here too
-    done += n
-  return time.perf_counter() - start, float(np.mean(np.asarray(metrics["loss"])))
+  state, metrics = trainer.advance(trainer.create_state(), chunk, None)
+  np.asarray(metrics["loss"])
+  return [trainer.advance, state], chunk
+
+
+def _timed_chunk(runner, num_steps: int) -> float:
+  start = time.perf_counter()
+  runner[1], metrics = runner[0](runner[1], num_steps, None)
+  np.asarray(metrics["loss"])  # the loop's per-chunk finite check syncs here too
+  return time.perf_counter() - start
 
 
 def main():
   args = _parse()
   together, sequential, one = [], [], []
   for _ in range(args.reps):
-    seconds, _ = _train_seconds(args.seeds, 0, args.steps)
-    together.append(seconds)
-    singles = [_train_seconds(1, k, args.steps)[0] for k in range(args.seeds)]
-    sequential.append(sum(singles))
-    one.append(statistics.median(singles))
+    stacked, chunk = _compiled(args.seeds, 0, args.steps)
+    singles = [_compiled(1, k, args.steps)[0] for k in range(args.seeds)]
+    # Chunk by chunk, alternating the two sides, so both see the same machine load.
+    seconds_together, seconds_single = 0.0, [0.0] * args.seeds
+    for done in range(0, args.steps, chunk):
+      n = min(chunk, args.steps - done)
+      seconds_together += _timed_chunk(stacked, n)
+      for k, runner in enumerate(singles):
+        seconds_single[k] += _timed_chunk(runner, n)
+    together.append(seconds_together)
+    sequential.append(sum(seconds_single))
+    one.append(statistics.median(seconds_single))
   median = statistics.median
   report = {
       "benchmark": "bench_seeds",
