@@ -10,11 +10,11 @@ paper's runner does), seeds 42..46, the 3x64 SELU MLP on ``concat(x, t)``, batch
 (TorchCFM's runner, ``runner/configs/model/sbcfm.yaml``: ``sigma_min: 1.0``,
 ``ot_sampler: sinkhorn``; ``cfm_module.py``: ``OTPlanSampler(reg=2 * sigma_min**2)``).
 
-For each (method, task) the seeds train at once: the train state of every seed is stacked and
-the very chunk :func:`diffjax.train.loop.train` runs (:func:`diffjax.train.step.fused_train_steps`)
-is ``jax.vmap``-ed over seeds. Exact OT vmaps (its ``pure_callback`` has
-``vmap_method="broadcast_all"``: one host call solves the seeds' assignments), Sinkhorn is in
-graph; if vmapping fails the seeds train one after another (``"vectorised": false``).
+For each (method, task) the seeds train at once, with the trainer ``diffjax train`` runs
+(:func:`diffjax.train.trainer.make_trainer` with ``train.num_seeds``: the train state of every
+seed stacked, every program vmapped over seeds; exact OT solves all seeds' assignments of a chunk
+in one host call). Seeds that are not consecutive train one after another (``"vectorised":
+false``).
 
 Each trained model (its parameters, not the EMA, as TorchCFM evaluates) draws 2000 samples from
 fresh source samples with 100 Euler steps and with dopri5 (diffrax, rtol = atol = 1e-5; its
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -50,17 +49,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffjax import evaluate
 from diffjax import samplers as samplers_lib
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
-from diffjax.train.experiment import build_experiment
-from diffjax.train.trainer import make_initial_state
-from diffjax.train.optim import make_optimizer
-from diffjax.train.step import fused_train_steps
+from diffjax.train.trainer import make_trainer
 
 __all__ = ["TASKS", "METHODS", "SIGMAS", "DSBM_TABLE2", "main", "parse_args", "run"]
 
@@ -178,78 +173,47 @@ def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
   return c
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _index(tree, i: int):
-  return jax.tree.map(lambda leaf: leaf[i], tree)
+def _consecutive(seeds) -> bool:
+  return list(seeds) == list(range(seeds[0], seeds[0] + len(seeds)))
 
 
 def train_ours(method: str, task: str, args, generators: dict) -> dict:
-  """Trains every seed of one (method, task); vmapped over seeds when the step allows it.
+  """Trains every seed of one (method, task) with the trainer ``diffjax train`` runs: all seeds
+  in one run (``train.num_seeds``, the state vmapped) when they are consecutive, else one run
+  per seed.
 
   ``generators`` caches one sample generator per source distribution: every model here is the
   same MLP, so one jitted Euler / dopri5 program per source serves all methods and tasks (the
-  first experiment's ``apply`` is a pure function of the parameters it is given).
+  experiment's ``apply`` is a pure function of the parameters it is given).
   """
-  configs = [make_config(method, task, steps=args.steps, chunk=args.chunk, seed=s)
-             for s in args.seeds]
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
-  experiment = build_experiment(configs[0], mesh=mesh)
-  optimizer = make_optimizer(**configs[0].optimizer, total_steps=args.steps)
-  states = [make_initial_state(experiment, optimizer, seed=c.seed, mesh=mesh)[2]()
-            for c in configs]
-  kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
-                ema_decay=configs[0].train.ema_decay,
-                accumulate_steps=configs[0].train.accumulate_steps)
-  chunk = configs[0].train.fused_steps
-
-  @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
-  def run_chunk(state, num_steps):
-    return fused_train_steps(state, num_steps=num_steps, sample_batch=experiment.sample_batch,
-                             **kwargs)
-
-  @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
-  def run_chunk_seeds(stacked, num_steps):
-    return jax.vmap(lambda s: fused_train_steps(s, num_steps=num_steps,
-                                                sample_batch=experiment.sample_batch,
-                                                **kwargs))(stacked)
-
-  def train(state, fn) -> tuple[Any, float, float]:
-    """(state, seconds of the first chunk (compiles), seconds of the rest)."""
+  together = _consecutive(args.seeds)
+  runs = [args.seeds] if together else [[s] for s in args.seeds]
+  params, firsts, rests = [], [], []
+  for seeds in runs:
+    config = make_config(method, task, steps=args.steps, chunk=args.chunk, seed=seeds[0])
+    config_lib.apply_overrides(config, [f"--config.train.num_seeds={len(seeds)}"])
+    trainer = make_trainer(config, mesh)
+    experiment, chunk = trainer.experiment, config.train.fused_steps
     start = time.perf_counter()
-    state, _ = fn(state, num_steps=min(chunk, args.steps))
+    state, _ = trainer.advance(trainer.create_state(), min(chunk, args.steps), None)
     jax.block_until_ready(state)
-    first = time.perf_counter() - start
-    done = min(chunk, args.steps)
-    start = time.perf_counter()
+    firsts.append(time.perf_counter() - start)
+    start, done = time.perf_counter(), min(chunk, args.steps)
     while done < args.steps:
       n = min(chunk, args.steps - done)
-      state, _ = fn(state, num_steps=n)
+      state, _ = trainer.advance(state, n, None)
       done += n
     jax.block_until_ready(state)
-    return state, first, time.perf_counter() - start
-
-  info: dict[str, Any] = {"fused_steps": chunk}
-  try:
-    stacked, first, rest = train(_stack(states), run_chunk_seeds)
-    params = [_index(stacked.params, i) for i in range(len(configs))]
-    info.update(vectorised=True, compile_and_first_chunk_s=round(first, 2),
-                train_s_all_seeds=round(rest, 2))
-  except Exception as e:  # noqa: BLE001 -- any failure to vmap falls back to one seed at a time
-    info.update(vectorised=False, vmap_error=f"{type(e).__name__}: {str(e)[:200]}")
-    params, firsts, rests = [], [], []
-    for state in states:
-      state, first, rest = train(state, run_chunk)
-      params.append(state.params)
-      firsts.append(first)
-      rests.append(rest)
-    info.update(compile_and_first_chunk_s=round(sum(firsts), 2),
-                train_s_all_seeds=round(sum(rests), 2))
+    rests.append(time.perf_counter() - start)
+    params += ([jax.tree.map(lambda leaf, k=k: leaf[k], state.params) for k in range(len(seeds))]
+               if len(seeds) > 1 else [state.params])
+  info: dict[str, Any] = {"fused_steps": chunk, "vectorised": together and len(args.seeds) > 1,
+                          "compile_and_first_chunk_s": round(sum(firsts), 2),
+                          "train_s_all_seeds": round(sum(rests), 2)}
   timed_steps = max(args.steps - min(chunk, args.steps), 0)
-  info["train_s_per_seed"] = round(info["train_s_all_seeds"] / len(configs), 2)
-  info["seed_steps_per_s"] = (round(timed_steps * len(configs) / info["train_s_all_seeds"], 1)
+  info["train_s_per_seed"] = round(info["train_s_all_seeds"] / len(args.seeds), 2)
+  info["seed_steps_per_s"] = (round(timed_steps * len(args.seeds) / info["train_s_all_seeds"], 1)
                               if info["train_s_all_seeds"] > 0 else None)
 
   source_name = TASKS[task][0]

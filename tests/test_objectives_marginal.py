@@ -318,6 +318,7 @@ def test_table_entry():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a script smoke run (about 50 s): with the other scripts' smoke tests
 def test_bench_marginal_fm_quick():
   env = dict(os.environ)
   # One CPU device, as a user runs the script (tests/conftest.py forces 8 for the suite).
