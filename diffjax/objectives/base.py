@@ -15,11 +15,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffjax import losses as losses_lib
 from diffjax import models as models_lib
 from diffjax import samplers as samplers_lib
 
 __all__ = ["ObjectiveContext", "Objective", "ObjectiveSpec", "HostPairing", "keywords",
-           "defaults", "drop_labels_for_guidance", "probability_flow_likelihood"]
+           "defaults", "drop_labels_for_guidance", "regression_loss_fn",
+           "probability_flow_likelihood"]
 
 
 class ObjectiveContext(NamedTuple):
@@ -129,6 +131,28 @@ def drop_labels_for_guidance(key, labels, *, num_classes: int, label_dropout: fl
   if labels is None or label_dropout <= 0:
     return labels
   return models_lib.drop_labels(key, labels, num_classes=num_classes, drop_prob=label_dropout)
+
+
+def regression_loss_fn(context: ObjectiveContext, make_example: Callable, *,
+                       label_dropout: float = 0.0) -> Callable:
+  """``loss_fn(params, key, batch)`` of an objective that regresses the model on one
+  :class:`~diffjax.losses.TrainingExample`: ``split(key, 3)`` into the example's, the label
+  dropout's and the model's dropout key; labels (a conditional model's) dropped for guidance;
+  ``example = make_example(key, batch, labels)``; then :func:`~diffjax.losses.regression_loss`
+  of ``apply(params, example.model_input, example.model_time, example.cond)``."""
+  num_classes = context.num_classes
+
+  def loss_fn(params, key, batch):
+    k_example, k_labels, k_dropout = jax.random.split(key, 3)
+    labels = batch.get("label") if num_classes else None
+    labels = drop_labels_for_guidance(k_labels, labels, num_classes=num_classes,
+                                      label_dropout=label_dropout)
+    example = make_example(k_example, batch, labels)
+    output = context.apply(params, example.model_input, example.model_time, example.cond,
+                           dropout_key=k_dropout)
+    return losses_lib.regression_loss(output, example)
+
+  return loss_fn
 
 
 def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, noise_time: float,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import jax
 
 from diffjax import losses as losses_lib
 from diffjax import parameterization
@@ -193,17 +192,12 @@ def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp"
   target = parameterization.get_prediction_target(prediction)
   num_classes = context.num_classes
 
-  def loss_fn(params, key, batch):
-    k_example, k_labels, k_dropout = jax.random.split(key, 3)
-    labels = batch.get("label") if num_classes else None
-    labels = base.drop_labels_for_guidance(k_labels, labels, num_classes=num_classes,
-                                           label_dropout=label_dropout)
-    example = losses_lib.continuous_diffusion_example(
-        k_example, data=batch["x"], schedule=process, target=target, weighting=weighting_fn,
+  def make_example(key, batch, labels):
+    return losses_lib.continuous_diffusion_example(
+        key, data=batch["x"], schedule=process, target=target, weighting=weighting_fn,
         cond=labels, time_sampler=time_sampler_fn, t_min=t_min)
-    output = context.apply(params, example.model_input, example.model_time, example.cond,
-                           dropout_key=k_dropout)
-    return losses_lib.regression_loss(output, example)
+
+  loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
   generate = samplers_lib.continuous_diffusion_generator(
       apply=context.apply, schedule=process, prediction=prediction,

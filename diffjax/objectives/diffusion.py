@@ -8,7 +8,6 @@ it on the interpolated schedule.
 
 from __future__ import annotations
 
-import jax
 
 from diffjax import losses as losses_lib
 from diffjax import parameterization
@@ -76,16 +75,11 @@ def diffusion(context: base.ObjectiveContext, *, schedule: str = "linear",
   target = parameterization.get_prediction_target(prediction)
   num_classes = context.num_classes
 
-  def loss_fn(params, key, batch):
-    k_example, k_labels, k_dropout = jax.random.split(key, 3)
-    labels = batch.get("label") if num_classes else None
-    labels = base.drop_labels_for_guidance(k_labels, labels, num_classes=num_classes,
-                                           label_dropout=label_dropout)
-    example = losses_lib.diffusion_example(k_example, data=batch["x"], schedule=betas_schedule,
-                                           target=target, weighting=weighting_fn, cond=labels)
-    output = context.apply(params, example.model_input, example.model_time, example.cond,
-                           dropout_key=k_dropout)
-    return losses_lib.regression_loss(output, example)
+  def make_example(key, batch, labels):
+    return losses_lib.diffusion_example(key, data=batch["x"], schedule=betas_schedule,
+                                        target=target, weighting=weighting_fn, cond=labels)
+
+  loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
   generate = samplers_lib.diffusion_generator(
       apply=context.apply, schedule=betas_schedule, prediction=prediction,

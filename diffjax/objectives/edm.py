@@ -10,7 +10,6 @@ Generative Models", eq. 7 and Table 1, https://arxiv.org/abs/2206.00364).
 
 from __future__ import annotations
 
-import jax
 
 from diffjax import losses as losses_lib
 from diffjax import parameterization
@@ -105,16 +104,11 @@ def edm(context: base.ObjectiveContext, *, sigma_data: float = 0.5, p_mean: floa
   num_classes = context.num_classes
   denoise = preconditioned_denoiser(context.apply, sigma_data=sigma_data)
 
-  def loss_fn(params, key, batch):
-    k_example, k_labels, k_dropout = jax.random.split(key, 3)
-    labels = batch.get("label") if num_classes else None
-    labels = base.drop_labels_for_guidance(k_labels, labels, num_classes=num_classes,
-                                           label_dropout=label_dropout)
-    example = losses_lib.edm_example(k_example, data=batch["x"], sigma_data=sigma_data,
-                                     p_mean=p_mean, p_std=p_std, cond=labels)
-    output = context.apply(params, example.model_input, example.model_time, example.cond,
-                           dropout_key=k_dropout)
-    return losses_lib.regression_loss(output, example)
+  def make_example(key, batch, labels):
+    return losses_lib.edm_example(key, data=batch["x"], sigma_data=sigma_data, p_mean=p_mean,
+                                  p_std=p_std, cond=labels)
+
+  loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
   generate = samplers_lib.edm_generator(
       apply=denoise, data_shape=context.data_shape, num_classes=num_classes,

@@ -83,16 +83,11 @@ def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, pat
 
     host_pairing = base.HostPairing(propose=propose, solve=pair_coupling.solve, finish=finish)
 
-  def loss_fn(params, key, batch):
-    k_example, k_labels, k_dropout = jax.random.split(key, 3)
-    labels = base.drop_labels_for_guidance(k_labels, batch.get("label"), num_classes=num_classes,
-                                           label_dropout=label_dropout)
-    example = losses_lib.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x"],
-                                               path=path_fn, time_sampler=sample_time,
-                                               cond=labels)
-    prediction = context.apply(params, example.model_input, example.model_time, example.cond,
-                               dropout_key=k_dropout)
-    return losses_lib.regression_loss(prediction, example)
+  def make_example(key, batch, labels):
+    return losses_lib.flow_matching_example(key, x0=batch["x0"], x1=batch["x"], path=path_fn,
+                                            time_sampler=sample_time, cond=labels)
+
+  loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
   generate = samplers_lib.flow_generator(apply=context.apply, source=context.source,
                                          data_shape=context.data_shape, num_classes=num_classes)
