@@ -17,12 +17,13 @@ from diffjax import paths as paths_lib
 from diffjax import samplers as samplers_lib
 from diffjax.objectives import base
 
-__all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "COUPLING_SCOPES", "SPECS"]
+__all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "noise_keywords", "COUPLING_SCOPES",
+           "SPECS"]
 
 COUPLING_SCOPES = ("global", "per_device")
 
 
-def _noise_keywords(path_name: str, noise: dict) -> dict:
+def noise_keywords(path_name: str, noise: dict) -> dict:
   """The recipe's noise level for a path that takes one (``sigma`` or ``sigma_min``)."""
   accepted = base.keywords(paths_lib.PATHS[path_name])
   value = next(iter(noise.values()))
@@ -52,7 +53,7 @@ def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, pat
            label_dropout: float) -> base.Objective:
   recipe = losses_lib.get_flow_matching_recipe(recipe_name, **noise)
   path_name = path or recipe.path
-  path_fn = paths_lib.get_path(path_name, **_noise_keywords(path_name, noise))
+  path_fn = paths_lib.get_path(path_name, **noise_keywords(path_name, noise))
   pair_coupling = _coupling(coupling or recipe.coupling, recipe, ot_solver=ot_solver,
                             num_classes=context.num_classes)
   if coupling_scope == "per_device":

@@ -52,7 +52,7 @@ def finite_data_set(target_sampler, *, seed: int, num_points: int) -> jax.Array:
 def _path(path: str, sigma: float) -> paths_lib.Path:
   """The path with noise level ``sigma``, by the CFM objectives' rule (its ``sigma`` or
   ``sigma_min``, whichever it takes; none for vp and cosine)."""
-  noise = flow_matching._noise_keywords(path, {"sigma": sigma})  # pylint: disable=protected-access
+  noise = flow_matching.noise_keywords(path, {"sigma": sigma})
   return paths_lib.get_path(path, **noise)
 
 
