@@ -124,13 +124,9 @@ def squared_euclidean_cost(x0: Array, x1: Array) -> Array:
 
 # Two exact solvers; with uniform weights and equal batch sizes the optimal plans include a
 # permutation matrix (a Birkhoff-von Neumann vertex), so both return an optimal permutation.
-# Median ms per B = 256 problem on this machine (2 idle CPU cores; /tmp/solv.py in the issue-4
-# note), float64 cost given:
-#                          N->N d=2   8gaussians->moons   N->moons   N->N d=64   N->N d=3072
-#   "emd" (POT, simplex)     5.2           7.3              5.2        5.6          5.9
-#   "lsa" (scipy, aug. path)   4.5           8.9             13.1        3.3          4.0
 # The network simplex's time hardly depends on the geometry; the augmenting-path solver is
-# fastest on isotropic or high-dimensional clouds (images) and slowest on structured 2D targets.
+# fastest on isotropic or high-dimensional clouds (images) and slowest on structured 2D targets
+# (``scripts/bench_train.py``'s ``host_solvers_ms`` times both on the protocol's problems).
 # "emd" is the default (TorchCFM's solver, predictable); image configs choose "lsa".
 
 
