@@ -9,6 +9,7 @@ the trainer, the samplers and the evaluator need, so no config string is read be
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from typing import Any, Callable, NamedTuple
 
@@ -156,25 +157,34 @@ def regression_loss_fn(context: ObjectiveContext, make_example: Callable, *,
 
 
 def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, noise_time: float,
-                                data_shape: tuple[int, ...]) -> Callable:
+                                data_shape: tuple[int, ...], prior_std: float = 1.0) -> Callable:
   """``log p(x)`` by the instantaneous change of variables along the probability-flow ODE
-  (Chen et al. 2018; Song et al. 2021, App. D.2), with RK4 from the data time to the noise
-  time: the exact divergence for vectors (2D toys), Hutchinson's estimator for images.
+  (Chen et al. 2018, https://arxiv.org/abs/1806.07366; Song et al. 2021, App. D.2), with RK4
+  from the data time to the noise time: the exact divergence for vectors (2D toys),
+  Hutchinson's estimator for images.
+
+  A prior ``N(0, c^2 I)`` (``c = prior_std``, VE and EDM) is handled by solving for
+  ``z = x / c``: its field ``dz/dt = v(c z, t) / c`` has the same divergence and the prior
+  ``N(0, I)``, and ``log p_x(x) = log p_z(x / c) - D log c``.
 
   Args:
     velocity_of: ``params -> (x, t) -> dx/dt`` in the objective's own time.
     data_time: the time at which the ODE holds the data.
-    noise_time: the time at which it holds ``N(0, I)``.
+    noise_time: the time at which it holds ``N(0, prior_std^2 I)``.
     data_shape: shape of one example.
+    prior_std: the prior's standard deviation ``c``.
   """
   exact = len(data_shape) == 1
   divergence = (samplers_lib.exact_divergence if exact else samplers_lib.hutchinson_divergence)
+  log_jacobian = math.prod(data_shape) * math.log(prior_std)
 
   @functools.partial(jax.jit, static_argnames="steps")
   def log_likelihood(params, key, data, *, steps):
     times = jnp.linspace(data_time, noise_time, steps + 1)
-    out = samplers_lib.log_likelihood(key, velocity_of(params), data, times=times,
+    velocity = velocity_of(params)
+    scaled = lambda z, t: velocity(prior_std * z, t) / prior_std
+    out = samplers_lib.log_likelihood(key, scaled, data / prior_std, times=times,
                                       divergence=divergence)
-    return out.log_prob
+    return out.log_prob - log_jacobian
 
   return log_likelihood

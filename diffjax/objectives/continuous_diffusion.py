@@ -9,8 +9,6 @@ the schedules that take them.
 
 from __future__ import annotations
 
-import math
-from typing import Callable
 
 
 from diffjax import losses as losses_lib
@@ -19,7 +17,7 @@ from diffjax import samplers as samplers_lib
 from diffjax import schedules as schedules_lib
 from diffjax.objectives import base
 
-__all__ = ["continuous_diffusion", "check", "likelihood_with_prior_std", "SCHEDULE_KEYWORDS",
+__all__ = ["continuous_diffusion", "check", "SCHEDULE_KEYWORDS",
            "PREDICTIONS", "WEIGHTINGS", "DEFAULT_SAMPLER", "SPEC"]
 
 SCHEDULE_KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -119,30 +117,6 @@ def _schedule(name: str, **keywords) -> schedules_lib.ContinuousSchedule:
       name, **{key: keywords[key] for key in SCHEDULE_KEYWORDS[name]})
 
 
-def likelihood_with_prior_std(velocity_of: Callable, *, data_time: float, noise_time: float,
-                              data_shape: tuple[int, ...], prior_std: float) -> Callable:
-  """:func:`~diffjax.objectives.base.probability_flow_likelihood` with the prior ``N(0, c^2 I)``
-  at the noise time, ``c = prior_std``.
-
-  The ODE is solved for ``z = x / c``, whose field ``dz/dt = v(c z, t) / c`` has the same
-  divergence (``d (v_i(c z) / c) / d z_i = d v_i / d x_i``) and whose prior is ``N(0, I)``; then
-  ``log p_x(x) = log p_z(x / c) - D log c`` (change of variables ``x = c z`` in ``D``
-  dimensions; Chen et al. 2018, https://arxiv.org/abs/1806.07366).
-  """
-  def scaled_velocity_of(params):
-    velocity = velocity_of(params)
-    return lambda z, t: velocity(prior_std * z, t) / prior_std
-
-  log_likelihood_z = base.probability_flow_likelihood(
-      scaled_velocity_of, data_time=data_time, noise_time=noise_time, data_shape=data_shape)
-  log_jacobian = math.prod(data_shape) * math.log(prior_std)
-
-  def log_likelihood(params, key, data, *, steps):
-    return log_likelihood_z(params, key, data / prior_std, steps=steps) - log_jacobian
-
-  return log_likelihood
-
-
 def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp",
                          beta_min: float = 0.1, beta_max: float = 20.0, sigma_min: float = 0.01,
                          sigma_max: float = 50.0, log_snr_min: float = -15.0,
@@ -170,7 +144,8 @@ def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp"
   start from ``N(0, sigma(1)^2 I)``: the terminal marginal ``N(alpha(1) x0, sigma(1)^2 I)``
   without the data's share (``alpha(1) = 6.6e-3`` for the default VP, ``1`` for VE, where
   ``sigma(1) = sigma_max`` dominates data of unit scale). The likelihood integrates the
-  probability-flow ODE from ``t_min`` to 1 with that prior (:func:`likelihood_with_prior_std`).
+  probability-flow ODE from ``t_min`` to 1 with that prior
+  (:func:`~diffjax.objectives.base.probability_flow_likelihood`).
   """
   problems = check(schedule=schedule, beta_min=beta_min, beta_max=beta_max,
                    sigma_min=sigma_min, sigma_max=sigma_max, log_snr_min=log_snr_min,
@@ -204,7 +179,7 @@ def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp"
       data_shape=context.data_shape, num_classes=num_classes, t_min=t_min,
       default_sampler=DEFAULT_SAMPLER)
   coefficients_fn = lambda t: parameterization.diffusion_coefficients(process, t)
-  log_likelihood = likelihood_with_prior_std(
+  log_likelihood = base.probability_flow_likelihood(
       lambda params: samplers_lib.velocity_field(
           lambda x, t: context.apply(params, x, t, None), target=target,
           coefficients_fn=coefficients_fn),

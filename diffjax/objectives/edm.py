@@ -16,7 +16,6 @@ from diffjax import parameterization
 from diffjax import samplers as samplers_lib
 from diffjax import schedules as schedules_lib
 from diffjax.objectives import base
-from diffjax.objectives.continuous_diffusion import likelihood_with_prior_std
 from diffjax.shapes import broadcast_to_data
 
 __all__ = ["edm", "check", "preconditioned_denoiser", "DEFAULT_SAMPLER", "SPEC"]
@@ -117,7 +116,7 @@ def edm(context: base.ObjectiveContext, *, sigma_data: float = 0.5, p_mean: floa
 
   ramp = schedules_lib.edm_schedule(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
   coefficients_fn = lambda u: parameterization.diffusion_coefficients(ramp, u)
-  log_likelihood = likelihood_with_prior_std(
+  log_likelihood = base.probability_flow_likelihood(
       lambda params: samplers_lib.velocity_field(
           lambda x, u: denoise(params, x, ramp.sigma(u), None),
           target=parameterization.get_prediction_target("x0"), coefficients_fn=coefficients_fn),
