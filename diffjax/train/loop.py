@@ -89,8 +89,8 @@ class _DeviceData:
   def take(self, step: int) -> tuple[int, None]:
     return min(self._fused, self._total - step), None
 
-  def advanced(self, step: int, *, more: bool) -> None:
-    del step, more
+  def advanced(self, step: int, *, more: bool, keep_state: bool) -> None:
+    del step, more, keep_state
 
   def state(self, step: int) -> dict:
     return {"step": step}
@@ -99,10 +99,12 @@ class _DeviceData:
 class _HostData:
   """Host data (grain): one step per batch; the next batch is read while the step runs
   (JAX's asynchronous dispatch), after the iterator state of the steps so far is taken, so a
-  checkpoint replays no batch and skips none."""
+  checkpoint replays no batch and skips none. The state is kept after every step only where a
+  step can be abandoned before it finishes (a host solve), else on the steps that save."""
 
   def __init__(self, experiment: Experiment, data_state: dict):
     self._experiment = experiment
+    self._keep_every_state = experiment.host_pairing is not None
     self._iterator = experiment.make_iterator(data_state)
     self._state = experiment.iterator_state(self._iterator)
     self._next = experiment.next_batch(self._iterator)
@@ -112,9 +114,10 @@ class _HostData:
     batch, self._next = self._next, None
     return 1, batch
 
-  def advanced(self, step: int, *, more: bool) -> None:
+  def advanced(self, step: int, *, more: bool, keep_state: bool) -> None:
     del step
-    self._state = self._experiment.iterator_state(self._iterator)
+    if keep_state or self._keep_every_state:
+      self._state = self._experiment.iterator_state(self._iterator)
     if more:
       self._next = self._experiment.next_batch(self._iterator)
 
@@ -240,7 +243,10 @@ class _Run:
       state, metrics = advanced
       self.step += num_steps
       stop = self.step < total and self.preemption.should_stop(self.step)
-      data.advanced(self.step, more=self.step < total and not stop)  # overlaps the step
+      save = (stop or _crosses(self.step, train.checkpoint_every, num_steps)
+              or self.step == total)
+      # Overlaps the step: the next batch is read while the device computes.
+      data.advanced(self.step, more=self.step < total and not stop, keep_state=save)
       self._check_finite(metrics, self.step - num_steps + 1)  # waits for the step
       self.watchdog.beat(self.step)
       self.pending = ckpt.commit_if_done(self.manager, self.pending, config=self.fingerprint,
@@ -249,7 +255,7 @@ class _Run:
         self.progress.update(num_steps)
       if _crosses(self.step, train.log_every, num_steps) or self.step == total:
         self._record(metrics)
-      if stop or _crosses(self.step, train.checkpoint_every, num_steps) or self.step == total:
+      if save:
         self._save(state, data.state(self.step))
       if stop:
         self.preempted = self.preemption.signal_name
