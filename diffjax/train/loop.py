@@ -183,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         start, state, data_state = restored
         log.info("resumed from step %d in %s", start, workdir)
       run = _Run(config, trainer, manager, watchdog, preemption, checkpoints=checkpoints,
-                 fingerprint=fingerprint, is_lead=is_lead, start=start, resumed=restored is not None)
+                 fingerprint=fingerprint, is_lead=is_lead, start=start,
+                 resumed=restored is not None)
       with run:
         state = run.loop(state, data_state)
     if run.preempted:

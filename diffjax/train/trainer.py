@@ -134,6 +134,21 @@ def _solve_without_stop(solve, problem):
   return solve_on_host(solve, problem, stop_requested=lambda: False)
 
 
+def _solved_between(propose: Callable, finish: Callable, solve: Callable, *,
+                    host_solve: Callable, mesh) -> Callable:
+  """``advance(state, *args, **kwargs)``: ``propose(state.key, state.step, ...)`` gives the
+  batches and their coupling problems, the host solves them, ``finish`` updates the state with
+  the solutions replicated over the mesh; ``None`` when ``host_solve`` returned ``None``."""
+  def advance(state, *args, **kwargs):
+    batches, problems = propose(state.key, state.step, *args, **kwargs)
+    solutions = host_solve(solve, sharding_lib.to_host(problems))
+    if solutions is None:
+      return None
+    return finish(state, batches, sharding_lib.put_replicated(solutions, mesh))
+
+  return advance
+
+
 def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
                    trace_count: list, host_solve=None, num_seeds: int = 1) -> Callable:
   """``advance(state, num_steps) -> (state, metrics)`` for on-device data: ``num_steps`` fused
@@ -175,14 +190,8 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
     one = lambda s, b, x: finish_fused_steps(s, b, x, finish=pairing.finish, **update_kwargs)
     return _over_seeds(one, num_seeds, 0)(state, batches, solutions)
 
-  def advance(state, num_steps):
-    batches, problems = propose(state.key, state.step, num_steps=num_steps)
-    solutions = host_solve(pairing.solve, sharding_lib.to_host(problems))
-    if solutions is None:
-      return None
-    return finish(state, batches, sharding_lib.put_replicated(solutions, mesh))
-
-  return advance
+  advance = _solved_between(propose, finish, pairing.solve, host_solve=host_solve, mesh=mesh)
+  return lambda state, num_steps: advance(state, num_steps=num_steps)
 
 
 def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
@@ -217,13 +226,6 @@ def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
     one = lambda s, b, x: finish_step(s, b, x, finish=pairing.finish, **update_kwargs)
     return _over_seeds(one, num_seeds, 0)(state, batch, solution)
 
-  def advance(state, batch):
-    batch, problem = propose(state.key, state.step, batch)
-    solution = host_solve(pairing.solve, sharding_lib.to_host(problem))
-    if solution is None:
-      return None
-    return finish(state, batch, sharding_lib.put_replicated(solution, mesh))
-
-  return advance
+  return _solved_between(propose, finish, pairing.solve, host_solve=host_solve, mesh=mesh)
 
 

@@ -5,7 +5,8 @@
 forever. :class:`StepWatchdog` is armed once the first step has compiled; if no step finishes
 within ``timeout_s`` (``train.step_timeout_s``; a checkpoint save gets ``train.save_timeout_s``)
 it dumps every thread's stack to stderr and ends the process with :data:`EXIT_CODE`. Every
-process runs one, so all of them exit within ``timeout_s`` plus the watchdog's polling interval. The last committed checkpoint is untouched (its marker is written
+process runs one, so all of them exit within ``timeout_s`` plus the watchdog's polling interval.
+The last committed checkpoint is untouched (its marker is written
 only after the save completes), so a restart of all processes resumes from it.
 """
 
