@@ -12,7 +12,8 @@ import pathlib
 from diffjax.train.config import objective_group
 
 _spec = importlib.util.spec_from_file_location(
-    "cifar10_otcfm", pathlib.Path(__file__).with_name("cifar10_otcfm.py"))
+  "cifar10_otcfm", pathlib.Path(__file__).with_name("cifar10_otcfm.py")
+)
 _otcfm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_otcfm)
 
@@ -21,7 +22,8 @@ VARIANTS = _otcfm.VARIANTS  # get_config passes its variant on
 
 def get_config(variant: str = ""):
   config = _otcfm.get_config(variant)  # same data, model and optimizer
-  config.objective = objective_group("diffusion", schedule="linear", num_diffusion_steps=1000,
-                                     prediction="eps", weighting="uniform")
+  config.objective = objective_group(
+    "diffusion", schedule="linear", num_diffusion_steps=1000, prediction="eps", weighting="uniform"
+  )
   config.sample.steps = 1000
   return config

@@ -25,9 +25,17 @@ def get_config(variant: str = ""):
   config.data.tfds_name = "cifar10"
   config.data.shape = (32, 32, 3)
   config.data.augment_flip = True
-  config.model = ml_collections.ConfigDict(dict(
-      name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-      dropout=0.1, num_heads=4))
+  config.model = ml_collections.ConfigDict(
+    dict(
+      name="unet",
+      ch=128,
+      ch_mult=(1, 2, 2, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      dropout=0.1,
+      num_heads=4,
+    )
+  )
   # scipy's assignment solver is ~1.5x faster than POT's simplex on 3072-D clouds (couplings.py).
   config.objective = objective_group("otcfm", sigma=0.0, ot_solver="lsa")
   config.optimizer.name = "adam"

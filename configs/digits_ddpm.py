@@ -18,11 +18,20 @@ def get_config(variant: str = ""):
   config.data.kind = "images"
   config.data.target = "digits"
   config.data.shape = (8, 8, 1)
-  config.model = ml_collections.ConfigDict(dict(
-      name="unet", ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
-      dropout=0.1, num_heads=1))
-  config.objective = objective_group("diffusion", schedule="cosine", num_diffusion_steps=1000,
-                                     prediction="eps")
+  config.model = ml_collections.ConfigDict(
+    dict(
+      name="unet",
+      ch=32,
+      ch_mult=(1, 2),
+      num_res_blocks=2,
+      attn_resolutions=(4,),
+      dropout=0.1,
+      num_heads=1,
+    )
+  )
+  config.objective = objective_group(
+    "diffusion", schedule="cosine", num_diffusion_steps=1000, prediction="eps"
+  )
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
   config.optimizer.grad_clip_norm = 1.0

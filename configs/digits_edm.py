@@ -11,7 +11,8 @@ import pathlib
 from diffjax.train.config import objective_group
 
 _spec = importlib.util.spec_from_file_location(
-    "digits_ddpm", pathlib.Path(__file__).with_name("digits_ddpm.py"))
+  "digits_ddpm", pathlib.Path(__file__).with_name("digits_ddpm.py")
+)
 _digits_ddpm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_digits_ddpm)
 

@@ -11,7 +11,8 @@ import pathlib
 from diffjax.train.config import objective_group
 
 _spec = importlib.util.spec_from_file_location(
-    "digits_ddpm", pathlib.Path(__file__).with_name("digits_ddpm.py"))
+  "digits_ddpm", pathlib.Path(__file__).with_name("digits_ddpm.py")
+)
 _digits_ddpm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_digits_ddpm)
 
@@ -20,7 +21,8 @@ VARIANTS = _digits_ddpm.VARIANTS  # get_config passes its variant on
 
 def get_config(variant: str = ""):
   config = _digits_ddpm.get_config(variant)
-  config.objective = objective_group("icfm", sigma=0.0,
-                                     label_dropout=config.objective.label_dropout)
+  config.objective = objective_group(
+    "icfm", sigma=0.0, label_dropout=config.objective.label_dropout
+  )
   config.sample.steps = 10 if "small" in variant.split(",") else 100
   return config

@@ -11,8 +11,9 @@ def get_config(variant: str = ""):
   config = base_config()
   config.seed = 42
   config.data.target = "moons"
-  config.objective = objective_group("diffusion", schedule="linear", num_diffusion_steps=1000,
-                                     prediction="eps", weighting="uniform")
+  config.objective = objective_group(
+    "diffusion", schedule="linear", num_diffusion_steps=1000, prediction="eps", weighting="uniform"
+  )
   config.model.width = 128
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256

@@ -19,8 +19,9 @@ def get_config(variant: str = ""):
   config.seed = 42
   config.data.source = "normal"  # diffusion: the prior is N(0, sigma_max^2 I)
   config.data.target = "moons"
-  config.objective = objective_group("edm", sigma_data=SIGMA_DATA,
-                                     p_mean=-1.2 + math.log(SIGMA_DATA / 0.5))
+  config.objective = objective_group(
+    "edm", sigma_data=SIGMA_DATA, p_mean=-1.2 + math.log(SIGMA_DATA / 0.5)
+  )
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256
   config.train.steps = 20_000

@@ -1,4 +1,4 @@
-"""I-CFM on 2D toys: N(0, I) -> 8gaussians, sigma 0.1, TorchCFM's 3x64 SELU MLP (Tong et al. 2024)."""
+"""I-CFM on 2D toys: N(0, I) -> 8gaussians, sigma 0.1, TorchCFM's 3x64 SELU MLP (Tong et al.)."""
 
 from diffjax.train.config import base_config, objective_group
 

@@ -13,8 +13,9 @@ def get_config(variant: str = ""):
   config.seed = 42
   config.data.source = "normal"  # diffusion: the prior is N(0, sigma(1)^2 I)
   config.data.target = "moons"
-  config.objective = objective_group("continuous_diffusion", schedule="vp", prediction="eps",
-                                     weighting="uniform")
+  config.objective = objective_group(
+    "continuous_diffusion", schedule="vp", prediction="eps", weighting="uniform"
+  )
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 256
   config.train.steps = 20_000

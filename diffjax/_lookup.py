@@ -5,7 +5,8 @@ Imports nothing of diffjax, so every layer (models/ and data/ included) can use 
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 __all__ = ["lookup"]
 

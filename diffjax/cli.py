@@ -34,10 +34,18 @@ def _parser() -> argparse.ArgumentParser:
   sample.add_argument("--steps", type=int, default=None)
   sample.add_argument("--sampler", default=None, help="sampler name (default: per objective)")
   sample.add_argument("--seed", type=int, default=0)
-  sample.add_argument("--seed-index", type=int, default=None,
-                      help="with train.num_seeds > 1: the trained seed to sample (default: all)")
-  sample.add_argument("--guidance", type=float, default=None,
-                      help="classifier-free guidance scale (conditional models)")
+  sample.add_argument(
+    "--seed-index",
+    type=int,
+    default=None,
+    help="with train.num_seeds > 1: the trained seed to sample (default: all)",
+  )
+  sample.add_argument(
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance scale (conditional models)",
+  )
 
   evaluate = sub.add_parser("evaluate", help="print JSON metrics of a trained workdir")
   evaluate.add_argument("--workdir", required=True)
@@ -45,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--steps", type=int, default=None)
   evaluate.add_argument("--sampler", default=None)
   evaluate.add_argument("--seed", type=int, default=0)
-  evaluate.add_argument("--seed-index", type=int, default=None,
-                        help="with train.num_seeds > 1: the trained seed to evaluate (default: "
-                        "each, with mean and std)")
+  evaluate.add_argument(
+    "--seed-index",
+    type=int,
+    default=None,
+    help="with train.num_seeds > 1: the trained seed to evaluate (default: "
+    "each, with mean and std)",
+  )
   return parser
 
 
@@ -63,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("diffjax").setLevel(logging.INFO)
 
-  from diffjax.train import config as config_lib  # light: no JAX compile
   from diffjax import run  # pylint: disable=import-outside-toplevel
+  from diffjax.train import config as config_lib  # light: no JAX compile
 
   try:
     if args.command == "train":
@@ -73,19 +85,35 @@ def main(argv: list[str] | None = None) -> int:
       run.train_from_cli(config, args.workdir)
       return 0  # also after a preemption: the checkpoint is written, resume with the same line
     if extra:
-      return _fail(f"unknown arguments {' '.join(extra)}; --config.* overrides apply to "
-                   "`diffjax train` only")
+      return _fail(
+        f"unknown arguments {' '.join(extra)}; --config.* overrides apply to `diffjax train` only"
+      )
     if args.command == "sample":
-      out = run.sample_from_workdir(args.workdir, num=args.num, out=args.out, steps=args.steps,
-                                    sampler=args.sampler, seed=args.seed,
-                                    seed_index=args.seed_index,
-                                    guidance=args.guidance)
+      out = run.sample_from_workdir(
+        args.workdir,
+        num=args.num,
+        out=args.out,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        seed_index=args.seed_index,
+        guidance=args.guidance,
+      )
       print(json.dumps(out))
       return 0
     if args.command == "evaluate":
-      print(json.dumps(run.evaluate_workdir(args.workdir, num=args.num, steps=args.steps,
-                                            sampler=args.sampler, seed=args.seed,
-                                            seed_index=args.seed_index)))
+      print(
+        json.dumps(
+          run.evaluate_workdir(
+            args.workdir,
+            num=args.num,
+            steps=args.steps,
+            sampler=args.sampler,
+            seed=args.seed,
+            seed_index=args.seed_index,
+          )
+        )
+      )
       return 0
   except (config_lib.ConfigError, run.UsageError) as e:
     return _fail(str(e))
@@ -95,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
   except OSError as e:  # a full disk, a read-only or vanished workdir: one line, no traceback
     if e.errno not in _DISK_ERRORS:
       raise
-    print(f"diffjax: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); free space "
-          "or fix the workdir's permissions, then run the same command: the last committed "
-          "checkpoint is kept", file=sys.stderr)
+    print(
+      f"diffjax: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); free space "
+      "or fix the workdir's permissions, then run the same command: the last committed "
+      "checkpoint is kept",
+      file=sys.stderr,
+    )
     return 3
   return _fail(f"unknown command {args.command!r}")
 

@@ -41,7 +41,8 @@ import functools
 import inspect
 import os
 import threading
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -53,25 +54,25 @@ from diffjax._lookup import lookup
 from diffjax.shapes import compute_dtype
 
 __all__ = [
-    "Coupling",
-    "squared_euclidean_cost",
-    "exact_ot_permutation",
-    "label_exact_ot_permutation",
-    "sinkhorn_log_plan",
-    "sample_plan_rows",
-    "greedy_plan_permutation",
-    "independent_coupling",
-    "exact_ot_coupling",
-    "label_exact_ot_coupling",
-    "sinkhorn_coupling",
-    "HostSolvedCoupling",
-    "exact_ot_stages",
-    "label_exact_ot_stages",
-    "blockwise_coupling",
-    "SINKHORN_ROUNDINGS",
-    "OT_SOLVERS",
-    "COUPLINGS",
-    "get_coupling",
+  "Coupling",
+  "squared_euclidean_cost",
+  "exact_ot_permutation",
+  "label_exact_ot_permutation",
+  "sinkhorn_log_plan",
+  "sample_plan_rows",
+  "greedy_plan_permutation",
+  "independent_coupling",
+  "exact_ot_coupling",
+  "label_exact_ot_coupling",
+  "sinkhorn_coupling",
+  "HostSolvedCoupling",
+  "exact_ot_stages",
+  "label_exact_ot_stages",
+  "blockwise_coupling",
+  "SINKHORN_ROUNDINGS",
+  "OT_SOLVERS",
+  "COUPLINGS",
+  "get_coupling",
 ]
 
 # (key, x0, x1, labels) -> (x0, x1, labels); labels may be None or a pytree with leading axis B.
@@ -82,12 +83,16 @@ def _check_batches(x0, x1) -> None:
   """Static shape checks, before tracing: a coupling pairs two batches of the same points."""
   x0_shape, x1_shape = jnp.shape(x0), jnp.shape(x1)
   if len(x0_shape) < 1 or len(x1_shape) < 1:
-    raise ValueError(f"couplings need batched inputs [B, ...]; got x0 of shape {x0_shape} and "
-                     f"x1 of shape {x1_shape}")
+    raise ValueError(
+      f"couplings need batched inputs [B, ...]; got x0 of shape {x0_shape} and "
+      f"x1 of shape {x1_shape}"
+    )
   if x0_shape != x1_shape:
-    raise ValueError(f"x0 of shape {x0_shape} and x1 of shape {x1_shape} must have the same "
-                     "shape: a coupling pairs B source points with B data points of one space; "
-                     "draw as many source points as data points")
+    raise ValueError(
+      f"x0 of shape {x0_shape} and x1 of shape {x1_shape} must have the same "
+      "shape: a coupling pairs B source points with B data points of one space; "
+      "draw as many source points as data points"
+    )
 
 
 def _gather(tree, index: Array):
@@ -139,10 +144,10 @@ def _assign_lsa(matrix: np.ndarray) -> np.ndarray:
 
 def _assign_emd(matrix: np.ndarray) -> np.ndarray:
   import ot  # pylint: disable=import-outside-toplevel  (POT is imported where it runs)
+
   size = matrix.shape[0]
   uniform = np.full(size, 1.0 / size)
-  plan, log = ot.emd(uniform, uniform, matrix, numItermax=max(100_000, 50 * size * size),
-                     log=True)
+  plan, log = ot.emd(uniform, uniform, matrix, numItermax=max(100_000, 50 * size * size), log=True)
   perm = np.argmax(plan, axis=1).astype(np.int32)
   # An optimal simplex vertex is a permutation matrix / B. Should the simplex stop short of
   # optimality (its iteration cap), its plan may be a worse vertex or no permutation at all:
@@ -153,14 +158,18 @@ def _assign_emd(matrix: np.ndarray) -> np.ndarray:
 
 
 OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "emd": _assign_emd,
-    "lsa": _assign_lsa,
+  "emd": _assign_emd,
+  "lsa": _assign_lsa,
 }
 
 
 def _check_solver(solver: str) -> None:
-  lookup(OT_SOLVERS, solver, "exact OT solver",
-         hint=" ('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)")
+  lookup(
+    OT_SOLVERS,
+    solver,
+    "exact OT solver",
+    hint=" ('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)",
+  )
 
 
 def _map_on_daemon_threads(fn: Callable, items) -> list:
@@ -190,8 +199,10 @@ def _map_on_daemon_threads(fn: Callable, items) -> list:
       except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
         errors.append(e)
 
-  threads = [threading.Thread(target=work, name="diffjax-ot", daemon=True)
-             for _ in range(min(8, os.cpu_count() or 1, len(items)))]
+  threads = [
+    threading.Thread(target=work, name="diffjax-ot", daemon=True)
+    for _ in range(min(8, os.cpu_count() or 1, len(items)))
+  ]
   for thread in threads:
     thread.start()
   for thread in threads:
@@ -231,12 +242,14 @@ def exact_ot_permutation(cost: Array, *, solver: str = "emd") -> Array:
   cost = jax.lax.stop_gradient(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   # "broadcast_all": under vmap the host function gets the whole stack at once (one callback).
-  return jax.pure_callback(functools.partial(_assignment_host, solver=solver), result, cost,
-                           vmap_method="broadcast_all")
+  return jax.pure_callback(
+    functools.partial(_assignment_host, solver=solver), result, cost, vmap_method="broadcast_all"
+  )
 
 
-def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
-                           target_labels: np.ndarray, *, solver: str = "emd") -> np.ndarray:
+def _label_assignment_host(
+  cost: np.ndarray, source_labels: np.ndarray, target_labels: np.ndarray, *, solver: str = "emd"
+) -> np.ndarray:
   """Per-class optimal assignment; the blocks of a label-respecting assignment are independent."""
   cost = np.asarray(cost, dtype=np.float64)
   batch_shape, size = cost.shape[:-2], cost.shape[-1]
@@ -251,9 +264,10 @@ def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
       rows, cols = np.flatnonzero(source == label), np.flatnonzero(target == label)
       if rows.size != cols.size:
         raise ValueError(
-            f"label-conditional OT: class {label} has {rows.size} source points but "
-            f"{cols.size} data points; every class needs as many source as data points (leave "
-            "x0_labels=None to assign source labels as a random permutation of the data labels)")
+          f"label-conditional OT: class {label} has {rows.size} source points but "
+          f"{cols.size} data points; every class needs as many source as data points (leave "
+          "x0_labels=None to assign source labels as a random permutation of the data labels)"
+        )
       perm[rows] = cols[OT_SOLVERS[solver](matrix[np.ix_(rows, cols)])]
     return perm
 
@@ -261,8 +275,9 @@ def _label_assignment_host(cost: np.ndarray, source_labels: np.ndarray,
   return np.stack(perms).reshape(batch_shape + (size,))
 
 
-def label_exact_ot_permutation(cost: Array, *, source_labels: Array, target_labels: Array,
-                               solver: str = "emd") -> Array:
+def label_exact_ot_permutation(
+  cost: Array, *, source_labels: Array, target_labels: Array, solver: str = "emd"
+) -> Array:
   """The optimal assignment among those that pair equal labels only.
 
   ``sigma = argmin { sum_i C_{i, sigma(i)} : sigma in S_B, target_labels[sigma(i)] =
@@ -288,8 +303,14 @@ def label_exact_ot_permutation(cost: Array, *, source_labels: Array, target_labe
   _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-  return jax.pure_callback(functools.partial(_label_assignment_host, solver=solver), result,
-                           cost, source_labels, target_labels, vmap_method="broadcast_all")
+  return jax.pure_callback(
+    functools.partial(_label_assignment_host, solver=solver),
+    result,
+    cost,
+    source_labels,
+    target_labels,
+    vmap_method="broadcast_all",
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +318,14 @@ def label_exact_ot_permutation(cost: Array, *, source_labels: Array, target_labe
 # --------------------------------------------------------------------------------------------
 
 
-def sinkhorn_log_plan(cost: Array, *, epsilon: float,
-                      relative_epsilon: Literal["mean", "std"] | None = None,
-                      threshold: float = 1e-3, max_iterations: int = 2000) -> Array:
+def sinkhorn_log_plan(
+  cost: Array,
+  *,
+  epsilon: float,
+  relative_epsilon: Literal["mean", "std"] | None = None,
+  threshold: float = 1e-3,
+  max_iterations: int = 2000,
+) -> Array:
   """Log of the entropic OT plan between two uniform measures, by Sinkhorn's algorithm.
 
   ``P_eps = argmin_{P in U(1/B0, 1/B1)} <P, C> - eps H(P)`` has the form ``P_ij = exp((f_i + g_j
@@ -392,8 +418,8 @@ def greedy_plan_permutation(key: Array, log_plan: Array) -> Array:
 
 
 SINKHORN_ROUNDINGS: dict[str, Callable[[Array, Array], Array]] = {
-    "sample": sample_plan_rows,
-    "permutation": greedy_plan_permutation,
+  "sample": sample_plan_rows,
+  "permutation": greedy_plan_permutation,
 }
 
 
@@ -402,8 +428,9 @@ SINKHORN_ROUNDINGS: dict[str, Callable[[Array, Array], Array]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def independent_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
-                         shuffle: bool = False) -> tuple:
+def independent_coupling(
+  key: Array, x0: Array, x1: Array, labels=None, *, shuffle: bool = False
+) -> tuple:
   """The independent coupling ``pi = q0 x q1`` (I-CFM): ``(x0_i, x1_i)`` as drawn.
 
   Two independent batches already form a sample of the product measure; ``shuffle=True`` applies
@@ -479,17 +506,21 @@ def _exact_problem(key: Array, x0: Array, x1: Array, labels=None) -> tuple:
   return (jax.lax.stop_gradient(squared_euclidean_cost(x0, x1)),)
 
 
-def _label_exact_problem(key: Array, x0: Array, x1: Array, labels: Array, *,
-                         x0_labels: Array | None = None) -> tuple:
+def _label_exact_problem(
+  key: Array, x0: Array, x1: Array, labels: Array, *, x0_labels: Array | None = None
+) -> tuple:
   _check_batches(x0, x1)
   if labels is None or jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(x1)[0]:
-    raise ValueError(f"label-conditional OT needs integer labels of shape [{jnp.shape(x1)[0]}] "
-                     f"for x1; got {None if labels is None else jnp.shape(labels)}")
+    raise ValueError(
+      f"label-conditional OT needs integer labels of shape [{jnp.shape(x1)[0]}] "
+      f"for x1; got {None if labels is None else jnp.shape(labels)}"
+    )
   if x0_labels is None:
     x0_labels = jax.random.permutation(key, labels)
   elif jnp.shape(x0_labels) != jnp.shape(labels):
-    raise ValueError(f"x0_labels of shape {jnp.shape(x0_labels)} must match labels of shape "
-                     f"{jnp.shape(labels)}")
+    raise ValueError(
+      f"x0_labels of shape {jnp.shape(x0_labels)} must match labels of shape {jnp.shape(labels)}"
+    )
   cost = jax.lax.stop_gradient(squared_euclidean_cost(x0, x1))
   return cost, x0_labels, labels
 
@@ -498,19 +529,22 @@ def exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
   """:func:`exact_ot_coupling` as a :class:`HostSolvedCoupling` (the form :func:`get_coupling`
   returns)."""
   _check_solver(solver)
-  return HostSolvedCoupling(problem=_exact_problem,
-                            solve=functools.partial(_solve_exact, solver=solver))
+  return HostSolvedCoupling(
+    problem=_exact_problem, solve=functools.partial(_solve_exact, solver=solver)
+  )
 
 
 def label_exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
   """:func:`label_exact_ot_coupling` as a :class:`HostSolvedCoupling`."""
   _check_solver(solver)
-  return HostSolvedCoupling(problem=_label_exact_problem,
-                            solve=functools.partial(_solve_label_exact, solver=solver))
+  return HostSolvedCoupling(
+    problem=_label_exact_problem, solve=functools.partial(_solve_label_exact, solver=solver)
+  )
 
 
-def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
-                      solver: str = "emd") -> tuple:
+def exact_ot_coupling(
+  key: Array, x0: Array, x1: Array, labels=None, *, solver: str = "emd"
+) -> tuple:
   """Minibatch exact OT (OT-CFM) as a permutation: ``x1 <- x1[sigma]`` with
   ``sigma = argmin_sigma sum_i ||x0_i - x1_sigma(i)||^2``.
 
@@ -532,8 +566,15 @@ def exact_ot_coupling(key: Array, x0: Array, x1: Array, labels=None, *,
   return exact_ot_stages(solver=solver)(key, x0, x1, labels)
 
 
-def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
-                            x0_labels: Array | None = None, solver: str = "emd") -> tuple:
+def label_exact_ot_coupling(
+  key: Array,
+  x0: Array,
+  x1: Array,
+  labels: Array,
+  *,
+  x0_labels: Array | None = None,
+  solver: str = "emd",
+) -> tuple:
   """Exact OT restricted to pairs of equal labels (class-conditional OT-CFM).
 
   ``sigma = argmin { sum_i ||x0_i - x1_sigma(i)||^2 : labels[sigma(i)] = x0_labels[i] }``; see
@@ -565,8 +606,9 @@ def label_exact_ot_coupling(key: Array, x0: Array, x1: Array, labels: Array, *,
 
 
 def _blocks(tree, num_blocks: int):
-  return jax.tree.map(lambda x: x.reshape((num_blocks, x.shape[0] // num_blocks) + x.shape[1:]),
-                      tree)
+  return jax.tree.map(
+    lambda x: x.reshape((num_blocks, x.shape[0] // num_blocks) + x.shape[1:]), tree
+  )
 
 
 def _unblock(tree):
@@ -583,14 +625,18 @@ def blockwise_coupling(coupling: Coupling, *, num_blocks: int) -> Coupling:
   :class:`HostSolvedCoupling` stays one (its stages are vmapped over the blocks), so a trainer
   still solves it between programs.
   """
+
   def blocks(*trees):
     size = jnp.shape(trees[0])[0]
     if size % num_blocks:
-      raise ValueError(f"a batch of {size} does not split into {num_blocks} equal coupling "
-                       "blocks; make the batch a multiple of the number of devices")
+      raise ValueError(
+        f"a batch of {size} does not split into {num_blocks} equal coupling "
+        "blocks; make the batch a multiple of the number of devices"
+      )
     return _blocks(trees, num_blocks)
 
   if isinstance(coupling, HostSolvedCoupling):
+
     def problem(key, x0, x1, labels=None, **kwargs):
       per_block = lambda k, a, b, c, kw: coupling.problem(k, a, b, c, **kw)
       keys = jax.random.split(key, num_blocks)
@@ -608,10 +654,18 @@ def blockwise_coupling(coupling: Coupling, *, num_blocks: int) -> Coupling:
   return blockwise
 
 
-def sinkhorn_coupling(key: Array, x0: Array, x1: Array, labels=None, *, epsilon: float = 0.05,
-                      relative_epsilon: Literal["mean", "std"] | None = "mean",
-                      rounding: Callable[[Array, Array], Array] = sample_plan_rows,
-                      threshold: float = 1e-3, max_iterations: int = 2000) -> tuple:
+def sinkhorn_coupling(
+  key: Array,
+  x0: Array,
+  x1: Array,
+  labels=None,
+  *,
+  epsilon: float = 0.05,
+  relative_epsilon: Literal["mean", "std"] | None = "mean",
+  rounding: Callable[[Array, Array], Array] = sample_plan_rows,
+  threshold: float = 1e-3,
+  max_iterations: int = 2000,
+) -> tuple:
   """Entropic minibatch OT: pairs from the Sinkhorn plan ``P_eps`` of the squared Euclidean cost.
 
   ``P_eps = argmin_{P in U} <P, C> - eps H(P)`` (:func:`sinkhorn_log_plan`), then
@@ -640,25 +694,29 @@ def sinkhorn_coupling(key: Array, x0: Array, x1: Array, labels=None, *, epsilon:
     ``(x0, x1[idx], labels[idx])``.
   """
   _check_batches(x0, x1)
-  log_plan = sinkhorn_log_plan(squared_euclidean_cost(x0, x1), epsilon=epsilon,
-                               relative_epsilon=relative_epsilon, threshold=threshold,
-                               max_iterations=max_iterations)
+  log_plan = sinkhorn_log_plan(
+    squared_euclidean_cost(x0, x1),
+    epsilon=epsilon,
+    relative_epsilon=relative_epsilon,
+    threshold=threshold,
+    max_iterations=max_iterations,
+  )
   index = rounding(key, log_plan)
   return x0, _gather(x1, index), _gather(labels, index)
 
 
 COUPLINGS: dict[str, Coupling] = {
-    "independent": independent_coupling,
-    "exact_ot": exact_ot_coupling,
-    "sinkhorn": sinkhorn_coupling,
-    "label_exact_ot": label_exact_ot_coupling,
+  "independent": independent_coupling,
+  "exact_ot": exact_ot_coupling,
+  "sinkhorn": sinkhorn_coupling,
+  "label_exact_ot": label_exact_ot_coupling,
 }
 
 
 # The couplings whose assignment is solved on the host, by the factory of their stages.
 _HOST_SOLVED: dict[str, Callable[..., HostSolvedCoupling]] = {
-    "exact_ot": exact_ot_stages,
-    "label_exact_ot": label_exact_ot_stages,
+  "exact_ot": exact_ot_stages,
+  "label_exact_ot": label_exact_ot_stages,
 }
 
 
@@ -685,16 +743,22 @@ def get_coupling(name: str, **kwargs) -> Coupling:
     if not kwargs.get("epsilon", 1.0) > 0:
       raise ValueError(f"sinkhorn epsilon must be > 0; got {kwargs['epsilon']!r}")
     if kwargs.get("relative_epsilon", "mean") not in ("mean", "std", None):
-      raise ValueError(f"relative_epsilon must be 'mean', 'std' or None; got "
-                       f"{kwargs['relative_epsilon']!r}")
+      raise ValueError(
+        f"relative_epsilon must be 'mean', 'std' or None; got {kwargs['relative_epsilon']!r}"
+      )
   if "solver" in kwargs:
     _check_solver(kwargs["solver"])
-  options = {p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  options = {
+    p.name
+    for p in inspect.signature(fn).parameters.values()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY
+  }
   unknown = sorted(set(kwargs) - options)
   if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for coupling {name!r}; valid options: "
-                     f"{sorted(options | ({'mode'} if name == 'sinkhorn' else set()))}")
+    raise ValueError(
+      f"unknown option(s) {unknown} for coupling {name!r}; valid options: "
+      f"{sorted(options | ({'mode'} if name == 'sinkhorn' else set()))}"
+    )
   if name in _HOST_SOLVED:
     return _HOST_SOLVED[name](**kwargs)
   return functools.partial(fn, **kwargs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,13 @@ import scipy.linalg
 from jax import Array
 
 __all__ = [
-    "wasserstein2",
-    "mmd_rbf",
-    "DEFAULT_BANDWIDTHS",
-    "frechet_distance_from_moments",
-    "frechet_distance",
-    "train_digits_classifier",
-    "digits_frechet_distance",
+  "wasserstein2",
+  "mmd_rbf",
+  "DEFAULT_BANDWIDTHS",
+  "frechet_distance_from_moments",
+  "frechet_distance",
+  "train_digits_classifier",
+  "digits_frechet_distance",
 ]
 
 DEFAULT_BANDWIDTHS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
@@ -45,15 +45,19 @@ def _as_points(name: str, values) -> np.ndarray:
     raise ValueError(f"{name} has shape {points.shape}; expected [n, ...] with n >= 1 points")
   points = points.reshape(points.shape[0], -1)
   if not np.all(np.isfinite(points)):
-    raise ValueError(f"{name} contains {int(np.sum(~np.isfinite(points)))} NaN or infinite "
-                     "values; metrics need finite samples")
+    raise ValueError(
+      f"{name} contains {int(np.sum(~np.isfinite(points)))} NaN or infinite "
+      "values; metrics need finite samples"
+    )
   return points
 
 
 def _check_same_dim(x: np.ndarray, y: np.ndarray, x_shape, y_shape) -> None:
   if x.shape[1] != y.shape[1]:
-    raise ValueError(f"samples of shapes {tuple(x_shape)} and {tuple(y_shape)} have different "
-                     "event shapes; compare samples of the same space")
+    raise ValueError(
+      f"samples of shapes {tuple(x_shape)} and {tuple(y_shape)} have different "
+      "event shapes; compare samples of the same space"
+    )
 
 
 def wasserstein2(x, y, *, num_iter_max: int = 10_000_000) -> float:
@@ -85,8 +89,10 @@ def wasserstein2(x, y, *, num_iter_max: int = 10_000_000) -> float:
     squared = float(ot.emd2(a, b, cost, numItermax=num_iter_max))
   for warning in caught:
     if "numItermax" in str(warning.message) or "Iteration limit" in str(warning.message):
-      raise RuntimeError(f"POT's exact solver stopped at num_iter_max={num_iter_max} before "
-                         "optimality; pass a larger num_iter_max or fewer samples")
+      raise RuntimeError(
+        f"POT's exact solver stopped at num_iter_max={num_iter_max} before "
+        "optimality; pass a larger num_iter_max or fewer samples"
+      )
     warnings.warn(warning.message, warning.category, stacklevel=2)
   # Rounding can leave a tiny negative cost for identical samples.
   return float(np.sqrt(max(squared, 0.0)))
@@ -118,11 +124,14 @@ def mmd_rbf(x: Array, y: Array, *, bandwidths: Sequence[float] = DEFAULT_BANDWID
   x, y = jnp.asarray(x), jnp.asarray(y)
   scales = tuple(float(s) for s in bandwidths)
   if not scales or min(scales) <= 0:
-    raise ValueError(f"bandwidths={tuple(bandwidths)!r} must be a non-empty tuple of positive "
-                     "length scales")
+    raise ValueError(
+      f"bandwidths={tuple(bandwidths)!r} must be a non-empty tuple of positive length scales"
+    )
   if x.ndim < 1 or y.ndim < 1 or x.shape[0] < 2 or y.shape[0] < 2:
-    raise ValueError(f"samples of shapes {x.shape} and {y.shape}: each needs >= 2 points for "
-                     "the unbiased estimator")
+    raise ValueError(
+      f"samples of shapes {x.shape} and {y.shape}: each needs >= 2 points for "
+      "the unbiased estimator"
+    )
   if x.shape[1:] != y.shape[1:]:
     raise ValueError(f"samples of shapes {x.shape} and {y.shape} have different event shapes")
   return _mmd_rbf(x, y, bandwidths=scales)
@@ -137,7 +146,7 @@ def _mmd_rbf(x: Array, y: Array, *, bandwidths: tuple[float, ...]) -> Array:
   inv_two_s2 = 1.0 / (2.0 * jnp.square(jnp.asarray(bandwidths, x.dtype)))
 
   def kernel(a: Array, b: Array) -> Array:
-    sq = (jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T)
+    sq = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T
     # The expanded form can round below zero for near-identical points.
     sq = jnp.maximum(sq, 0.0)
     return jnp.sum(jnp.exp(-sq[..., None] * inv_two_s2), axis=-1)
@@ -162,14 +171,20 @@ def frechet_distance_from_moments(*, mean_a, cov_a, mean_b, cov_b) -> float:
   Returns:
     ``d^2`` as a Python float (float64 arithmetic).
   """
-  mean_a, mean_b = np.atleast_1d(np.asarray(mean_a, np.float64)), np.atleast_1d(
-      np.asarray(mean_b, np.float64))
-  cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(
-      np.asarray(cov_b, np.float64))
+  mean_a, mean_b = (
+    np.atleast_1d(np.asarray(mean_a, np.float64)),
+    np.atleast_1d(np.asarray(mean_b, np.float64)),
+  )
+  cov_a, cov_b = (
+    np.atleast_2d(np.asarray(cov_a, np.float64)),
+    np.atleast_2d(np.asarray(cov_b, np.float64)),
+  )
   d = mean_a.shape[0]
   if mean_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
-    raise ValueError(f"moments of shapes mean_a {mean_a.shape}, cov_a {cov_a.shape}, mean_b "
-                     f"{mean_b.shape}, cov_b {cov_b.shape}; expected [d] and [d, d]")
+    raise ValueError(
+      f"moments of shapes mean_a {mean_a.shape}, cov_a {cov_a.shape}, mean_b "
+      f"{mean_b.shape}, cov_b {cov_b.shape}; expected [d] and [d, d]"
+    )
   with warnings.catch_warnings():
     # Singular covariances are common (dead ReLU features, n < d); sqrtm warns but stays
     # accurate for the PSD product, and a failure shows up as non-finite entries below.
@@ -192,11 +207,16 @@ def frechet_distance(features_a, features_b) -> float:
   a, b = _as_points("features_a", features_a), _as_points("features_b", features_b)
   _check_same_dim(a, b, np.shape(features_a), np.shape(features_b))
   if a.shape[0] < 2 or b.shape[0] < 2:
-    raise ValueError(f"features of shapes {np.shape(features_a)} and {np.shape(features_b)}: "
-                     "a covariance needs >= 2 points per set")
+    raise ValueError(
+      f"features of shapes {np.shape(features_a)} and {np.shape(features_b)}: "
+      "a covariance needs >= 2 points per set"
+    )
   return frechet_distance_from_moments(
-      mean_a=a.mean(axis=0), cov_a=np.cov(a, rowvar=False),
-      mean_b=b.mean(axis=0), cov_b=np.cov(b, rowvar=False))
+    mean_a=a.mean(axis=0),
+    cov_a=np.cov(a, rowvar=False),
+    mean_b=b.mean(axis=0),
+    cov_b=np.cov(b, rowvar=False),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,8 +229,10 @@ _TEST_FRACTION = 0.25
 def _mlp_init(key: Array, sizes: Sequence[int]) -> list[dict[str, Array]]:
   keys = jax.random.split(key, len(sizes) - 1)
   # He initialisation (He et al. 2015, https://arxiv.org/abs/1502.01852) for ReLU layers.
-  return [{"w": jax.random.normal(k, (i, o)) * jnp.sqrt(2.0 / i), "b": jnp.zeros((o,))}
-          for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+  return [
+    {"w": jax.random.normal(k, (i, o)) * jnp.sqrt(2.0 / i), "b": jnp.zeros((o,))}
+    for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)
+  ]
 
 
 def _mlp_features(params: list[dict[str, Array]], images: Array) -> Array:
@@ -224,7 +246,7 @@ def _mlp_logits(params: list[dict[str, Array]], images: Array) -> Array:
   return _mlp_features(params, images) @ params[-1]["w"] + params[-1]["b"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def train_digits_classifier(seed: int = 0) -> tuple[Callable[[Array], Array], float]:
   """Trains an MLP ``64 -> 128 -> 64 -> 10`` (ReLU) on the digits; returns its feature map.
 
@@ -288,10 +310,12 @@ def digits_frechet_distance(samples, reference=None, *, seed: int = 0) -> float:
   """
   samples = np.asarray(samples, np.float32)
   if samples.ndim < 1 or samples.shape[1:] != (8, 8, 1):
-    raise ValueError(f"samples of shape {samples.shape}; expected [N, 8, 8, 1] digits images "
-                     "in [-1, 1]")
+    raise ValueError(
+      f"samples of shape {samples.shape}; expected [N, 8, 8, 1] digits images in [-1, 1]"
+    )
   if reference is None:
     from diffjax.data import images as image_data  # pylint: disable=import-outside-toplevel
+
     reference = image_data.load_digits()[0]
   reference = np.asarray(reference, np.float32)
   if reference.shape[1:] != (8, 8, 1):

@@ -51,7 +51,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,34 +64,34 @@ from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import broadcast_to_data, compute_dtype, concrete
 
 __all__ = [
-    "standard_normal",
-    "q_sample",
-    "q_sample_closed_form",
-    "q_sample_sequential",
-    "PosteriorMoments",
-    "posterior_mean_variance",
-    "IsotropicNoise",
-    "DiagonalNoise",
-    "FullCovarianceNoise",
-    "ColoredNoise",
-    "PerStepCovarianceNoise",
-    "SharedEigenbasisNoise",
-    "HeteroscedasticNoise",
-    "LaplaceNoise",
-    "UniformNoise",
-    "isotropic_noise",
-    "diagonal_noise",
-    "full_covariance_noise",
-    "colored_noise",
-    "power_law_spectrum",
-    "per_step_covariance_noise",
-    "shared_eigenbasis_noise",
-    "heteroscedastic_noise",
-    "laplace_noise",
-    "uniform_noise",
-    "accumulated_covariances",
-    "NOISE_MODELS",
-    "get_noise_model",
+  "standard_normal",
+  "q_sample",
+  "q_sample_closed_form",
+  "q_sample_sequential",
+  "PosteriorMoments",
+  "posterior_mean_variance",
+  "IsotropicNoise",
+  "DiagonalNoise",
+  "FullCovarianceNoise",
+  "ColoredNoise",
+  "PerStepCovarianceNoise",
+  "SharedEigenbasisNoise",
+  "HeteroscedasticNoise",
+  "LaplaceNoise",
+  "UniformNoise",
+  "isotropic_noise",
+  "diagonal_noise",
+  "full_covariance_noise",
+  "colored_noise",
+  "power_law_spectrum",
+  "per_step_covariance_noise",
+  "shared_eigenbasis_noise",
+  "heteroscedastic_noise",
+  "laplace_noise",
+  "uniform_noise",
+  "accumulated_covariances",
+  "NOISE_MODELS",
+  "get_noise_model",
 ]
 
 
@@ -130,7 +131,8 @@ def _normal_from_bits(bits: Array) -> Array:
   """``z = sqrt(2) erfinv(u)`` with ``u`` uniform on ``[-1 + ulp, 1)`` from the top 23 bits, the
   inverse-CDF transform of ``jax.random.normal`` (float32)."""
   one_to_two = jax.lax.bitcast_convert_type(
-      (bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
+    (bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32
+  )
   low = np.nextafter(np.float32(-1.0), np.float32(0.0))
   uniform = jnp.maximum(low, (one_to_two - 1.0) * (np.float32(1.0) - low) + low)
   return np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(uniform)
@@ -155,7 +157,7 @@ def _normal_halves(key_data: Array, size: int) -> tuple[Array, Array]:
   """All ``size`` normals as the layout's two halves, ``[ceil(size / 2)]`` and the rest."""
   half = (size + 1) // 2
   first, second = _normal_pair(key_data, jax.lax.iota(jnp.uint32, half), size)
-  return first, second[:size - half]
+  return first, second[: size - half]
 
 
 def _threefry_key_data(key: Array, size: int) -> Array | None:
@@ -222,17 +224,20 @@ def _threefry_normal(key_data: Array, shape: tuple[int, ...]) -> Array:
     start = index * chunk
     counter = jax.lax.iota(jnp.uint32, chunk) + start.astype(jnp.uint32)
     return jax.lax.dynamic_update_slice(
-        halves, jnp.stack(_normal_pair(key_data, counter, size)), (0, start))
+      halves, jnp.stack(_normal_pair(key_data, counter, size)), (0, start)
+    )
 
-  halves = jax.lax.fori_loop(0, _NOISE_CHUNKS, write_chunk,
-                             jnp.zeros((2, _NOISE_CHUNKS * chunk), jnp.float32))
+  halves = jax.lax.fori_loop(
+    0, _NOISE_CHUNKS, write_chunk, jnp.zeros((2, _NOISE_CHUNKS * chunk), jnp.float32)
+  )
   if _NOISE_CHUNKS * chunk == half and size % 2 == 0:
     return halves.reshape(shape)
-  return jnp.concatenate([halves[0, :half], halves[1, :size - half]]).reshape(shape)
+  return jnp.concatenate([halves[0, :half], halves[1, : size - half]]).reshape(shape)
 
 
-def _scale_and_add_noise(*, key: Array, data: Array, signal_scale: Array,
-                         noise_scale: Array) -> Array:
+def _scale_and_add_noise(
+  *, key: Array, data: Array, signal_scale: Array, noise_scale: Array
+) -> Array:
   """``signal_scale * data + noise_scale * eps`` with ``eps`` exactly
   ``standard_normal(key, data.shape)``; the scales broadcast against ``data``, the math runs in at
   least float32 and the result has ``data``'s dtype.
@@ -245,8 +250,7 @@ def _scale_and_add_noise(*, key: Array, data: Array, signal_scale: Array,
   dtype = compute_dtype(data)
   size = data.size
   key_data = _threefry_key_data(key, size)
-  if (key_data is None or data.dtype != jnp.float32 or data.ndim == 0
-      or data.shape[0] % 2):
+  if key_data is None or data.dtype != jnp.float32 or data.ndim == 0 or data.shape[0] % 2:
     eps = standard_normal(key, data.shape, dtype)
     return (signal_scale * data.astype(dtype) + noise_scale * eps).astype(data.dtype)
   rows, half = data.shape[0], data.shape[0] // 2
@@ -272,17 +276,23 @@ def _scale_and_add_noise(*, key: Array, data: Array, signal_scale: Array,
 def _check_steps(t: Array, data: Array, schedule: DiscreteSchedule) -> Array:
   t = jnp.asarray(t)
   if not jnp.issubdtype(t.dtype, jnp.integer):
-    raise ValueError(f"t must be integer step indices 0..T-1 (DDPM time), got dtype {t.dtype}; "
-                     "for continuous time use diffjax.schedules.ContinuousSchedule")
+    raise ValueError(
+      f"t must be integer step indices 0..T-1 (DDPM time), got dtype {t.dtype}; "
+      "for continuous time use diffjax.schedules.ContinuousSchedule"
+    )
   if t.ndim > 1 or (t.ndim == 1 and (data.ndim == 0 or t.shape[0] != data.shape[0])):
-    raise ValueError(f"t of shape {t.shape} does not match data of shape {data.shape}; pass one "
-                     "step per example (shape [batch]) or a scalar")
+    raise ValueError(
+      f"t of shape {t.shape} does not match data of shape {data.shape}; pass one "
+      "step per example (shape [batch]) or a scalar"
+    )
   bad = concrete(t)
   if bad is not None:
     num_steps = schedule.num_steps
     if bad.size and (bad.min() < 0 or bad.max() >= num_steps):
-      raise ValueError(f"step indices must lie in [0, {num_steps - 1}] for a schedule of "
-                       f"{num_steps} steps, got min {bad.min()} and max {bad.max()}")
+      raise ValueError(
+        f"step indices must lie in [0, {num_steps - 1}] for a schedule of "
+        f"{num_steps} steps, got min {bad.min()} and max {bad.max()}"
+      )
   return t
 
 
@@ -320,13 +330,15 @@ def q_sample(*, data: Array, t: Array, noise: Array, schedule: DiscreteSchedule)
 def _q_sample_kernel(data: Array, t: Array, noise: Array, schedule: DiscreteSchedule) -> Array:
   dtype = compute_dtype(data)
   signal_scale, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
-  x_t = (broadcast_to_data(signal_scale, data) * data.astype(dtype)
-         + broadcast_to_data(noise_scale, data) * noise.astype(dtype))
+  x_t = broadcast_to_data(signal_scale, data) * data.astype(dtype) + broadcast_to_data(
+    noise_scale, data
+  ) * noise.astype(dtype)
   return x_t.astype(data.dtype)
 
 
-def q_sample_closed_form(*, data: Array, t: Array, key: Array, schedule: DiscreteSchedule,
-                         noise_model: Any = None) -> Array:
+def q_sample_closed_form(
+  *, data: Array, t: Array, key: Array, schedule: DiscreteSchedule, noise_model: Any = None
+) -> Array:
   """Samples ``q(x_t | x_0)`` in one step, via ``noise_model.sample_marginal``.
 
   For every Gaussian noise model ``x_t = sqrt(abar_t) x_0 + M_t eps`` with ``M_t M_t^T`` the
@@ -346,9 +358,15 @@ def q_sample_closed_form(*, data: Array, t: Array, key: Array, schedule: Discret
   return noise_model.sample_marginal(key=key, data=data, t=t, schedule=schedule)
 
 
-def q_sample_sequential(*, data: Array, t: Array, key: Array, schedule: DiscreteSchedule,
-                        noise_model: Any = None,
-                        return_trajectory: bool = False) -> Array | tuple[Array, Array]:
+def q_sample_sequential(
+  *,
+  data: Array,
+  t: Array,
+  key: Array,
+  schedule: DiscreteSchedule,
+  noise_model: Any = None,
+  return_trajectory: bool = False,
+) -> Array | tuple[Array, Array]:
   """Runs the Markov chain ``x_s = sqrt(alpha_s) x_{s-1} + sqrt(beta_s) n_s`` for ``s = 0..t``.
 
   Ho et al. (2020), eq. 2, https://arxiv.org/abs/2006.11239, with ``n_s`` drawn by
@@ -403,8 +421,9 @@ class PosteriorMoments(NamedTuple):
   log_variance: Array
 
 
-def posterior_mean_variance(*, data: Array, x_t: Array, t: Array,
-                            schedule: DiscreteSchedule) -> PosteriorMoments:
+def posterior_mean_variance(
+  *, data: Array, x_t: Array, t: Array, schedule: DiscreteSchedule
+) -> PosteriorMoments:
   """``q(x_{t-1} | x_t, x_0) = N(mu_t, var_t I)`` for isotropic noise.
 
   ``mu_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) /
@@ -427,8 +446,9 @@ def posterior_mean_variance(*, data: Array, x_t: Array, t: Array,
 
 
 @jax.jit
-def _posterior_kernel(data: Array, x_t: Array, t: Array,
-                      schedule: DiscreteSchedule) -> PosteriorMoments:
+def _posterior_kernel(
+  data: Array, x_t: Array, t: Array, schedule: DiscreteSchedule
+) -> PosteriorMoments:
   alpha_bars = schedule.alpha_bars
   alpha_bars_prev = jnp.concatenate([jnp.ones_like(alpha_bars[:1]), alpha_bars[:-1]])
   one_minus = jax.nn.sigmoid(-schedule.log_snr)
@@ -439,11 +459,14 @@ def _posterior_kernel(data: Array, x_t: Array, t: Array,
   data_coef = jnp.sqrt(alpha_bars_prev[t]) * schedule.betas[t] / one_minus[t]
   x_t_coef = jnp.sqrt(schedule.alphas[t]) * one_minus_prev[t] / one_minus[t]
   dtype = compute_dtype(data)
-  mean = (broadcast_to_data(data_coef, data) * data.astype(dtype)
-          + broadcast_to_data(x_t_coef, data) * x_t.astype(dtype))
-  return PosteriorMoments(mean=mean.astype(data.dtype),
-                          variance=broadcast_to_data(variances[t], data),
-                          log_variance=broadcast_to_data(log_variances[t], data))
+  mean = broadcast_to_data(data_coef, data) * data.astype(dtype) + broadcast_to_data(
+    x_t_coef, data
+  ) * x_t.astype(dtype)
+  return PosteriorMoments(
+    mean=mean.astype(data.dtype),
+    variance=broadcast_to_data(variances[t], data),
+    log_variance=broadcast_to_data(log_variances[t], data),
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,12 +478,15 @@ def _pytree(data_fields: tuple[str, ...] = (), meta_fields: tuple[str, ...] = ()
   def register(cls):
     cls = dataclasses.dataclass(frozen=True)(cls)
     return jax.tree_util.register_dataclass(
-        cls, data_fields=list(data_fields), meta_fields=list(meta_fields))
+      cls, data_fields=list(data_fields), meta_fields=list(meta_fields)
+    )
+
   return register
 
 
-def _affine_marginal(*, data: Array, t: Array, schedule: DiscreteSchedule,
-                     noise_term: Callable[[Any], Array]) -> Array:
+def _affine_marginal(
+  *, data: Array, t: Array, schedule: DiscreteSchedule, noise_term: Callable[[Any], Array]
+) -> Array:
   """``x_t = sqrt(abar_t) x_0 + noise_term``: the shared shape of every Gaussian closed form."""
   dtype = compute_dtype(data)
   signal_scale, _ = alpha_sigma_from_log_snr(schedule.log_snr[t])
@@ -469,27 +495,34 @@ def _affine_marginal(*, data: Array, t: Array, schedule: DiscreteSchedule,
 
 
 @jax.jit
-def _isotropic_marginal(key: Array, data: Array, t: Array, schedule: DiscreteSchedule,
-                        noise_std: Array | float) -> Array:
+def _isotropic_marginal(
+  key: Array, data: Array, t: Array, schedule: DiscreteSchedule, noise_std: Array | float
+) -> Array:
   """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) std eps``, ``std`` a scalar or per coordinate:
   the isotropic and diagonal closed forms, in one fused op."""
   signal_scale, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
-  return _scale_and_add_noise(key=key, data=data,
-                              signal_scale=broadcast_to_data(signal_scale, data),
-                              noise_scale=broadcast_to_data(noise_scale, data) * noise_std)
+  return _scale_and_add_noise(
+    key=key,
+    data=data,
+    signal_scale=broadcast_to_data(signal_scale, data),
+    noise_scale=broadcast_to_data(noise_scale, data) * noise_std,
+  )
 
 
 def _no_closed_form(name: str) -> NotImplementedError:
   return NotImplementedError(
-      f"the {name!r} noise model has no closed-form marginal q(x_t | x_0): its increments do not "
-      "add up to a Gaussian with a known covariance, so only the sequential process is exact; use "
-      "q_sample_sequential(..., noise_model=...) instead of q_sample_closed_form")
+    f"the {name!r} noise model has no closed-form marginal q(x_t | x_0): its increments do not "
+    "add up to a Gaussian with a known covariance, so only the sequential process is exact; use "
+    "q_sample_sequential(..., noise_model=...) instead of q_sample_closed_form"
+  )
 
 
 def _check_last_axis(data: Array, size: int, name: str) -> None:
   if data.ndim == 0 or data.shape[-1] != size:
-    raise ValueError(f"the {name!r} noise model acts on vectors of size {size} in the last axis, "
-                     f"got data of shape {data.shape}; flatten the event to [batch, {size}]")
+    raise ValueError(
+      f"the {name!r} noise model acts on vectors of size {size} in the last axis, "
+      f"got data of shape {data.shape}; flatten the event to [batch, {size}]"
+    )
 
 
 def _matvec(matrix: Array, vector: Array) -> Array:
@@ -510,8 +543,9 @@ class IsotropicNoise:
     del step
     return standard_normal(key, x_prev.shape, x_prev.dtype)
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     return _isotropic_marginal(key, data, t, schedule, 1.0)
 
 
@@ -528,8 +562,9 @@ class DiagonalNoise:
     del step
     return jnp.sqrt(self.variance) * standard_normal(key, x_prev.shape, x_prev.dtype)
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     return _isotropic_marginal(key, data, t, schedule, jnp.sqrt(self.variance))
 
 
@@ -552,14 +587,16 @@ class FullCovarianceNoise:
     _check_last_axis(x_prev, self.scale.shape[-1], self.name)
     return _matvec(self.scale, standard_normal(key, x_prev.shape, x_prev.dtype))
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     _check_last_axis(data, self.scale.shape[-1], self.name)
 
     def noise_term(dtype):
       _, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
       eps = _matvec(self.scale.astype(dtype), standard_normal(key, data.shape, dtype))
       return broadcast_to_data(noise_scale, data) * eps
+
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
 
 
@@ -582,23 +619,28 @@ class ColoredNoise:
     height, width = white.shape[-3], white.shape[-2]
     if self.sqrt_spectrum.shape != (height, width // 2 + 1):
       raise ValueError(
-          f"colored noise with a spectrum of shape {self.sqrt_spectrum.shape} needs images "
-          f"[..., H, W, C] with (H, W // 2 + 1) equal to it, got data of shape {white.shape}")
+        f"colored noise with a spectrum of shape {self.sqrt_spectrum.shape} needs images "
+        f"[..., H, W, C] with (H, W // 2 + 1) equal to it, got data of shape {white.shape}"
+      )
     spectrum = jnp.fft.rfft2(white, axes=(-3, -2), norm="ortho")
-    colored = jnp.fft.irfft2(self.sqrt_spectrum[:, :, None] * spectrum, s=(height, width),
-                             axes=(-3, -2), norm="ortho")
+    colored = jnp.fft.irfft2(
+      self.sqrt_spectrum[:, :, None] * spectrum, s=(height, width), axes=(-3, -2), norm="ortho"
+    )
     return colored.astype(white.dtype)
 
   def sample_step_noise(self, key: Array, x_prev: Array, step: Array) -> Array:
     del step
     return self._color(standard_normal(key, x_prev.shape, x_prev.dtype))
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     def noise_term(dtype):
       _, noise_scale = alpha_sigma_from_log_snr(schedule.log_snr[t])
       return broadcast_to_data(noise_scale, data) * self._color(
-          standard_normal(key, data.shape, dtype))
+        standard_normal(key, data.shape, dtype)
+      )
+
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
 
 
@@ -622,14 +664,16 @@ class PerStepCovarianceNoise:
     _check_last_axis(x_prev, self.step_scales.shape[-1], self.name)
     return _matvec(self.step_scales[step], standard_normal(key, x_prev.shape, x_prev.dtype))
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     _check_last_axis(data, self.step_scales.shape[-1], self.name)
     _check_num_steps(self.marginal_scales.shape[0], schedule, self.name)
 
     def noise_term(dtype):
       eps = standard_normal(key, data.shape, dtype)
       return _matvec(self.marginal_scales[t].astype(dtype), eps)
+
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
 
 
@@ -652,14 +696,16 @@ class SharedEigenbasisNoise:
     eps = standard_normal(key, x_prev.shape, x_prev.dtype)
     return _matvec(self.basis, jnp.sqrt(self.step_eigenvalues[step]) * eps)
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     _check_last_axis(data, self.basis.shape[-1], self.name)
     _check_num_steps(self.marginal_eigenvalues.shape[0], schedule, self.name)
 
     def noise_term(dtype):
       eps = standard_normal(key, data.shape, dtype)
       return _matvec(self.basis.astype(dtype), jnp.sqrt(self.marginal_eigenvalues[t]) * eps)
+
     return _affine_marginal(data=data, t=t, schedule=schedule, noise_term=noise_term)
 
 
@@ -680,8 +726,9 @@ class HeteroscedasticNoise:
     del step
     return jnp.sqrt(self.offset + x_prev**2) * standard_normal(key, x_prev.shape, x_prev.dtype)
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     raise _no_closed_form(self.name)
 
 
@@ -696,8 +743,9 @@ class LaplaceNoise:
     del step
     return jax.random.laplace(key, x_prev.shape, x_prev.dtype) * np.float32(math.sqrt(0.5))
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     raise _no_closed_form(self.name)
 
 
@@ -713,15 +761,18 @@ class UniformNoise:
     bound = math.sqrt(3.0)
     return jax.random.uniform(key, x_prev.shape, x_prev.dtype, minval=-bound, maxval=bound)
 
-  def sample_marginal(self, *, key: Array, data: Array, t: Array,
-                      schedule: DiscreteSchedule) -> Array:
+  def sample_marginal(
+    self, *, key: Array, data: Array, t: Array, schedule: DiscreteSchedule
+  ) -> Array:
     raise _no_closed_form(self.name)
 
 
 def _check_num_steps(num_steps: int, schedule: DiscreteSchedule, name: str) -> None:
   if num_steps != schedule.num_steps:
-    raise ValueError(f"the {name!r} noise model was precomputed for {num_steps} steps but the "
-                     f"schedule has {schedule.num_steps}; rebuild it with this schedule")
+    raise ValueError(
+      f"the {name!r} noise model was precomputed for {num_steps} steps but the "
+      f"schedule has {schedule.num_steps}; rebuild it with this schedule"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -736,8 +787,10 @@ def _concrete(value, what: str) -> np.ndarray:
   except TypeError:
     values = None
   if values is None:
-    raise ValueError(f"{what} must be a concrete array when the noise model is built "
-                     "(build noise models outside jit)")
+    raise ValueError(
+      f"{what} must be a concrete array when the noise model is built "
+      "(build noise models outside jit)"
+    )
   return values
 
 
@@ -748,8 +801,10 @@ def _check_covariance(covariance: np.ndarray, what: str) -> None:
     raise ValueError(f"{what} must be symmetric; pass (S + S^T) / 2")
   eigenvalues = np.linalg.eigvalsh(covariance)
   if eigenvalues.min() <= 0:
-    raise ValueError(f"{what} must be positive definite, smallest eigenvalue "
-                     f"{eigenvalues.min():.3g}; add a small multiple of the identity")
+    raise ValueError(
+      f"{what} must be positive definite, smallest eigenvalue "
+      f"{eigenvalues.min():.3g}; add a small multiple of the identity"
+    )
 
 
 def isotropic_noise() -> IsotropicNoise:
@@ -780,8 +835,9 @@ def full_covariance_noise(*, covariance=None, scale=None) -> FullCovarianceNoise
   return FullCovarianceNoise(scale=jnp.asarray(scale, jnp.float32))
 
 
-def power_law_spectrum(*, height: int, width: int, exponent: float = 2.0,
-                       cutoff: float = 1.0) -> np.ndarray:
+def power_law_spectrum(
+  *, height: int, width: int, exponent: float = 2.0, cutoff: float = 1.0
+) -> np.ndarray:
   """A radial power law ``S(k) = (|k|^2 + k_0^2)^(-exponent / 2)`` on the ``rfft2`` grid.
 
   ``|k|`` is in cycles per image (``numpy.fft.fftfreq * size``); ``exponent = 2`` is the
@@ -795,10 +851,10 @@ def power_law_spectrum(*, height: int, width: int, exponent: float = 2.0,
   """
   k_y = np.fft.fftfreq(height) * height
   k_x = np.fft.fftfreq(width) * width
-  radius_sq = k_y[:, None]**2 + k_x[None, :]**2
-  full = (radius_sq + cutoff**2)**(-exponent / 2.0)
+  radius_sq = k_y[:, None] ** 2 + k_x[None, :] ** 2
+  full = (radius_sq + cutoff**2) ** (-exponent / 2.0)
   full = full / full.mean()
-  return full[:, :width // 2 + 1]
+  return full[:, : width // 2 + 1]
 
 
 def colored_noise(*, power_spectrum) -> ColoredNoise:
@@ -806,8 +862,10 @@ def colored_noise(*, power_spectrum) -> ColoredNoise:
   (e.g. :func:`power_law_spectrum`); non-negative."""
   spectrum = _concrete(power_spectrum, "power_spectrum")
   if spectrum.ndim != 2 or spectrum.min() < 0:
-    raise ValueError("power_spectrum must be a non-negative [H, W // 2 + 1] array, got shape "
-                     f"{spectrum.shape} and minimum {spectrum.min() if spectrum.size else None}")
+    raise ValueError(
+      "power_spectrum must be a non-negative [H, W // 2 + 1] array, got shape "
+      f"{spectrum.shape} and minimum {spectrum.min() if spectrum.size else None}"
+    )
   return ColoredNoise(sqrt_spectrum=jnp.asarray(np.sqrt(spectrum), jnp.float32))
 
 
@@ -826,14 +884,16 @@ def accumulated_covariances(*, step_covariances: Array, schedule: DiscreteSchedu
   Returns:
     ``[T, ...]``, ``C_t`` at index ``t``.
   """
+
   def step(accumulated, inputs):
     alpha, beta, covariance = inputs
     accumulated = alpha * accumulated + beta * covariance
     return accumulated, accumulated
 
   step_covariances = jnp.asarray(step_covariances)
-  _, stack = jax.lax.scan(step, jnp.zeros_like(step_covariances[0]),
-                          (schedule.alphas, schedule.betas, step_covariances))
+  _, stack = jax.lax.scan(
+    step, jnp.zeros_like(step_covariances[0]), (schedule.alphas, schedule.betas, step_covariances)
+  )
   return stack
 
 
@@ -842,17 +902,21 @@ def per_step_covariance_noise(*, covariances, schedule: DiscreteSchedule) -> Per
   with ``C_t`` (:func:`accumulated_covariances`) and both Cholesky stacks precomputed once."""
   values = _concrete(covariances, "covariances")
   if values.ndim != 3 or values.shape[0] != schedule.num_steps:
-    raise ValueError(f"covariances must have shape [T, d, d] with T = {schedule.num_steps} (the "
-                     f"schedule's steps), got {values.shape}")
+    raise ValueError(
+      f"covariances must have shape [T, d, d] with T = {schedule.num_steps} (the "
+      f"schedule's steps), got {values.shape}"
+    )
   _check_covariance(values, "covariances")
   step_covariances = jnp.asarray(values, jnp.float32)
   marginal = accumulated_covariances(step_covariances=step_covariances, schedule=schedule)
-  return PerStepCovarianceNoise(step_scales=jnp.linalg.cholesky(step_covariances),
-                                marginal_scales=jnp.linalg.cholesky(marginal))
+  return PerStepCovarianceNoise(
+    step_scales=jnp.linalg.cholesky(step_covariances), marginal_scales=jnp.linalg.cholesky(marginal)
+  )
 
 
-def shared_eigenbasis_noise(*, basis, eigenvalues,
-                            schedule: DiscreteSchedule) -> SharedEigenbasisNoise:
+def shared_eigenbasis_noise(
+  *, basis, eigenvalues, schedule: DiscreteSchedule
+) -> SharedEigenbasisNoise:
   """Per-step covariances ``U diag(lambda_s) U^T``: ``basis`` ``U`` ``[d, d]`` orthonormal
   (columns are eigenvectors), ``eigenvalues`` ``[T, d]`` non-negative."""
   basis_np = _concrete(basis, "basis")
@@ -860,16 +924,22 @@ def shared_eigenbasis_noise(*, basis, eigenvalues,
   if basis_np.ndim != 2 or basis_np.shape[0] != basis_np.shape[1]:
     raise ValueError(f"basis must be a square [d, d] matrix, got shape {basis_np.shape}")
   if not np.allclose(basis_np.T @ basis_np, np.eye(basis_np.shape[0]), atol=1e-5):
-    raise ValueError("basis must be orthonormal (U^T U = I); orthonormalise it, e.g. with "
-                     "numpy.linalg.qr")
+    raise ValueError(
+      "basis must be orthonormal (U^T U = I); orthonormalise it, e.g. with numpy.linalg.qr"
+    )
   if values.shape != (schedule.num_steps, basis_np.shape[0]) or values.min() < 0:
-    raise ValueError(f"eigenvalues must be non-negative with shape [T, d] = "
-                     f"[{schedule.num_steps}, {basis_np.shape[0]}], got {values.shape}")
+    raise ValueError(
+      f"eigenvalues must be non-negative with shape [T, d] = "
+      f"[{schedule.num_steps}, {basis_np.shape[0]}], got {values.shape}"
+    )
   step_eigenvalues = jnp.asarray(values, jnp.float32)
   return SharedEigenbasisNoise(
-      basis=jnp.asarray(basis_np, jnp.float32), step_eigenvalues=step_eigenvalues,
-      marginal_eigenvalues=accumulated_covariances(step_covariances=step_eigenvalues,
-                                                   schedule=schedule))
+    basis=jnp.asarray(basis_np, jnp.float32),
+    step_eigenvalues=step_eigenvalues,
+    marginal_eigenvalues=accumulated_covariances(
+      step_covariances=step_eigenvalues, schedule=schedule
+    ),
+  )
 
 
 def heteroscedastic_noise(*, offset: float = 1.0) -> HeteroscedasticNoise:
@@ -890,15 +960,15 @@ def uniform_noise() -> UniformNoise:
 
 
 NOISE_MODELS: dict[str, Callable[..., Any]] = {
-    "isotropic": isotropic_noise,
-    "diagonal": diagonal_noise,
-    "full_covariance": full_covariance_noise,
-    "colored": colored_noise,
-    "per_step_covariance": per_step_covariance_noise,
-    "shared_eigenbasis": shared_eigenbasis_noise,
-    "heteroscedastic": heteroscedastic_noise,
-    "laplace": laplace_noise,
-    "uniform": uniform_noise,
+  "isotropic": isotropic_noise,
+  "diagonal": diagonal_noise,
+  "full_covariance": full_covariance_noise,
+  "colored": colored_noise,
+  "per_step_covariance": per_step_covariance_noise,
+  "shared_eigenbasis": shared_eigenbasis_noise,
+  "heteroscedastic": heteroscedastic_noise,
+  "laplace": laplace_noise,
+  "uniform": uniform_noise,
 }
 
 

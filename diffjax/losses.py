@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,53 +38,58 @@ from jax import Array
 
 from diffjax._lookup import lookup
 from diffjax.couplings import Coupling, get_coupling
-from diffjax.parameterization import (Coefficients, PredictionTarget, check_discrete_target,
-                                      diffusion_coefficients, discrete_coefficients)
+from diffjax.parameterization import (
+  Coefficients,
+  PredictionTarget,
+  check_discrete_target,
+  diffusion_coefficients,
+  discrete_coefficients,
+)
 from diffjax.paths import Path, get_path
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 from diffjax.shapes import broadcast_to_data, compute_dtype
 
 __all__ = [
-    "TrainingExample",
-    "LossFn",
-    "TimeSampler",
-    "regression_loss",
-    # time samplers
-    "uniform_time",
-    "stratified_time",
-    "logit_normal_time",
-    "u_shaped_time",
-    "TIME_SAMPLERS",
-    "get_time_sampler",
-    # flow matching
-    "flow_matching_example",
-    "FlowMatchingRecipe",
-    "FLOW_MATCHING_RECIPES",
-    "get_flow_matching_recipe",
-    "build_flow_matching_recipe",
-    # diffusion
-    "Weighting",
-    "uniform_weighting",
-    "min_snr_weighting",
-    "elbo_weighting",
-    "edm_weighting",
-    "WEIGHTINGS",
-    "get_weighting",
-    "diffusion_example_from_coefficients",
-    "discrete_diffusion_example",
-    "continuous_diffusion_example",
-    "diffusion_example",
-    # EDM
-    "EDMPreconditioning",
-    "edm_preconditioning",
-    "edm_loss_weight",
-    "edm_denoiser",
-    "edm_example_from_noise",
-    "edm_example",
-    # marginal flow matching
-    "marginal_velocity",
-    "with_marginal_target",
-    "marginal_fm_loss",
+  "TrainingExample",
+  "LossFn",
+  "TimeSampler",
+  "regression_loss",
+  # time samplers
+  "uniform_time",
+  "stratified_time",
+  "logit_normal_time",
+  "u_shaped_time",
+  "TIME_SAMPLERS",
+  "get_time_sampler",
+  # flow matching
+  "flow_matching_example",
+  "FlowMatchingRecipe",
+  "FLOW_MATCHING_RECIPES",
+  "get_flow_matching_recipe",
+  "build_flow_matching_recipe",
+  # diffusion
+  "Weighting",
+  "uniform_weighting",
+  "min_snr_weighting",
+  "elbo_weighting",
+  "edm_weighting",
+  "WEIGHTINGS",
+  "get_weighting",
+  "diffusion_example_from_coefficients",
+  "discrete_diffusion_example",
+  "continuous_diffusion_example",
+  "diffusion_example",
+  # EDM
+  "EDMPreconditioning",
+  "edm_preconditioning",
+  "edm_loss_weight",
+  "edm_denoiser",
+  "edm_example_from_noise",
+  "edm_example",
+  # marginal flow matching
+  "marginal_velocity",
+  "with_marginal_target",
+  "marginal_fm_loss",
 ]
 
 
@@ -154,8 +160,9 @@ def stratified_time(key: Array, batch_size: int) -> Array:
   return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
 
 
-def logit_normal_time(key: Array, batch_size: int, *, loc: float = 0.0,
-                      scale: float = 1.0) -> Array:
+def logit_normal_time(
+  key: Array, batch_size: int, *, loc: float = 0.0, scale: float = 1.0
+) -> Array:
   """Logit-normal times: ``t = sigmoid(loc + scale n)``, ``n ~ N(0, 1)``, i.e. density
   ``p(t) = 1 / (scale sqrt(2 pi)) / (t (1 - t)) exp(-(logit(t) - loc)^2 / (2 scale^2))``.
 
@@ -180,10 +187,10 @@ def u_shaped_time(key: Array, batch_size: int, *, a: float = 4.0) -> Array:
 
 
 TIME_SAMPLERS: dict[str, Callable[..., Array]] = {
-    "uniform": uniform_time,
-    "stratified": stratified_time,
-    "logit_normal": logit_normal_time,
-    "u_shaped": u_shaped_time,
+  "uniform": uniform_time,
+  "stratified": stratified_time,
+  "logit_normal": logit_normal_time,
+  "u_shaped": u_shaped_time,
 }
 
 
@@ -202,9 +209,16 @@ def get_time_sampler(name: str, **kwargs) -> TimeSampler:
 # --------------------------------------------------------------------------------------------
 
 
-def flow_matching_example(key: Array, *, x0: Array, x1: Array, path: Path,
-                          time_sampler: TimeSampler = uniform_time, cond: Array | None = None,
-                          coupling: Coupling | None = None) -> TrainingExample:
+def flow_matching_example(
+  key: Array,
+  *,
+  x0: Array,
+  x1: Array,
+  path: Path,
+  time_sampler: TimeSampler = uniform_time,
+  cond: Array | None = None,
+  coupling: Coupling | None = None,
+) -> TrainingExample:
   """Conditional flow-matching pairs: ``t ~ time_sampler``, ``x_t`` on the path between ``x0``
   and ``x1``, target ``u_t = d_alpha x1 + d_sigma x0 + d_gamma z``, weight 1.
 
@@ -232,8 +246,9 @@ def flow_matching_example(key: Array, *, x0: Array, x1: Array, path: Path,
   t = time_sampler(key_time, x1.shape[0])
   z = jax.random.normal(key_noise, x1.shape, x1.dtype) if path.stochastic else None
   pair = path.interpolate(x0=x0, x1=x1, t=t, z=z)
-  return TrainingExample(model_input=pair["x_t"], model_time=t, cond=cond,
-                         target=pair["target"], weight=jnp.ones_like(t))
+  return TrainingExample(
+    model_input=pair["x_t"], model_time=t, cond=cond, target=pair["target"], weight=jnp.ones_like(t)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,36 +270,55 @@ class FlowMatchingRecipe:
 
 def _icfm_recipe(*, sigma: float = 0.1) -> FlowMatchingRecipe:
   return FlowMatchingRecipe(
-      "icfm", "icfm", {"sigma": sigma}, "independent", {},
-      "Tong et al. 2024, I-CFM, https://arxiv.org/abs/2302.00482")
+    "icfm",
+    "icfm",
+    {"sigma": sigma},
+    "independent",
+    {},
+    "Tong et al. 2024, I-CFM, https://arxiv.org/abs/2302.00482",
+  )
 
 
 def _otcfm_recipe(*, sigma: float = 0.1) -> FlowMatchingRecipe:
   return FlowMatchingRecipe(
-      "otcfm", "icfm", {"sigma": sigma}, "exact_ot", {},
-      "Tong et al. 2024, OT-CFM (exact minibatch OT), https://arxiv.org/abs/2302.00482")
+    "otcfm",
+    "icfm",
+    {"sigma": sigma},
+    "exact_ot",
+    {},
+    "Tong et al. 2024, OT-CFM (exact minibatch OT), https://arxiv.org/abs/2302.00482",
+  )
 
 
 def _sbcfm_recipe(*, sigma: float = 1.0) -> FlowMatchingRecipe:
   # The entropic OT plan with absolute reg = 2 sigma^2 is the static Schrodinger bridge between the
   # marginals for a Brownian motion of variance sigma^2 (Tong et al. 2024, Prop. 3.5).
   return FlowMatchingRecipe(
-      "sbcfm", "brownian_bridge", {"sigma": sigma}, "sinkhorn",
-      {"epsilon": 2.0 * sigma**2, "relative_epsilon": None},
-      "Tong et al. 2024, SB-CFM, https://arxiv.org/abs/2302.00482")
+    "sbcfm",
+    "brownian_bridge",
+    {"sigma": sigma},
+    "sinkhorn",
+    {"epsilon": 2.0 * sigma**2, "relative_epsilon": None},
+    "Tong et al. 2024, SB-CFM, https://arxiv.org/abs/2302.00482",
+  )
 
 
 def _fm_recipe(*, sigma_min: float = 1e-4) -> FlowMatchingRecipe:
   return FlowMatchingRecipe(
-      "fm", "linear", {"sigma_min": sigma_min}, "independent", {},
-      "Lipman et al. 2023, FM with the OT path, https://arxiv.org/abs/2210.02747")
+    "fm",
+    "linear",
+    {"sigma_min": sigma_min},
+    "independent",
+    {},
+    "Lipman et al. 2023, FM with the OT path, https://arxiv.org/abs/2210.02747",
+  )
 
 
 FLOW_MATCHING_RECIPES: dict[str, Callable[..., FlowMatchingRecipe]] = {
-    "icfm": _icfm_recipe,
-    "otcfm": _otcfm_recipe,
-    "sbcfm": _sbcfm_recipe,
-    "fm": _fm_recipe,
+  "icfm": _icfm_recipe,
+  "otcfm": _otcfm_recipe,
+  "sbcfm": _sbcfm_recipe,
+  "fm": _fm_recipe,
 }
 
 
@@ -303,8 +337,10 @@ def get_flow_matching_recipe(name: str, **kwargs) -> FlowMatchingRecipe:
 
 def build_flow_matching_recipe(recipe: FlowMatchingRecipe) -> tuple[Path, Coupling]:
   """Resolves a recipe's names into ``(path, coupling)``, once, at the edge."""
-  return (get_path(recipe.path, **recipe.path_kwargs),
-          get_coupling(recipe.coupling, **recipe.coupling_kwargs))
+  return (
+    get_path(recipe.path, **recipe.path_kwargs),
+    get_coupling(recipe.coupling, **recipe.coupling_kwargs),
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,8 +358,9 @@ def uniform_weighting(*, log_snr: Array, d_log_snr: Array, eps_scale: Array) -> 
   return jnp.ones_like(log_snr)
 
 
-def min_snr_weighting(*, log_snr: Array, d_log_snr: Array, eps_scale: Array,
-                      gamma: float = 5.0) -> Array:
+def min_snr_weighting(
+  *, log_snr: Array, d_log_snr: Array, eps_scale: Array, gamma: float = 5.0
+) -> Array:
   """Min-SNR-gamma: the eps-MSE weight ``min(SNR, gamma) / SNR``, on the target's MSE
   ``min(SNR, gamma) / SNR * eps_scale^2``.
 
@@ -352,8 +389,9 @@ def elbo_weighting(*, log_snr: Array, d_log_snr: Array, eps_scale: Array) -> Arr
   return -0.5 * d_log_snr * eps_scale**2
 
 
-def edm_weighting(*, log_snr: Array, d_log_snr: Array, eps_scale: Array,
-                  sigma_data: float = 0.5) -> Array:
+def edm_weighting(
+  *, log_snr: Array, d_log_snr: Array, eps_scale: Array, sigma_data: float = 0.5
+) -> Array:
   """EDM's loss weighting on any schedule: the x0-MSE weight ``(s^2 + sd^2) / (s sd)^2`` at the
   equivalent VE noise ``s^2 = sigma^2 / alpha^2 = exp(-lambda)``.
 
@@ -367,10 +405,10 @@ def edm_weighting(*, log_snr: Array, d_log_snr: Array, eps_scale: Array,
 
 
 WEIGHTINGS: dict[str, Weighting] = {
-    "uniform": uniform_weighting,
-    "min_snr": min_snr_weighting,
-    "elbo": elbo_weighting,
-    "edm": edm_weighting,
+  "uniform": uniform_weighting,
+  "min_snr": min_snr_weighting,
+  "elbo": elbo_weighting,
+  "edm": edm_weighting,
 }
 
 
@@ -390,9 +428,17 @@ def get_weighting(name: str, **kwargs) -> Weighting:
 
 
 def diffusion_example_from_coefficients(
-    *, data: Array, noise: Array, coefficients: Coefficients, log_snr: Array, d_log_snr: Array,
-    model_time: Array, target: PredictionTarget, weighting: Weighting,
-    cond: Array | None = None) -> TrainingExample:
+  *,
+  data: Array,
+  noise: Array,
+  coefficients: Coefficients,
+  log_snr: Array,
+  d_log_snr: Array,
+  model_time: Array,
+  target: PredictionTarget,
+  weighting: Weighting,
+  cond: Array | None = None,
+) -> TrainingExample:
   """The pair shared by all diffusion objectives: ``x_t = alpha x0 + sigma eps`` and the target
   ``target.from_x0_eps(x0, eps)``, weighted by ``weighting``.
 
@@ -420,13 +466,20 @@ def diffusion_example_from_coefficients(
   ones = jnp.ones_like(log_snr)
   _, eps_scale = target.to_x0_eps(ones, x_t=jnp.zeros_like(ones), coefficients=coefficients)
   weight = weighting(log_snr=log_snr, d_log_snr=d_log_snr, eps_scale=eps_scale)
-  return TrainingExample(model_input=x_t, model_time=model_time, cond=cond,
-                         target=regression_target, weight=weight)
+  return TrainingExample(
+    model_input=x_t, model_time=model_time, cond=cond, target=regression_target, weight=weight
+  )
 
 
-def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSchedule,
-                               target: PredictionTarget, weighting: Weighting,
-                               cond: Array | None = None) -> TrainingExample:
+def discrete_diffusion_example(
+  key: Array,
+  *,
+  data: Array,
+  schedule: DiscreteSchedule,
+  target: PredictionTarget,
+  weighting: Weighting,
+  cond: Array | None = None,
+) -> TrainingExample:
   """DDPM pairs: step ``s ~ U{0, ..., T-1}``, ``x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps``
   (Ho et al. 2020, Algorithm 1, https://arxiv.org/abs/2006.11239).
 
@@ -452,16 +505,29 @@ def discrete_diffusion_example(key: Array, *, data: Array, schedule: DiscreteSch
   noise = jax.random.normal(key_noise, data.shape, data.dtype)
   model_time = (step + 1).astype(jnp.float32) / num_steps
   return diffusion_example_from_coefficients(
-      data=data, noise=noise, coefficients=coefficients, log_snr=log_snr,
-      d_log_snr=d_log_snr_all[step], model_time=model_time, target=target, weighting=weighting,
-      cond=cond)
+    data=data,
+    noise=noise,
+    coefficients=coefficients,
+    log_snr=log_snr,
+    d_log_snr=d_log_snr_all[step],
+    model_time=model_time,
+    target=target,
+    weighting=weighting,
+    cond=cond,
+  )
 
 
-def continuous_diffusion_example(key: Array, *, data: Array, schedule: ContinuousSchedule,
-                                 target: PredictionTarget, weighting: Weighting,
-                                 cond: Array | None = None,
-                                 time_sampler: TimeSampler = uniform_time,
-                                 t_min: float = 1e-5) -> TrainingExample:
+def continuous_diffusion_example(
+  key: Array,
+  *,
+  data: Array,
+  schedule: ContinuousSchedule,
+  target: PredictionTarget,
+  weighting: Weighting,
+  cond: Array | None = None,
+  time_sampler: TimeSampler = uniform_time,
+  t_min: float = 1e-5,
+) -> TrainingExample:
   """Continuous-time pairs: ``t = t_min + (1 - t_min) u`` with ``u ~ time_sampler``, ``x_t =
   alpha(t) x0 + sigma(t) eps``; ``model_time = t`` (diffusion time, 0 data, 1 noise).
 
@@ -475,15 +541,28 @@ def continuous_diffusion_example(key: Array, *, data: Array, schedule: Continuou
   coefficients = diffusion_coefficients(schedule, t)
   noise = jax.random.normal(key_noise, data.shape, data.dtype)
   return diffusion_example_from_coefficients(
-      data=data, noise=noise, coefficients=coefficients, log_snr=schedule.log_snr(t),
-      d_log_snr=schedule.d_log_snr(t), model_time=t, target=target, weighting=weighting,
-      cond=cond)
+    data=data,
+    noise=noise,
+    coefficients=coefficients,
+    log_snr=schedule.log_snr(t),
+    d_log_snr=schedule.d_log_snr(t),
+    model_time=t,
+    target=target,
+    weighting=weighting,
+    cond=cond,
+  )
 
 
-def diffusion_example(key: Array, *, data: Array,
-                      schedule: DiscreteSchedule | ContinuousSchedule, target: PredictionTarget,
-                      weighting: Weighting, cond: Array | None = None,
-                      **kwargs) -> TrainingExample:
+def diffusion_example(
+  key: Array,
+  *,
+  data: Array,
+  schedule: DiscreteSchedule | ContinuousSchedule,
+  target: PredictionTarget,
+  weighting: Weighting,
+  cond: Array | None = None,
+  **kwargs,
+) -> TrainingExample:
   """Diffusion pairs for either schedule family: :func:`discrete_diffusion_example` for a
   :class:`~diffjax.schedules.DiscreteSchedule`, :func:`continuous_diffusion_example` (which
   takes ``time_sampler`` and ``t_min`` as ``kwargs``) for a
@@ -491,13 +570,17 @@ def diffusion_example(key: Array, *, data: Array,
   if isinstance(schedule, DiscreteSchedule):
     if kwargs:
       raise ValueError(f"a discrete schedule samples its steps uniformly; drop {sorted(kwargs)}")
-    return discrete_diffusion_example(key, data=data, schedule=schedule, target=target,
-                                      weighting=weighting, cond=cond)
+    return discrete_diffusion_example(
+      key, data=data, schedule=schedule, target=target, weighting=weighting, cond=cond
+    )
   if isinstance(schedule, ContinuousSchedule):
-    return continuous_diffusion_example(key, data=data, schedule=schedule, target=target,
-                                        weighting=weighting, cond=cond, **kwargs)
-  raise ValueError(f"schedule must be a DiscreteSchedule or a ContinuousSchedule, got "
-                   f"{type(schedule).__name__}; build one with diffjax.schedules.get_*_schedule")
+    return continuous_diffusion_example(
+      key, data=data, schedule=schedule, target=target, weighting=weighting, cond=cond, **kwargs
+    )
+  raise ValueError(
+    f"schedule must be a DiscreteSchedule or a ContinuousSchedule, got "
+    f"{type(schedule).__name__}; build one with diffjax.schedules.get_*_schedule"
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,19 +606,22 @@ def edm_preconditioning(sigma: Array, *, sigma_data: float = 0.5) -> EDMPrecondi
   """
   total = sigma**2 + sigma_data**2
   inv_root = jax.lax.rsqrt(total)
-  return EDMPreconditioning(c_skip=sigma_data**2 / total, c_out=sigma * sigma_data * inv_root,
-                            c_in=inv_root, c_noise=0.25 * jnp.log(sigma))
+  return EDMPreconditioning(
+    c_skip=sigma_data**2 / total,
+    c_out=sigma * sigma_data * inv_root,
+    c_in=inv_root,
+    c_noise=0.25 * jnp.log(sigma),
+  )
 
 
 def edm_loss_weight(sigma: Array, *, sigma_data: float = 0.5) -> Array:
   """``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``, the weight on ``||D(x) - x0||^2``
   that makes the effective weight ``lambda c_out^2`` equal to 1 (Karras et al. 2022, Table 1 and
   eq. 8, https://arxiv.org/abs/2206.00364)."""
-  return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
+  return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def edm_denoiser(raw_output: Array, *, x: Array, sigma: Array,
-                 sigma_data: float = 0.5) -> Array:
+def edm_denoiser(raw_output: Array, *, x: Array, sigma: Array, sigma_data: float = 0.5) -> Array:
   """``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F`` from the raw network output ``F``
   (Karras et al. 2022, eq. 7, https://arxiv.org/abs/2206.00364). The network must have been
   called on ``c_in x`` and ``c_noise`` of :func:`edm_preconditioning`.
@@ -550,8 +636,9 @@ def edm_denoiser(raw_output: Array, *, x: Array, sigma: Array,
   return broadcast_to_data(pre.c_skip, x) * x + broadcast_to_data(pre.c_out, x) * raw_output
 
 
-def edm_example_from_noise(*, data: Array, noise: Array, sigma: Array, sigma_data: float = 0.5,
-                           cond: Array | None = None) -> TrainingExample:
+def edm_example_from_noise(
+  *, data: Array, noise: Array, sigma: Array, sigma_data: float = 0.5, cond: Array | None = None
+) -> TrainingExample:
   """EDM's objective written for the raw network ``F``: with ``x = x0 + sigma n``,
 
       lambda ||D(x) - x0||^2 = lambda c_out^2 ||F(c_in x; c_noise) - (x0 - c_skip x) / c_out||^2,
@@ -565,21 +652,32 @@ def edm_example_from_noise(*, data: Array, noise: Array, sigma: Array, sigma_dat
   c_skip = broadcast_to_data(pre.c_skip, data)
   c_out = broadcast_to_data(pre.c_out, data)
   return TrainingExample(
-      model_input=broadcast_to_data(pre.c_in, data) * x, model_time=pre.c_noise, cond=cond,
-      target=(data - c_skip * x) / c_out,
-      weight=edm_loss_weight(sigma, sigma_data=sigma_data) * pre.c_out**2)
+    model_input=broadcast_to_data(pre.c_in, data) * x,
+    model_time=pre.c_noise,
+    cond=cond,
+    target=(data - c_skip * x) / c_out,
+    weight=edm_loss_weight(sigma, sigma_data=sigma_data) * pre.c_out**2,
+  )
 
 
-def edm_example(key: Array, *, data: Array, sigma_data: float = 0.5, p_mean: float = -1.2,
-                p_std: float = 1.2, cond: Array | None = None) -> TrainingExample:
+def edm_example(
+  key: Array,
+  *,
+  data: Array,
+  sigma_data: float = 0.5,
+  p_mean: float = -1.2,
+  p_std: float = 1.2,
+  cond: Array | None = None,
+) -> TrainingExample:
   """EDM pairs: ``ln(sigma) ~ N(P_mean, P_std^2)``, ``n ~ N(0, I)``, then
   :func:`edm_example_from_noise` (Karras et al. 2022, Table 1, https://arxiv.org/abs/2206.00364;
   defaults ``P_mean = -1.2``, ``P_std = 1.2``, ``sigma_data = 0.5``)."""
   key_sigma, key_noise = jax.random.split(key)
   log_sigma = p_mean + p_std * jax.random.normal(key_sigma, (data.shape[0],))
   noise = jax.random.normal(key_noise, data.shape, data.dtype)
-  return edm_example_from_noise(data=data, noise=noise, sigma=jnp.exp(log_sigma),
-                                sigma_data=sigma_data, cond=cond)
+  return edm_example_from_noise(
+    data=data, noise=noise, sigma=jnp.exp(log_sigma), sigma_data=sigma_data, cond=cond
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,11 +710,13 @@ def marginal_velocity(x: Array, t: Array, *, data: Array, path: Path) -> Array:
     ``[*event]`` the marginal velocity at ``(x, t)``.
   """
   if jnp.shape(x) != jnp.shape(data)[1:]:
-    raise ValueError(f"x of shape {jnp.shape(x)} must be one point of the data set of shape "
-                     f"{jnp.shape(data)} (vmap over a batch of points)")
+    raise ValueError(
+      f"x of shape {jnp.shape(x)} must be one point of the data set of shape "
+      f"{jnp.shape(data)} (vmap over a batch of points)"
+    )
   alpha, s, d_alpha, d_s = path.gaussian_coefficients(t)
   residual = x[None] - alpha * data
-  log_density = -0.5 * jnp.sum(residual.reshape(data.shape[0], -1)**2, axis=-1) / s**2
+  log_density = -0.5 * jnp.sum(residual.reshape(data.shape[0], -1) ** 2, axis=-1) / s**2
   weights = jax.nn.softmax(log_density)
   conditional = d_alpha * data + (d_s / s) * residual
   return jnp.tensordot(weights, conditional, axes=1)
@@ -627,12 +727,14 @@ def with_marginal_target(example: TrainingExample, *, data: Array, path: Path) -
   ``(model_input, model_time)``, :func:`marginal_velocity`; valid for a flow-matching example
   made with ``x0 ~ N(0, I)`` and independent pairs."""
   target = jax.vmap(lambda x, t: marginal_velocity(x, t, data=data, path=path))(
-      example.model_input, example.model_time)
+    example.model_input, example.model_time
+  )
   return example._replace(target=target)
 
 
-def marginal_fm_loss(prediction: Array, example: TrainingExample, *, data: Array,
-                     path: Path) -> Array:
+def marginal_fm_loss(
+  prediction: Array, example: TrainingExample, *, data: Array, path: Path
+) -> Array:
   """The marginal flow-matching loss ``E_t E_{x ~ p_t} [w ||v(x, t) - u_t(x)||^2]`` at the
   example's points, with the exact marginal field (:func:`with_marginal_target`) and the
   reduction of :func:`regression_loss`. The conditional loss differs from it by a constant

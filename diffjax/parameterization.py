@@ -18,7 +18,8 @@ to targets once, at the edge, by :func:`get_prediction_target`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
@@ -28,26 +29,26 @@ from diffjax.schedules import ContinuousSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import broadcast_to_data
 
 __all__ = [
-    "Coefficients",
-    "diffusion_coefficients",
-    "discrete_coefficients",
-    "flow_coefficients",
-    "flow_time_from_diffusion_time",
-    "x0_eps_from_eps",
-    "x0_eps_from_x0",
-    "x0_eps_from_v",
-    "x0_eps_from_velocity",
-    "x0_eps_from_score",
-    "eps_from_x0_eps",
-    "x0_from_x0_eps",
-    "v_from_x0_eps",
-    "velocity_from_x0_eps",
-    "score_from_x0_eps",
-    "PredictionTarget",
-    "PREDICTION_TARGETS",
-    "get_prediction_target",
-    "check_discrete_target",
-    "convert",
+  "Coefficients",
+  "diffusion_coefficients",
+  "discrete_coefficients",
+  "flow_coefficients",
+  "flow_time_from_diffusion_time",
+  "x0_eps_from_eps",
+  "x0_eps_from_x0",
+  "x0_eps_from_v",
+  "x0_eps_from_velocity",
+  "x0_eps_from_score",
+  "eps_from_x0_eps",
+  "x0_from_x0_eps",
+  "v_from_x0_eps",
+  "velocity_from_x0_eps",
+  "score_from_x0_eps",
+  "PredictionTarget",
+  "PREDICTION_TARGETS",
+  "get_prediction_target",
+  "check_discrete_target",
+  "convert",
 ]
 
 
@@ -107,7 +108,8 @@ def flow_coefficients(schedule: ContinuousSchedule, t_flow: Array) -> Coefficien
     t_flow: ``[batch]`` flow times (``t = 0`` noise, ``t = 1`` data).
   """
   alpha, sigma, d_alpha, d_sigma = schedule.alpha_sigma_and_derivatives(
-      flow_time_from_diffusion_time(t_flow))
+    flow_time_from_diffusion_time(t_flow)
+  )
   return Coefficients(alpha, sigma, -d_alpha, -d_sigma)
 
 
@@ -141,8 +143,9 @@ def x0_eps_from_v(v: Array, *, x_t: Array, coefficients: Coefficients) -> tuple[
   return (alpha * x_t - sigma * v) / norm, (sigma * x_t + alpha * v) / norm
 
 
-def x0_eps_from_velocity(velocity: Array, *, x_t: Array,
-                         coefficients: Coefficients) -> tuple[Array, Array]:
+def x0_eps_from_velocity(
+  velocity: Array, *, x_t: Array, coefficients: Coefficients
+) -> tuple[Array, Array]:
   """Solves ``[alpha sigma; d_alpha d_sigma] [x0; eps] = [x_t; velocity]``:
   ``x0 = (d_sigma x_t - sigma u) / det``, ``eps = (alpha u - d_alpha x_t) / det`` with
   ``det = alpha d_sigma - sigma d_alpha = -alpha sigma d_lambda / 2`` (nonzero whenever the
@@ -156,8 +159,9 @@ def x0_eps_from_velocity(velocity: Array, *, x_t: Array,
   return (d_sigma * x_t - sigma * velocity) / det, (alpha * velocity - d_alpha * x_t) / det
 
 
-def x0_eps_from_score(score: Array, *, x_t: Array,
-                      coefficients: Coefficients) -> tuple[Array, Array]:
+def x0_eps_from_score(
+  score: Array, *, x_t: Array, coefficients: Coefficients
+) -> tuple[Array, Array]:
   """``eps = -sigma score`` (Tweedie's formula; Song et al. 2021,
   https://arxiv.org/abs/2011.13456), then ``x0 = (x_t - sigma eps) / alpha``."""
   sigma = broadcast_to_data(coefficients.sigma, x_t)
@@ -219,11 +223,11 @@ class PredictionTarget:
 
 
 PREDICTION_TARGETS: dict[str, PredictionTarget] = {
-    "eps": PredictionTarget("eps", x0_eps_from_eps, eps_from_x0_eps),
-    "x0": PredictionTarget("x0", x0_eps_from_x0, x0_from_x0_eps),
-    "v": PredictionTarget("v", x0_eps_from_v, v_from_x0_eps),
-    "velocity": PredictionTarget("velocity", x0_eps_from_velocity, velocity_from_x0_eps),
-    "score": PredictionTarget("score", x0_eps_from_score, score_from_x0_eps),
+  "eps": PredictionTarget("eps", x0_eps_from_eps, eps_from_x0_eps),
+  "x0": PredictionTarget("x0", x0_eps_from_x0, x0_from_x0_eps),
+  "v": PredictionTarget("v", x0_eps_from_v, v_from_x0_eps),
+  "velocity": PredictionTarget("velocity", x0_eps_from_velocity, velocity_from_x0_eps),
+  "score": PredictionTarget("score", x0_eps_from_score, score_from_x0_eps),
 }
 
 
@@ -233,9 +237,11 @@ def get_prediction_target(name: str) -> PredictionTarget:
   return lookup(PREDICTION_TARGETS, name, "prediction target")
 
 
-def check_discrete_target(target: PredictionTarget, *,
-                          fix: str = "use 'eps', 'x0', 'v' or 'score', or a continuous "
-                                     "schedule") -> None:
+def check_discrete_target(
+  target: PredictionTarget,
+  *,
+  fix: str = "use 'eps', 'x0', 'v' or 'score', or a continuous schedule",
+) -> None:
   """Rejects the "velocity" target on a discrete schedule: ``velocity = d_alpha x0 + d_sigma
   eps`` needs ``d alpha / dt``, which discrete steps do not define (:func:`discrete_coefficients`).
 
@@ -244,12 +250,19 @@ def check_discrete_target(target: PredictionTarget, *,
     fix: the way out the caller offers, ending the message.
   """
   if target.name == "velocity":
-    raise ValueError("target 'velocity' needs d alpha / dt, which a discrete schedule does not "
-                     f"define; {fix}")
+    raise ValueError(
+      f"target 'velocity' needs d alpha / dt, which a discrete schedule does not define; {fix}"
+    )
 
 
-def convert(prediction: Array, *, source: PredictionTarget, destination: PredictionTarget,
-            x_t: Array, coefficients: Coefficients) -> Array:
+def convert(
+  prediction: Array,
+  *,
+  source: PredictionTarget,
+  destination: PredictionTarget,
+  x_t: Array,
+  coefficients: Coefficients,
+) -> Array:
   """Converts a prediction of one target into another through ``(x0, eps)``:
   ``destination.from_x0_eps(*source.to_x0_eps(prediction, x_t, coefficients))``. Every map is
   linear in ``(x_t, prediction)``, so it applies unchanged to a network's estimate (then

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +37,20 @@ from diffjax.schedules import ContinuousSchedule, cosine_schedule, vp_schedule
 from diffjax.shapes import broadcast_to_data, in_compute_dtype
 
 __all__ = [
-    "PathCoefficients",
-    "Path",
-    "linear_coefficients",
-    "icfm_coefficients",
-    "brownian_bridge_coefficients",
-    "schedule_coefficients",
-    "linear_path",
-    "icfm_path",
-    "brownian_bridge_path",
-    "schedule_path",
-    "vp_path",
-    "cosine_path",
-    "PATHS",
-    "get_path",
+  "PathCoefficients",
+  "Path",
+  "linear_coefficients",
+  "icfm_coefficients",
+  "brownian_bridge_coefficients",
+  "schedule_coefficients",
+  "linear_path",
+  "icfm_path",
+  "brownian_bridge_path",
+  "schedule_path",
+  "vp_path",
+  "cosine_path",
+  "PATHS",
+  "get_path",
 ]
 
 
@@ -103,8 +104,10 @@ class Path:
   def _check_inputs(self, x0, x1, t, z):
     """Static shape checks, before any broadcasting could hide a mistake."""
     if self.stochastic and z is None:
-      raise ValueError(f"path {self.name!r} adds noise gamma_t z: pass z (a standard normal "
-                       f"array of the shape of x0), e.g. z=jax.random.normal(key, x0.shape)")
+      raise ValueError(
+        f"path {self.name!r} adds noise gamma_t z: pass z (a standard normal "
+        f"array of the shape of x0), e.g. z=jax.random.normal(key, x0.shape)"
+      )
     shapes = {"x0": jnp.shape(x0), "x1": jnp.shape(x1)}
     if z is not None:
       shapes["z"] = jnp.shape(z)
@@ -112,8 +115,10 @@ class Path:
       raise ValueError(f"x0, x1 (and z) must have one shape [batch, ...]; got {shapes}")
     t_shape = jnp.shape(t)
     if t_shape and t_shape != shapes["x0"][:1]:
-      raise ValueError(f"t of shape {t_shape} must be a scalar or have shape [batch] = "
-                       f"{shapes['x0'][:1]}, one time per example")
+      raise ValueError(
+        f"t of shape {t_shape} must be a scalar or have shape [batch] = "
+        f"{shapes['x0'][:1]}, one time per example"
+      )
 
   def _combine(self, a: Array, b: Array, c: Array, *, x0: Array, x1: Array, z) -> Array:
     out = broadcast_to_data(a, x1) * x1 + broadcast_to_data(b, x0) * x0
@@ -134,8 +139,7 @@ class Path:
     alpha, sigma, gamma = self.coefficients(t)
     return self._combine(alpha, sigma, gamma, x0=x0, x1=x1, z=z)
 
-  def conditional_target(self, *, x0: Array, x1: Array, t: Array,
-                         z: Array | None = None) -> Array:
+  def conditional_target(self, *, x0: Array, x1: Array, t: Array, z: Array | None = None) -> Array:
     """``u_t = d_alpha_t x1 + d_sigma_t x0 + d_gamma_t z``, the velocity ``d x_t / dt`` at fixed
     ``(x0, x1, z)`` (Lipman et al. 2023, eq. 21; Tong et al. 2024, eq. 14). Same arguments as
     :meth:`sample_xt`."""
@@ -143,17 +147,18 @@ class Path:
     c = self.coefficients_and_derivatives(t)
     return self._combine(c.d_alpha, c.d_sigma, c.d_gamma, x0=x0, x1=x1, z=z)
 
-  def interpolate(self, *, x0: Array, x1: Array, t: Array,
-                  z: Array | None = None) -> dict[str, Array]:
+  def interpolate(
+    self, *, x0: Array, x1: Array, t: Array, z: Array | None = None
+  ) -> dict[str, Array]:
     """``{"t": t, "x_t": x_t, "target": u_t}`` from one evaluation of the coefficients (the
     dictionary of ott-jax's ``flow_matching.interpolate_samples``). Same arguments as
     :meth:`sample_xt`."""
     self._check_inputs(x0, x1, t, z)
     c = self.coefficients_and_derivatives(t)
     return {
-        "t": t,
-        "x_t": self._combine(c.alpha, c.sigma, c.gamma, x0=x0, x1=x1, z=z),
-        "target": self._combine(c.d_alpha, c.d_sigma, c.d_gamma, x0=x0, x1=x1, z=z),
+      "t": t,
+      "x_t": self._combine(c.alpha, c.sigma, c.gamma, x0=x0, x1=x1, z=z),
+      "target": self._combine(c.d_alpha, c.d_sigma, c.d_gamma, x0=x0, x1=x1, z=z),
     }
 
   def gaussian_coefficients(self, t) -> Coefficients:
@@ -220,8 +225,7 @@ def brownian_bridge_coefficients(t: Array, *, sigma: float = 1.0) -> tuple[Array
   return t, 1.0 - t, sigma * jnp.sqrt(t * (1.0 - t))
 
 
-def schedule_coefficients(t: Array, *,
-                          schedule: ContinuousSchedule) -> tuple[Array, Array, Array]:
+def schedule_coefficients(t: Array, *, schedule: ContinuousSchedule) -> tuple[Array, Array, Array]:
   """A diffusion schedule run in flow time: ``alpha_t = alpha(1 - t)``, ``sigma_t = sigma(1 - t)``,
   ``gamma_t = 0``, through :func:`diffjax.parameterization.flow_coefficients` (the one map
   between the two time conventions; Lipman et al. 2023, Sec. 4.1,
@@ -252,8 +256,12 @@ def brownian_bridge_path(*, sigma: float = 1.0, derivative_eps: float = 1e-4) ->
   ``t in {0, 1}`` the derivative is infinite; ``gamma_t z`` itself vanishes there, so the clip
   changes nothing but the target on a set of times of probability ``2 eps``.
   """
-  return Path("brownian_bridge", functools.partial(brownian_bridge_coefficients, sigma=sigma),
-              stochastic=sigma != 0, derivative_range=(derivative_eps, 1.0 - derivative_eps))
+  return Path(
+    "brownian_bridge",
+    functools.partial(brownian_bridge_coefficients, sigma=sigma),
+    stochastic=sigma != 0,
+    derivative_range=(derivative_eps, 1.0 - derivative_eps),
+  )
 
 
 def schedule_path(schedule: ContinuousSchedule, *, derivative_eps: float = 0.0) -> Path:
@@ -262,12 +270,14 @@ def schedule_path(schedule: ContinuousSchedule, *, derivative_eps: float = 0.0) 
   ``derivative_eps`` evaluates the derivatives at ``min(t, 1 - eps)``, for schedules whose
   ``sigma`` has an infinite slope at the data end (diffusion time 0).
   """
-  return Path(schedule.name, functools.partial(schedule_coefficients, schedule=schedule),
-              derivative_range=(0.0, 1.0 - derivative_eps))
+  return Path(
+    schedule.name,
+    functools.partial(schedule_coefficients, schedule=schedule),
+    derivative_range=(0.0, 1.0 - derivative_eps),
+  )
 
 
-def vp_path(*, beta_min: float = 0.1, beta_max: float = 20.0,
-            derivative_eps: float = 1e-5) -> Path:
+def vp_path(*, beta_min: float = 0.1, beta_max: float = 20.0, derivative_eps: float = 1e-5) -> Path:
   """Lipman et al.'s VP diffusion path: the VP SDE schedule (Song et al. 2021) in flow time.
 
   ``sigma_t ~ sqrt(beta_min (1 - t))`` near the data end, whose derivative is infinite at
@@ -275,8 +285,9 @@ def vp_path(*, beta_min: float = 0.1, beta_max: float = 20.0,
   ``alpha_0 = exp(-(beta_max + beta_min) / 4)`` (0.0066 for the defaults): nearly, not
   exactly, pure noise.
   """
-  return schedule_path(vp_schedule(beta_min=beta_min, beta_max=beta_max),
-                       derivative_eps=derivative_eps)
+  return schedule_path(
+    vp_schedule(beta_min=beta_min, beta_max=beta_max), derivative_eps=derivative_eps
+  )
 
 
 def cosine_path(*, log_snr_min: float = -15.0, log_snr_max: float = 15.0) -> Path:
@@ -287,13 +298,13 @@ def cosine_path(*, log_snr_min: float = -15.0, log_snr_max: float = 15.0) -> Pat
 
 
 PATHS: dict[str, Callable[..., Path]] = {
-    "linear": linear_path,
-    "cond_ot": linear_path,
-    "icfm": icfm_path,
-    "brownian_bridge": brownian_bridge_path,
-    "schrodinger_bridge": brownian_bridge_path,
-    "vp": vp_path,
-    "cosine": cosine_path,
+  "linear": linear_path,
+  "cond_ot": linear_path,
+  "icfm": icfm_path,
+  "brownian_bridge": brownian_bridge_path,
+  "schrodinger_bridge": brownian_bridge_path,
+  "vp": vp_path,
+  "cosine": cosine_path,
 }
 
 

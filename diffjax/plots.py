@@ -11,11 +11,18 @@ import numpy as np
 __all__ = ["plot_2d", "plot_image_grid", "plot_experiment"]
 
 
-def plot_2d(path: str | pathlib.Path, *, samples: np.ndarray, target: np.ndarray | None,
-            trajectories: np.ndarray | None, title: str = "") -> None:
+def plot_2d(
+  path: str | pathlib.Path,
+  *,
+  samples: np.ndarray,
+  target: np.ndarray | None,
+  trajectories: np.ndarray | None,
+  title: str = "",
+) -> None:
   """Generated points (blue) over target points (grey), with trajectories (olive) from the
   source (black dots) to the generated points, as in TorchCFM's figures."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -36,6 +43,7 @@ def plot_2d(path: str | pathlib.Path, *, samples: np.ndarray, target: np.ndarray
 def plot_image_grid(path: str | pathlib.Path, *, images: np.ndarray, title: str = "") -> None:
   """A square grid of images in [-1, 1], NHWC."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -54,6 +62,7 @@ def plot_image_grid(path: str | pathlib.Path, *, images: np.ndarray, title: str 
 def _save(fig, path) -> None:
   """Writes the PNG atomically (a kill mid-write never leaves a broken samples.png)."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   path = pathlib.Path(path)
   tmp = path.with_name(path.stem + ".tmp.png")
   fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -61,15 +70,26 @@ def _save(fig, path) -> None:
   os.replace(tmp, path)
 
 
-def plot_experiment(state, workdir, *, generate, target_sampler, data_shape: tuple[int, ...],
-                    seed: int, num: int, steps: int, num_trajectories: int,
-                    title: str) -> None:
+def plot_experiment(
+  state,
+  workdir,
+  *,
+  generate,
+  target_sampler,
+  data_shape: tuple[int, ...],
+  seed: int,
+  num: int,
+  steps: int,
+  num_trajectories: int,
+  title: str,
+) -> None:
   """WORKDIR/samples.png from the EMA parameters of ``state``: a 2D scatter over the target with
   ``num_trajectories`` trajectories, or a grid of 64 images."""
   key = jax.random.PRNGKey(seed + 1)
   vectors = len(data_shape) == 1
-  out = generate(state.ema_params, key, num if vectors else 64, steps=steps,
-                 return_trajectories=True)
+  out = generate(
+    state.ema_params, key, num if vectors else 64, steps=steps, return_trajectories=True
+  )
   samples = np.asarray(out["samples"])
   title = f"{title}, step {int(state.step)}"
   if vectors:
@@ -79,7 +99,12 @@ def plot_experiment(state, workdir, *, generate, target_sampler, data_shape: tup
     trajectories = out.get("trajectories")
     if trajectories is not None:
       trajectories = np.asarray(trajectories)[:, :num_trajectories]
-    plot_2d(pathlib.Path(workdir) / "samples.png", samples=samples, target=target,
-            trajectories=trajectories, title=title)
+    plot_2d(
+      pathlib.Path(workdir) / "samples.png",
+      samples=samples,
+      target=target,
+      trajectories=trajectories,
+      title=title,
+    )
   else:
     plot_image_grid(pathlib.Path(workdir) / "samples.png", images=samples, title=title)

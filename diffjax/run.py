@@ -17,9 +17,14 @@ import ml_collections
 
 from diffjax.train import config as config_lib
 
-__all__ = ["UsageError", "RunFailed", "train_from_cli", "restore_for_inference",
-           "sample_from_workdir",
-           "evaluate_workdir"]
+__all__ = [
+  "UsageError",
+  "RunFailed",
+  "train_from_cli",
+  "restore_for_inference",
+  "sample_from_workdir",
+  "evaluate_workdir",
+]
 
 
 class UsageError(ValueError):
@@ -49,8 +54,10 @@ def _check_workdir_writable(workdir: pathlib.Path) -> None:
     raise UsageError(f"--workdir {workdir} is not writable; choose a directory you can write")
   free = shutil.disk_usage(parent).free
   if free < MIN_FREE_BYTES:
-    raise UsageError(f"--workdir {workdir}: only {free >> 20} MiB free on its disk (need "
-                     f"{MIN_FREE_BYTES >> 20} MiB); free space or choose another disk")
+    raise UsageError(
+      f"--workdir {workdir}: only {free >> 20} MiB free on its disk (need "
+      f"{MIN_FREE_BYTES >> 20} MiB); free space or choose another disk"
+    )
 
 
 def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -59,16 +66,21 @@ def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if not d.enabled:
     return
   import jax  # pylint: disable=import-outside-toplevel
+
   kwargs = {}
   if d.local_device_ids:
     kwargs["local_device_ids"] = [int(i) for i in d.local_device_ids.split(",")]
   # The heartbeat bounds how long a survivor waits on a dead peer (JAX's default of 100 s
   # makes it wait about 97 s); the shutdown barrier likewise gets the barrier timeout.
-  jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                             num_processes=d.num_processes, process_id=d.process_id,
-                             heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
-                             shutdown_timeout_seconds=int(d.barrier_timeout_s),
-                             initialization_timeout=int(d.barrier_timeout_s), **kwargs)
+  jax.distributed.initialize(
+    coordinator_address=d.coordinator_address or None,
+    num_processes=d.num_processes,
+    process_id=d.process_id,
+    heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
+    shutdown_timeout_seconds=int(d.barrier_timeout_s),
+    initialization_timeout=int(d.barrier_timeout_s),
+    **kwargs,
+  )
 
 
 def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -79,9 +91,11 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.check_resume_config(workdir, config)
   _initialize_distributed(config)
   import jax  # pylint: disable=import-outside-toplevel
+
   config_lib.validate(config, num_devices=jax.device_count())
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
+
   try:
     return loop.train(config, workdir)
   except (loop.NonFiniteLossError, ckpt.CheckpointMismatchError) as e:
@@ -91,8 +105,7 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _load_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
-    raise UsageError(f"{path} not found; --workdir must be a directory written by "
-                     "`diffjax train`")
+    raise UsageError(f"{path} not found; --workdir must be a directory written by `diffjax train`")
   return config_lib.config_from_json(path.read_text())
 
 
@@ -101,12 +114,15 @@ def _check_sampler(workdir, sampler: str | None) -> None:
   if sampler is None:
     return
   from diffjax import objectives  # pylint: disable=import-outside-toplevel
+
   config = _load_workdir_config(workdir)
   spec = objectives.OBJECTIVES[config.objective.name]
   if sampler not in spec.samplers:
-    raise UsageError(f"--sampler {sampler!r}: cannot sample a {config.objective.name!r} "
-                     f"model (its output is {spec.output}); choose one of "
-                     f"{sorted(spec.samplers)}")
+    raise UsageError(
+      f"--sampler {sampler!r}: cannot sample a {config.objective.name!r} "
+      f"model (its output is {spec.output}); choose one of "
+      f"{sorted(spec.samplers)}"
+    )
 
 
 def _check_guidance(workdir, guidance: float | None) -> None:
@@ -118,35 +134,45 @@ def _check_guidance(workdir, guidance: float | None) -> None:
     raise UsageError(f"--guidance {guidance}: must be a finite number")
   config = _load_workdir_config(workdir)
   if not config.data.num_classes:
-    raise UsageError(f"--guidance {guidance}: the model in {workdir} is unconditional "
-                     "(data.num_classes=0), so there is nothing to guide; drop --guidance, or "
-                     "train a class-conditional model (e.g. configs/digits_fm.py:cond)")
+    raise UsageError(
+      f"--guidance {guidance}: the model in {workdir} is unconditional "
+      "(data.num_classes=0), so there is nothing to guide; drop --guidance, or "
+      "train a class-conditional model (e.g. configs/digits_fm.py:cond)"
+    )
   if not config.objective.get("label_dropout", 0.0) > 0:
-    raise UsageError(f"--guidance {guidance}: the model in {workdir} was trained without label "
-                     "dropout (objective.label_dropout=0), so its unconditional (null-label) "
-                     "prediction is untrained; drop --guidance, or train with "
-                     "--config.objective.label_dropout=0.1")
+    raise UsageError(
+      f"--guidance {guidance}: the model in {workdir} was trained without label "
+      "dropout (objective.label_dropout=0), so its unconditional (null-label) "
+      "prediction is untrained; drop --guidance, or train with "
+      "--config.objective.label_dropout=0.1"
+    )
 
 
-def _check_config_matches_checkpoints(workdir, checkpoints: pathlib.Path,
-                                      fingerprint: dict) -> None:
+def _check_config_matches_checkpoints(
+  workdir, checkpoints: pathlib.Path, fingerprint: dict
+) -> None:
   """A WORKDIR/config.json edited after training no longer matches the config recorded with
   the checkpoints; the restore would skip every step as another run's. Say so, with the keys."""
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-  mismatch = ckpt.config_mismatch(checkpoints, config=fingerprint,
-                                  config_differences=config_lib.fingerprint_differences)
+
+  mismatch = ckpt.config_mismatch(
+    checkpoints, config=fingerprint, config_differences=config_lib.fingerprint_differences
+  )
   if mismatch is None:
     return
   step, differences = mismatch
   shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
-  raise UsageError(f"{pathlib.Path(workdir) / 'config.json'} no longer matches the config its "
-                   f"checkpoints were trained with (step {step}, checkpoint -> config.json: "
-                   f"{shown}); restore those values in config.json, or train in a new --workdir")
+  raise UsageError(
+    f"{pathlib.Path(workdir) / 'config.json'} no longer matches the config its "
+    f"checkpoints were trained with (step {step}, checkpoint -> config.json: "
+    f"{shown}); restore those values in config.json, or train in a new --workdir"
+  )
 
 
 def restore_for_inference(workdir: str | pathlib.Path):
   """The experiment and the EMA parameters of the newest checkpoint in ``workdir``."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
@@ -163,14 +189,17 @@ def restore_for_inference(workdir: str | pathlib.Path):
     config.train.batch_size = len(devices)
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=devices)
   trainer = make_trainer(config, mesh)
-  experiment, abstract, shardings = (trainer.experiment, trainer.abstract_state,
-                                     trainer.shardings)
+  experiment, abstract, shardings = (trainer.experiment, trainer.abstract_state, trainer.shardings)
   manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False)
   try:
     # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
     restored = ckpt.restore_verified(
-        manager, ckpt.abstract_with_shardings(abstract, shardings), config=fingerprint,
-        move_bad=False, config_differences=config_lib.fingerprint_differences)
+      manager,
+      ckpt.abstract_with_shardings(abstract, shardings),
+      config=fingerprint,
+      move_bad=False,
+      config_differences=config_lib.fingerprint_differences,
+    )
   except ckpt.CheckpointMismatchError as e:
     raise UsageError(str(e)) from None
   finally:
@@ -178,8 +207,10 @@ def restore_for_inference(workdir: str | pathlib.Path):
   if restored is None:
     found = len(integrity.step_dirs(checkpoints))
     if found:
-      raise UsageError(f"none of the {found} checkpoint steps in {checkpoints} is usable (see "
-                       "the warnings above); train again to write a new one")
+      raise UsageError(
+        f"none of the {found} checkpoint steps in {checkpoints} is usable (see "
+        "the warnings above); train again to write a new one"
+      )
     raise UsageError(f"no checkpoint in {checkpoints}; train first")
   step, state, _ = restored
   return config, experiment, state.ema_params, step
@@ -189,22 +220,34 @@ def _seed_members(config, params, seed_index: int | None) -> list[tuple[int | No
   """``[(index, params)]`` of the trained seeds to use: the one model of a single-seed run, the
   seed ``seed_index`` of a ``train.num_seeds`` run, or each of its seeds (``None``)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   count = config.train.num_seeds
   if count == 1:
     if seed_index not in (None, 0):
-      raise UsageError(f"--seed-index {seed_index}: the run in the workdir trained one seed; "
-                       "drop --seed-index")
+      raise UsageError(
+        f"--seed-index {seed_index}: the run in the workdir trained one seed; drop --seed-index"
+      )
     return [(None, params)]
   if seed_index is not None and not 0 <= seed_index < count:
-    raise UsageError(f"--seed-index {seed_index}: the run trained train.num_seeds={count} "
-                     f"seeds; choose 0 .. {count - 1}, or drop it for all")
+    raise UsageError(
+      f"--seed-index {seed_index}: the run trained train.num_seeds={count} "
+      f"seeds; choose 0 .. {count - 1}, or drop it for all"
+    )
   indices = range(count) if seed_index is None else [seed_index]
   return [(k, jax.tree.map(lambda x, k=k: x[k], params)) for k in indices]
 
 
-def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None = None,
-                        sampler: str | None = None, seed: int = 0,
-                        guidance: float | None = None, seed_index: int | None = None) -> dict:
+def sample_from_workdir(
+  workdir: str,
+  *,
+  num: int,
+  out: str,
+  steps: int | None = None,
+  sampler: str | None = None,
+  seed: int = 0,
+  guidance: float | None = None,
+  seed_index: int | None = None,
+) -> dict:
   """Draws ``num`` samples with the EMA parameters and writes them to ``out`` (.npz); for a run
   of several seeds, of seed ``seed_index`` or of each (``samples`` then has a leading seed axis,
   and ``seed_index`` lists the seeds)."""
@@ -222,26 +265,43 @@ def sample_from_workdir(workdir: str, *, num: int, out: str, steps: int | None =
   _check_guidance(workdir, guidance)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
-  results = [experiment.generate(member, jax.random.PRNGKey(seed), num,
-                                 steps=steps or config.sample.steps, sampler=sampler,
-                                 guidance=guidance) for _, member in members]
+  results = [
+    experiment.generate(
+      member,
+      jax.random.PRNGKey(seed),
+      num,
+      steps=steps or config.sample.steps,
+      sampler=sampler,
+      guidance=guidance,
+    )
+    for _, member in members
+  ]
   arrays = {"samples": np.asarray(results[0]["samples"])}
   if members[0][0] is not None:
-    arrays = {"samples": np.stack([np.asarray(r["samples"]) for r in results]),
-              "seed_index": np.array([k for k, _ in members])}
+    arrays = {
+      "samples": np.stack([np.asarray(r["samples"]) for r in results]),
+      "seed_index": np.array([k for k, _ in members]),
+    }
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.with_name(out_path.stem + ".tmp.npz")
   np.savez(tmp, **arrays)
   os.replace(tmp, out_path)
-  return {"out": str(out_path), "num": num, "shape": list(arrays["samples"].shape),
-          "step": int(step), "nfe": int(results[0].get("nfe", 0))}
+  return {
+    "out": str(out_path),
+    "num": num,
+    "shape": list(arrays["samples"].shape),
+    "step": int(step),
+    "nfe": int(results[0].get("nfe", 0)),
+  }
 
 
 def _held_out_images(config, num: int):
   """``num`` images of the training set in the model's range (the first ones, in order)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from diffjax.data import images  # pylint: disable=import-outside-toplevel
   from diffjax.train.image_input import dataset_kwargs  # pylint: disable=import-outside-toplevel
+
   source = images.get_dataset(config.data.target, **dataset_kwargs(config))
   count = min(num, len(source))
   batch = [source[i]["image"] for i in range(count)]
@@ -253,6 +313,7 @@ def _likelihood_metrics(config, experiment, params, data, *, seed: int, steps: i
   dequantised), through the probability-flow ODE."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from diffjax import samplers  # pylint: disable=import-outside-toplevel
 
   if experiment.log_likelihood is None:
@@ -262,17 +323,25 @@ def _likelihood_metrics(config, experiment, params, data, *, seed: int, steps: i
   if config.data.kind == "images":
     data = samplers.dequantize(key_dequantize, data)
   log_prob = np.asarray(experiment.log_likelihood(params, key_probes, data, steps=steps))
-  metrics = {"nll": float(-log_prob.mean()), "nll_stderr": float(log_prob.std() /
-                                                                   np.sqrt(log_prob.size))}
+  metrics = {
+    "nll": float(-log_prob.mean()),
+    "nll_stderr": float(log_prob.std() / np.sqrt(log_prob.size)),
+  }
   if config.data.kind == "images":
     dims = int(np.prod(config.data.shape))
     metrics["bits_per_dim"] = float(np.mean(samplers.bits_per_dim(log_prob, num_dims=dims)))
   return metrics
 
 
-def evaluate_workdir(workdir: str, *, num: int = 2000, steps: int | None = None,
-                     sampler: str | None = None, seed: int = 0,
-                     seed_index: int | None = None) -> dict:
+def evaluate_workdir(
+  workdir: str,
+  *,
+  num: int = 2000,
+  steps: int | None = None,
+  sampler: str | None = None,
+  seed: int = 0,
+  seed_index: int | None = None,
+) -> dict:
   """JSON metrics of the EMA model: for 2D targets the exact 2-Wasserstein distance (POT)
   between ``num`` generated samples and ``num`` fresh target samples; for digits the Frechet
   distance in a digits classifier's features (not FID); the negative log-likelihood of ``num``
@@ -288,29 +357,51 @@ def evaluate_workdir(workdir: str, *, num: int = 2000, steps: int | None = None,
   _check_sampler(workdir, sampler)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
-  reports = [_evaluate_params(config, experiment, member, step=step, num=num, steps=steps,
-                              sampler=sampler, seed=seed) for _, member in members]
+  reports = [
+    _evaluate_params(
+      config, experiment, member, step=step, num=num, steps=steps, sampler=sampler, seed=seed
+    )
+    for _, member in members
+  ]
   if members[0][0] is None:
     return reports[0]
-  numbers = [k for k, v in reports[0].items()
-             if isinstance(v, float) and all(isinstance(r.get(k), float) for r in reports)]
-  summary = {"step": int(step), "num": num, "seeds": [k for k, _ in members],
-             "per_seed": reports,
-             "mean": {k: float(np.mean([r[k] for r in reports])) for k in numbers},
-             "std": {k: float(np.std([r[k] for r in reports])) for k in numbers}}
+  numbers = [
+    k
+    for k, v in reports[0].items()
+    if isinstance(v, float) and all(isinstance(r.get(k), float) for r in reports)
+  ]
+  summary = {
+    "step": int(step),
+    "num": num,
+    "seeds": [k for k, _ in members],
+    "per_seed": reports,
+    "mean": {k: float(np.mean([r[k] for r in reports])) for k in numbers},
+    "std": {k: float(np.std([r[k] for r in reports])) for k in numbers},
+  }
   return summary
 
 
-def _evaluate_params(config, experiment, params, *, step: int, num: int, steps: int | None,
-                     sampler: str | None, seed: int) -> dict:
+def _evaluate_params(
+  config,
+  experiment,
+  params,
+  *,
+  step: int,
+  num: int,
+  steps: int | None,
+  sampler: str | None,
+  seed: int,
+) -> dict:
   """The metrics of :func:`evaluate_workdir` for one set of parameters."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from diffjax import evaluate  # pylint: disable=import-outside-toplevel
 
   key_samples, key_target = jax.random.split(jax.random.PRNGKey(seed))
-  result = experiment.generate(params, key_samples, num, steps=steps or config.sample.steps,
-                               sampler=sampler)
+  result = experiment.generate(
+    params, key_samples, num, steps=steps or config.sample.steps, sampler=sampler
+  )
   samples = np.asarray(result["samples"])
   metrics = {"step": int(step), "num": num, "nfe": int(result.get("nfe", 0))}
   if experiment.target_sampler is not None:
@@ -320,6 +411,9 @@ def _evaluate_params(config, experiment, params, *, step: int, num: int, steps: 
     target = _held_out_images(config, num)
     if config.data.target == "digits":
       metrics["digits_frechet_distance"] = float(evaluate.digits_frechet_distance(samples))
-  metrics.update(_likelihood_metrics(config, experiment, params, target, seed=seed,
-                                     steps=steps or config.sample.steps))
+  metrics.update(
+    _likelihood_metrics(
+      config, experiment, params, target, seed=seed, steps=steps or config.sample.steps
+    )
+  )
   return metrics

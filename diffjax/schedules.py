@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,36 +35,36 @@ from diffjax._lookup import lookup
 from diffjax.shapes import as_floating, in_compute_dtype
 
 __all__ = [
-    "DiscreteSchedule",
-    "discrete_schedule",
-    "linear_betas",
-    "scaled_linear_betas",
-    "cosine_betas",
-    "sigmoid_betas",
-    "geodiff_sigmoid_betas",
-    "rescale_zero_terminal_snr",
-    "log_alpha_sigma_from_log_snr",
-    "alpha_sigma_from_log_snr",
-    "get_discrete_schedule",
-    "ContinuousSchedule",
-    "vp_log_alpha_sigma",
-    "ve_log_alpha_sigma",
-    "cosine_log_snr",
-    "shifted_cosine_log_snr",
-    "linear_log_snr",
-    "edm_sigma",
-    "sigmoid_log_alpha_sigma",
-    "vp_schedule",
-    "ve_schedule",
-    "cosine_schedule",
-    "shifted_cosine_schedule",
-    "edm_schedule",
-    "sigmoid_schedule",
-    "log_snr_schedule",
-    "linear_log_snr_schedule",
-    "get_continuous_schedule",
-    "CONTINUOUS_SCHEDULES",
-    "DISCRETE_SCHEDULES",
+  "DiscreteSchedule",
+  "discrete_schedule",
+  "linear_betas",
+  "scaled_linear_betas",
+  "cosine_betas",
+  "sigmoid_betas",
+  "geodiff_sigmoid_betas",
+  "rescale_zero_terminal_snr",
+  "log_alpha_sigma_from_log_snr",
+  "alpha_sigma_from_log_snr",
+  "get_discrete_schedule",
+  "ContinuousSchedule",
+  "vp_log_alpha_sigma",
+  "ve_log_alpha_sigma",
+  "cosine_log_snr",
+  "shifted_cosine_log_snr",
+  "linear_log_snr",
+  "edm_sigma",
+  "sigmoid_log_alpha_sigma",
+  "vp_schedule",
+  "ve_schedule",
+  "cosine_schedule",
+  "shifted_cosine_schedule",
+  "edm_schedule",
+  "sigmoid_schedule",
+  "log_snr_schedule",
+  "linear_log_snr_schedule",
+  "get_continuous_schedule",
+  "CONTINUOUS_SCHEDULES",
+  "DISCRETE_SCHEDULES",
 ]
 
 
@@ -150,23 +151,29 @@ def discrete_schedule(betas: Array) -> DiscreteSchedule:
   alpha_bars = jnp.exp(log_alpha_bars)
   log_snr = log_alpha_bars - jnp.log(-jnp.expm1(log_alpha_bars))
   cast = lambda x: x.astype(betas.dtype)
-  return DiscreteSchedule(betas=betas, alphas=cast(1.0 - work), alpha_bars=cast(alpha_bars),
-                          log_snr=cast(log_snr))
+  return DiscreteSchedule(
+    betas=betas, alphas=cast(1.0 - work), alpha_bars=cast(alpha_bars), log_snr=cast(log_snr)
+  )
 
 
 def _check_steps(num_steps: int) -> None:
-  _require(isinstance(num_steps, numbers.Integral) and num_steps >= 1,
-           f"num_steps must be a positive integer, got {num_steps!r}")
+  _require(
+    isinstance(num_steps, numbers.Integral) and num_steps >= 1,
+    f"num_steps must be a positive integer, got {num_steps!r}",
+  )
 
 
 def _check_beta_range(beta_start: float, beta_end: float) -> None:
-  _require(0.0 < beta_start <= beta_end <= 1.0,
-           f"betas must satisfy 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, "
-           f"beta_end={beta_end}")
+  _require(
+    0.0 < beta_start <= beta_end <= 1.0,
+    f"betas must satisfy 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, "
+    f"beta_end={beta_end}",
+  )
 
 
-def linear_betas(*, num_steps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02) -> Array:
+def linear_betas(
+  *, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> Array:
   """DDPM's linear schedule: ``beta_i = beta_start + i / (T - 1) (beta_end - beta_start)``.
 
   Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", Sec. 4,
@@ -177,8 +184,9 @@ def linear_betas(*, num_steps: int = 1000, beta_start: float = 1e-4,
   return jnp.linspace(beta_start, beta_end, num_steps, dtype=jnp.float32)
 
 
-def scaled_linear_betas(*, num_steps: int = 1000, beta_start: float = 0.00085,
-                        beta_end: float = 0.012) -> Array:
+def scaled_linear_betas(
+  *, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Array:
   """Stable Diffusion's "scaled linear" schedule: linear in ``sqrt(beta)``.
 
   ``beta_i = (sqrt(beta_start) + i / (T - 1) (sqrt(beta_end) - sqrt(beta_start)))^2``;
@@ -188,7 +196,7 @@ def scaled_linear_betas(*, num_steps: int = 1000, beta_start: float = 0.00085,
   """
   _check_steps(num_steps)
   _check_beta_range(beta_start, beta_end)
-  return jnp.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=jnp.float32)**2
+  return jnp.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=jnp.float32) ** 2
 
 
 def cosine_betas(*, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Array:
@@ -210,20 +218,29 @@ def cosine_betas(*, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0
   scale = math.pi / (2.0 * num_steps * (1.0 + s))  # c_i = (T - i) scale, c_i - c_{i+1} = scale
   # sin(c_i + c_{i+1}) = sin(pi - c_i - c_{i+1}); both angles are formed from exact integers
   # ((2T - 2i - 1) and (2i + 1 + 2Ts)) and the smaller is used, so neither is a cancellation.
-  angle_sum = jnp.minimum(2.0 * (num_steps - index) - 1.0,
-                          2.0 * index + 1.0 + 2.0 * num_steps * s) * scale
-  betas = jnp.sin(angle_sum) * math.sin(scale) / jnp.sin((num_steps - index) * scale)**2
+  angle_sum = (
+    jnp.minimum(2.0 * (num_steps - index) - 1.0, 2.0 * index + 1.0 + 2.0 * num_steps * s) * scale
+  )
+  betas = jnp.sin(angle_sum) * math.sin(scale) / jnp.sin((num_steps - index) * scale) ** 2
   return jnp.minimum(betas, max_beta)
 
 
 def _check_sigmoid(start: float, end: float, tau: float) -> None:
-  _require(start < end and tau > 0.0,
-           f"Chen's sigmoid schedule needs start < end and tau > 0, got start={start}, "
-           f"end={end}, tau={tau}")
+  _require(
+    start < end and tau > 0.0,
+    f"Chen's sigmoid schedule needs start < end and tau > 0, got start={start}, "
+    f"end={end}, tau={tau}",
+  )
 
 
-def sigmoid_betas(*, num_steps: int = 1000, start: float = -3.0, end: float = 3.0,
-                  tau: float = 1.0, max_beta: float = 0.999) -> Array:
+def sigmoid_betas(
+  *,
+  num_steps: int = 1000,
+  start: float = -3.0,
+  end: float = 3.0,
+  tau: float = 1.0,
+  max_beta: float = 0.999,
+) -> Array:
   """Chen's sigmoid schedule, discretised: ``beta_i = min(1 - gamma((i+1)/T) / gamma(i/T),
   max_beta)``.
 
@@ -244,13 +261,18 @@ def sigmoid_betas(*, num_steps: int = 1000, start: float = -3.0, end: float = 3.
   index = jnp.arange(num_steps, dtype=jnp.float32)
   u_next = ((index + 1.0) / num_steps * (end - start) + start) / tau
   to_end = -(num_steps - index) / num_steps * width  # u_i - u_end from exact integers
-  betas = (jax.nn.sigmoid(u_next) / jax.nn.sigmoid(end / tau)
-           * math.expm1(-width / num_steps) / jnp.expm1(to_end))
+  betas = (
+    jax.nn.sigmoid(u_next)
+    / jax.nn.sigmoid(end / tau)
+    * math.expm1(-width / num_steps)
+    / jnp.expm1(to_end)
+  )
   return jnp.minimum(betas, max_beta)
 
 
-def geodiff_sigmoid_betas(*, num_steps: int = 1000, beta_start: float = 1e-7,
-                          beta_end: float = 2e-3) -> Array:
+def geodiff_sigmoid_betas(
+  *, num_steps: int = 1000, beta_start: float = 1e-7, beta_end: float = 2e-3
+) -> Array:
   """GeoDiff's "sigmoid" betas: ``beta_i = sigmoid(linspace(-6, 6, T))_i (end - start) + start``.
 
   Xu et al. (2022), "GeoDiff", https://arxiv.org/abs/2203.02923 (their released code). A
@@ -292,16 +314,17 @@ def rescale_zero_terminal_snr(betas: Array) -> Array:
 
 
 DISCRETE_SCHEDULES: dict[str, Callable[..., Array]] = {
-    "linear": linear_betas,
-    "scaled_linear": scaled_linear_betas,
-    "cosine": cosine_betas,
-    "sigmoid": sigmoid_betas,
-    "geodiff_sigmoid": geodiff_sigmoid_betas,
+  "linear": linear_betas,
+  "scaled_linear": scaled_linear_betas,
+  "cosine": cosine_betas,
+  "sigmoid": sigmoid_betas,
+  "geodiff_sigmoid": geodiff_sigmoid_betas,
 }
 
 
-def get_discrete_schedule(name: str, *, zero_terminal_snr: bool = False,
-                          **kwargs) -> DiscreteSchedule:
+def get_discrete_schedule(
+  name: str, *, zero_terminal_snr: bool = False, **kwargs
+) -> DiscreteSchedule:
   """Resolves a discrete schedule by name (at the edge, once) and builds it.
 
   Args:
@@ -377,33 +400,41 @@ class ContinuousSchedule:
 
   def log_snr(self, t) -> Array:
     """``lambda(t) = log(alpha^2 / sigma^2) = 2 (log alpha - log sigma)``, decreasing in t."""
+
     def fn(u):
       log_alpha, log_sigma = self.log_alpha_sigma(u)
       return 2.0 * (log_alpha - log_sigma)
+
     return self._eval(fn, t)
 
   def alpha_sigma_and_derivatives(self, t) -> tuple[Array, Array, Array, Array]:
     """``(alpha, sigma, d alpha / dt, d sigma / dt)`` with derivatives by ``jax.jvp`` (forward
     mode, one pass, elementwise in ``t``)."""
+
     def fn(u):
       primal = lambda v: tuple(jnp.exp(w) for w in self.log_alpha_sigma(v))
       (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(primal, (u,), (jnp.ones_like(u),))
       return alpha, sigma, d_alpha, d_sigma
+
     return self._eval(fn, t)
 
   def d_log_snr(self, t) -> Array:
     """``d lambda / dt`` by ``jax.jvp`` (negative for every schedule here); the weight of VDM's
     continuous-time loss (Kingma et al. 2021, https://arxiv.org/abs/2107.00630)."""
+
     def fn(u):
       def log_snr(v):
         log_alpha, log_sigma = self.log_alpha_sigma(v)
         return 2.0 * (log_alpha - log_sigma)
+
       return jax.jvp(log_snr, (u,), (jnp.ones_like(u),))[1]
+
     return self._eval(fn, t)
 
 
-def vp_log_alpha_sigma(t: Array, *, beta_min: float = 0.1,
-                       beta_max: float = 20.0) -> tuple[Array, Array]:
+def vp_log_alpha_sigma(
+  t: Array, *, beta_min: float = 0.1, beta_max: float = 20.0
+) -> tuple[Array, Array]:
   """VP SDE: ``log alpha(t) = -1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min``,
   ``sigma(t) = sqrt(1 - alpha(t)^2)``.
 
@@ -416,8 +447,9 @@ def vp_log_alpha_sigma(t: Array, *, beta_min: float = 0.1,
   return log_alpha, 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
 
 
-def ve_log_alpha_sigma(t: Array, *, sigma_min: float = 0.01,
-                       sigma_max: float = 50.0) -> tuple[Array, Array]:
+def ve_log_alpha_sigma(
+  t: Array, *, sigma_min: float = 0.01, sigma_max: float = 50.0
+) -> tuple[Array, Array]:
   """VE SDE: ``alpha(t) = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``.
 
   Song et al. (2021), eq. 31, https://arxiv.org/abs/2011.13456 (the marginal std; the SDE's
@@ -427,8 +459,7 @@ def ve_log_alpha_sigma(t: Array, *, sigma_min: float = 0.01,
   return jnp.zeros_like(t), log_sigma
 
 
-def cosine_log_snr(t: Array, *, log_snr_min: float = -15.0,
-                   log_snr_max: float = 15.0) -> Array:
+def cosine_log_snr(t: Array, *, log_snr_min: float = -15.0, log_snr_max: float = 15.0) -> Array:
   """Cosine schedule in log-SNR: ``lambda(t) = -2 log tan(t_min + t (t_max - t_min))``.
 
   With ``t_min = atan(exp(-lambda_max / 2))`` and ``t_max = atan(exp(-lambda_min / 2))`` the
@@ -442,8 +473,14 @@ def cosine_log_snr(t: Array, *, log_snr_min: float = -15.0,
   return -2.0 * jnp.log(jnp.tan(t_min + t * (t_max - t_min)))
 
 
-def shifted_cosine_log_snr(t: Array, *, resolution: int = 64, base_resolution: int = 64,
-                           log_snr_min: float = -15.0, log_snr_max: float = 15.0) -> Array:
+def shifted_cosine_log_snr(
+  t: Array,
+  *,
+  resolution: int = 64,
+  base_resolution: int = 64,
+  log_snr_min: float = -15.0,
+  log_snr_max: float = 15.0,
+) -> Array:
   """Resolution-shifted cosine: ``lambda(t) = lambda_cosine(t) + 2 log(base / resolution)``.
 
   Larger images keep more signal at equal noise, so the SNR is divided by
@@ -464,20 +501,22 @@ def linear_log_snr(t: Array, *, log_snr_min: float = -10.0, log_snr_max: float =
   return log_snr_max + t * (log_snr_min - log_snr_max)
 
 
-def edm_sigma(t: Array, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
-              rho: float = 7.0) -> Array:
+def edm_sigma(
+  t: Array, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Array:
   """EDM's noise levels as a function of time: ``sigma(t) = (sigma_min^(1/rho) + t
   (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``, ``alpha = 1``.
 
   Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based Generative Models",
   eq. 5 (with t running from data to noise), https://arxiv.org/abs/2206.00364.
   """
-  lo, hi = sigma_min**(1.0 / rho), sigma_max**(1.0 / rho)
-  return (lo + t * (hi - lo))**rho
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  return (lo + t * (hi - lo)) ** rho
 
 
-def sigmoid_log_alpha_sigma(t: Array, *, start: float = -3.0, end: float = 3.0,
-                            tau: float = 1.0, clip_min: float = 1e-9) -> tuple[Array, Array]:
+def sigmoid_log_alpha_sigma(
+  t: Array, *, start: float = -3.0, end: float = 3.0, tau: float = 1.0, clip_min: float = 1e-9
+) -> tuple[Array, Array]:
   """Chen's sigmoid schedule: ``abar(t) = gamma(t)`` clipped to ``[clip_min, 1]``,
   ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)`` (variance preserving).
 
@@ -493,15 +532,19 @@ def sigmoid_log_alpha_sigma(t: Array, *, start: float = -3.0, end: float = 3.0,
   width = (end - start) / tau
   u = (t * (end - start) + start) / tau
   b, e = start / tau, end / tau
-  log_norm = (jax.nn.log_sigmoid(e) + jax.nn.log_sigmoid(-b)
-              + math.log(-math.expm1(-width)))
+  log_norm = jax.nn.log_sigmoid(e) + jax.nn.log_sigmoid(-b) + math.log(-math.expm1(-width))
   # u - e = (t - 1) width and b - u = -t width, written so they are exactly 0 at t = 1 and t = 0.
   # The floor keeps d/dt finite at t = 1, where clip_min takes over (log(tiny) < log(clip_min)).
   tiny = jnp.finfo(t.dtype).tiny
-  log_abar = (jax.nn.log_sigmoid(e) + jax.nn.log_sigmoid(-u)
-              + jnp.log(jnp.maximum(-jnp.expm1((t - 1.0) * width), tiny)) - log_norm)
-  log_one_minus = (jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-b)
-                   + jnp.log(-jnp.expm1(-t * width)) - log_norm)
+  log_abar = (
+    jax.nn.log_sigmoid(e)
+    + jax.nn.log_sigmoid(-u)
+    + jnp.log(jnp.maximum(-jnp.expm1((t - 1.0) * width), tiny))
+    - log_norm
+  )
+  log_one_minus = (
+    jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-b) + jnp.log(-jnp.expm1(-t * width)) - log_norm
+  )
   log_abar = jnp.maximum(log_abar, math.log(clip_min))
   log_one_minus = jnp.minimum(log_one_minus, math.log1p(-clip_min))
   return 0.5 * log_abar, 0.5 * log_one_minus
@@ -515,8 +558,9 @@ def _ve_from_sigma(t, *, sigma_fn):
   return jnp.zeros_like(t), jnp.log(sigma_fn(t))
 
 
-def log_snr_schedule(log_snr_fn: Callable[[Array], Array],
-                     name: str = "log_snr") -> ContinuousSchedule:
+def log_snr_schedule(
+  log_snr_fn: Callable[[Array], Array], name: str = "log_snr"
+) -> ContinuousSchedule:
   """The general variance-preserving family given by its log-SNR: ``alpha^2 = sigmoid(lambda(t))``,
   ``sigma^2 = sigmoid(-lambda(t))`` (Kingma et al. 2021, VDM, eq. 4,
   https://arxiv.org/abs/2107.00630; Kingma & Gao 2023, https://arxiv.org/abs/2303.00848).
@@ -526,37 +570,44 @@ def log_snr_schedule(log_snr_fn: Callable[[Array], Array],
       ``functools.partial`` of one so the schedule stays hashable for ``jit``.
     name: a label for logs.
   """
-  _require(callable(log_snr_fn), f"log_snr_fn must be a function t -> lambda(t), got "
-           f"{log_snr_fn!r}")
+  _require(
+    callable(log_snr_fn), f"log_snr_fn must be a function t -> lambda(t), got {log_snr_fn!r}"
+  )
   return ContinuousSchedule(name, _bind(_log_alpha_sigma_of_log_snr_fn, log_snr_fn=log_snr_fn))
 
 
 def vp_schedule(*, beta_min: float = 0.1, beta_max: float = 20.0) -> ContinuousSchedule:
   """The VP SDE schedule, :func:`vp_log_alpha_sigma` (Song et al. 2021)."""
-  _require(0.0 <= beta_min <= beta_max and beta_max > 0.0,
-           f"vp schedule needs 0 <= beta_min <= beta_max and beta_max > 0, got "
-           f"beta_min={beta_min}, beta_max={beta_max}")
-  return ContinuousSchedule(
-      "vp", _bind(vp_log_alpha_sigma, beta_min=beta_min, beta_max=beta_max))
+  _require(
+    0.0 <= beta_min <= beta_max and beta_max > 0.0,
+    f"vp schedule needs 0 <= beta_min <= beta_max and beta_max > 0, got "
+    f"beta_min={beta_min}, beta_max={beta_max}",
+  )
+  return ContinuousSchedule("vp", _bind(vp_log_alpha_sigma, beta_min=beta_min, beta_max=beta_max))
 
 
 def _check_sigma_range(kind: str, sigma_min: float, sigma_max: float) -> None:
-  _require(0.0 < sigma_min < sigma_max,
-           f"{kind} schedule needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
-           f"sigma_max={sigma_max}")
+  _require(
+    0.0 < sigma_min < sigma_max,
+    f"{kind} schedule needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+    f"sigma_max={sigma_max}",
+  )
 
 
 def ve_schedule(*, sigma_min: float = 0.01, sigma_max: float = 50.0) -> ContinuousSchedule:
   """The VE SDE schedule, :func:`ve_log_alpha_sigma` (Song et al. 2021)."""
   _check_sigma_range("ve", sigma_min, sigma_max)
   return ContinuousSchedule(
-      "ve", _bind(ve_log_alpha_sigma, sigma_min=sigma_min, sigma_max=sigma_max))
+    "ve", _bind(ve_log_alpha_sigma, sigma_min=sigma_min, sigma_max=sigma_max)
+  )
 
 
 def _check_log_snr_range(log_snr_min: float, log_snr_max: float) -> None:
-  _require(log_snr_min < log_snr_max,
-           f"log-SNR range needs log_snr_min < log_snr_max, got log_snr_min={log_snr_min}, "
-           f"log_snr_max={log_snr_max}")
+  _require(
+    log_snr_min < log_snr_max,
+    f"log-SNR range needs log_snr_min < log_snr_max, got log_snr_min={log_snr_min}, "
+    f"log_snr_max={log_snr_max}",
+  )
 
 
 def cosine_schedule(*, log_snr_min: float = -15.0, log_snr_max: float = 15.0) -> ContinuousSchedule:
@@ -566,22 +617,34 @@ def cosine_schedule(*, log_snr_min: float = -15.0, log_snr_max: float = 15.0) ->
   return log_snr_schedule(fn, name="cosine")
 
 
-def shifted_cosine_schedule(*, resolution: int = 64, base_resolution: int = 64,
-                            log_snr_min: float = -15.0,
-                            log_snr_max: float = 15.0) -> ContinuousSchedule:
+def shifted_cosine_schedule(
+  *,
+  resolution: int = 64,
+  base_resolution: int = 64,
+  log_snr_min: float = -15.0,
+  log_snr_max: float = 15.0,
+) -> ContinuousSchedule:
   """Variance-preserving shifted cosine schedule, :func:`shifted_cosine_log_snr` (Hoogeboom et
   al. 2023)."""
-  _require(resolution > 0 and base_resolution > 0,
-           f"shifted cosine needs positive resolutions, got resolution={resolution}, "
-           f"base_resolution={base_resolution}")
+  _require(
+    resolution > 0 and base_resolution > 0,
+    f"shifted cosine needs positive resolutions, got resolution={resolution}, "
+    f"base_resolution={base_resolution}",
+  )
   _check_log_snr_range(log_snr_min, log_snr_max)
-  fn = _bind(shifted_cosine_log_snr, resolution=resolution, base_resolution=base_resolution,
-             log_snr_min=log_snr_min, log_snr_max=log_snr_max)
+  fn = _bind(
+    shifted_cosine_log_snr,
+    resolution=resolution,
+    base_resolution=base_resolution,
+    log_snr_min=log_snr_min,
+    log_snr_max=log_snr_max,
+  )
   return log_snr_schedule(fn, name="shifted_cosine")
 
 
-def linear_log_snr_schedule(*, log_snr_min: float = -10.0,
-                            log_snr_max: float = 10.0) -> ContinuousSchedule:
+def linear_log_snr_schedule(
+  *, log_snr_min: float = -10.0, log_snr_max: float = 10.0
+) -> ContinuousSchedule:
   """Variance-preserving schedule linear in log-SNR, :func:`linear_log_snr` (Kingma et al.
   2021)."""
   _check_log_snr_range(log_snr_min, log_snr_max)
@@ -589,8 +652,9 @@ def linear_log_snr_schedule(*, log_snr_min: float = -10.0,
   return log_snr_schedule(fn, name="linear_log_snr")
 
 
-def edm_schedule(*, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0) -> ContinuousSchedule:
+def edm_schedule(
+  *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> ContinuousSchedule:
   """EDM's variance-exploding schedule, :func:`edm_sigma` (``alpha = 1``; Karras et al. 2022)."""
   _check_sigma_range("edm", sigma_min, sigma_max)
   _require(rho > 0.0, f"edm schedule needs rho > 0, got rho={rho}")
@@ -598,23 +662,25 @@ def edm_schedule(*, sigma_min: float = 0.002, sigma_max: float = 80.0,
   return ContinuousSchedule("edm", _bind(_ve_from_sigma, sigma_fn=fn))
 
 
-def sigmoid_schedule(*, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-                     clip_min: float = 1e-9) -> ContinuousSchedule:
+def sigmoid_schedule(
+  *, start: float = -3.0, end: float = 3.0, tau: float = 1.0, clip_min: float = 1e-9
+) -> ContinuousSchedule:
   """Chen's (2023) sigmoid schedule, :func:`sigmoid_log_alpha_sigma`."""
   _check_sigmoid(start, end, tau)
   _require(0.0 < clip_min < 1.0, f"clip_min must be in (0, 1), got clip_min={clip_min}")
-  return ContinuousSchedule("sigmoid", _bind(
-      sigmoid_log_alpha_sigma, start=start, end=end, tau=tau, clip_min=clip_min))
+  return ContinuousSchedule(
+    "sigmoid", _bind(sigmoid_log_alpha_sigma, start=start, end=end, tau=tau, clip_min=clip_min)
+  )
 
 
 CONTINUOUS_SCHEDULES: dict[str, Callable[..., ContinuousSchedule]] = {
-    "vp": vp_schedule,
-    "ve": ve_schedule,
-    "cosine": cosine_schedule,
-    "shifted_cosine": shifted_cosine_schedule,
-    "linear_log_snr": linear_log_snr_schedule,
-    "edm": edm_schedule,
-    "sigmoid": sigmoid_schedule,
+  "vp": vp_schedule,
+  "ve": ve_schedule,
+  "cosine": cosine_schedule,
+  "shifted_cosine": shifted_cosine_schedule,
+  "linear_log_snr": linear_log_snr_schedule,
+  "edm": edm_schedule,
+  "sigmoid": sigmoid_schedule,
 }
 
 

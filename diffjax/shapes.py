@@ -36,8 +36,9 @@ def broadcast_to_data(values: Array, data: Array) -> Array:
     return values
   if values.ndim > data.ndim:
     raise ValueError(
-        f"per-example values of shape {values.shape} have more axes than data of shape "
-        f"{data.shape}; pass one value per example (shape [batch]) or a scalar")
+      f"per-example values of shape {values.shape} have more axes than data of shape "
+      f"{data.shape}; pass one value per example (shape [batch]) or a scalar"
+    )
   return values.reshape(values.shape + (1,) * (data.ndim - values.ndim))
 
 

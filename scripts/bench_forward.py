@@ -33,11 +33,11 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffjax import forward
 from diffjax.schedules import get_discrete_schedule
@@ -81,17 +81,18 @@ def _time_noise_options(reps: int) -> dict[str, dict[str, float]]:
     for dtype in (jnp.float32, jnp.bfloat16):
       fn = jax.jit(lambda k, dtype=dtype: jax.random.normal(k, SHAPE, dtype))
       name = f"jax.random.normal[{impl},{jnp.dtype(dtype).name}]"
-      results[name] = _timed(lambda: fn(key), reps)
+      results[name] = _timed(lambda fn=fn, key=key: fn(key), reps)
   key = jax.random.key(0)
   # The layout standard_normal reproduces: both words of each threefry call (JAX's original).
   with jax.threefry_partitionable(False):
     fn = jax.jit(lambda k: jax.random.normal(k, SHAPE))
     results["jax.random.normal[threefry2x32 original layout,float32]"] = _timed(
-        lambda: fn(key), reps)
+      lambda: fn(key), reps
+    )
   for dtype in (jnp.float32, jnp.bfloat16):
     fn = jax.jit(lambda k, dtype=dtype: forward.standard_normal(k, SHAPE, dtype))
     name = f"diffjax.standard_normal[threefry2x32,{jnp.dtype(dtype).name}]"
-    results[name] = _timed(lambda: fn(key), reps)
+    results[name] = _timed(lambda fn=fn, key=key: fn(key), reps)
   return results
 
 
@@ -101,8 +102,7 @@ def _time_closed_form_variants(schedule, data, t, reps: int) -> dict[str, dict[s
   noise = jax.random.normal(key, SHAPE)
 
   def with_jax_normal(k, x, steps):
-    return forward.q_sample(data=x, t=steps, noise=jax.random.normal(k, x.shape),
-                            schedule=schedule)
+    return forward.q_sample(data=x, t=steps, noise=jax.random.normal(k, x.shape), schedule=schedule)
 
   def with_standard_normal(k, x, steps):
     return forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
@@ -111,26 +111,31 @@ def _time_closed_form_variants(schedule, data, t, reps: int) -> dict[str, dict[s
     eps = forward.standard_normal(k, x.shape)
     return forward.q_sample(data=x, t=steps, noise=eps, schedule=schedule), eps
 
-  elementwise = jax.jit(lambda x, steps, eps: forward.q_sample(data=x, t=steps, noise=eps,
-                                                               schedule=schedule))
+  elementwise = jax.jit(
+    lambda x, steps, eps: forward.q_sample(data=x, t=steps, noise=eps, schedule=schedule)
+  )
+
   def noise_first(k, x, steps):
-    return forward.q_sample(data=x, t=steps, noise=forward.standard_normal(k, x.shape),
-                            schedule=schedule)
+    return forward.q_sample(
+      data=x, t=steps, noise=forward.standard_normal(k, x.shape), schedule=schedule
+    )
 
   fns = {
-      "q_sample_closed_form (diffjax.standard_normal)": jax.jit(with_standard_normal),
-      "q_sample + diffjax.standard_normal (drawn first)": jax.jit(noise_first),
-      "q_sample + jax.random.normal[threefry2x32]": jax.jit(with_jax_normal),
-      "q_sample_closed_form returning (x_t, noise)": jax.jit(returning_noise),
+    "q_sample_closed_form (diffjax.standard_normal)": jax.jit(with_standard_normal),
+    "q_sample + diffjax.standard_normal (drawn first)": jax.jit(noise_first),
+    "q_sample + jax.random.normal[threefry2x32]": jax.jit(with_jax_normal),
+    "q_sample_closed_form returning (x_t, noise)": jax.jit(returning_noise),
   }
   out = {name: _timed(lambda fn=fn: fn(key, data, t), reps) for name, fn in fns.items()}
   out["q_sample alone (noise given)"] = _timed(lambda: elementwise(data, t, noise), reps)
   low = data.astype(jnp.bfloat16)
   out["q_sample_closed_form (bfloat16 data)"] = _timed(
-      lambda: fns["q_sample_closed_form (diffjax.standard_normal)"](key, low, t), reps)
+    lambda: fns["q_sample_closed_form (diffjax.standard_normal)"](key, low, t), reps
+  )
   rbg_key = jax.random.key(0, impl="rbg")
   out["q_sample + jax.random.normal[rbg]"] = _timed(
-      lambda: fns["q_sample + jax.random.normal[threefry2x32]"](rbg_key, data, t), reps)
+    lambda: fns["q_sample + jax.random.normal[threefry2x32]"](rbg_key, data, t), reps
+  )
   return out
 
 
@@ -141,15 +146,17 @@ def _time_process(num_steps: int, reps: int, loop_reps: int) -> dict[str, Any]:
   # The chain runs all T steps for every batch, so time the worst case t = T - 1 for all three.
   t = jnp.full((SHAPE[0],), num_steps - 1, dtype=jnp.int32)
 
-  closed = jax.jit(lambda k, x, steps: forward.q_sample_closed_form(
-      data=x, t=steps, key=k, schedule=schedule))
-  sequential = jax.jit(lambda k, x, steps: forward.q_sample_sequential(
-      data=x, t=steps, key=k, schedule=schedule))
+  closed = jax.jit(
+    lambda k, x, steps: forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
+  )
+  sequential = jax.jit(
+    lambda k, x, steps: forward.q_sample_sequential(data=x, t=steps, key=k, schedule=schedule)
+  )
 
   @jax.jit
   def one_step(x, step_key, step, steps):
     noise = forward.standard_normal(step_key, x.shape, x.dtype)
-    x_next = (jnp.sqrt(schedule.alphas[step]) * x + jnp.sqrt(schedule.betas[step]) * noise)
+    x_next = jnp.sqrt(schedule.alphas[step]) * x + jnp.sqrt(schedule.betas[step]) * noise
     return jnp.where((step <= steps)[:, None, None, None], x_next, x)
 
   step_keys = list(jax.random.split(key, num_steps))
@@ -170,21 +177,23 @@ def _time_process(num_steps: int, reps: int, loop_reps: int) -> dict[str, Any]:
   loop_min = _MINIMA.pop(id(python_loop))
   bytes_moved = 2 * data.size * data.dtype.itemsize
   return {
-      "T": num_steps,
-      "closed_ms": _ms(closed_s),
-      "sequential_ms": _ms(sequential_s),
-      "loop_ms": _ms(loop_s),
-      "closed_min_ms": _ms(closed_min),
-      "sequential_min_ms": _ms(sequential_min),
-      "loop_min_ms": _ms(loop_min),
-      "sequential_over_closed": round(sequential_s / closed_s, 2),
-      "loop_over_closed": round(loop_s / closed_s, 2),
-      "target_T_over_2_met": sequential_s / closed_s >= num_steps / 2,
-      "closed_GBps": round(bytes_moved / closed_s / 1e9, 3),
+    "T": num_steps,
+    "closed_ms": _ms(closed_s),
+    "sequential_ms": _ms(sequential_s),
+    "loop_ms": _ms(loop_s),
+    "closed_min_ms": _ms(closed_min),
+    "sequential_min_ms": _ms(sequential_min),
+    "loop_min_ms": _ms(loop_min),
+    "sequential_over_closed": round(sequential_s / closed_s, 2),
+    "loop_over_closed": round(loop_s / closed_s, 2),
+    "target_T_over_2_met": sequential_s / closed_s >= num_steps / 2,
+    "closed_GBps": round(bytes_moved / closed_s / 1e9, 3),
   }
 
 
-def _time_peer(schedule_steps: int, reps: int) -> tuple[dict[str, Any], Callable[[int], Any]] | None:
+def _time_peer(
+  schedule_steps: int, reps: int
+) -> tuple[dict[str, Any], Callable[[int], Any]] | None:
   """diffusers' ``DDPMScheduler.add_noise`` + ``torch.randn_like``, or a faithful torch copy.
 
   Returns the figures and ``run(threads)``, one ``add_noise`` call with that many torch threads
@@ -198,10 +207,12 @@ def _time_peer(schedule_steps: int, reps: int) -> tuple[dict[str, Any], Callable
   t = torch.randint(0, schedule_steps, (SHAPE[0],))
   try:
     from diffusers import DDPMScheduler  # noqa: PLC0415
+
     scheduler = DDPMScheduler(num_train_timesteps=schedule_steps, beta_schedule="linear")
 
     def add_noise():
       return scheduler.add_noise(x, torch.randn_like(x), t)
+
     label = "diffusers.DDPMScheduler.add_noise + torch.randn_like"
   except ImportError:
     alphas_cumprod = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, schedule_steps), dim=0)
@@ -215,8 +226,11 @@ def _time_peer(schedule_steps: int, reps: int) -> tuple[dict[str, Any], Callable
         sqrt_alpha_prod = sqrt_alpha_prod.unsqueeze(-1)
         sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
       return sqrt_alpha_prod * x + sqrt_one_minus * noise
-    label = ("torch re-implementation of diffusers DDPMScheduler.add_noise + torch.randn_like "
-             "(diffusers not installed)")
+
+    label = (
+      "torch re-implementation of diffusers DDPMScheduler.add_noise + torch.randn_like "
+      "(diffusers not installed)"
+    )
   threads = torch.get_num_threads()
 
   def run(num_threads: int):
@@ -233,12 +247,22 @@ def _time_peer(schedule_steps: int, reps: int) -> tuple[dict[str, Any], Callable
   # One intra-op thread as well: on a busy machine torch's OpenMP barriers stall when a thread
   # is descheduled, and this shape is small enough that one thread is often as fast.
   single = _timed(lambda: run(1), reps)
-  return ({"what": label, "torch_version": torch.__version__, "torch_threads": threads,
-           "add_noise": peer, "add_noise_1_thread": single, "randn_like": randn}, run)
+  return (
+    {
+      "what": label,
+      "torch_version": torch.__version__,
+      "torch_threads": threads,
+      "add_noise": peer,
+      "add_noise_1_thread": single,
+      "randn_like": randn,
+    },
+    run,
+  )
 
 
-def _head_to_head(peer_run: Callable[[], Any], closed_run: Callable[[], Any], *, rounds: int,
-                  reps: int) -> dict[str, float]:
+def _head_to_head(
+  peer_run: Callable[[], Any], closed_run: Callable[[], Any], *, rounds: int, reps: int
+) -> dict[str, float]:
   """Medians over ``rounds`` alternating segments of ``reps`` runs each, peer then ours, so that
   both see the same machine (a shared CPU's load drifts within seconds)."""
   peer_times, closed_times = [], []
@@ -251,9 +275,15 @@ def _head_to_head(peer_run: Callable[[], Any], closed_run: Callable[[], Any], *,
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
   peer_s, closed_s = statistics.median(peer_times), statistics.median(closed_times)
-  return {"rounds": rounds, "reps_per_round": reps, "peer_median_ms": _ms(peer_s),
-          "closed_median_ms": _ms(closed_s), "peer_min_ms": _ms(min(peer_times)),
-          "closed_min_ms": _ms(min(closed_times)), "closed_over_peer": round(closed_s / peer_s, 2)}
+  return {
+    "rounds": rounds,
+    "reps_per_round": reps,
+    "peer_median_ms": _ms(peer_s),
+    "closed_median_ms": _ms(closed_s),
+    "peer_min_ms": _ms(min(peer_times)),
+    "closed_min_ms": _ms(min(closed_times)),
+    "closed_over_peer": round(closed_s / peer_s, 2),
+  }
 
 
 def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, Any]:
@@ -261,14 +291,14 @@ def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, A
   # The peer first: JAX's CPU thread pool starts with its first computation.
   timed_peer = _time_peer(max(sizes), reps)
   results = {
-      "shape": list(SHAPE),
-      "dtype": "float32",
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "jax_version": jax.__version__,
-      "python": platform.python_version(),
-      "reps": reps,
-      "processes": [_time_process(n, reps, loop_reps) for n in sizes],
+    "shape": list(SHAPE),
+    "dtype": "float32",
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "reps": reps,
+    "processes": [_time_process(n, reps, loop_reps) for n in sizes],
   }
   schedule = get_discrete_schedule("linear", num_steps=max(sizes))
   data = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1.0, maxval=1.0)
@@ -277,19 +307,26 @@ def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, A
   results["noise_options"] = _time_noise_options(reps)
   if timed_peer is None:
     results["peer"] = None
-    results["peer_note"] = ("torch is not importable; install it (e.g. pip install torch==2.13.0, "
-                            "CPU wheel) to time diffusers-style add_noise")
+    results["peer_note"] = (
+      "torch is not importable; install it (e.g. pip install torch==2.13.0, "
+      "CPU wheel) to time diffusers-style add_noise"
+    )
     return results
   peer, peer_run = timed_peer
   results["peer"] = peer
   # The target's figure: head to head, against the faster of torch's two thread settings.
-  threads = 1 if (peer["add_noise_1_thread"]["median_ms"]
-                  <= peer["add_noise"]["median_ms"]) else peer["torch_threads"]
-  closed = jax.jit(lambda k, x, steps: forward.q_sample_closed_form(
-      data=x, t=steps, key=k, schedule=schedule))
+  threads = (
+    1
+    if (peer["add_noise_1_thread"]["median_ms"] <= peer["add_noise"]["median_ms"])
+    else peer["torch_threads"]
+  )
+  closed = jax.jit(
+    lambda k, x, steps: forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
+  )
   key = jax.random.key(0)
-  head_to_head = _head_to_head(lambda: peer_run(threads), lambda: closed(key, data, t),
-                               rounds=10, reps=reps)
+  head_to_head = _head_to_head(
+    lambda: peer_run(threads), lambda: closed(key, data, t), rounds=10, reps=reps
+  )
   head_to_head["torch_threads"] = threads
   peer["head_to_head"] = head_to_head
   peer["jax_closed_over_peer"] = head_to_head["closed_over_peer"]
@@ -300,8 +337,9 @@ def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, A
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=20, help="timed runs per figure (median)")
-  parser.add_argument("--sizes", type=str, default="100,500,1000",
-                      help="comma-separated numbers of steps T")
+  parser.add_argument(
+    "--sizes", type=str, default="100,500,1000", help="comma-separated numbers of steps T"
+  )
   parser.add_argument("--quick", action="store_true", help="T = 100 and 3 repetitions")
   args = parser.parse_args(argv)
   try:
@@ -320,8 +358,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   # The slow paths (T chained steps) get fewer repetitions; at least 5 as the brief asks.
-  results = run_benchmark(sizes=args.sizes, reps=args.reps,
-                          loop_reps=min(args.reps, 3) if args.quick else max(5, args.reps // 4))
+  results = run_benchmark(
+    sizes=args.sizes,
+    reps=args.reps,
+    loop_reps=min(args.reps, 3) if args.quick else max(5, args.reps // 4),
+  )
   json.dump(results, sys.stdout, indent=2)
   sys.stdout.write("\n")
 

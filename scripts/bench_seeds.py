@@ -50,8 +50,14 @@ def _parse():
 
 def _trainer(num_seeds: int, seed: int, steps: int):
   config = config_lib.load_config_file(CONFIG)
-  config_lib.apply_overrides(config, [f"--config.train.num_seeds={num_seeds}",
-                                      f"--config.seed={seed}", f"--config.train.steps={steps}"])
+  config_lib.apply_overrides(
+    config,
+    [
+      f"--config.train.num_seeds={num_seeds}",
+      f"--config.seed={seed}",
+      f"--config.train.steps={steps}",
+    ],
+  )
   config_lib.validate(config, num_devices=1)
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   return make_trainer(config, mesh), config.train.fused_steps
@@ -90,19 +96,27 @@ def main():
     one.append(statistics.median(seconds_single))
   median = statistics.median
   report = {
-      "benchmark": "bench_seeds",
-      "date": datetime.date.today().isoformat(),
-      "command": "python scripts/bench_seeds.py" + (" --quick" if args.quick else ""),
-      "protocol": {"config": "configs/toy2d_icfm.py", "objective": "icfm", "seeds": args.seeds,
-                   "steps": args.steps, "reps": args.reps},
-      "environment": {"python": platform.python_version(), "jax": jax.__version__,
-                      "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-                      "loadavg": list(os.getloadavg())},
-      "seconds": {"seeds_together": together, "seeds_sequential": sequential,
-                  "one_seed": one},
-      "ratio_together_over_one_seed": round(median(together) / median(one), 3),
-      "speedup_together_over_sequential": round(median(sequential) / median(together), 3),
-      "target": "K seeds together in under 2x the time of one seed",
+    "benchmark": "bench_seeds",
+    "date": datetime.date.today().isoformat(),
+    "command": "python scripts/bench_seeds.py" + (" --quick" if args.quick else ""),
+    "protocol": {
+      "config": "configs/toy2d_icfm.py",
+      "objective": "icfm",
+      "seeds": args.seeds,
+      "steps": args.steps,
+      "reps": args.reps,
+    },
+    "environment": {
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "cpu_count": os.cpu_count(),
+      "loadavg": list(os.getloadavg()),
+    },
+    "seconds": {"seeds_together": together, "seeds_sequential": sequential, "one_seed": one},
+    "ratio_together_over_one_seed": round(median(together) / median(one), 3),
+    "speedup_together_over_sequential": round(median(sequential) / median(together), 3),
+    "target": "K seeds together in under 2x the time of one seed",
   }
   report["target_met"] = report["ratio_together_over_one_seed"] < 2.0
   print(json.dumps(report, indent=1))

@@ -48,7 +48,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +58,15 @@ import numpy as np
 from diffjax import couplings, evaluate
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
-from diffjax.train.trainer import make_trainer
 from diffjax.train.step import train_step
+from diffjax.train.trainer import make_trainer
 
 __all__ = ["PROTOCOLS", "TARGET_RATIOS", "main", "parse_args", "run_benchmark"]
 
 # recipe -> (source, target); TorchCFM's 2D tutorials train every CFM variant on this task.
 PROTOCOLS: dict[str, tuple[str, str]] = {
-    "icfm": ("8gaussians", "moons"),
-    "otcfm": ("8gaussians", "moons"),
+  "icfm": ("8gaussians", "moons"),
+  "otcfm": ("8gaussians", "moons"),
 }
 # From the issue: TorchCFM trains ~440 (I-CFM) and ~100 (OT-CFM) steps/s on 2 CPU cores.
 TARGET_RATIOS = {"icfm": 10.0, "otcfm": 3.0}
@@ -82,19 +83,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--steps", type=int, default=20_000, help="training steps per model")
   p.add_argument("--reps", type=int, default=5, help="timed segments per model")
-  p.add_argument("--chunk", type=int, default=0,
-                 help="train.fused_steps (0: the config default)")
+  p.add_argument("--chunk", type=int, default=0, help="train.fused_steps (0: the config default)")
   p.add_argument("--protocols", default="icfm,otcfm", help=f"subset of {sorted(PROTOCOLS)}")
   p.add_argument("--eval-samples", type=int, default=2000)
   p.add_argument("--euler-steps", type=int, default=100)
-  p.add_argument("--loop-steps", type=int, default=1000,
-                 help="steps of diffjax.train.loop.train timed end to end (0: skip)")
+  p.add_argument(
+    "--loop-steps",
+    type=int,
+    default=1000,
+    help="steps of diffjax.train.loop.train timed end to end (0: skip)",
+  )
   p.add_argument("--no-peer", action="store_true", help="skip TorchCFM even if importable")
   p.add_argument("--no-profile", action="store_true", help="skip the profile")
   p.add_argument("--seed", type=int, default=42)
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: 200 steps, 2 segments, 256 evaluation samples, 20 Euler steps,"
-                      " no loop.train run, a small profile")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 200 steps, 2 segments, 256 evaluation samples, 20 Euler steps,"
+    " no loop.train run, a small profile",
+  )
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.reps, args.chunk = 200, 2, args.chunk or 50
@@ -128,10 +135,12 @@ class Clock:
 def _segment_summary(segments: list[dict]) -> dict:
   rates = [s["steps"] / s["wall_s"] for s in segments]
   cpu = [s["cpu_s"] / s["steps"] * 1e6 for s in segments]
-  return {"steps_per_s_median": round(statistics.median(rates), 2),
-          "steps_per_s_max": round(max(rates), 2),
-          "cpu_us_per_step_median": round(statistics.median(cpu), 1),
-          "segments": segments}
+  return {
+    "steps_per_s_median": round(statistics.median(rates), 2),
+    "steps_per_s_max": round(max(rates), 2),
+    "cpu_us_per_step_median": round(statistics.median(cpu), 1),
+    "segments": segments,
+  }
 
 
 def _per_step_us(fn: Callable[[], Any], steps: int, reps: int = 5) -> dict:
@@ -143,8 +152,11 @@ def _per_step_us(fn: Callable[[], Any], steps: int, reps: int = 5) -> dict:
       jax.block_until_ready(fn())
     walls.append(c.wall / steps * 1e6)
     cpus.append(c.cpu / steps * 1e6)
-  return {"wall_us_median": round(statistics.median(walls), 1),
-          "wall_us_min": round(min(walls), 1), "cpu_us_median": round(statistics.median(cpus), 1)}
+  return {
+    "wall_us_median": round(statistics.median(walls), 1),
+    "wall_us_min": round(min(walls), 1),
+    "cpu_us_median": round(statistics.median(cpus), 1),
+  }
 
 
 # ---- ours ---------------------------------------------------------------------------------------
@@ -174,10 +186,13 @@ class OursTrainer:
     trainer = make_trainer(config, self.mesh)
     self.experiment, self.optimizer = trainer.experiment, trainer.optimizer
     self.state = trainer.create_state()
-    self.step_kwargs = dict(pair_fn=self.experiment.pair_fn, loss_fn=self.experiment.loss_fn,
-                            optimizer=self.optimizer,
-                            ema_decay=config.train.ema_decay,
-                            accumulate_steps=config.train.accumulate_steps)
+    self.step_kwargs = dict(
+      pair_fn=self.experiment.pair_fn,
+      loss_fn=self.experiment.loss_fn,
+      optimizer=self.optimizer,
+      ema_decay=config.train.ema_decay,
+      accumulate_steps=config.train.accumulate_steps,
+    )
     self.advance = trainer.advance
     self.chunk = config.train.fused_steps
     self.metrics = None
@@ -212,14 +227,20 @@ def import_peer() -> tuple[dict | None, str]:
     from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
     from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
     from torchcfm.utils import (  # pylint: disable=import-outside-toplevel
-        sample_8gaussians, sample_moons)
+      sample_8gaussians,
+      sample_moons,
+    )
   except ImportError as e:
     return None, f"peer skipped: torch/torchcfm not importable in {sys.executable} ({e})"
-  peer = dict(torch=torch, cfm=cfm, MLP=MLP, version=getattr(torchcfm, "__version__", "?"),
-              default_threads=torch.get_num_threads(),
-              sources={"8gaussians": sample_8gaussians,
-                       "normal": lambda n: torch.randn(n, 2)},
-              targets={"moons": sample_moons, "8gaussians": sample_8gaussians})
+  peer = dict(
+    torch=torch,
+    cfm=cfm,
+    MLP=MLP,
+    version=getattr(torchcfm, "__version__", "?"),
+    default_threads=torch.get_num_threads(),
+    sources={"8gaussians": sample_8gaussians, "normal": lambda n: torch.randn(n, 2)},
+    targets={"moons": sample_moons, "8gaussians": sample_8gaussians},
+  )
   return peer, "TorchCFM in the same process and run"
 
 
@@ -234,9 +255,10 @@ class PeerTrainer:
     np.random.seed(seed)  # OTPlanSampler draws pairs with np.random.choice
     self.model = peer["MLP"](dim=2, w=64, time_varying=True)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE)
-    matchers = {"icfm": lambda: peer["cfm"].ConditionalFlowMatcher(sigma=SIGMA),
-                "otcfm": lambda: peer["cfm"].ExactOptimalTransportConditionalFlowMatcher(
-                    sigma=SIGMA)}
+    matchers = {
+      "icfm": lambda: peer["cfm"].ConditionalFlowMatcher(sigma=SIGMA),
+      "otcfm": lambda: peer["cfm"].ExactOptimalTransportConditionalFlowMatcher(sigma=SIGMA),
+    }
     self.matcher = matchers[recipe]()
     source, target = PROTOCOLS[recipe]
     self.source, self.target_fn = peer["sources"][source], peer["targets"][target]
@@ -289,8 +311,11 @@ def choose_peer_threads(trainer: PeerTrainer, warm: int) -> dict:
   best = max(rates, key=rates.get)
   torch.set_num_threads(best)
   trainer.train(warm - probe_steps * len(candidates))
-  return {"torch_threads_default": default, "torch_threads_used": best,
-          "threads_probe_steps_per_s": {str(k): round(v, 2) for k, v in rates.items()}}
+  return {
+    "torch_threads_default": default,
+    "torch_threads_used": best,
+    "threads_probe_steps_per_s": {str(k): round(v, 2) for k, v in rates.items()},
+  }
 
 
 # ---- one protocol -------------------------------------------------------------------------------
@@ -312,10 +337,17 @@ def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTraine
   theirs = PeerTrainer(peer, recipe, seed=args.seed) if peer else None
   warm, per, rest = _schedule(args.steps, ours.chunk, args.reps)
   if per == 0:
-    raise SystemExit(f"--steps {args.steps} leaves no timed segment after a warm-up chunk of "
-                     f"{ours.chunk}; use more steps or a smaller --chunk")
-  result: dict[str, Any] = {"task": "->".join(PROTOCOLS[recipe]), "steps": args.steps,
-                            "warmup_steps": warm, "segment_steps": per, "segments": args.reps}
+    raise SystemExit(
+      f"--steps {args.steps} leaves no timed segment after a warm-up chunk of "
+      f"{ours.chunk}; use more steps or a smaller --chunk"
+    )
+  result: dict[str, Any] = {
+    "task": "->".join(PROTOCOLS[recipe]),
+    "steps": args.steps,
+    "warmup_steps": warm,
+    "segment_steps": per,
+    "segments": args.reps,
+  }
 
   with Clock() as c:
     ours.train(warm)
@@ -345,21 +377,35 @@ def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTraine
   ours_info.update(_segment_summary(ours_segments))
   ours_info["final_loss"] = float(np.mean(np.asarray(ours.metrics["loss"])))
   with Clock() as c:
-    ours_info["w2_euler"] = round(evaluate.wasserstein2(
-        ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=False), target), 4)
-  ours_info["w2_euler_ema"] = round(evaluate.wasserstein2(
-      ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=True), target), 4)
+    ours_info["w2_euler"] = round(
+      evaluate.wasserstein2(
+        ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=False), target
+      ),
+      4,
+    )
+  ours_info["w2_euler_ema"] = round(
+    evaluate.wasserstein2(
+      ours.sample(k_sample, args.eval_samples, args.euler_steps, ema=True), target
+    ),
+    4,
+  )
   ours_info["eval_s"] = round(c.wall, 2)
   result["ours"] = ours_info
-  result["w2_protocol"] = (f"W2 of {args.eval_samples} samples ({args.euler_steps} Euler steps) "
-                           f"vs {args.eval_samples} fresh target samples after {args.steps} steps;"
-                           " ours with params (as TorchCFM) and with EMA params")
+  result["w2_protocol"] = (
+    f"W2 of {args.eval_samples} samples ({args.euler_steps} Euler steps) "
+    f"vs {args.eval_samples} fresh target samples after {args.steps} steps;"
+    " ours with params (as TorchCFM) and with EMA params"
+  )
   if theirs:
     peer_info = _segment_summary(peer_segments)
     peer_info.update(probe)
     peer_info["final_loss"] = theirs.loss
-    peer_info["w2_euler"] = round(evaluate.wasserstein2(
-        theirs.sample(args.eval_samples, args.euler_steps), theirs.target(args.eval_samples)), 4)
+    peer_info["w2_euler"] = round(
+      evaluate.wasserstein2(
+        theirs.sample(args.eval_samples, args.euler_steps), theirs.target(args.eval_samples)
+      ),
+      4,
+    )
     if not args.quick:
       # TorchCFM's sample_8gaussians builds the batch in a Python loop; this is the peer's
       # step without it (after the evaluation, so the scored model is unaffected).
@@ -372,8 +418,9 @@ def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTraine
     result["peer"] = peer_info
     ratio = ours_info["steps_per_s_median"] / peer_info["steps_per_s_median"]
     result["ratio_steps_per_s"] = round(ratio, 2)
-    result["ratio_cpu_time"] = round(peer_info["cpu_us_per_step_median"]
-                                     / ours_info["cpu_us_per_step_median"], 2)
+    result["ratio_cpu_time"] = round(
+      peer_info["cpu_us_per_step_median"] / ours_info["cpu_us_per_step_median"], 2
+    )
     result["target_ratio"] = TARGET_RATIOS[recipe]
     result["target_met"] = bool(ratio >= TARGET_RATIOS[recipe])
   else:
@@ -382,7 +429,8 @@ def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTraine
     result["target_ratio"] = TARGET_RATIOS[recipe]
     result["target_met"] = None
   result["ratio_vs_published_peer"] = round(
-      ours_info["steps_per_s_median"] / PUBLISHED_PEER_STEPS_PER_S[recipe], 2)
+    ours_info["steps_per_s_median"] / PUBLISHED_PEER_STEPS_PER_S[recipe], 2
+  )
   result["loop_train"] = time_loop_train(recipe, args) if args.loop_steps else None
   return result, ours
 
@@ -390,19 +438,25 @@ def run_protocol(recipe: str, args, peer: dict | None) -> tuple[dict, OursTraine
 def time_loop_train(recipe: str, args) -> dict:
   """``diffjax.train.loop.train`` end to end; rates from its own metrics.jsonl."""
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
+
   config = make_config(recipe, steps=args.loop_steps, chunk=args.chunk, seed=args.seed)
   with config.unlocked():
     config.train.checkpoint_every = args.loop_steps
     config.train.async_checkpoint = False
   with tempfile.TemporaryDirectory() as workdir, Clock() as c:
     loop.train(config, workdir, devices=jax.devices()[:1])
-    rows = [json.loads(line) for line in
-            (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+      json.loads(line)
+      for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
   rates = [row["steps_per_second"] for row in rows[1:]]  # the first interval includes compiling
-  return {"steps": args.loop_steps, "log_every": config.train.log_every,
-          "steps_per_s_median": round(statistics.median(rates), 2) if rates else None,
-          "wall_s_total": round(c.wall, 2),
-          "note": "includes logging, checkpoint and plot; rates exclude the compiling interval"}
+  return {
+    "steps": args.loop_steps,
+    "log_every": config.train.log_every,
+    "steps_per_s_median": round(statistics.median(rates), 2) if rates else None,
+    "wall_s_total": round(c.wall, 2),
+    "note": "includes logging, checkpoint and plot; rates exclude the compiling interval",
+  }
 
 
 # ---- profile (ours) ------------------------------------------------------------------------------
@@ -427,8 +481,9 @@ def profile(args, ours: OursTrainer) -> dict:
     return jax.lax.scan(lambda c, _: (body(c), None), init, None, length=steps)[0]
 
   def sgd(loss_fn):
-    return lambda p: jax.tree.map(lambda a, g: a - 1e-6 * g, p,
-                                  jax.grad(loss_fn)(p, jax.random.PRNGKey(0), icfm_batch))
+    return lambda p: jax.tree.map(
+      lambda a, g: a - 1e-6 * g, p, jax.grad(loss_fn)(p, jax.random.PRNGKey(0), icfm_batch)
+    )
 
   def data_only(k):
     x1 = exp.sample_batch(k)["x"]
@@ -441,9 +496,12 @@ def profile(args, ours: OursTrainer) -> dict:
     return jax.random.fold_in(k, jnp.sum(x1).astype(jnp.int32))
 
   def trivial_callback(c):
-    idx = jax.pure_callback(lambda m: np.zeros(m.shape[:-1], np.int32),
-                            jax.ShapeDtypeStruct((BATCH,), jnp.int32), c,
-                            vmap_method="broadcast_all")
+    idx = jax.pure_callback(
+      lambda m: np.zeros(m.shape[:-1], np.int32),
+      jax.ShapeDtypeStruct((BATCH,), jnp.int32),
+      c,
+      vmap_method="broadcast_all",
+    )
     return c + idx[0].astype(c.dtype)
 
   def fixed_batch_step(experiment):
@@ -453,18 +511,29 @@ def profile(args, ours: OursTrainer) -> dict:
   key = jax.random.PRNGKey(1)
   cost = couplings.squared_euclidean_cost(source(key, BATCH), batch["x"])
   parts = {
-      "data sampling (8gaussians + moons)": (jax.jit(lambda k: scan(data_only, k)), key),
-      "I-CFM loss forward": (jax.jit(lambda p: scan(
-          lambda p: jax.tree.map(lambda a: a + 1e-9 * icfm.loss_fn(p, key, icfm_batch), p), p)),
-                             state.params),
-      "I-CFM loss gradient": (jax.jit(lambda p: scan(sgd(icfm.loss_fn), p)), state.params),
-      "I-CFM train_step (Adam, EMA, finite check)": (fixed_batch_step(icfm), state),
-      "OT-CFM coupling alone (data + cost + exact OT callback)":
-          (jax.jit(lambda k: scan(coupling_only, k)), key),
-      "OT-CFM train_step (one OT callback per step, as without fusing)":
-          (fixed_batch_step(exp), state),
-      "pure_callback round trip (host fn returns zeros)":
-          (jax.jit(lambda c: scan(trivial_callback, c)), cost),
+    "data sampling (8gaussians + moons)": (jax.jit(lambda k: scan(data_only, k)), key),
+    "I-CFM loss forward": (
+      jax.jit(
+        lambda p: scan(
+          lambda p: jax.tree.map(lambda a: a + 1e-9 * icfm.loss_fn(p, key, icfm_batch), p), p
+        )
+      ),
+      state.params,
+    ),
+    "I-CFM loss gradient": (jax.jit(lambda p: scan(sgd(icfm.loss_fn), p)), state.params),
+    "I-CFM train_step (Adam, EMA, finite check)": (fixed_batch_step(icfm), state),
+    "OT-CFM coupling alone (data + cost + exact OT callback)": (
+      jax.jit(lambda k: scan(coupling_only, k)),
+      key,
+    ),
+    "OT-CFM train_step (one OT callback per step, as without fusing)": (
+      fixed_batch_step(exp),
+      state,
+    ),
+    "pure_callback round trip (host fn returns zeros)": (
+      jax.jit(lambda c: scan(trivial_callback, c)),
+      cost,
+    ),
   }
   results = {}
   for name, (fn, arg) in parts.items():
@@ -486,8 +555,10 @@ def _cost_matrices(exp, num: int, seed: int) -> list[np.ndarray]:
 
 def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
   """The library's exact solvers (``diffjax.couplings.OT_SOLVERS``), one ``[B, B]`` cost each."""
-  return {"POT ot.emd (library default 'emd'; TorchCFM's solver)": couplings.OT_SOLVERS["emd"],
-          "scipy.linear_sum_assignment (library 'lsa')": couplings.OT_SOLVERS["lsa"]}
+  return {
+    "POT ot.emd (library default 'emd'; TorchCFM's solver)": couplings.OT_SOLVERS["emd"],
+    "scipy.linear_sum_assignment (library 'lsa')": couplings.OT_SOLVERS["lsa"],
+  }
 
 
 def time_host_solvers(args, exp) -> dict:
@@ -499,8 +570,10 @@ def time_host_solvers(args, exp) -> dict:
       with Clock() as c:
         solve(cost)
       times.append(c.cpu * 1e3)
-    out[name] = {"cpu_ms_median": round(statistics.median(times), 3),
-                 "cpu_ms_min": round(min(times), 3)}
+    out[name] = {
+      "cpu_ms_median": round(statistics.median(times), 3),
+      "cpu_ms_min": round(min(times), 3),
+    }
   return out
 
 
@@ -525,12 +598,19 @@ def time_chunk_sizes(args) -> dict:
 
 
 def _environment(peer: dict | None) -> dict:
-  env = {"python": platform.python_version(), "platform": platform.platform(),
-         "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-         "jax_backend": jax.default_backend(), "jax_devices": jax.device_count(),
-         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-         "torch_version": None, "torch_num_threads": None, "torchcfm_version": None}
+  env = {
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+    "jax_version": jax.__version__,
+    "jax_backend": jax.default_backend(),
+    "jax_devices": jax.device_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    "torch_version": None,
+    "torch_num_threads": None,
+    "torchcfm_version": None,
+  }
   if peer:
     env["torch_version"] = peer["torch"].__version__
     env["torch_num_threads"] = peer["default_threads"]
@@ -541,26 +621,33 @@ def _environment(peer: dict | None) -> dict:
 def run_benchmark(args) -> dict:
   peer, peer_note = (None, "peer skipped: --no-peer") if args.no_peer else import_peer()
   report: dict[str, Any] = {
-      "benchmark": "bench_train",
-      "protocol": {"task": "8gaussians -> moons", "model": "MLP 3x64 SELU on concat(x, t)",
-                   "batch_size": BATCH, "optimizer": f"Adam lr={LEARNING_RATE}", "sigma": SIGMA,
-                   "steps": args.steps, "reps": args.reps, "quick": args.quick},
-      "environment": _environment(peer),
-      "peer_note": peer_note,
-      "notes": [
-          "timings interleave ours and the peer segment by segment; medians over segments",
-          "the machine may be shared: see environment.loadavg_*, and prefer cpu_us_per_step",
-          "moons: TorchCFM's sample_moons uses torchdyn's generate_moons, diffjax follows "
-          "sklearn's make_moons noise; each model is scored against its own training target",
-          "TorchCFM's OT-CFM samples B pairs from the exact plan with replacement; diffjax's "
-          "exact_ot uses the optimal permutation itself",
-          "diffjax's OT-CFM draws and pairs the batches of all train.fused_steps steps of a "
-          "chunk before its lax.scan: one host callback solves the chunk's assignments (POT's "
-          "network simplex) on a thread pool, so it uses both cores and its CPU-time ratio is "
-          "below its wall-clock ratio",
-      ],
-      "published_peer_steps_per_s": PUBLISHED_PEER_STEPS_PER_S,
-      "results": {},
+    "benchmark": "bench_train",
+    "protocol": {
+      "task": "8gaussians -> moons",
+      "model": "MLP 3x64 SELU on concat(x, t)",
+      "batch_size": BATCH,
+      "optimizer": f"Adam lr={LEARNING_RATE}",
+      "sigma": SIGMA,
+      "steps": args.steps,
+      "reps": args.reps,
+      "quick": args.quick,
+    },
+    "environment": _environment(peer),
+    "peer_note": peer_note,
+    "notes": [
+      "timings interleave ours and the peer segment by segment; medians over segments",
+      "the machine may be shared: see environment.loadavg_*, and prefer cpu_us_per_step",
+      "moons: TorchCFM's sample_moons uses torchdyn's generate_moons, diffjax follows "
+      "sklearn's make_moons noise; each model is scored against its own training target",
+      "TorchCFM's OT-CFM samples B pairs from the exact plan with replacement; diffjax's "
+      "exact_ot uses the optimal permutation itself",
+      "diffjax's OT-CFM draws and pairs the batches of all train.fused_steps steps of a "
+      "chunk before its lax.scan: one host callback solves the chunk's assignments (POT's "
+      "network simplex) on a thread pool, so it uses both cores and its CPU-time ratio is "
+      "below its wall-clock ratio",
+    ],
+    "published_peer_steps_per_s": PUBLISHED_PEER_STEPS_PER_S,
+    "results": {},
   }
   trainers = {}
   for recipe in args.protocols:

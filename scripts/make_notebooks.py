@@ -17,7 +17,7 @@ import argparse
 import pathlib
 import sys
 import textwrap
-from typing import Callable
+from collections.abc import Callable
 
 import nbformat
 
@@ -43,7 +43,7 @@ def _code(text: str) -> Cell:
 
 def _isotropic_shortcut() -> list[Cell]:
   return [
-      _md(r"""
+    _md(r"""
       # 01 - The isotropic shortcut, and exactly where it survives
 
       The seed (*"Generative Vision Interview Questions #2 - The Isotropic Shortcut"*) makes two
@@ -68,7 +68,7 @@ def _isotropic_shortcut() -> list[Cell]:
       steps from 0 (`t = 0` is the first noising step), so step $t$ here is index `t - 1` in
       code: `schedule.alpha_bars[t - 1]` $= \bar\alpha_t$.
       """),
-      _code(r"""
+    _code(r"""
       import math
       import time
 
@@ -87,7 +87,7 @@ def _isotropic_shortcut() -> list[Cell]:
       alpha_bars_ref = np.cumprod(1.0 - betas_ref)
       np.testing.assert_allclose(schedule.alpha_bars, alpha_bars_ref, rtol=1e-5)
       """),
-      _md(r"""
+    _md(r"""
       ## 1. The closed form, by induction on sums of independent Gaussians
 
       **Claim.**
@@ -127,7 +127,7 @@ def _isotropic_shortcut() -> list[Cell]:
       from the same $x_0$, and compare both with $\mathcal N(\sqrt{\bar\alpha_t}x_0,
       (1-\bar\alpha_t)I)$ computed from the float64 reference schedule.
       """),
-      _code(r"""
+    _code(r"""
       x_start = np.array([1.5, -0.7])
       check_steps = np.array([10, 100, 500, 1000])  # t in the 1-based notation above
       n = 8000  # draws per t
@@ -173,7 +173,7 @@ def _isotropic_shortcut() -> list[Cell]:
       for t, name, zm, zv, zc, ks in rows:
         print(f"{t:5d} {name:>12} {zm:12.2f} {zv:11.2f} {zc:8.2f} {ks:6.3f}")
       """),
-      _code(r"""
+    _code(r"""
       fig, axes = plt.subplots(1, len(check_steps), figsize=(15, 3.2), sharey=True)
       grid = np.linspace(-4.5, 4.5, 200)
       for i, (t, ax) in enumerate(zip(check_steps, axes)):
@@ -186,7 +186,7 @@ def _isotropic_shortcut() -> list[Cell]:
       axes[0].legend(fontsize=8)
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       ## 2. Cost: $O(1)$ against $O(T)$
 
       The closed form is one gather of $\bar\alpha_t$ and one fused elementwise op, whatever $T$;
@@ -199,7 +199,7 @@ def _isotropic_shortcut() -> list[Cell]:
       operation count of its compiled program (XLA's cost analysis), which must be the same for
       every $T$.
       """),
-      _code(r"""
+    _code(r"""
       @jax.jit
       def sequential_fn(data, t, key, schedule):
         return forward.q_sample_sequential(data=data, t=t, key=key, schedule=schedule)
@@ -252,7 +252,7 @@ def _isotropic_shortcut() -> list[Cell]:
       assert timings["sequential"][-1] > 3.0 * timings["sequential"][0], timings
       assert timings["closed form"][-1] < 0.1 * timings["sequential"][-1], timings
       """),
-      _md(r"""
+    _md(r"""
       ## 3. Correlated noise: what the induction still gives
 
       Let the step noise be $n_s \sim \mathcal N(0, \Sigma_s)$, independent across steps and of
@@ -292,7 +292,7 @@ def _isotropic_shortcut() -> list[Cell]:
       about the known mean has standard error $\sqrt{(C_{ii}C_{jj} + C_{ij}^2)/n}$ (Isserlis),
       the mean $\sqrt{C_{ii}/n}$.
       """),
-      _code(r"""
+    _code(r"""
       def max_z(samples, mean, cov):
         # Largest |z| over the mean entries and the covariance entries (s.e. as stated above).
         n = samples.shape[0]
@@ -352,7 +352,7 @@ def _isotropic_shortcut() -> list[Cell]:
             assert z_exact < NUM_SE, (case, t, name, z_exact)
             assert z_isotropic > 4 * NUM_SE, (case, t, name, z_isotropic)
       """),
-      _md(r"""
+    _md(r"""
       **Per-step covariances.** Now $\Sigma_s$ changes along the chain: a thin Gaussian
       ($\mathrm{diag}(1, 0.05)$) whose long axis turns twice around the circle as $s$ goes
       from 1 to $T$. $C_t$ averages the recent orientations (the weights
@@ -361,7 +361,7 @@ def _isotropic_shortcut() -> list[Cell]:
       $\mathrm{chol}(C_t)$ (`forward.per_step_covariance_noise`) is exact. The draws whitened
       by $\mathrm{chol}(C_t)$ must also be standard normal coordinate by coordinate (KS).
       """),
-      _code(r"""
+    _code(r"""
       angles = 4.0 * np.pi * np.arange(num_steps) / (num_steps - 1)  # two full turns
       rotations = np.stack([np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
                             for a in angles])
@@ -402,7 +402,7 @@ def _isotropic_shortcut() -> list[Cell]:
         got = basis @ np.diag(np.asarray(shared.marginal_eigenvalues[t - 1])) @ basis.T
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
       """),
-      _code(r"""
+    _code(r"""
       def ellipse(cov, scale=2.0):
         angle = np.linspace(0, 2 * np.pi, 200)
         return scale * np.linalg.cholesky(cov) @ np.stack([np.cos(angle), np.sin(angle)])
@@ -425,7 +425,7 @@ def _isotropic_shortcut() -> list[Cell]:
       axes[0].legend(fontsize=8, markerscale=4)
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       ## 4. State-dependent noise: no closed form
 
       Let the step noise depend on where the chain is: $n_s = g(x_{s-1})\,\varepsilon_s$ with
@@ -444,7 +444,7 @@ def _isotropic_shortcut() -> list[Cell]:
       $\sqrt{24/n}$, which is the yardstick below. The moment-matched Gaussian is also rejected by
       a KS test.
       """),
-      _code(r"""
+    _code(r"""
       offset, x_het, t_het, n_het = 1.0, 0.5, 200, 40000
       heteroscedastic = forward.get_noise_model("heteroscedastic", offset=offset)
       try:
@@ -483,7 +483,7 @@ def _isotropic_shortcut() -> list[Cell]:
       ax.set_title("state-dependent noise: heavier tails than any Gaussian", fontsize=10)
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       **Non-Gaussian i.i.d. noise** (Laplace, uniform) is state-independent, so the mean
       $\sqrt{\bar\alpha_t}x_0$ and the covariance $(1-\bar\alpha_t)I$ keep their closed forms;
       but the law is a convolution of scaled non-Gaussian increments with no closed form.
@@ -495,7 +495,7 @@ def _isotropic_shortcut() -> list[Cell]:
       independent batches; the standard error is the batches' standard deviation over
       $\sqrt{20}$.
       """),
-      _code(r"""
+    _code(r"""
       laplace = forward.get_noise_model("laplace")
       steps_l, n_l, num_batches = [1, 10, 100], 30000, 20
       t_index = jnp.asarray(np.repeat(np.asarray(steps_l) - 1, n_l), jnp.int32)
@@ -512,7 +512,7 @@ def _isotropic_shortcut() -> list[Cell]:
               f"(exact {kappa4_exact / scale:.3f})")
         assert abs(kappa4 - kappa4_exact) < NUM_SE * se, (t, kappa4, kappa4_exact, se)
       """),
-      _md(r"""
+    _md(r"""
       ## 5. Verdict on the seed
 
       * *Isotropic noise collapses $T$ steps into one $O(1)$ operation*: **right** (section 1,
@@ -547,7 +547,7 @@ def _isotropic_shortcut() -> list[Cell]:
 
 def _dirac_decoupling() -> list[Cell]:
   return [
-      _md(r"""
+    _md(r"""
       # 02 - The Dirac decoupling: conditional flow matching
 
       The seed (*"Generative Vision Interview Questions #8 - The Dirac Decoupling Trick"*) says
@@ -568,7 +568,7 @@ def _dirac_decoupling() -> list[Cell]:
       $x_1 \sim q$ (Lipman et al. 2023, https://arxiv.org/abs/2210.02747; Tong et al. 2024,
       https://arxiv.org/abs/2302.00482).
       """),
-      _code(r"""
+    _code(r"""
       import math
       import time
 
@@ -586,7 +586,7 @@ def _dirac_decoupling() -> list[Cell]:
       model = models.create_model("mlp", data_shape=(2,))  # TorchCFM's 3 x 64 SELU MLP
       print("parameters:", models.num_params(model.init(jax.random.key(0))))
       """),
-      _md(r"""
+    _md(r"""
       ## 1. Why the conditional target has the marginal gradient
 
       A conditional path $p_t(x \mid x_1)$ with velocity $u_t(x \mid x_1)$ (for the straight
@@ -628,7 +628,7 @@ def _dirac_decoupling() -> list[Cell]:
       over data points (`losses.marginal_velocity`). It costs $O(N)$ per point; the conditional
       target $x_1 - x_0$ costs $O(1)$.
       """),
-      _md(r"""
+    _md(r"""
       ## 2. Numerical check on a finite data set
 
       $N = 64$ points of the 8-Gaussians distribution, the straight path (`paths.get_path(
@@ -644,7 +644,7 @@ def _dirac_decoupling() -> list[Cell]:
       8,706 coordinates we allow a Bonferroni threshold: the Student-$t$ ($K-1$ degrees of
       freedom) quantile that gives a family-wise false-alarm probability of $10^{-3}$.
       """),
-      _code(r"""
+    _code(r"""
       path = paths.get_path("linear")  # x_t = t x1 + (1 - t) x0, target x1 - x0
       data = toy2d.eight_gaussians(jax.random.key(1), 64)
       num_batches, batch_size = 128, 128
@@ -709,7 +709,7 @@ def _dirac_decoupling() -> list[Cell]:
             f"thetas: z = {z_constant:.2f}; for mismatched pairs: z = {z_wrong_constant:.1f}")
       assert abs(z_constant) < 5.0 and z_gap > 10.0 and abs(z_wrong_constant) > 10.0
       """),
-      _code(r"""
+    _code(r"""
       fig, ax = plt.subplots(figsize=(5, 5))
       mean_marginal = out["marginal grad"].mean(0)
       ax.scatter(mean_marginal, out["conditional grad"].mean(0), s=3, label="conditional target")
@@ -723,7 +723,7 @@ def _dirac_decoupling() -> list[Cell]:
       ax.legend(fontsize=8, markerscale=3)
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       ## 3. Cost: $O(N)$ per point against $O(1)$
 
       For one minibatch of $B = 256$ points, the exact marginal target needs the softmax over
@@ -735,7 +735,7 @@ def _dirac_decoupling() -> list[Cell]:
       analysis, which does not fluctuate) grows in proportion to $N$, while that of the
       conditional target stays the same.
       """),
-      _code(r"""
+    _code(r"""
       def best_time(compiled, *args, repeats=5):
         # Compiled ahead of time, so no run includes compilation; best of `repeats` runs.
         best = math.inf
@@ -790,7 +790,7 @@ def _dirac_decoupling() -> list[Cell]:
       assert growth > 0.5 * sizes[-1] / sizes[0], growth  # O(N): within 2x of proportional
       assert len(set(flop_counts["conditional target"])) == 1, flop_counts  # O(1) in N
       """),
-      _md(r"""
+    _md(r"""
       ## 4. OT-CFM against I-CFM: straighter paths, fewer steps
 
       The identity of section 1 holds for any coupling $\pi(x_0, x_1)$ of noise and data: the
@@ -818,7 +818,7 @@ def _dirac_decoupling() -> list[Cell]:
       generated and 1,000 target points with POT's exact solver (`evaluate.wasserstein2`). The
       margins asserted below were checked on several seeds.
       """),
-      _code(r"""
+    _code(r"""
       sample_target = toy2d.get_toy2d("8gaussians")
       optimizer = optax.adam(1e-3)
 
@@ -861,7 +861,7 @@ def _dirac_decoupling() -> list[Cell]:
         print(f"{recipe_name}: trained in {time.perf_counter() - start:.1f} s, final loss "
               f"{float(curves[recipe_name][-200:].mean()):.3f}")
       """),
-      _code(r"""
+    _code(r"""
       generate = samplers.flow_generator(apply=model.apply, source=toy2d.normal, data_shape=(2,))
       reference = np.asarray(sample_target(jax.random.key(30), 1000))
       nfes = [1, 2, 4, 8, 100]
@@ -900,7 +900,7 @@ def _dirac_decoupling() -> list[Cell]:
       print("W2 ratio OT-CFM / I-CFM per NFE:", {k: round(v, 2) for k, v in w2_ratio.items()})
       assert w2_ratio[1] < 0.5 and w2_ratio[2] < 0.5 and w2_ratio[4] < 1.0, w2_ratio
       """),
-      _code(r"""
+    _code(r"""
       fig, axes = plt.subplots(1, 3, figsize=(16, 5))
       for ax, (name, r) in zip(axes, results.items()):
         trajectory = r["trajectory"]
@@ -921,7 +921,7 @@ def _dirac_decoupling() -> list[Cell]:
       axes[2].legend()
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       ## 5. Verdict on the seed
 
       * *The conditional field of a path pinned to one data point ($\delta_{x_1}$) is the simple
@@ -947,7 +947,7 @@ def _dirac_decoupling() -> list[Cell]:
 
 def _schedules_and_targets() -> list[Cell]:
   return [
-      _md(r"""
+    _md(r"""
       # 03 - Schedules, prediction targets, and the weighting each loss implies
 
       Every Gaussian diffusion and flow-matching model here has the marginal
@@ -970,7 +970,7 @@ def _schedules_and_targets() -> list[Cell]:
       Diffusion time: $t = 0$ data, $t = 1$ noise (`diffjax.schedules`); flow matching runs the
       other way (`diffjax.paths`).
       """),
-      _code(r"""
+    _code(r"""
       import math
 
       import jax
@@ -983,7 +983,7 @@ def _schedules_and_targets() -> list[Cell]:
 
       NUM_SE = 5.0  # the Monte Carlo checks allow 5 standard errors
       """),
-      _md(r"""
+    _md(r"""
       ## 1. Every schedule in log-SNR
 
       $\lambda_t$ decreases from data to noise; where a schedule spends its time in $\lambda$ is
@@ -995,7 +995,7 @@ def _schedules_and_targets() -> list[Cell]:
       `schedules.DISCRETE_SCHEDULES` ($T = 1000$, plotted at $t = (i+1)/T$) against
       $\bar\alpha_i = \prod_{j\le i}(1-\beta_j)$ in float64 from its papers' betas.
       """),
-      _code(r"""
+    _code(r"""
       def sigmoid64(x):
         return 1.0 / (1.0 + np.exp(-x))
 
@@ -1097,7 +1097,7 @@ def _schedules_and_targets() -> list[Cell]:
         ax.legend(fontsize=8)
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       ## 2. Conversions between $\varepsilon$, $x_0$, $v$, velocity and score
 
       Given $x_t = \alpha x_0 + \sigma\varepsilon$ (and $\dot\alpha, \dot\sigma$, the time
@@ -1134,7 +1134,7 @@ def _schedules_and_targets() -> list[Cell]:
       $x_t\,\frac{d}{dt}\log\sqrt{\alpha^2 s^2 + \sigma^2}$ (the marginal stays
       $\mathcal N(0, (\alpha^2 s^2 + \sigma^2) I)$, so the flow only rescales).
       """),
-      _code(r"""
+    _code(r"""
       names = sorted(parameterization.PREDICTION_TARGETS)
       targets = {name: parameterization.get_prediction_target(name) for name in names}
       key_x0, key_eps = jax.random.split(jax.random.key(0))
@@ -1208,7 +1208,7 @@ def _schedules_and_targets() -> list[Cell]:
                                  atol=1e-4)
       print("posterior mean -> exact marginal score and probability-flow velocity")
       """),
-      _md(r"""
+    _md(r"""
       ## 3. The weighting each loss implies in log-SNR
 
       Every objective below is $\mathcal L = \mathbb E_{t \sim p(t)}\,\mathbb E\,[\,W(t)\,
@@ -1262,7 +1262,7 @@ def _schedules_and_targets() -> list[Cell]:
       $\mathrm{std}(L_i 1_{\rm bin})/\sqrt n$; each bin must agree with the integral of the
       closed form (scipy `quad`) within 5 standard errors.
       """),
-      _code(r"""
+    _code(r"""
       EPS = parameterization.get_prediction_target("eps")
       VELOCITY = parameterization.get_prediction_target("velocity")
       cosine = schedules.get_continuous_schedule("cosine")
@@ -1324,7 +1324,7 @@ def _schedules_and_targets() -> list[Cell]:
         print(f"{name:>26}: implied w(lambda) matches the closed form "
               f"(max rel. error {relative_error:.1e})")
       """),
-      _code(r"""
+    _code(r"""
       n_mc = 400_000
       sigma_data = 0.5
 
@@ -1393,7 +1393,7 @@ def _schedules_and_targets() -> list[Cell]:
       ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
       plt.show()
       """),
-      _md(r"""
+    _md(r"""
       **Reading the figure.** The ELBO weights every noise level equally; $\varepsilon$-MSE
       with the cosine schedule puts a $\mathrm{sech}(\lambda/2)$ bump at $\lambda = 0$;
       $x_0$-MSE is dominated by the noisiest levels; $v$-MSE and flow matching weight
@@ -1406,9 +1406,9 @@ def _schedules_and_targets() -> list[Cell]:
 
 
 NOTEBOOKS: dict[str, Callable[[], list[Cell]]] = {
-    "01_isotropic_shortcut.ipynb": _isotropic_shortcut,
-    "02_dirac_decoupling.ipynb": _dirac_decoupling,
-    "03_schedules_and_targets.ipynb": _schedules_and_targets,
+  "01_isotropic_shortcut.ipynb": _isotropic_shortcut,
+  "02_dirac_decoupling.ipynb": _dirac_decoupling,
+  "03_schedules_and_targets.ipynb": _schedules_and_targets,
 }
 
 
@@ -1420,8 +1420,11 @@ def build_notebook(name: str) -> nbformat.NotebookNode:
     make = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
     cells.append(make(source, id=f"nb{stem}-cell{index:02d}"))
   notebook = nbformat.v4.new_notebook(cells=cells)
-  notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                     "language": "python"}
+  notebook.metadata["kernelspec"] = {
+    "name": "python3",
+    "display_name": "Python 3",
+    "language": "python",
+  }
   notebook.metadata["language_info"] = {"name": "python"}
   nbformat.validate(notebook)
   return notebook
@@ -1429,8 +1432,11 @@ def build_notebook(name: str) -> nbformat.NotebookNode:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true",
-                      help="compare the stored notebooks with this source instead of writing")
+  parser.add_argument(
+    "--check",
+    action="store_true",
+    help="compare the stored notebooks with this source instead of writing",
+  )
   args = parser.parse_args(argv)
   stale = []
   for name in NOTEBOOKS:

@@ -61,10 +61,10 @@ __all__ = ["TASKS", "METHODS", "SIGMAS", "DSBM_TABLE2", "main", "parse_args", "r
 
 # task name -> (source, target) in diffjax.data.toy2d names
 TASKS: dict[str, tuple[str, str]] = {
-    "N->8gaussians": ("normal", "8gaussians"),
-    "N->moons": ("normal", "moons"),
-    "8gaussians->moons": ("8gaussians", "moons"),
-    "N->scurve": ("normal", "scurve"),
+  "N->8gaussians": ("normal", "8gaussians"),
+  "N->moons": ("normal", "moons"),
+  "8gaussians->moons": ("8gaussians", "moons"),
+  "N->scurve": ("normal", "scurve"),
 }
 METHODS = ("icfm", "otcfm", "sbcfm", "fm")
 METHOD_NAMES = {"icfm": "I-CFM", "otcfm": "OT-CFM", "sbcfm": "SB-CFM", "fm": "FM (Lipman)"}
@@ -79,37 +79,61 @@ LEARNING_RATE = _PROTOCOL.optimizer.learning_rate
 # Secondary reference, quoted from the issue: Shi et al. (2023), "Diffusion Schrodinger Bridge
 # Matching", https://arxiv.org/abs/2303.16852, Table 2: OT-CFM's 2-Wasserstein distance with 20
 # Euler steps (their own training setup, not this protocol).
-DSBM_TABLE2 = {"method": "OT-CFM", "euler_steps": 20,
-               "w2": {"moons": 0.111, "scurve": 0.102, "8gaussians": 0.253,
-                      "moons->8gaussians": 0.716}}
+DSBM_TABLE2 = {
+  "method": "OT-CFM",
+  "euler_steps": 20,
+  "w2": {"moons": 0.111, "scurve": 0.102, "8gaussians": 0.253, "moons->8gaussians": 0.716},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--steps", type=int, default=20_000)
   p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-  p.add_argument("--peer-seeds", default=None,
-                 help="seeds TorchCFM trains (default: --seeds; 'none' skips the peer)")
+  p.add_argument(
+    "--peer-seeds",
+    default=None,
+    help="seeds TorchCFM trains (default: --seeds; 'none' skips the peer)",
+  )
   p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {list(TASKS)}")
   p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
   p.add_argument("--chunk", type=int, default=0, help="train.fused_steps (0: config default)")
   p.add_argument("--eval-samples", type=int, default=2000)
   p.add_argument("--euler-steps", type=int, default=100)
-  p.add_argument("--peer-threads", type=int, default=1,
-                 help="torch.set_num_threads for the peer (1: fastest on a loaded 2-core box)")
+  p.add_argument(
+    "--peer-threads",
+    type=int,
+    default=1,
+    help="torch.set_num_threads for the peer (1: fastest on a loaded 2-core box)",
+  )
   p.add_argument("--out", default="docs/results_2d.md")
-  p.add_argument("--render", default=None, metavar="REPORT",
-                 help="only rewrite --out from a report this script printed (.json) or wrote "
-                      "(.md) earlier")
-  p.add_argument("--merge", nargs="+", default=[], metavar="REPORT",
-                 help="with --render: fill the (method, task) cells the first report lacks from "
-                      "other reports of the same protocol (e.g. a second run of the methods a "
-                      "long run did not reach); their commands are listed")
-  p.add_argument("--bench-json", default=None, metavar="BENCH_JSON",
-                 help="add the throughput section from scripts/bench_train.py's JSON")
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: 100 steps, seeds 42,43, N->moons, I-CFM and OT-CFM, 200 "
-                      "evaluation samples, 20 Euler steps")
+  p.add_argument(
+    "--render",
+    default=None,
+    metavar="REPORT",
+    help="only rewrite --out from a report this script printed (.json) or wrote (.md) earlier",
+  )
+  p.add_argument(
+    "--merge",
+    nargs="+",
+    default=[],
+    metavar="REPORT",
+    help="with --render: fill the (method, task) cells the first report lacks from "
+    "other reports of the same protocol (e.g. a second run of the methods a "
+    "long run did not reach); their commands are listed",
+  )
+  p.add_argument(
+    "--bench-json",
+    default=None,
+    metavar="BENCH_JSON",
+    help="add the throughput section from scripts/bench_train.py's JSON",
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 100 steps, seeds 42,43, N->moons, I-CFM and OT-CFM, 200 "
+    "evaluation samples, 20 Euler steps",
+  )
   args = p.parse_args(argv)
   if args.merge and not args.render:
     p.error("--merge needs --render (it combines reports written earlier)")
@@ -119,9 +143,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.chunk = args.chunk or 50
     args.eval_samples, args.euler_steps = 200, 20
   args.seeds = _ints(p, "--seeds", args.seeds)
-  args.peer_seeds = (args.seeds if args.peer_seeds is None else
-                     () if args.peer_seeds.lower() == "none" else
-                     _ints(p, "--peer-seeds", args.peer_seeds))
+  args.peer_seeds = (
+    args.seeds
+    if args.peer_seeds is None
+    else ()
+    if args.peer_seeds.lower() == "none"
+    else _ints(p, "--peer-seeds", args.peer_seeds)
+  )
   args.tasks = _names(p, "--tasks", args.tasks, TASKS)
   args.methods = _names(p, "--methods", args.methods, METHODS)
   for name in ("steps", "eval_samples", "euler_steps"):
@@ -163,8 +191,9 @@ def make_config(method: str, task: str, *, steps: int, chunk: int, seed: int):
   c.data.source, c.data.target = TASKS[task]
   # Lipman's FM names its noise level sigma_min (TorchCFM's TargetConditionalFlowMatcher sigma).
   noise = "sigma_min" if method == "fm" else "sigma"
-  config_lib.apply_overrides(c, [f"--config.objective.name={method}",
-                                 f"--config.objective.{noise}={SIGMAS[method]}"])
+  config_lib.apply_overrides(
+    c, [f"--config.objective.name={method}", f"--config.objective.{noise}={SIGMAS[method]}"]
+  )
   c.train.steps = steps
   if chunk:
     c.train.fused_steps = chunk
@@ -206,33 +235,46 @@ def train_ours(method: str, task: str, args, generators: dict) -> dict:
       done += n
     jax.block_until_ready(state)
     rests.append(time.perf_counter() - start)
-    params += ([jax.tree.map(lambda leaf, k=k: leaf[k], state.params) for k in range(len(seeds))]
-               if len(seeds) > 1 else [state.params])
-  info: dict[str, Any] = {"fused_steps": chunk, "vectorised": together and len(args.seeds) > 1,
-                          "compile_and_first_chunk_s": round(sum(firsts), 2),
-                          "train_s_all_seeds": round(sum(rests), 2)}
+    params += (
+      [jax.tree.map(lambda leaf, k=k: leaf[k], state.params) for k in range(len(seeds))]
+      if len(seeds) > 1
+      else [state.params]
+    )
+  info: dict[str, Any] = {
+    "fused_steps": chunk,
+    "vectorised": together and len(args.seeds) > 1,
+    "compile_and_first_chunk_s": round(sum(firsts), 2),
+    "train_s_all_seeds": round(sum(rests), 2),
+  }
   timed_steps = max(args.steps - min(chunk, args.steps), 0)
   info["train_s_per_seed"] = round(info["train_s_all_seeds"] / len(args.seeds), 2)
-  info["seed_steps_per_s"] = (round(timed_steps * len(args.seeds) / info["train_s_all_seeds"], 1)
-                              if info["train_s_all_seeds"] > 0 else None)
+  info["seed_steps_per_s"] = (
+    round(timed_steps * len(args.seeds) / info["train_s_all_seeds"], 1)
+    if info["train_s_all_seeds"] > 0
+    else None
+  )
 
   source_name = TASKS[task][0]
   if source_name not in generators:
     generators[source_name] = samplers_lib.flow_generator(
-        apply=experiment.model.apply, source=experiment.source_sampler, data_shape=(2,))
+      apply=experiment.model.apply, source=experiment.source_sampler, data_shape=(2,)
+    )
   generate = generators[source_name]
   per_seed = []
   for seed, p in zip(args.seeds, params):
     key = jax.random.PRNGKey(seed + 10_000)
     k_target, k_euler, k_dopri = jax.random.split(key, 3)
     target = np.asarray(experiment.target_sampler(k_target, args.eval_samples))
-    euler = generate(p, k_euler, args.eval_samples, steps=args.euler_steps,
-                                sampler="euler")
+    euler = generate(p, k_euler, args.eval_samples, steps=args.euler_steps, sampler="euler")
     dopri = generate(p, k_dopri, args.eval_samples, steps=1, sampler="dopri5")
-    per_seed.append({"seed": seed,
-                     "w2_euler": evaluate.wasserstein2(np.asarray(euler["samples"]), target),
-                     "w2_dopri5": evaluate.wasserstein2(np.asarray(dopri["samples"]), target),
-                     "nfe_dopri5": int(dopri["nfe"])})
+    per_seed.append(
+      {
+        "seed": seed,
+        "w2_euler": evaluate.wasserstein2(np.asarray(euler["samples"]), target),
+        "w2_dopri5": evaluate.wasserstein2(np.asarray(dopri["samples"]), target),
+        "nfe_dopri5": int(dopri["nfe"]),
+      }
+    )
   info["seeds"] = per_seed
   return info
 
@@ -249,27 +291,43 @@ def import_peer():
     from torchcfm import conditional_flow_matching as cfm  # pylint: disable=import-outside-toplevel
     from torchcfm.models.models import MLP  # pylint: disable=import-outside-toplevel
     from torchcfm.utils import (  # pylint: disable=import-outside-toplevel
-        sample_8gaussians, sample_moons)
+      sample_8gaussians,
+      sample_moons,
+    )
   except ImportError as e:
-    return None, (f"peer skipped: torch/torchcfm/torchdiffeq not importable in {sys.executable} "
-                  f"({e})")
+    return None, (
+      f"peer skipped: torch/torchcfm/torchdiffeq not importable in {sys.executable} ({e})"
+    )
 
   def scurve(n):
     # diffjax's s_curve defaults (noise 0.1, scale 1): sklearn's make_s_curve on (x, z).
     return torch.from_numpy(make_s_curve(n, noise=0.1)[0][:, [0, 2]]).float()
 
-  samplers = {"normal": lambda n: torch.randn(n, 2), "8gaussians": sample_8gaussians,
-              "moons": lambda n: sample_moons(n).float(), "scurve": scurve}
-  matchers = {
-      "icfm": lambda: cfm.ConditionalFlowMatcher(sigma=SIGMAS["icfm"]),
-      "otcfm": lambda: cfm.ExactOptimalTransportConditionalFlowMatcher(sigma=SIGMAS["otcfm"]),
-      "sbcfm": lambda: cfm.SchrodingerBridgeConditionalFlowMatcher(sigma=SIGMAS["sbcfm"],
-                                                                   ot_method="sinkhorn"),
-      "fm": lambda: cfm.TargetConditionalFlowMatcher(sigma=SIGMAS["fm"]),
+  samplers = {
+    "normal": lambda n: torch.randn(n, 2),
+    "8gaussians": sample_8gaussians,
+    "moons": lambda n: sample_moons(n).float(),
+    "scurve": scurve,
   }
-  return (dict(torch=torch, odeint=torchdiffeq.odeint, MLP=MLP, samplers=samplers,
-               matchers=matchers, version=getattr(torchcfm, "__version__", "?")),
-          "TorchCFM in the same process and run")
+  matchers = {
+    "icfm": lambda: cfm.ConditionalFlowMatcher(sigma=SIGMAS["icfm"]),
+    "otcfm": lambda: cfm.ExactOptimalTransportConditionalFlowMatcher(sigma=SIGMAS["otcfm"]),
+    "sbcfm": lambda: cfm.SchrodingerBridgeConditionalFlowMatcher(
+      sigma=SIGMAS["sbcfm"], ot_method="sinkhorn"
+    ),
+    "fm": lambda: cfm.TargetConditionalFlowMatcher(sigma=SIGMAS["fm"]),
+  }
+  return (
+    dict(
+      torch=torch,
+      odeint=torchdiffeq.odeint,
+      MLP=MLP,
+      samplers=samplers,
+      matchers=matchers,
+      version=getattr(torchcfm, "__version__", "?"),
+    ),
+    "TorchCFM in the same process and run",
+  )
 
 
 def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
@@ -302,12 +360,22 @@ def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
       x = x + field(torch.tensor(i / args.euler_steps), x) / args.euler_steps
     euler = x.numpy()
     nfe[0] = 0
-    dopri = peer["odeint"](field, source(args.eval_samples).float(), torch.tensor([0.0, 1.0]),
-                           method="dopri5", rtol=1e-5, atol=1e-5)[-1].numpy()
+    dopri = peer["odeint"](
+      field,
+      source(args.eval_samples).float(),
+      torch.tensor([0.0, 1.0]),
+      method="dopri5",
+      rtol=1e-5,
+      atol=1e-5,
+    )[-1].numpy()
   reference = target(args.eval_samples).float().numpy()
-  return {"seed": seed, "train_s": round(train_s, 2),
-          "w2_euler": evaluate.wasserstein2(euler, reference),
-          "w2_dopri5": evaluate.wasserstein2(dopri, reference), "nfe_dopri5": nfe[0]}
+  return {
+    "seed": seed,
+    "train_s": round(train_s, 2),
+    "w2_euler": evaluate.wasserstein2(euler, reference),
+    "w2_dopri5": evaluate.wasserstein2(dopri, reference),
+    "nfe_dopri5": nfe[0],
+  }
 
 
 # ---- summary and markdown ------------------------------------------------------------------------
@@ -317,15 +385,19 @@ def _mean_std(values) -> dict | None:
   values = [v for v in values if v is not None]
   if not values:
     return None
-  return {"mean": round(statistics.fmean(values), 4),
-          "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-          "n": len(values)}
+  return {
+    "mean": round(statistics.fmean(values), 4),
+    "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    "n": len(values),
+  }
 
 
 def summarise(seeds: list[dict]) -> dict:
-  return {"w2_euler": _mean_std([s["w2_euler"] for s in seeds]),
-          "w2_dopri5": _mean_std([s["w2_dopri5"] for s in seeds]),
-          "nfe_dopri5": _mean_std([s["nfe_dopri5"] for s in seeds])}
+  return {
+    "w2_euler": _mean_std([s["w2_euler"] for s in seeds]),
+    "w2_dopri5": _mean_std([s["w2_dopri5"] for s in seeds]),
+    "nfe_dopri5": _mean_std([s["nfe_dopri5"] for s in seeds]),
+  }
 
 
 def _cell(stat: dict | None, digits: int = 3) -> str:
@@ -339,59 +411,72 @@ def to_markdown(report: dict) -> str:
   """The tables; every number comes from ``report``."""
   run = report["run"]
   tasks, methods = run["tasks"], run["methods"]
-  full = (run["steps"] == 20_000 and tuple(run["seeds"]) == SEEDS and
-          tuple(tasks) == tuple(TASKS) and tuple(methods) == METHODS)
+  full = (
+    run["steps"] == 20_000
+    and tuple(run["seeds"]) == SEEDS
+    and tuple(tasks) == tuple(TASKS)
+    and tuple(methods) == METHODS
+  )
   peer_seeds = tuple(run["peer_seeds"])
   if full and peer_seeds == SEEDS:
     what = "the full protocol"
   elif full:
-    what = ("the full protocol for diffjax; TorchCFM REDUCED to seed(s) "
-            f"{', '.join(map(str, peer_seeds))}" if peer_seeds else
-            "the full protocol for diffjax; TorchCFM not run")
+    what = (
+      "the full protocol for diffjax; TorchCFM REDUCED to seed(s) "
+      f"{', '.join(map(str, peer_seeds))}"
+      if peer_seeds
+      else "the full protocol for diffjax; TorchCFM not run"
+    )
   else:
     what = "a REDUCED run, not the full protocol"
   lines = [
-      "# 2D reproduction: I-CFM, OT-CFM, SB-CFM, FM (TorchCFM protocol)",
-      "",
-      "Generated by `scripts/reproduce_2d.py`; do not edit by hand (rerun the script).",
-      "",
-      f"**What was run: {what}** ({report['status']}).",
-      "",
-      f"- command: `{run['command']}`",
-      f"- steps: {run['steps']} per model (the protocol: 20000); seeds (ours): "
-      f"{', '.join(map(str, run['seeds']))}; seeds (TorchCFM): "
-      f"{', '.join(map(str, run['peer_seeds'])) or 'none'} (the protocol: 42-46 for both)",
-      f"- tasks: {', '.join(tasks)}; methods: {', '.join(METHOD_NAMES[m] for m in methods)}",
-      "- full protocol command: `python scripts/reproduce_2d.py` (in an environment with "
-      "torch and torchcfm for the TorchCFM rows)",
-      f"- diffjax commit {run.get('diffjax_commit') or 'unknown'} (uncommitted changes "
-      "not recorded)",
-      f"- date {run['date']}; {run['machine']}; load average at start "
-      f"{run['loadavg_start']}; {report['peer_note']}",
-      *[f"- cells this run did not reach, from a second run of the same protocol: "
-        f"`{m['command']}` ({m['date']}, diffjax commit {m['diffjax_commit']}, load average at "
-        f"start {m['loadavg_start']})" for m in run.get("merged", [])],
-      "",
-      "Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482): 3x64 SELU MLP on "
-      "concat(x, t), batch 256, Adam lr 1e-3, sigma 0.1 (I-CFM, OT-CFM, FM's sigma_min), "
-      "SB-CFM sigma 1.0 with the entropic plan of regularisation 2 sigma^2 (TorchCFM's runner "
-      "`runner/configs/model/sbcfm.yaml`: `sigma_min: 1.0`, `ot_sampler: sinkhorn`; "
-      "`cfm_module.py`: `OTPlanSampler(reg=2 * sigma_min**2)`). FM needs a Gaussian source and "
-      "skips 8gaussians->moons. Score: exact 2-Wasserstein distance (POT) between "
-      f"{run['eval_samples']} generated and {run['eval_samples']} fresh target samples, mean ± "
-      "std over seeds, from the trained parameters (no EMA, as TorchCFM). Ours trains the seeds "
-      "of one (method, task) at once (`jax.vmap` over the train state); TorchCFM trains one "
-      "seed at a time with torch.set_num_threads("
-      f"{run['peer_threads']}). Data: TorchCFM's `sample_moons` uses torchdyn's moons noise, "
-      "diffjax sklearn's; each model is scored against its own training distribution. "
-      "TorchCFM's paper runner itself used batch 512, AdamW (weight decay 1e-5) and 1000 "
-      "epochs; this table follows its 2D tutorials (batch 256, Adam, 20k steps).",
-      "",
+    "# 2D reproduction: I-CFM, OT-CFM, SB-CFM, FM (TorchCFM protocol)",
+    "",
+    "Generated by `scripts/reproduce_2d.py`; do not edit by hand (rerun the script).",
+    "",
+    f"**What was run: {what}** ({report['status']}).",
+    "",
+    f"- command: `{run['command']}`",
+    f"- steps: {run['steps']} per model (the protocol: 20000); seeds (ours): "
+    f"{', '.join(map(str, run['seeds']))}; seeds (TorchCFM): "
+    f"{', '.join(map(str, run['peer_seeds'])) or 'none'} (the protocol: 42-46 for both)",
+    f"- tasks: {', '.join(tasks)}; methods: {', '.join(METHOD_NAMES[m] for m in methods)}",
+    "- full protocol command: `python scripts/reproduce_2d.py` (in an environment with "
+    "torch and torchcfm for the TorchCFM rows)",
+    f"- diffjax commit {run.get('diffjax_commit') or 'unknown'} (uncommitted changes not recorded)",
+    f"- date {run['date']}; {run['machine']}; load average at start "
+    f"{run['loadavg_start']}; {report['peer_note']}",
+    *[
+      f"- cells this run did not reach, from a second run of the same protocol: "
+      f"`{m['command']}` ({m['date']}, diffjax commit {m['diffjax_commit']}, load average at "
+      f"start {m['loadavg_start']})"
+      for m in run.get("merged", [])
+    ],
+    "",
+    "Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482): 3x64 SELU MLP on "
+    "concat(x, t), batch 256, Adam lr 1e-3, sigma 0.1 (I-CFM, OT-CFM, FM's sigma_min), "
+    "SB-CFM sigma 1.0 with the entropic plan of regularisation 2 sigma^2 (TorchCFM's runner "
+    "`runner/configs/model/sbcfm.yaml`: `sigma_min: 1.0`, `ot_sampler: sinkhorn`; "
+    "`cfm_module.py`: `OTPlanSampler(reg=2 * sigma_min**2)`). FM needs a Gaussian source and "
+    "skips 8gaussians->moons. Score: exact 2-Wasserstein distance (POT) between "
+    f"{run['eval_samples']} generated and {run['eval_samples']} fresh target samples, mean ± "
+    "std over seeds, from the trained parameters (no EMA, as TorchCFM). Ours trains the seeds "
+    "of one (method, task) at once (`jax.vmap` over the train state); TorchCFM trains one "
+    "seed at a time with torch.set_num_threads("
+    f"{run['peer_threads']}). Data: TorchCFM's `sample_moons` uses torchdyn's moons noise, "
+    "diffjax sklearn's; each model is scored against its own training distribution. "
+    "TorchCFM's paper runner itself used batch 512, AdamW (weight decay 1e-5) and 1000 "
+    "epochs; this table follows its 2D tutorials (batch 256, Adam, 20k steps).",
+    "",
   ]
 
   def table(title: str, key: str, with_nfe: bool):
-    rows = [f"### {title}", "", "| method | impl. | " + " | ".join(tasks) + " |",
-            "|---|---|" + "---|" * len(tasks)]
+    rows = [
+      f"### {title}",
+      "",
+      "| method | impl. | " + " | ".join(tasks) + " |",
+      "|---|---|" + "---|" * len(tasks),
+    ]
     for method in methods:
       for impl in ("diffjax", "TorchCFM"):
         cells = []
@@ -410,16 +495,22 @@ def to_markdown(report: dict) -> str:
         rows.append(f"| {METHOD_NAMES[method]} | {impl} | " + " | ".join(cells) + " |")
     return rows + [""]
 
-  lines += table(f"W2, {run['euler_steps']} Euler steps (NFE {run['euler_steps']})",
-                 "w2_euler", False)
+  lines += table(
+    f"W2, {run['euler_steps']} Euler steps (NFE {run['euler_steps']})", "w2_euler", False
+  )
   lines += table("W2, dopri5 (rtol = atol = 1e-5; mean NFE in parentheses)", "w2_dopri5", True)
 
-  lines += ["### Training time", "",
-            "Seconds of training after the first (compiling) chunk. diffjax: all seeds of a "
-            "(method, task) at once (vmapped), and that time divided by the number of seeds; "
-            "TorchCFM: mean seconds per seed.", "",
-            "| method | task | diffjax all seeds (s) | diffjax per seed (s) | diffjax compile (s) "
-            "| TorchCFM per seed (s) | ratio |", "|---|---|---|---|---|---|---|"]
+  lines += [
+    "### Training time",
+    "",
+    "Seconds of training after the first (compiling) chunk. diffjax: all seeds of a "
+    "(method, task) at once (vmapped), and that time divided by the number of seeds; "
+    "TorchCFM: mean seconds per seed.",
+    "",
+    "| method | task | diffjax all seeds (s) | diffjax per seed (s) | diffjax compile (s) "
+    "| TorchCFM per seed (s) | ratio |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for method in methods:
     for task in tasks:
       entry = report["results"].get(method, {}).get(task)
@@ -428,24 +519,42 @@ def to_markdown(report: dict) -> str:
       ours = entry["ours"]
       peer = entry.get("peer")
       peer_s = statistics.fmean(s["train_s"] for s in peer["seeds"]) if peer else None
-      ratio = f"{peer_s / ours['train_s_per_seed']:.1f}x" if peer_s and ours[
-          "train_s_per_seed"] else "-"
-      lines.append(f"| {METHOD_NAMES[method]} | {task} | {ours['train_s_all_seeds']:.1f} | "
-                   f"{ours['train_s_per_seed']:.1f} | {ours['compile_and_first_chunk_s']:.1f} | "
-                   f"{'-' if peer_s is None else f'{peer_s:.1f}'} | {ratio} |")
+      ratio = (
+        f"{peer_s / ours['train_s_per_seed']:.1f}x" if peer_s and ours["train_s_per_seed"] else "-"
+      )
+      lines.append(
+        f"| {METHOD_NAMES[method]} | {task} | {ours['train_s_all_seeds']:.1f} | "
+        f"{ours['train_s_per_seed']:.1f} | {ours['compile_and_first_chunk_s']:.1f} | "
+        f"{'-' if peer_s is None else f'{peer_s:.1f}'} | {ratio} |"
+      )
   if report.get("bench"):
     lines += bench_markdown(report["bench"])
   dsbm = report["secondary_reference"]
-  lines += ["", "### Secondary reference (published, different setup)", "",
-            f"Shi et al. (2023), Diffusion Schrodinger Bridge Matching, Table 2 "
-            f"(https://arxiv.org/abs/2303.16852), {dsbm['method']}, {dsbm['euler_steps']} Euler "
-            "steps, their own training setup; numbers as quoted in the issue, not re-checked "
-            "here. Not comparable cell by cell with the tables above (other step counts, "
-            "networks and tasks: their moons->8gaussians runs the other way).", "",
-            "| " + " | ".join(dsbm["w2"]) + " |", "|" + "---|" * len(dsbm["w2"]),
-            "| " + " | ".join(f"{v:.3f}" for v in dsbm["w2"].values()) + " |", ""]
-  lines += ["<details><summary>JSON</summary>", "", "```json", json.dumps(report, indent=1),
-            "```", "", "</details>", ""]
+  lines += [
+    "",
+    "### Secondary reference (published, different setup)",
+    "",
+    f"Shi et al. (2023), Diffusion Schrodinger Bridge Matching, Table 2 "
+    f"(https://arxiv.org/abs/2303.16852), {dsbm['method']}, {dsbm['euler_steps']} Euler "
+    "steps, their own training setup; numbers as quoted in the issue, not re-checked "
+    "here. Not comparable cell by cell with the tables above (other step counts, "
+    "networks and tasks: their moons->8gaussians runs the other way).",
+    "",
+    "| " + " | ".join(dsbm["w2"]) + " |",
+    "|" + "---|" * len(dsbm["w2"]),
+    "| " + " | ".join(f"{v:.3f}" for v in dsbm["w2"].values()) + " |",
+    "",
+  ]
+  lines += [
+    "<details><summary>JSON</summary>",
+    "",
+    "```json",
+    json.dumps(report, indent=1),
+    "```",
+    "",
+    "</details>",
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -456,58 +565,90 @@ def _fmt(side: dict | None, key: str) -> str:
 def bench_markdown(bench: dict) -> list[str]:
   """The training-throughput section, from ``scripts/bench_train.py``'s JSON."""
   env, proto = bench["environment"], bench["protocol"]
-  lines = ["", "### Training throughput (`scripts/bench_train.py`)", "",
-           f"8gaussians -> moons, batch {proto['batch_size']}, {proto['steps']} steps per model, "
-           f"{proto['reps']} timed segments interleaved with TorchCFM's; load average "
-           f"{env['loadavg_start']} at start, {env.get('loadavg_end')} at the end on "
-           f"{env['cpu_count']} CPUs (shared machine: wall-clock rates are noisy, CPU time per "
-           "step is steadier); torch "
-           f"{env['torch_version']} with {env['torch_num_threads']} default threads. "
-           f"{bench['peer_note']}.", "",
-           "| protocol | diffjax steps/s | TorchCFM steps/s (threads) | ratio (wall) | ratio "
-           "(CPU time) | target | diffjax W2 | TorchCFM W2 |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "",
+    "### Training throughput (`scripts/bench_train.py`)",
+    "",
+    f"8gaussians -> moons, batch {proto['batch_size']}, {proto['steps']} steps per model, "
+    f"{proto['reps']} timed segments interleaved with TorchCFM's; load average "
+    f"{env['loadavg_start']} at start, {env.get('loadavg_end')} at the end on "
+    f"{env['cpu_count']} CPUs (shared machine: wall-clock rates are noisy, CPU time per "
+    "step is steadier); torch "
+    f"{env['torch_version']} with {env['torch_num_threads']} default threads. "
+    f"{bench['peer_note']}.",
+    "",
+    "| protocol | diffjax steps/s | TorchCFM steps/s (threads) | ratio (wall) | ratio "
+    "(CPU time) | target | diffjax W2 | TorchCFM W2 |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   verdict = {True: "met", False: "missed", None: "no peer"}
   for recipe, r in bench["results"].items():
     ours, peer = r["ours"], r.get("peer")
     ratio = f"{r['ratio_steps_per_s']}x" if peer else "-"
     ratio_cpu = f"{r['ratio_cpu_time']}x" if peer else "-"
-    peer_rate = (f"{peer['steps_per_s_median']:.0f} ({peer.get('torch_threads_used')})"
-                 if peer else "-")
+    peer_rate = (
+      f"{peer['steps_per_s_median']:.0f} ({peer.get('torch_threads_used')})" if peer else "-"
+    )
     lines.append(
-        f"| {METHOD_NAMES.get(recipe, recipe)} | {ours['steps_per_s_median']:.0f} | {peer_rate} "
-        f"| {ratio} | {ratio_cpu} | "
-        f">= {r['target_ratio']:.0f}x ({verdict[r['target_met']]}) | "
-        f"{ours['w2_euler']:.3f} | {_fmt(peer, 'w2_euler')} |")
+      f"| {METHOD_NAMES.get(recipe, recipe)} | {ours['steps_per_s_median']:.0f} | {peer_rate} "
+      f"| {ratio} | {ratio_cpu} | "
+      f">= {r['target_ratio']:.0f}x ({verdict[r['target_met']]}) | "
+      f"{ours['w2_euler']:.3f} | {_fmt(peer, 'w2_euler')} |"
+    )
   first = next(iter(bench["results"].values()), {})
-  lines += ["", f"Medians over segments. {first.get('w2_protocol', '')}. Full numbers: the "
-            "JSON below (`bench` key).", ""]
+  lines += [
+    "",
+    f"Medians over segments. {first.get('w2_protocol', '')}. Full numbers: the "
+    "JSON below (`bench` key).",
+    "",
+  ]
   lines += [f"- {note}" for note in bench.get("notes", [])]
   for recipe, r in bench["results"].items():
     peer = r.get("peer") or {}
     if peer.get("steps_per_s_without_data_sampling"):
-      lines.append(f"- {METHOD_NAMES.get(recipe, recipe)}: TorchCFM without its data sampling "
-                   f"(fixed batch): {peer['steps_per_s_without_data_sampling']:.0f} steps/s, "
-                   f"{peer['cpu_us_per_step_without_data_sampling']:.0f} CPU us/step; diffjax "
-                   f"{r['ours']['cpu_us_per_step_median']:.0f} CPU us/step with its data.")
+      lines.append(
+        f"- {METHOD_NAMES.get(recipe, recipe)}: TorchCFM without its data sampling "
+        f"(fixed batch): {peer['steps_per_s_without_data_sampling']:.0f} steps/s, "
+        f"{peer['cpu_us_per_step_without_data_sampling']:.0f} CPU us/step; diffjax "
+        f"{r['ours']['cpu_us_per_step_median']:.0f} CPU us/step with its data."
+      )
     if r.get("loop_train"):
-      lines.append(f"- {METHOD_NAMES.get(recipe, recipe)}: `diffjax.train.loop.train` end to end "
-                   f"({r['loop_train']['steps']} steps): "
-                   f"{r['loop_train']['steps_per_s_median']} steps/s between log points.")
+      lines.append(
+        f"- {METHOD_NAMES.get(recipe, recipe)}: `diffjax.train.loop.train` end to end "
+        f"({r['loop_train']['steps']} steps): "
+        f"{r['loop_train']['steps_per_s_median']} steps/s between log points."
+      )
   profile = bench.get("profile") or {}
   if profile.get("parts_us_per_step"):
-    lines += ["", "Profile of one diffjax step (microseconds per step inside a jitted "
-              "`lax.scan`, median):", "", "| part | CPU us | wall us |", "|---|---|---|"]
+    lines += [
+      "",
+      "Profile of one diffjax step (microseconds per step inside a jitted `lax.scan`, median):",
+      "",
+      "| part | CPU us | wall us |",
+      "|---|---|---|",
+    ]
     for name, v in profile["parts_us_per_step"].items():
       lines.append(f"| {name} | {v['cpu_us_median']:.0f} | {v['wall_us_median']:.0f} |")
   if profile.get("host_solvers_ms"):
-    lines += ["", "Host OT solvers on this task's 256 x 256 cost matrices (CPU ms per solve):",
-              "", "| solver | median | min |", "|---|---|---|"]
+    lines += [
+      "",
+      "Host OT solvers on this task's 256 x 256 cost matrices (CPU ms per solve):",
+      "",
+      "| solver | median | min |",
+      "|---|---|---|",
+    ]
     for name, v in profile["host_solvers_ms"].items():
       lines.append(f"| {name} | {v['cpu_ms_median']:.2f} | {v['cpu_ms_min']:.2f} |")
   if profile.get("icfm_fused_steps"):
-    lines += ["", "I-CFM by `train.fused_steps` (steps per jitted chunk): " + ", ".join(
+    lines += [
+      "",
+      "I-CFM by `train.fused_steps` (steps per jitted chunk): "
+      + ", ".join(
         f"{k}: {v['steps_per_s_median']:.0f} steps/s ({v['cpu_us_per_step_median']:.0f} CPU us)"
-        for k, v in profile["icfm_fused_steps"].items()) + "."]
+        for k, v in profile["icfm_fused_steps"].items()
+      )
+      + ".",
+    ]
   return lines + [""]
 
 
@@ -517,10 +658,16 @@ def bench_markdown(bench: dict) -> list[str]:
 def _git_commit() -> str | None:
   """The checkout's HEAD (the library version a table was made with), if this is a checkout."""
   import subprocess  # pylint: disable=import-outside-toplevel
+
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, timeout=10,
-                          cwd=pathlib.Path(__file__).parent).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=10,
+      cwd=pathlib.Path(__file__).parent,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
 
@@ -532,24 +679,30 @@ def run(args) -> dict:
   combos = [(m, t) for m in args.methods for t in args.tasks]
   generators: dict = {}
   report: dict[str, Any] = {
-      "script": "reproduce_2d",
-      "run": {"command": "python scripts/reproduce_2d.py " + " ".join(sys.argv[1:]),
-              "steps": args.steps, "seeds": list(args.seeds),
-              "peer_seeds": list(args.peer_seeds) if peer else [],
-              "tasks": list(args.tasks), "methods": list(args.methods),
-              "eval_samples": args.eval_samples, "euler_steps": args.euler_steps,
-              "sigmas": {m: SIGMAS[m] for m in args.methods}, "batch_size": BATCH,
-              "learning_rate": LEARNING_RATE, "peer_threads": args.peer_threads,
-              "date": datetime.datetime.now().isoformat(timespec="minutes"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
-                         + (f", torch {peer['torch'].__version__}, torchcfm {peer['version']}"
-                            if peer else ""),
-              "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-              "diffjax_commit": _git_commit()},
-      "peer_note": peer_note,
-      "status": f"partial: 0 of {len(combos)} (method, task) done",
-      "results": {},
-      "secondary_reference": DSBM_TABLE2,
+    "script": "reproduce_2d",
+    "run": {
+      "command": "python scripts/reproduce_2d.py " + " ".join(sys.argv[1:]),
+      "steps": args.steps,
+      "seeds": list(args.seeds),
+      "peer_seeds": list(args.peer_seeds) if peer else [],
+      "tasks": list(args.tasks),
+      "methods": list(args.methods),
+      "eval_samples": args.eval_samples,
+      "euler_steps": args.euler_steps,
+      "sigmas": {m: SIGMAS[m] for m in args.methods},
+      "batch_size": BATCH,
+      "learning_rate": LEARNING_RATE,
+      "peer_threads": args.peer_threads,
+      "date": datetime.datetime.now().isoformat(timespec="minutes"),
+      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
+      + (f", torch {peer['torch'].__version__}, torchcfm {peer['version']}" if peer else ""),
+      "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+      "diffjax_commit": _git_commit(),
+    },
+    "peer_note": peer_note,
+    "status": f"partial: 0 of {len(combos)} (method, task) done",
+    "results": {},
+    "secondary_reference": DSBM_TABLE2,
   }
   if args.bench_json:
     report["bench"] = json.loads(pathlib.Path(args.bench_json).read_text())
@@ -567,8 +720,9 @@ def run(args) -> dict:
       else:
         entry["peer"] = None
     report["results"].setdefault(method, {})[task] = entry
-    report["status"] = ("complete" if done == len(combos) else
-                        f"partial: {done} of {len(combos)} (method, task) done")
+    report["status"] = (
+      "complete" if done == len(combos) else f"partial: {done} of {len(combos)} (method, task) done"
+    )
     report["run"]["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
       out = pathlib.Path(args.out)
@@ -587,26 +741,36 @@ def _load_report(path: str) -> dict:
 
 
 # Run settings two reports must share for their cells to sit in one table.
-_PROTOCOL_KEYS = ("steps", "seeds", "peer_seeds", "eval_samples", "euler_steps", "batch_size",
-                  "learning_rate")
+_PROTOCOL_KEYS = (
+  "steps",
+  "seeds",
+  "peer_seeds",
+  "eval_samples",
+  "euler_steps",
+  "batch_size",
+  "learning_rate",
+)
 
 
 def merge_reports(report: dict, other: dict, *, name: str) -> None:
   """Adds ``other``'s finished (method, task) cells that ``report`` lacks (in place)."""
   for key in _PROTOCOL_KEYS:
     if report["run"][key] != other["run"][key]:
-      raise SystemExit(f"--merge {name}: run.{key} is {other['run'][key]!r} there but "
-                       f"{report['run'][key]!r} in --render; merge only runs of one protocol")
+      raise SystemExit(
+        f"--merge {name}: run.{key} is {other['run'][key]!r} there but "
+        f"{report['run'][key]!r} in --render; merge only runs of one protocol"
+      )
   for method, cells in other["results"].items():
     for task, entry in cells.items():
       report["results"].setdefault(method, {}).setdefault(task, entry)
   report["run"].setdefault("merged", []).append(
-      {key: other["run"].get(key) for key in ("command", "date", "diffjax_commit",
-                                               "loadavg_start")})
+    {key: other["run"].get(key) for key in ("command", "date", "diffjax_commit", "loadavg_start")}
+  )
   combos = [(m, t) for m in report["run"]["methods"] for t in report["run"]["tasks"]]
   done = sum(t in report["results"].get(m, {}) for m, t in combos)
-  report["status"] = ("complete" if done == len(combos) else
-                      f"partial: {done} of {len(combos)} (method, task) done")
+  report["status"] = (
+    "complete" if done == len(combos) else f"partial: {done} of {len(combos)} (method, task) done"
+  )
 
 
 def render(args) -> dict:

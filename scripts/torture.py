@@ -37,7 +37,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffjax.train.config import (  # noqa: E402  (after the path setup)
-    base_config, objective_group)
+  base_config,
+  objective_group,
+)
 
 __all__ = ["get_config", "Chain", "run_chain", "uninterrupted"]
 
@@ -46,8 +48,7 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
   """The tiny experiments the chains train (variant ``digits`` or ``toy``)."""
   config = base_config()
   config.seed = 3
-  config.model = ml_collections.ConfigDict(dict(name="mlp", width=32, depth=2,
-                                                activation="selu"))
+  config.model = ml_collections.ConfigDict(dict(name="mlp", width=32, depth=2, activation="selu"))
   config.objective = objective_group("icfm")
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 64
@@ -73,18 +74,33 @@ def get_config(variant: str = "digits") -> ml_collections.ConfigDict:
 
 
 def _env(devices: int, cache: pathlib.Path | None) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+  )
   if cache is not None:  # compiled programs are reused across the chain's processes
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
 def _command(workdir: pathlib.Path, variant: str, extra: list[str]) -> list[str]:
-  return [sys.executable, "-m", "diffjax.cli", "train", "--config",
-          f"{ROOT / 'scripts' / 'torture.py'}:{variant}", "--workdir", str(workdir), *extra]
+  return [
+    sys.executable,
+    "-m",
+    "diffjax.cli",
+    "train",
+    "--config",
+    f"{ROOT / 'scripts' / 'torture.py'}:{variant}",
+    "--workdir",
+    str(workdir),
+    *extra,
+  ]
 
 
 def _last_step(workdir: pathlib.Path) -> int:
@@ -111,11 +127,24 @@ def _final_record(workdir: pathlib.Path, steps: int) -> dict:
   return {"arrays": record["arrays"], "losses": losses}
 
 
-def uninterrupted(workdir: pathlib.Path, *, variant: str, devices: int, extra: list[str],
-                  cache: pathlib.Path | None, timeout: float = 600) -> dict:
+def uninterrupted(
+  workdir: pathlib.Path,
+  *,
+  variant: str,
+  devices: int,
+  extra: list[str],
+  cache: pathlib.Path | None,
+  timeout: float = 600,
+) -> dict:
   """One run from scratch to the end; its final digests and losses."""
-  proc = subprocess.run(_command(workdir, variant, extra), env=_env(devices, cache), cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+    _command(workdir, variant, extra),
+    env=_env(devices, cache),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if proc.returncode != 0:
     raise RuntimeError(f"reference run failed ({proc.returncode}): {proc.stderr[-2000:]}")
   return _final_record(workdir, get_config(variant).train.steps)
@@ -137,9 +166,13 @@ class Chain:
     mode = "true" if index % 2 else "false"  # alternate sync and async checkpoints
     extra = [*self.extra, f"--config.train.async_checkpoint={mode}"]
     log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen(_command(self.workdir, self.variant, extra),
-                            env=_env(self.devices, self.cache), cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      _command(self.workdir, self.variant, extra),
+      env=_env(self.devices, self.cache),
+      cwd=ROOT,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
     return proc, log, mode == "true"
 
   def run(self) -> dict:
@@ -166,8 +199,10 @@ class Chain:
         else:
           event.update(target_step=target, delay_s=round(delay, 3))
         while proc.poll() is None and (
-            time.monotonic() - started < event["early_delay_s"] if early
-            else _last_step(self.workdir) < target):
+          time.monotonic() - started < event["early_delay_s"]
+          if early
+          else _last_step(self.workdir) < target
+        ):
           if time.monotonic() - started > self.timeout:
             break
           time.sleep(0.005)
@@ -176,8 +211,11 @@ class Chain:
           # carry the run past its window (and the windows left to the next signals, or the
           # last step), so the signal goes at once at the window's end.
           deadline = time.monotonic() + delay
-          while (proc.poll() is None and time.monotonic() < deadline
-                 and _last_step(self.workdir) < min(end, self.steps - 2)):
+          while (
+            proc.poll() is None
+            and time.monotonic() < deadline
+            and _last_step(self.workdir) < min(end, self.steps - 2)
+          ):
             time.sleep(0.002)
         if proc.poll() is None and target < self.steps:
           os.kill(proc.pid, getattr(signal, name))
@@ -198,19 +236,25 @@ class Chain:
         event["resume_exact"] = event["resumed_from"] == expected_resume
         expected_resume = None
       ckdir = self.workdir / "checkpoints"
-      event["left_mid_save"] = bool(ckdir.exists() and any(
-          "orbax-checkpoint-tmp" in p.name or (p.name.isdigit() and
-                                              not (p / "diffjax_commit.json").exists())
-          for p in ckdir.iterdir()))
+      event["left_mid_save"] = bool(
+        ckdir.exists()
+        and any(
+          "orbax-checkpoint-tmp" in p.name
+          or (p.name.isdigit() and not (p / "diffjax_commit.json").exists())
+          for p in ckdir.iterdir()
+        )
+      )
       preempted = re.search(r"(SIGTERM|SIGINT): checkpointed step (\d+)", text)
       if preempted:
         expected_resume = int(preempted.group(2))
         event["checkpointed_step"] = expected_resume
       if name in ("SIGTERM", "SIGINT"):
         # A signal that arrives after the last step (during the final plot) has nothing to save.
-        event["ok"] = (proc.returncode == 0 and (
-            preempted is not None or "sent_at_step" not in event
-            or event["sent_at_step"] >= self.steps))
+        event["ok"] = proc.returncode == 0 and (
+          preempted is not None
+          or "sent_at_step" not in event
+          or event["sent_at_step"] >= self.steps
+        )
       elif name == "SIGKILL":
         event["ok"] = proc.returncode in (-9, 0)
       else:
@@ -229,8 +273,9 @@ def run_chain(workdir, reference: dict, **kwargs) -> dict:
   report["arrays_equal"] = final["arrays"] == reference["arrays"]
   report["losses_equal"] = final["losses"] == reference["losses"]
   report["all_steps_logged_once"] = sorted(final["losses"]) == sorted(reference["losses"])
-  report["events_ok"] = all(e["ok"] and e.get("resume_exact", True) and not e.get("hung")
-                            for e in report["events"])
+  report["events_ok"] = all(
+    e["ok"] and e.get("resume_exact", True) and not e.get("hung") for e in report["events"]
+  )
   return report
 
 
@@ -240,6 +285,7 @@ def run_chain(workdir, reference: dict, **kwargs) -> dict:
 def _mutations(rng: random.Random):
   """Each mutation ``(name, fn(ckdir, steps) -> damaged step or None)`` changes the directory;
   it returns the step whose bytes it damaged (None: it added a stray entry)."""
+
   def files_of(ckdir, step):
     return sorted(p for p in (ckdir / str(step)).rglob("*") if p.is_file())
 
@@ -262,7 +308,7 @@ def _mutations(rng: random.Random):
   def truncate(ckdir, steps):
     step, f = pick(ckdir, steps)
     data = f.read_bytes()
-    f.write_bytes(data[:rng.randrange(len(data))] if data else b"x")
+    f.write_bytes(data[: rng.randrange(len(data))] if data else b"x")
     return step
 
   def delete(ckdir, steps):
@@ -313,10 +359,23 @@ def _mutations(rng: random.Random):
 
   def copy_as_newer(ckdir, steps):
     import shutil  # pylint: disable=import-outside-toplevel
+
     shutil.copytree(ckdir / str(rng.choice(steps)), ckdir / str(newer(ckdir)))
 
-  return [flip, truncate, delete, zero, append, extra_file, garbage_marker, marker_config,
-          stray_dir, stray_file, tmp_dir, copy_as_newer]
+  return [
+    flip,
+    truncate,
+    delete,
+    zero,
+    append,
+    extra_file,
+    garbage_marker,
+    marker_config,
+    stray_dir,
+    stray_file,
+    tmp_dir,
+    copy_as_newer,
+  ]
 
 
 def _intact(original: pathlib.Path, copy: pathlib.Path) -> bool:
@@ -338,22 +397,33 @@ def _intact(original: pathlib.Path, copy: pathlib.Path) -> bool:
   return True
 
 
-def fuzz_checkpoints(workdir: pathlib.Path, config, *, trials: int, seed: int,
-                     scratch: pathlib.Path, restore) -> dict:
+def fuzz_checkpoints(
+  workdir: pathlib.Path, config, *, trials: int, seed: int, scratch: pathlib.Path, restore
+) -> dict:
   """``trials`` random damages (1 to 3 mutations each) of copies of ``workdir/checkpoints``;
   ``restore(copy_workdir)`` must return the newest undamaged step with arrays equal to its
   recorded digests, or ``None`` when every step is damaged, within 60 s, never raising anything
   but a clear ``ValueError``."""
   import shutil  # pylint: disable=import-outside-toplevel
+
   from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
+
   rng = random.Random(seed)
   ckdir = workdir / "checkpoints"
   steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
-  recorded = {s: json.loads((ckdir / str(s) / "diffjax_commit.json").read_text())["arrays"]
-              for s in steps}
+  recorded = {
+    s: json.loads((ckdir / str(s) / "diffjax_commit.json").read_text())["arrays"] for s in steps
+  }
   mutations = _mutations(rng)
-  counts = {"trials": 0, "fell_back": 0, "newest_kept": 0, "no_valid_step": 0,
-            "clear_errors": 0, "wrong": 0, "max_seconds": 0.0}
+  counts = {
+    "trials": 0,
+    "fell_back": 0,
+    "newest_kept": 0,
+    "no_valid_step": 0,
+    "clear_errors": 0,
+    "wrong": 0,
+    "max_seconds": 0.0,
+  }
   failures = []
   for trial in range(trials):
     copy = scratch / f"t{trial}"
@@ -381,29 +451,42 @@ def fuzz_checkpoints(workdir: pathlib.Path, config, *, trials: int, seed: int,
     counts["max_seconds"] = max(counts["max_seconds"], round(seconds, 3))
     counts["trials"] += 1
     got = None if result is None else result[0]
-    ok = (got == expected and seconds < 60 and (
-        result is None or integrity.array_digests(result[1]) == recorded[got]))
+    ok = (
+      got == expected
+      and seconds < 60
+      and (result is None or integrity.array_digests(result[1]) == recorded[got])
+    )
     if ok:
-      counts["no_valid_step" if got is None else
-             "newest_kept" if got == steps[-1] else "fell_back"] += 1
+      counts[
+        "no_valid_step" if got is None else "newest_kept" if got == steps[-1] else "fell_back"
+      ] += 1
     else:
       counts["wrong"] += 1
-      failures.append({"trial": trial, "mutations": names, "damaged": sorted(damaged),
-                       "expected": expected, "got": got if got != "error" else result})
+      failures.append(
+        {
+          "trial": trial,
+          "mutations": names,
+          "damaged": sorted(damaged),
+          "expected": expected,
+          "got": got if got != "error" else result,
+        }
+      )
     shutil.rmtree(copy, ignore_errors=True)
   return {"counts": counts, "failures": failures[:10]}
 
 
 def _fuzz_main(args) -> int:
   """Trains the toy variant for 12 steps (checkpoints 4, 8, 12) in this process, then fuzzes."""
+  import logging  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
+
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from diffjax.train.trainer import make_trainer  # pylint: disable=import-outside-toplevel
-  import logging  # pylint: disable=import-outside-toplevel
 
   root = pathlib.Path(args.root)
   shutil.rmtree(root, ignore_errors=True)
@@ -422,17 +505,27 @@ def _fuzz_main(args) -> int:
     manager = ckpt.make_checkpoint_manager(copy / "checkpoints", keep=100, async_save=False)
     try:
       ckpt.prepare_directory(copy / "checkpoints")
-      return ckpt.restore_verified(manager, target, config=config_lib.resume_fingerprint(config),
-                                   move_bad=True,
-                                   config_differences=config_lib.fingerprint_differences)
+      return ckpt.restore_verified(
+        manager,
+        target,
+        config=config_lib.resume_fingerprint(config),
+        move_bad=True,
+        config_differences=config_lib.fingerprint_differences,
+      )
     finally:
       manager.close()
 
   logging.getLogger("diffjax").setLevel(logging.ERROR)
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   started = time.monotonic()
-  report = fuzz_checkpoints(root / "run", config, trials=args.fuzz, seed=args.seed,
-                            scratch=root / "scratch", restore=restore)
+  report = fuzz_checkpoints(
+    root / "run",
+    config,
+    trials=args.fuzz,
+    seed=args.seed,
+    scratch=root / "scratch",
+    restore=restore,
+  )
   report["seconds"] = round(time.monotonic() - started, 1)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
@@ -450,8 +543,9 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--root", default="/tmp/diffjax_torture")
   parser.add_argument("--out", default=None)
-  parser.add_argument("--fuzz", type=int, default=0,
-                      help="instead of kills: this many fuzzed checkpoint directories")
+  parser.add_argument(
+    "--fuzz", type=int, default=0, help="instead of kills: this many fuzzed checkpoint directories"
+  )
   args = parser.parse_args()
   if args.fuzz:
     return _fuzz_main(args)
@@ -459,24 +553,39 @@ def main() -> int:
   root = pathlib.Path(args.root)
   if root.exists():
     import shutil  # pylint: disable=import-outside-toplevel
+
     shutil.rmtree(root)
   root.mkdir(parents=True)
   cache = root / "jax_cache"
   started = time.monotonic()
-  reference = uninterrupted(root / "reference", variant=args.variant, devices=args.devices,
-                            extra=[], cache=cache)
-  plan = ["SIGKILL"] * args.kills + ["SIGTERM", "SIGINT"] * (args.signals // 2) + (
-      ["SIGTERM"] * (args.signals % 2))
+  reference = uninterrupted(
+    root / "reference", variant=args.variant, devices=args.devices, extra=[], cache=cache
+  )
+  plan = (
+    ["SIGKILL"] * args.kills
+    + ["SIGTERM", "SIGINT"] * (args.signals // 2)
+    + (["SIGTERM"] * (args.signals % 2))
+  )
   random.Random(args.seed).shuffle(plan)
   chains = []
   for c, i in enumerate(range(0, len(plan), args.per_chain)):
-    chains.append(run_chain(root / f"chain{c}", reference, variant=args.variant,
-                            devices=args.devices, extra=[], cache=cache, seed=args.seed + c,
-                            plan=plan[i:i + args.per_chain]))
+    chains.append(
+      run_chain(
+        root / f"chain{c}",
+        reference,
+        variant=args.variant,
+        devices=args.devices,
+        extra=[],
+        cache=cache,
+        seed=args.seed + c,
+        plan=plan[i : i + args.per_chain],
+      )
+    )
     summary = _summary(args, chains, started)
     if args.out:  # after every chain, so a long run reports what it has done so far
-      pathlib.Path(args.out).write_text(json.dumps({"summary": summary, "chains": chains},
-                                                   indent=1))
+      pathlib.Path(args.out).write_text(
+        json.dumps({"summary": summary, "chains": chains}, indent=1)
+      )
   summary = _summary(args, chains, started)
   report = {"summary": summary, "chains": chains}
   text = json.dumps(report, indent=1)
@@ -490,18 +599,21 @@ def main() -> int:
 def _summary(args, chains, started) -> dict:
   events = [e for ch in chains for e in ch["events"]]
   return {
-      "variant": args.variant, "devices": args.devices,
-      "kills_sent": sum(1 for e in events if e["signal"] == "SIGKILL" and "sent_at_step" in e),
-      "signals_sent": sum(1 for e in events if e["signal"] in ("SIGTERM", "SIGINT")
-                          and "sent_at_step" in e),
-      "kills_that_left_a_partial_save": sum(1 for e in events if e["signal"] == "SIGKILL"
-                                            and e["left_mid_save"]),
-      "async_runs": sum(1 for e in events if e["async_checkpoint"]),
-      "preemptions_resumed_exactly": sum(1 for e in events if e.get("resume_exact")),
-      "chains": len(chains),
-      "chains_bit_equal": sum(1 for ch in chains if ch["arrays_equal"] and ch["losses_equal"]),
-      "all_events_ok": all(ch["events_ok"] for ch in chains),
-      "seconds": round(time.monotonic() - started, 1),
+    "variant": args.variant,
+    "devices": args.devices,
+    "kills_sent": sum(1 for e in events if e["signal"] == "SIGKILL" and "sent_at_step" in e),
+    "signals_sent": sum(
+      1 for e in events if e["signal"] in ("SIGTERM", "SIGINT") and "sent_at_step" in e
+    ),
+    "kills_that_left_a_partial_save": sum(
+      1 for e in events if e["signal"] == "SIGKILL" and e["left_mid_save"]
+    ),
+    "async_runs": sum(1 for e in events if e["async_checkpoint"]),
+    "preemptions_resumed_exactly": sum(1 for e in events if e.get("resume_exact")),
+    "chains": len(chains),
+    "chains_bit_equal": sum(1 for ch in chains if ch["arrays_equal"] and ch["losses_equal"]),
+    "all_events_ok": all(ch["events_ok"] for ch in chains),
+    "seconds": round(time.monotonic() - started, 1),
   }
 
 

@@ -37,8 +37,11 @@ class GaussianData:
     self.dim = self.mean.shape[0]
 
   def _consts(self, dtype):
-    return (jnp.asarray(self.mean, dtype), jnp.asarray(self.eigvals, dtype),
-            jnp.asarray(self.eigvecs, dtype))
+    return (
+      jnp.asarray(self.mean, dtype),
+      jnp.asarray(self.eigvals, dtype),
+      jnp.asarray(self.eigvecs, dtype),
+    )
 
   def posterior(self, x, coefficients: Coefficients):
     """``(E[x0 | x_t], E[eps | x_t])`` for ``x`` ``[batch, d]`` and ``[batch]`` coefficients."""
@@ -52,10 +55,12 @@ class GaussianData:
 
   def predictor(self, target, coefficients_fn):
     """The exact network ``predict(x, t)`` of a given target."""
+
     def predict(x, t):
       coefficients = coefficients_fn(t)
       x0, eps = self.posterior(x, coefficients)
       return target.from_x0_eps(x0, eps, coefficients=coefficients)
+
     return predict
 
   def marginal_cov(self, alpha, sigma):
@@ -70,8 +75,9 @@ class GaussianData:
 
   def log_prob(self, x, *, alpha=1.0, sigma=0.0):
     """``log N(x; alpha mu, alpha^2 Sigma + sigma^2 I)`` (scipy)."""
-    return stats.multivariate_normal(alpha * self.mean,
-                                      self.marginal_cov(alpha, sigma)).logpdf(np.asarray(x))
+    return stats.multivariate_normal(alpha * self.mean, self.marginal_cov(alpha, sigma)).logpdf(
+      np.asarray(x)
+    )
 
   def sample(self, key, num, dtype=jnp.float32):
     chol = np.linalg.cholesky(self.cov)
@@ -88,7 +94,7 @@ def finite_data_velocity(x, t, *, data):
   """
   t = t[:, None, None]
   residual = x[:, None, :] - t * data[None]  # [batch, n, d]
-  logits = -0.5 * jnp.sum(residual**2, axis=-1) / (1.0 - t[..., 0])**2
+  logits = -0.5 * jnp.sum(residual**2, axis=-1) / (1.0 - t[..., 0]) ** 2
   weights = jax.nn.softmax(logits, axis=-1)
   conditional = (data[None] - x[:, None, :]) / (1.0 - t)
   return jnp.einsum("bn,bnd->bd", weights, conditional)
@@ -125,8 +131,12 @@ def trig_coefficients(t):
   """``alpha = cos(phi(t))``, ``sigma = sin(phi(t))`` and their exact derivatives."""
   t = jnp.asarray(t)
   phi = 0.5 * np.pi * MARGIN + _RATE * t
-  return Coefficients(alpha=jnp.cos(phi), sigma=jnp.sin(phi), d_alpha=-_RATE * jnp.sin(phi),
-                      d_sigma=_RATE * jnp.cos(phi))
+  return Coefficients(
+    alpha=jnp.cos(phi),
+    sigma=jnp.sin(phi),
+    d_alpha=-_RATE * jnp.sin(phi),
+    d_sigma=_RATE * jnp.cos(phi),
+  )
 
 
 def trig_sigma_ve(t):
@@ -143,4 +153,5 @@ def discrete_predictor(data: GaussianData, target, schedule, num_train_steps):
     coefficients = discrete_coefficients(schedule.log_snr[step])
     x0, eps = data.posterior(x, coefficients)
     return target.from_x0_eps(x0, eps, coefficients=coefficients)
+
   return predict

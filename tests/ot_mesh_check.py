@@ -19,8 +19,12 @@ import sys
 def _parse():
   parser = argparse.ArgumentParser()
   parser.add_argument("--devices", type=int, required=True)
-  parser.add_argument("--case", action="append", required=True,
-                      help="toy2d:FSDP:SCOPE or digits:FSDP:SCOPE (repeatable)")
+  parser.add_argument(
+    "--case",
+    action="append",
+    required=True,
+    help="toy2d:FSDP:SCOPE or digits:FSDP:SCOPE (repeatable)",
+  )
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--steps", type=int, default=200)
   return parser.parse_args()
@@ -50,28 +54,43 @@ def case_config(data: str, fsdp: int, scope: str, steps: int):
     overrides = [f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps // 2}"]
   else:
     config = config_lib.load_config_file(str(CONFIGS / "digits_fm.py") + ":cond")
-    overrides = ["--config.objective.name=otcfm", f"--config.train.steps={steps}",
-                 f"--config.train.checkpoint_every={steps // 2}", "--config.model.ch=16",
-                 "--config.model.num_res_blocks=1", "--config.train.batch_size=64"]
-  config_lib.apply_overrides(config, overrides + [
-      f"--config.mesh.fsdp={fsdp}", f"--config.objective.coupling_scope={scope}",
-      "--config.train.progress_bar=false", "--config.train.async_checkpoint=false",
-      f"--config.train.log_every={steps // 2}", "--config.sample.num=256",
-      "--config.sample.steps=4"])
+    overrides = [
+      "--config.objective.name=otcfm",
+      f"--config.train.steps={steps}",
+      f"--config.train.checkpoint_every={steps // 2}",
+      "--config.model.ch=16",
+      "--config.model.num_res_blocks=1",
+      "--config.train.batch_size=64",
+    ]
+  config_lib.apply_overrides(
+    config,
+    overrides
+    + [
+      f"--config.mesh.fsdp={fsdp}",
+      f"--config.objective.coupling_scope={scope}",
+      "--config.train.progress_bar=false",
+      "--config.train.async_checkpoint=false",
+      f"--config.train.log_every={steps // 2}",
+      "--config.sample.num=256",
+      "--config.sample.steps=4",
+    ],
+  )
   config_lib.validate(config, num_devices=len(jax.devices()))
   return config
 
 
 def digest(state) -> list[str]:
   import hashlib  # pylint: disable=import-outside-toplevel
+
   return [hashlib.sha256(np.asarray(x).tobytes()).hexdigest() for x in jax.tree.leaves(state)]
 
 
 def first_advance(config, devices):
   """What the trainer's advance function sends to the host solve and gets back for step 0:
   ``(problem, solution, proposed batch)`` as NumPy."""
-  mesh = sharding_lib.make_mesh(data=-1, fsdp=config.mesh.fsdp if len(devices) > 1 else 1,
-                                devices=devices)
+  mesh = sharding_lib.make_mesh(
+    data=-1, fsdp=config.mesh.fsdp if len(devices) > 1 else 1, devices=devices
+  )
   seen = {}
 
   def recording_solve(solve, problem):
@@ -119,12 +138,17 @@ def run_case(spec: str, workdir: pathlib.Path, steps: int) -> dict:
   resumed = loop.train(config, workdir / "split", devices=devices)
   losses = np.array([loss for _, loss in whole["losses"]])
   report = dict(
-      case=spec, devices=len(devices), batch=config.train.batch_size, finite=bool(np.isfinite(losses).all()),
-      losses=losses.tolist(), trace_count=whole["trace_count"],
-      resumed_from=resumed["start_step"],
-      resume_bit_exact=digest(whole["state"]) == digest(resumed["state"]),
-      resumed_losses_equal=[l for s, l in resumed["losses"]] == [
-          l for s, l in whole["losses"] if s > steps // 2])
+    case=spec,
+    devices=len(devices),
+    batch=config.train.batch_size,
+    finite=bool(np.isfinite(losses).all()),
+    losses=losses.tolist(),
+    trace_count=whole["trace_count"],
+    resumed_from=resumed["start_step"],
+    resume_bit_exact=digest(whole["state"]) == digest(resumed["state"]),
+    resumed_losses_equal=[l for s, l in resumed["losses"]]
+    == [l for s, l in whole["losses"] if s > steps // 2],
+  )
   many = first_advance(config, devices)
   report["optimality_gap"] = optimality_gap(many["problem"], many["solution"])
   report["solution_shape"] = list(np.shape(many["solution"]))
@@ -134,7 +158,8 @@ def run_case(spec: str, workdir: pathlib.Path, steps: int) -> dict:
     cost_many, cost_one = (np.asarray(x["problem"][0], np.float64) for x in (many, one))
     # float32 rounding of the cost matmul may depend on the layout (64-D digits); pairs may not.
     report["costs_max_rel_diff_one_device"] = float(
-        np.max(np.abs(cost_many - cost_one)) / np.max(np.abs(cost_one)))
+      np.max(np.abs(cost_many - cost_one)) / np.max(np.abs(cost_one))
+    )
   return report
 
 

@@ -14,11 +14,17 @@ from diffjax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "toy2d_icfm.py")
-TINY = ["--config.train.steps=20", "--config.train.fused_steps=10",
-        "--config.train.log_every=10", "--config.train.checkpoint_every=10",
-        "--config.train.batch_size=64", "--config.model.width=32",
-        "--config.train.progress_bar=false", "--config.sample.num=64",
-        "--config.sample.steps=4"]
+TINY = [
+  "--config.train.steps=20",
+  "--config.train.fused_steps=10",
+  "--config.train.log_every=10",
+  "--config.train.checkpoint_every=10",
+  "--config.train.batch_size=64",
+  "--config.model.width=32",
+  "--config.train.progress_bar=false",
+  "--config.sample.num=64",
+  "--config.sample.steps=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,24 @@ def test_train_writes_workdir(trained_workdir):
 def test_sample_every_flow_sampler(trained_workdir, tmp_path, capsys):
   for sampler in ("euler", "heun", "rk4", "dopri5"):
     out = tmp_path / f"{sampler}.npz"
-    assert cli.main(["sample", "--workdir", str(trained_workdir), "--num", "50", "--out",
-                     str(out), "--steps", "4", "--sampler", sampler]) == 0
+    assert (
+      cli.main(
+        [
+          "sample",
+          "--workdir",
+          str(trained_workdir),
+          "--num",
+          "50",
+          "--out",
+          str(out),
+          "--steps",
+          "4",
+          "--sampler",
+          sampler,
+        ]
+      )
+      == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with np.load(out, allow_pickle=False) as f:
       samples = f["samples"]
@@ -46,8 +68,9 @@ def test_sample_every_flow_sampler(trained_workdir, tmp_path, capsys):
 
 
 def test_evaluate_prints_w2(trained_workdir, capsys):
-  assert cli.main(["evaluate", "--workdir", str(trained_workdir), "--num", "200",
-                   "--steps", "8"]) == 0
+  assert (
+    cli.main(["evaluate", "--workdir", str(trained_workdir), "--num", "200", "--steps", "8"]) == 0
+  )
   metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   # A 20-step model is far from the target but W2 is a finite positive distance.
   assert metrics["step"] == 20 and 0.0 < metrics["w2"] < 20.0
@@ -57,7 +80,9 @@ def test_evaluate_prints_w2(trained_workdir, capsys):
   assert np.isfinite(metrics["nll"]) and metrics["nll"] > 0.0
 
 
-@pytest.mark.parametrize("override, fragment", [
+@pytest.mark.parametrize(
+  "override, fragment",
+  [
     ("--config.train.stepz=3", "train.stepz: unknown key"),
     ("--config.train.steps=abc", "expected an integer"),
     ("--config.train.steps=-5", "train.steps=-5: must be > 0"),
@@ -68,7 +93,8 @@ def test_evaluate_prints_w2(trained_workdir, capsys):
     ("--config.objective.name=magic", "objective.name='magic': unknown"),
     ("--config.data.shape=(3,)", "data.shape=(3,)"),
     ("--config.train.ema_decay=1.5", "train.ema_decay=1.5"),
-])
+  ],
+)
 def test_bad_config_fails_in_one_line(tmp_path, capsys, override, fragment):
   workdir = tmp_path / "wd"
   code = cli.main(["train", "--config", CONFIG, "--workdir", str(workdir), *TINY, override])
@@ -82,9 +108,22 @@ def test_bad_config_fails_in_one_line(tmp_path, capsys, override, fragment):
 def test_errors_before_any_compile_in_a_fresh_process(tmp_path):
   """A config typo exits 2 with one line and no traceback, also as a real process."""
   proc = subprocess.run(
-      [sys.executable, "-m", "diffjax.cli", "train", "--config", CONFIG, "--workdir",
-       str(tmp_path / "wd"), "--config.optimizer.lr=0.1"],
-      capture_output=True, text=True, timeout=120, cwd=ROOT)
+    [
+      sys.executable,
+      "-m",
+      "diffjax.cli",
+      "train",
+      "--config",
+      CONFIG,
+      "--workdir",
+      str(tmp_path / "wd"),
+      "--config.optimizer.lr=0.1",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("diffjax: error: --config.optimizer.lr: unknown key")
   assert "Traceback" not in proc.stderr
@@ -99,6 +138,8 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
 
 
 def test_sample_needs_a_trained_workdir(tmp_path, capsys):
-  assert cli.main(["sample", "--workdir", str(tmp_path), "--num", "4", "--out",
-                   str(tmp_path / "s.npz")]) == 2
+  assert (
+    cli.main(["sample", "--workdir", str(tmp_path), "--num", "4", "--out", str(tmp_path / "s.npz")])
+    == 2
+  )
   assert "config.json not found" in capsys.readouterr().err

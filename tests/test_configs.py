@@ -25,8 +25,12 @@ def test_torchcfm_2d_protocol():
   config = config_lib.load_config_file(str(CONFIGS[0].with_name("toy2d_otcfm.py")))
   assert (config.data.source, config.data.target) == ("8gaussians", "moons")
   assert (config.objective.name, config.objective.sigma) == ("otcfm", 0.1)
-  assert (config.model.name, config.model.width, config.model.depth,
-          config.model.activation) == ("mlp", 64, 3, "selu")
+  assert (config.model.name, config.model.width, config.model.depth, config.model.activation) == (
+    "mlp",
+    64,
+    3,
+    "selu",
+  )
   assert (config.optimizer.name, config.optimizer.learning_rate) == ("adam", 1e-3)
   assert (config.train.batch_size, config.train.steps) == (256, 20_000)
 
@@ -42,6 +46,7 @@ def test_torchcfm_cifar10_recipe():
 def test_readme_lists_every_objective():
   """README's table of objectives names each entry of diffjax.objectives.OBJECTIVES."""
   from diffjax import objectives
+
   readme = (CONFIGS[0].parents[1] / "README.md").read_text()
   missing = [name for name in objectives.OBJECTIVES if f"| `{name}` |" not in readme]
   assert not missing, missing

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax import couplings
 
@@ -18,7 +19,7 @@ def _np_cost(x0, x1) -> np.ndarray:
   """Independent float64 reference: ||x0_i - x1_j||^2 by explicit differences."""
   a = np.asarray(x0, np.float64).reshape(len(x0), -1)
   b = np.asarray(x1, np.float64).reshape(len(x1), -1)
-  return ((a[:, None, :] - b[None, :, :])**2).sum(-1)
+  return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
 
 
 def _brute_force(cost: np.ndarray, allowed=None) -> tuple[float, tuple[int, ...]]:
@@ -60,8 +61,9 @@ def test_exact_ot_equals_brute_force(n, solver):
   x0 = rng.standard_normal((batches, n, 2, 3)).astype(np.float32)
   x1 = rng.standard_normal((batches, n, 2, 3)).astype(np.float32) + 0.5
   labels = np.tile(np.arange(n), (batches, 1))
-  out0, out1, out_labels = map(np.asarray, _EXACT_BATCHED(jax.random.key(0), x0, x1, labels,
-                                                          solver=solver))
+  out0, out1, out_labels = map(
+    np.asarray, _EXACT_BATCHED(jax.random.key(0), x0, x1, labels, solver=solver)
+  )
   np.testing.assert_array_equal(out0, x0)
   for b in range(batches):
     cost = _np_cost(x0[b], x1[b])
@@ -94,9 +96,13 @@ def _coupling_outputs():
   index = np.arange(12)
   labels = {"index": index, "class": index % 3}
   outs = {}
-  for name, kwargs in [("independent", dict(shuffle=True)), ("exact_ot", {}),
-                       ("sinkhorn", dict(mode="permutation")), ("sinkhorn", dict(mode="sample")),
-                       ("label_exact_ot", {})]:
+  for name, kwargs in [
+    ("independent", dict(shuffle=True)),
+    ("exact_ot", {}),
+    ("sinkhorn", dict(mode="permutation")),
+    ("sinkhorn", dict(mode="sample")),
+    ("label_exact_ot", {}),
+  ]:
     fn = jax.jit(couplings.get_coupling(name, **kwargs))
     call_labels = labels["class"] if name == "label_exact_ot" else labels
     outs[(name, kwargs.get("mode"))] = jax.tree.map(np.asarray, fn(key, x0, x1, call_labels))
@@ -108,8 +114,15 @@ def coupling_outputs():
   return _coupling_outputs()
 
 
-@pytest.mark.parametrize("which", [("independent", None), ("exact_ot", None),
-                                   ("sinkhorn", "permutation"), ("label_exact_ot", None)])
+@pytest.mark.parametrize(
+  "which",
+  [
+    ("independent", None),
+    ("exact_ot", None),
+    ("sinkhorn", "permutation"),
+    ("label_exact_ot", None),
+  ],
+)
 def test_permutation_couplings_keep_every_point_once_with_its_label(coupling_outputs, which):
   x0, x1, labels, outs = coupling_outputs
   out0, out1, out_labels = outs[which]
@@ -148,8 +161,11 @@ def sinkhorn_problem():
   x0 = rng.standard_normal((32, 2)).astype(np.float32)
   x1 = 0.5 * rng.standard_normal((32, 2)).astype(np.float32) + 1.0
   cost = np.asarray(jax.jit(couplings.squared_euclidean_cost)(x0, x1))
-  solve = jax.jit(lambda c, eps: couplings.sinkhorn_log_plan(
-      c, epsilon=eps, relative_epsilon="mean", threshold=1e-5, max_iterations=20000))
+  solve = jax.jit(
+    lambda c, eps: couplings.sinkhorn_log_plan(
+      c, epsilon=eps, relative_epsilon="mean", threshold=1e-5, max_iterations=20000
+    )
+  )
   perm = np.asarray(couplings.exact_ot_permutation(cost))
   exact = float(np.asarray(cost)[np.arange(32), perm].mean())
   return cost, solve, exact, perm
@@ -214,9 +230,11 @@ def test_solvers_agree_on_protocol_sized_problems_and_emd_falls_back(monkeypatch
   the emd solver answers with the exact lsa permutation instead of a wrong one."""
   rng = np.random.default_rng(5)
   moons = np.stack([np.cos(np.linspace(0, np.pi, 256)), np.sin(np.linspace(0, np.pi, 256))], 1)
-  problems = [(rng.standard_normal((256, 2)), moons + 0.05 * rng.standard_normal((256, 2))),
-              (rng.standard_normal((256, 2)), rng.standard_normal((256, 2))),
-              (rng.standard_normal((256, 64)), rng.standard_normal((256, 64)))]
+  problems = [
+    (rng.standard_normal((256, 2)), moons + 0.05 * rng.standard_normal((256, 2))),
+    (rng.standard_normal((256, 2)), rng.standard_normal((256, 2))),
+    (rng.standard_normal((256, 64)), rng.standard_normal((256, 64))),
+  ]
   for a, b in problems:
     cost = _np_cost(a, b)
     perms = {name: solve(cost) for name, solve in couplings.OT_SOLVERS.items()}
@@ -224,6 +242,7 @@ def test_solvers_agree_on_protocol_sized_problems_and_emd_falls_back(monkeypatch
       np.testing.assert_array_equal(np.sort(perm), np.arange(256))
     np.testing.assert_array_equal(perms["emd"], perms["lsa"])
   import ot
+
   # Stopped at the iteration cap: once on a plan that is no permutation, once on a permutation
   # vertex that is not optimal (the identity); both times the answer is the optimum.
   stopped = {"result_code": 3, "warning": "numItermax reached before optimality"}
@@ -264,8 +283,9 @@ def test_label_exact_ot_rejects_unbalanced_classes():
   fn = jax.jit(couplings.label_exact_ot_coupling)
   x = jnp.zeros((4, 2))
   with pytest.raises(Exception, match="class 0 has 4 source points but 2 data points"):
-    jax.block_until_ready(fn(jax.random.key(0), x, x, jnp.array([0, 0, 1, 1]),
-                             x0_labels=jnp.zeros(4, jnp.int32)))
+    jax.block_until_ready(
+      fn(jax.random.key(0), x, x, jnp.array([0, 0, 1, 1]), x0_labels=jnp.zeros(4, jnp.int32))
+    )
 
 
 def test_global_coupling_on_sharded_batch_equals_unsharded():
@@ -288,11 +308,14 @@ def test_global_coupling_on_sharded_batch_equals_unsharded():
   # The sharded solution is the global optimum, not eight per-shard ones: it pairs across shards.
   perm = np.asarray(out[2])
   assert np.any(perm // 2 != np.arange(16) // 2)
+
   # Sinkhorn in-graph on the sharded batch: XLA's reductions are global, so the plan is the
   # unsharded one up to float32 summation order.
   def log_plan(a, b):
-    return couplings.sinkhorn_log_plan(couplings.squared_euclidean_cost(a, b), epsilon=0.1,
-                                       relative_epsilon="mean", threshold=1e-5)
+    return couplings.sinkhorn_log_plan(
+      couplings.squared_euclidean_cost(a, b), epsilon=0.1, relative_epsilon="mean", threshold=1e-5
+    )
+
   want = jax.jit(log_plan)(x0, x1)
   got = jax.jit(log_plan, in_shardings=(sharded, sharded))(*args[:2])
   np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-4, atol=1e-7)
@@ -303,8 +326,9 @@ def test_vmapped_exact_coupling_equals_one_by_one():
   x0 = rng.standard_normal((3, 6, 2)).astype(np.float32)
   x1 = rng.standard_normal((3, 6, 2)).astype(np.float32)
   batched = _EXACT_BATCHED(jax.random.key(0), x0, x1, np.tile(np.arange(6), (3, 1)))[2]
-  single = jax.jit(lambda a, b: couplings.exact_ot_permutation(
-      couplings.squared_euclidean_cost(a, b)))
+  single = jax.jit(
+    lambda a, b: couplings.exact_ot_permutation(couplings.squared_euclidean_cost(a, b))
+  )
   for b in range(3):
     np.testing.assert_array_equal(batched[b], single(x0[b], x1[b]))
 
@@ -325,5 +349,6 @@ def test_get_coupling_rejects_bad_names_and_options():
   with pytest.raises(ValueError, match="same shape"):
     couplings.get_coupling("exact_ot")(jax.random.key(0), jnp.zeros((4, 2)), jnp.zeros((5, 2)))
   with pytest.raises(ValueError, match="integer labels of shape"):
-    couplings.get_coupling("label_exact_ot")(jax.random.key(0), jnp.zeros((4, 2)),
-                                             jnp.zeros((4, 2)), None)
+    couplings.get_coupling("label_exact_ot")(
+      jax.random.key(0), jnp.zeros((4, 2)), jnp.zeros((4, 2)), None
+    )

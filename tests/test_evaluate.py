@@ -12,7 +12,6 @@ import scipy.optimize
 
 from diffjax import evaluate
 
-
 # ------------------------------------------------------------------------------------------------
 # Wasserstein-2.
 
@@ -23,8 +22,9 @@ def test_wasserstein2_matches_brute_force_over_permutations(n):
   # W2^2 = min over permutations p of (1/n) sum_i ||x_i - y_p(i)||^2.
   rng = np.random.default_rng(n)
   x, y = rng.normal(size=(n, 2)), rng.normal(size=(n, 2)) + 0.3
-  brute = min(np.mean(np.sum((x - y[list(p)]) ** 2, axis=1))
-              for p in itertools.permutations(range(n)))
+  brute = min(
+    np.mean(np.sum((x - y[list(p)]) ** 2, axis=1)) for p in itertools.permutations(range(n))
+  )
   np.testing.assert_allclose(evaluate.wasserstein2(x, y) ** 2, brute, rtol=1e-10)
 
 
@@ -35,9 +35,13 @@ def test_wasserstein2_matches_linear_program_for_unequal_sizes():
   cost = np.sum((x[:, None] - y[None]) ** 2, axis=-1)
   rows = np.kron(np.eye(3), np.ones((1, 5)))
   cols = np.kron(np.ones((1, 3)), np.eye(5))
-  lp = scipy.optimize.linprog(cost.ravel(), A_eq=np.vstack([rows, cols]),
-                              b_eq=np.concatenate([np.full(3, 1 / 3), np.full(5, 1 / 5)]),
-                              bounds=(0, None), method="highs")
+  lp = scipy.optimize.linprog(
+    cost.ravel(),
+    A_eq=np.vstack([rows, cols]),
+    b_eq=np.concatenate([np.full(3, 1 / 3), np.full(5, 1 / 5)]),
+    bounds=(0, None),
+    method="highs",
+  )
   np.testing.assert_allclose(evaluate.wasserstein2(x, y) ** 2, lp.fun, rtol=1e-8)
 
 
@@ -51,8 +55,9 @@ def test_wasserstein2_closed_forms():
   # points given as [n, 2, 2] images are flattened to R^4.
   cloud = rng.normal(size=(30, 2, 2))
   shift = np.array([[1.5, -2.0], [0.5, 0.0]])
-  np.testing.assert_allclose(evaluate.wasserstein2(cloud, cloud + shift),
-                             np.linalg.norm(shift), rtol=1e-9)
+  np.testing.assert_allclose(
+    evaluate.wasserstein2(cloud, cloud + shift), np.linalg.norm(shift), rtol=1e-9
+  )
   assert evaluate.wasserstein2(cloud, cloud[::-1]) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -86,8 +91,9 @@ def _brute_mmd2(x, y, bandwidths):
 def test_mmd_rbf_matches_brute_force():
   rng = np.random.default_rng(3)
   x, y = rng.normal(size=(6, 3)), rng.normal(size=(5, 3)) + 0.5
-  got = evaluate.mmd_rbf(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-                         bandwidths=(0.5, 2.0))
+  got = evaluate.mmd_rbf(
+    jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), bandwidths=(0.5, 2.0)
+  )
   # float32 kernel sums of O(1) terms: rounding well below 1e-5.
   np.testing.assert_allclose(float(got), _brute_mmd2(x, y, (0.5, 2.0)), atol=1e-5)
   with pytest.raises(ValueError, match="bandwidths"):
@@ -100,8 +106,11 @@ def _gaussian_kernel_mean(mean, cov, bandwidths):
   """E k(X, X') for X - X' ~ N(mean, cov): sum_s det(I + cov/s^2)^(-1/2)
   exp(-mean^T (cov + s^2 I)^(-1) mean / 2) (a Gaussian integral)."""
   eye = np.eye(len(mean))
-  return sum(np.linalg.det(eye + cov / s**2) ** -0.5
-             * np.exp(-0.5 * mean @ np.linalg.solve(cov + s**2 * eye, mean)) for s in bandwidths)
+  return sum(
+    np.linalg.det(eye + cov / s**2) ** -0.5
+    * np.exp(-0.5 * mean @ np.linalg.solve(cov + s**2 * eye, mean))
+    for s in bandwidths
+  )
 
 
 def test_mmd_rbf_is_unbiased_against_the_population_value():
@@ -119,10 +128,12 @@ def test_mmd_rbf_is_unbiased_against_the_population_value():
   eye = np.eye(2)
   zero = np.zeros(2)
   truths = {
-      "same": 0.0,
-      "diff": (_gaussian_kernel_mean(zero, 2 * eye, bandwidths)
-               + _gaussian_kernel_mean(zero, 2 * cov_q, bandwidths)
-               - 2 * _gaussian_kernel_mean(mean_q, eye + cov_q, bandwidths)),
+    "same": 0.0,
+    "diff": (
+      _gaussian_kernel_mean(zero, 2 * eye, bandwidths)
+      + _gaussian_kernel_mean(zero, 2 * cov_q, bandwidths)
+      - 2 * _gaussian_kernel_mean(mean_q, eye + cov_q, bandwidths)
+    ),
   }
   for name, y in [("same", y_same), ("diff", y_diff)]:
     values = np.asarray(estimate(x, y), np.float64)
@@ -161,8 +172,9 @@ def test_frechet_distance_diagonal_closed_form():
   mean_a, mean_b = np.array([0.0, 1.0, -2.0]), np.array([0.5, 0.0, 1.0])
   var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
   exact = np.sum((mean_a - mean_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
-  got = evaluate.frechet_distance_from_moments(mean_a=mean_a, cov_a=np.diag(var_a),
-                                               mean_b=mean_b, cov_b=np.diag(var_b))
+  got = evaluate.frechet_distance_from_moments(
+    mean_a=mean_a, cov_a=np.diag(var_a), mean_b=mean_b, cov_b=np.diag(var_b)
+  )
   np.testing.assert_allclose(got, exact, rtol=1e-12)
   rng = np.random.default_rng(4)
   a = _samples_with_moments(rng, 50, mean_a, np.diag(var_a))
@@ -182,12 +194,15 @@ def test_frechet_distance_full_covariances_exact_moments():
   assert not np.allclose(cov_a @ cov_b, cov_b @ cov_a)  # the non-commuting case
   mean_a, mean_b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.5, -0.5])
   reference = _reference_frechet(mean_a, cov_a, mean_b, cov_b)
-  got = evaluate.frechet_distance_from_moments(mean_a=mean_a, cov_a=cov_a, mean_b=mean_b,
-                                               cov_b=cov_b)
+  got = evaluate.frechet_distance_from_moments(
+    mean_a=mean_a, cov_a=cov_a, mean_b=mean_b, cov_b=cov_b
+  )
   np.testing.assert_allclose(got, reference, rtol=1e-9)
   rng = np.random.default_rng(6)
-  a, b = (_samples_with_moments(rng, 40, mean_a, cov_a),
-          _samples_with_moments(rng, 40, mean_b, cov_b))
+  a, b = (
+    _samples_with_moments(rng, 40, mean_a, cov_a),
+    _samples_with_moments(rng, 40, mean_b, cov_b),
+  )
   np.testing.assert_allclose(evaluate.frechet_distance(a, b), reference, rtol=1e-8)
 
 
@@ -200,10 +215,15 @@ def test_frechet_distance_from_large_samples():
   mean_a, mean_b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.5, -0.5])
   exact = _reference_frechet(mean_a, cov_a, mean_b, cov_b)
   rng = np.random.default_rng(7)
-  values = np.array([
-      evaluate.frechet_distance(rng.multivariate_normal(mean_a, cov_a, size=n),
-                                rng.multivariate_normal(mean_b, cov_b, size=n))
-      for _ in range(reps)])
+  values = np.array(
+    [
+      evaluate.frechet_distance(
+        rng.multivariate_normal(mean_a, cov_a, size=n),
+        rng.multivariate_normal(mean_b, cov_b, size=n),
+      )
+      for _ in range(reps)
+    ]
+  )
   se = values.std(ddof=1) / np.sqrt(reps)
   bias_bound = 2 * (np.trace(cov_a) + np.trace(cov_b)) / n
   assert abs(values.mean() - exact) < 5 * se + bias_bound, (values.mean(), exact, se)
@@ -213,6 +233,7 @@ def test_digits_classifier_and_frechet_distance():
   feature_fn, accuracy = evaluate.train_digits_classifier(0)
   assert accuracy >= 0.95
   from diffjax.data import images
+
   x, _ = images.load_digits()
   assert feature_fn(jnp.asarray(x[:5])).shape == (5, 64)
   order = np.random.default_rng(0).permutation(len(x))

@@ -56,6 +56,7 @@ def test_digits_shapes_dtypes_range():
   assert y.shape == (1797,) and y.dtype == np.int32
   # Raw values are 0..16; u / 8 - 1 sends them onto the 17-point grid of [-1, 1].
   from sklearn.datasets import load_digits
+
   raw = load_digits().images
   np.testing.assert_allclose(x[..., 0], raw / 8.0 - 1.0, atol=1e-6)
   assert set(np.unique(y)) == set(range(10))
@@ -68,8 +69,14 @@ def test_digits_shapes_dtypes_range():
 def test_npz_pixels_map_to_model_range(npz_path):
   x, y = images.load_npz(path=npz_path)
   assert x.dtype == np.uint8 and x.shape == (N_NPZ,) + SHAPE and y.dtype == np.int32
-  loader = images.make_loader(source="npz", source_kwargs=dict(path=npz_path), batch_size=8,
-                              seed=0, num_epochs=1, shuffle=False)
+  loader = images.make_loader(
+    source="npz",
+    source_kwargs=dict(path=npz_path),
+    batch_size=8,
+    seed=0,
+    num_epochs=1,
+    shuffle=False,
+  )
   batches = _stream(loader)
   got = np.concatenate([b["image"] for b in batches])
   # Unshuffled single epoch: same order as the file; 2 u / 255 - 1 exactly (u=0 -> -1, 255 -> 1).
@@ -100,14 +107,16 @@ def test_folder_labels_follow_sorted_class_names(folder):
   small, _ = images.load_folder(root=folder, image_size=(2, 5), channels=1)
   assert small.shape == (12, 2, 5, 1)
   # Resizing a constant image keeps it constant.
-  np.testing.assert_array_equal(small[:, :, :, 0].min(axis=(1, 2)),
-                                small[:, :, :, 0].max(axis=(1, 2)))
+  np.testing.assert_array_equal(
+    small[:, :, :, 0].min(axis=(1, 2)), small[:, :, :, 0].max(axis=(1, 2))
+  )
 
 
 def test_seed_determinism_and_difference(npz_path):
   def ids(seed):
-    loader = images.make_loader(source=images.get_dataset("npz", path=npz_path), batch_size=8,
-                                seed=seed, augment=True)
+    loader = images.make_loader(
+      source=images.get_dataset("npz", path=npz_path), batch_size=8, seed=seed, augment=True
+    )
     return np.concatenate([_ids(b) for b in _stream(loader, 10)]), _stream(loader, 3)
 
   a, a_batches = ids(3)
@@ -122,8 +131,9 @@ def test_seed_determinism_and_difference(npz_path):
 def test_augmentation_flips_about_half(npz_path):
   source = images.get_dataset("npz", path=npz_path)
   plain = _stream(images.make_loader(source=source, batch_size=8, seed=2, num_epochs=2))
-  flipped = _stream(images.make_loader(source=source, batch_size=8, seed=2, num_epochs=2,
-                                       augment=True))
+  flipped = _stream(
+    images.make_loader(source=source, batch_size=8, seed=2, num_epochs=2, augment=True)
+  )
   plain = np.concatenate([b["image"] for b in plain])
   flipped = np.concatenate([b["image"] for b in flipped])
   same = np.all(plain == flipped, axis=(1, 2, 3))
@@ -145,12 +155,14 @@ def test_each_epoch_is_a_permutation(npz_path):
   assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
   assert not np.array_equal(epochs[0], np.arange(N_NPZ))
   # 7 does not divide 40: with drop_remainder=False one epoch still yields each record once.
-  loader = images.make_loader(source=source, batch_size=7, seed=0, num_epochs=1,
-                              drop_remainder=False)
+  loader = images.make_loader(
+    source=source, batch_size=7, seed=0, num_epochs=1, drop_remainder=False
+  )
   batches = _stream(loader)
   assert [len(b["label"]) for b in batches] == [7] * 5 + [5]
-  np.testing.assert_array_equal(np.sort(np.concatenate([_ids(b) for b in batches])),
-                                np.arange(N_NPZ))
+  np.testing.assert_array_equal(
+    np.sort(np.concatenate([_ids(b) for b in batches])), np.arange(N_NPZ)
+  )
 
 
 @pytest.mark.parametrize("drop_remainder,n", [(False, 39), (True, 40)])
@@ -160,9 +172,15 @@ def test_process_shards_are_disjoint_and_cover(tmp_path, drop_remainder, n):
   source = images.ImageSource(data, np.zeros(n, np.int32))
   shards = []
   for process_index in range(2):
-    loader = images.make_loader(source=source, batch_size=4, seed=5, num_epochs=1,
-                                process_index=process_index, process_count=2,
-                                drop_remainder=drop_remainder)
+    loader = images.make_loader(
+      source=source,
+      batch_size=4,
+      seed=5,
+      num_epochs=1,
+      process_index=process_index,
+      process_count=2,
+      drop_remainder=drop_remainder,
+    )
     shards.append(np.concatenate([_ids(b) for b in _stream(loader)]))
   assert not set(shards[0]) & set(shards[1])
   assert len(set(shards[0])) == len(shards[0]) and len(set(shards[1])) == len(shards[1])
@@ -183,8 +201,9 @@ def test_checkpoint_restore_continues_identically(npz_path):
   for _ in range(4):  # consume more, then go back
     next(it)
   # A loader rebuilt from scratch (as after a restart) resumes from the saved state.
-  fresh = images.make_loader(source=images.get_dataset("npz", path=npz_path), batch_size=6,
-                             seed=7, augment=True)
+  fresh = images.make_loader(
+    source=images.get_dataset("npz", path=npz_path), batch_size=6, seed=7, augment=True
+  )
   restored = images.restore_iterator(fresh, state)
   for expected in reference[3:]:
     got = next(restored)
@@ -193,16 +212,18 @@ def test_checkpoint_restore_continues_identically(npz_path):
   # Restoring onto other data is refused.
   other = images.ImageSource(np.zeros((N_NPZ,) + SHAPE, np.uint8), np.zeros(N_NPZ, np.int32))
   with pytest.raises(ValueError, match="DataSource"):
-    images.restore_iterator(images.make_loader(source=other, batch_size=6, seed=7,
-                                               augment=True), state)
+    images.restore_iterator(
+      images.make_loader(source=other, batch_size=6, seed=7, augment=True), state
+    )
 
 
 def test_orbax_checkpoint_of_the_iterator(tmp_path, npz_path):
   import grain
   import orbax.checkpoint as ocp
 
-  loader = images.make_loader(source=images.get_dataset("npz", path=npz_path), batch_size=6,
-                              seed=3, augment=True)
+  loader = images.make_loader(
+    source=images.get_dataset("npz", path=npz_path), batch_size=6, seed=3, augment=True
+  )
   it = iter(loader)
   for _ in range(2):
     next(it)
@@ -238,8 +259,11 @@ def test_bad_npz_inputs_raise_clear_errors(tmp_path):
       images.load_npz(path=str(path))
 
   check(r"shape \(4, 3, 3\).*4-D", image=np.zeros((4, 3, 3), np.uint8), label=np.zeros(4, int))
-  check(r"labels.*shape \(5,\).*\(4, 3, 3, 1\)", image=np.zeros((4, 3, 3, 1), np.uint8),
-        label=np.zeros(5, int))
+  check(
+    r"labels.*shape \(5,\).*\(4, 3, 3, 1\)",
+    image=np.zeros((4, 3, 3, 1), np.uint8),
+    label=np.zeros(5, int),
+  )
   nan = np.zeros((4, 3, 3, 1), np.float32)
   nan[1, 2, 0, 0] = np.nan
   check("1 NaN", image=nan, label=np.zeros(4, int))
@@ -274,10 +298,13 @@ def test_bad_folder_and_loader_arguments(tmp_path, folder, npz_path):
     with pytest.raises(ImportError, match="tensorflow-datasets.*npz"):
       images.get_dataset("tfds", name="cifar10")
   source = images.get_dataset("npz", path=npz_path)
-  for kwargs, match in [(dict(batch_size=0), "batch_size=0"), (dict(seed=-1), "seed=-1"),
-                        (dict(process_index=2, process_count=2), "process_index=2"),
-                        (dict(batch_size=41), "batch_size=41"),
-                        (dict(num_epochs=0), "num_epochs=0")]:
+  for kwargs, match in [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(process_index=2, process_count=2), "process_index=2"),
+    (dict(batch_size=41), "batch_size=41"),
+    (dict(num_epochs=0), "num_epochs=0"),
+  ]:
     with pytest.raises(ValueError, match=match):
       images.make_loader(source=source, **{"batch_size": 8, "seed": 0, **kwargs})
 

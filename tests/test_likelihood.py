@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_fields import GaussianData, trig_coefficients
 from scipy import stats
 
 from diffjax import paths
 from diffjax import samplers as S
 from diffjax.parameterization import get_prediction_target
-
-from gaussian_fields import GaussianData, trig_coefficients
 
 DATA = GaussianData([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]])
 FLOW = paths.get_path("linear").gaussian_coefficients
@@ -36,8 +35,10 @@ def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
   t = jnp.linspace(0.0, 1.0, 4)
   v, div = S.exact_divergence(velocity)(x, t, None)
-  brute = [jnp.trace(jax.jacfwd(lambda z, ti=ti: velocity(z[None], ti[None])[0])(xi))
-           for xi, ti in zip(x, t)]
+  brute = [
+    jnp.trace(jax.jacfwd(lambda z, ti=ti: velocity(z[None], ti[None])[0])(xi))
+    for xi, ti in zip(x, t)
+  ]
   np.testing.assert_allclose(div, brute, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(v, velocity(x, t), rtol=1e-6)
   # Hutchinson per probe: z^T J z. Its mean over P probes has s.e. std / sqrt(P); allow 5 s.e.
@@ -57,8 +58,11 @@ def test_flow_path_log_likelihood_is_the_gaussian_log_density():
   np.testing.assert_allclose(out.log_prob, DATA.log_prob(POINTS), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out.log_prob, out.prior_log_prob + out.delta_log_prob, rtol=1e-6)
   # The latent is the closed-form flow map of the data to t = 0.
-  np.testing.assert_allclose(out.latent, DATA.flow_map(POINTS, alpha_from=1.0, sigma_from=0.0,
-                                                       alpha_to=0.0, sigma_to=1.0), atol=1e-4)
+  np.testing.assert_allclose(
+    out.latent,
+    DATA.flow_map(POINTS, alpha_from=1.0, sigma_from=0.0, alpha_to=0.0, sigma_to=1.0),
+    atol=1e-4,
+  )
   assert int(out.nfe) == 32 * 4
   # Adaptive Dopri5 inside the same augmented solve.
   solver = functools.partial(S.integrate_adaptive, solver=diffrax.Dopri5(), rtol=1e-6, atol=1e-6)
@@ -70,8 +74,9 @@ def test_diffusion_time_log_likelihood_with_an_eps_model():
   # Diffusion time runs data (t = 1e-3) -> noise (t = 1); the density at the data time is the
   # marginal N(alpha mu, alpha^2 Sigma + sigma^2 I) there. The prior is the exact marginal at t = 1.
   eps = get_prediction_target("eps")
-  velocity = S.velocity_field(DATA.predictor(eps, trig_coefficients), target=eps,
-                              coefficients_fn=trig_coefficients)
+  velocity = S.velocity_field(
+    DATA.predictor(eps, trig_coefficients), target=eps, coefficients_fn=trig_coefficients
+  )
   t_data, t_noise = 1e-3, 1.0
   c_data, c_noise = trig_coefficients(np.float64(t_data)), trig_coefficients(np.float64(t_noise))
   prior_mean = jnp.asarray(c_noise.alpha * DATA.mean, jnp.float32)
@@ -83,8 +88,9 @@ def test_diffusion_time_log_likelihood_with_an_eps_model():
     z = (x - prior_mean) @ prior_chol_inv.T
     return -0.5 * jnp.sum(z**2, -1) - 0.5 * log_det - math.log(2 * math.pi)
 
-  times = S.log_snr_grid(num_steps=48, t_start=t_data, t_end=t_noise,
-                         coefficients_fn=trig_coefficients)
+  times = S.log_snr_grid(
+    num_steps=48, t_start=t_data, t_end=t_noise, coefficients_fn=trig_coefficients
+  )
   out = S.log_likelihood(None, velocity, POINTS, times=times, prior_log_prob=prior_log_prob)
   exact = DATA.log_prob(POINTS, alpha=float(c_data.alpha), sigma=float(c_data.sigma))
   np.testing.assert_allclose(out.log_prob, exact, rtol=1e-3, atol=1e-3)
@@ -100,10 +106,16 @@ def test_hutchinson_log_likelihood_mean_and_variance():
   times = S.uniform_grid(num_steps=16, t_start=1.0, t_end=0.0)
   exact = float(DATA.log_prob(POINTS[2]))
   m = -0.5 * (DATA.eigvecs * np.log(DATA.eigvals)) @ DATA.eigvecs.T
-  theory = {S.rademacher_probes: 4 * m[0, 1]**2, S.gaussian_probes: 2 * np.trace(m @ m)}
+  theory = {S.rademacher_probes: 4 * m[0, 1] ** 2, S.gaussian_probes: 2 * np.trace(m @ m)}
   for probes, variance in theory.items():
-    out = S.log_likelihood(jax.random.PRNGKey(3), FLOW_FIELD, x, times=times,
-                           divergence=S.hutchinson_divergence, probes=probes)
+    out = S.log_likelihood(
+      jax.random.PRNGKey(3),
+      FLOW_FIELD,
+      x,
+      times=times,
+      divergence=S.hutchinson_divergence,
+      probes=probes,
+    )
     estimates = np.asarray(out.log_prob, np.float64)
     # Mean of n independent estimates: s.e. sqrt(var / n); 5 s.e. plus RK4 error (1e-3).
     assert abs(estimates.mean() - exact) < 5 * math.sqrt(variance / num) + 1e-3
@@ -118,8 +130,9 @@ def test_bits_per_dim_convention():
   w = S.PIXEL_BIN_WIDTH
   for dims in (1, 3072):
     log_prob = -dims * math.log(2.0 + w)
-    np.testing.assert_allclose(S.bits_per_dim(jnp.asarray([log_prob]), num_dims=dims), 8.0,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      S.bits_per_dim(jnp.asarray([log_prob]), num_dims=dims), 8.0, rtol=1e-6
+    )
   # Dequantization adds U[0, w): range, and mean w/2 within 5 s.e. (s.e. w / sqrt(12 n)).
   pixels = jnp.arange(256.0) / 127.5 - 1.0
   x = jnp.broadcast_to(pixels, (64, 256))

@@ -17,8 +17,12 @@ from diffjax.parameterization import get_prediction_target
 from diffjax.schedules import get_continuous_schedule, get_discrete_schedule
 
 # The finite data set of the flow-matching checks: 16 points in 2D, two loose clusters.
-DATA = np.concatenate([np.random.default_rng(0).normal(size=(8, 2)) * 0.3 + [2.0, 0.0],
-                       np.random.default_rng(1).normal(size=(8, 2)) * 0.3 - [1.0, 1.5]])
+DATA = np.concatenate(
+  [
+    np.random.default_rng(0).normal(size=(8, 2)) * 0.3 + [2.0, 0.0],
+    np.random.default_rng(1).normal(size=(8, 2)) * 0.3 - [1.0, 1.5],
+  ]
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,14 +34,20 @@ def test_regression_loss_is_weighted_mean_of_per_dim_mse():
   rng = np.random.default_rng(3)
   prediction, target = rng.normal(size=(2, 5, 3, 4))
   weight = rng.uniform(size=5)
-  example = losses.TrainingExample(model_input=target, model_time=np.zeros(5), cond=None,
-                                   target=jnp.asarray(target), weight=jnp.asarray(weight))
-  expected = sum(weight[i] * np.mean((prediction[i] - target[i])**2) for i in range(5)) / 5
+  example = losses.TrainingExample(
+    model_input=target,
+    model_time=np.zeros(5),
+    cond=None,
+    target=jnp.asarray(target),
+    weight=jnp.asarray(weight),
+  )
+  expected = sum(weight[i] * np.mean((prediction[i] - target[i]) ** 2) for i in range(5)) / 5
   got = losses.regression_loss(jnp.asarray(prediction, jnp.bfloat16), example)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=2e-2)  # bfloat16 input: 3 significant digits
-  np.testing.assert_allclose(losses.regression_loss(jnp.asarray(prediction), example), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.regression_loss(jnp.asarray(prediction), example), expected, rtol=1e-5
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +59,7 @@ N_TIMES = 200_000
 
 def _moment_check(samples, density, power):
   """Sample mean of t^power against int t^power p(t) dt; s.e. = std / sqrt(n), allow 5 s.e."""
-  values = np.asarray(samples, np.float64)**power
+  values = np.asarray(samples, np.float64) ** power
   expected = integrate.quad(lambda t: t**power * density(t), 0.0, 1.0, limit=200)[0]
   standard_error = values.std() / math.sqrt(values.size)
   assert abs(values.mean() - expected) < 5 * standard_error, (power, values.mean(), expected)
@@ -58,11 +68,15 @@ def _moment_check(samples, density, power):
 def test_time_samplers_match_their_densities():
   key = jax.random.PRNGKey(0)
   cases = {
-      "uniform": ({}, lambda t: 1.0),
-      "logit_normal": (dict(loc=0.5, scale=0.8),
-                       lambda t: math.exp(-(math.log(t / (1 - t)) - 0.5)**2 / (2 * 0.8**2))
-                       / (0.8 * math.sqrt(2 * math.pi) * t * (1 - t))),
-      "u_shaped": (dict(a=4.0), lambda t: 4.0 * math.cosh(4.0 * (t - 0.5)) / (2 * math.sinh(2.0))),
+    "uniform": ({}, lambda t: 1.0),
+    "logit_normal": (
+      dict(loc=0.5, scale=0.8),
+      lambda t: (
+        math.exp(-((math.log(t / (1 - t)) - 0.5) ** 2) / (2 * 0.8**2))
+        / (0.8 * math.sqrt(2 * math.pi) * t * (1 - t))
+      ),
+    ),
+    "u_shaped": (dict(a=4.0), lambda t: 4.0 * math.cosh(4.0 * (t - 0.5)) / (2 * math.sinh(2.0))),
   }
   for name, (kwargs, density) in cases.items():
     assert integrate.quad(density, 0, 1)[0] == pytest.approx(1.0, abs=1e-8)
@@ -97,7 +111,8 @@ def test_stratified_times_cover_the_interval_evenly():
   np.testing.assert_allclose(spacings, 1.0 / batch, atol=1e-6)
   # Marginally uniform: t_0 over many keys has mean 1/2 and s.e. sqrt(1/12 / n); allow 5 s.e.
   firsts = jax.vmap(lambda k: losses.stratified_time(k, batch)[0])(
-      jax.random.split(jax.random.PRNGKey(3), 20_000))
+    jax.random.split(jax.random.PRNGKey(3), 20_000)
+  )
   assert abs(float(firsts.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / 20_000)
 
 
@@ -107,12 +122,14 @@ def test_stratified_times_cover_the_interval_evenly():
 
 # Independent numpy coefficient functions t -> (alpha, sigma, gamma) for the brute force.
 NUMPY_PATHS = {
-    ("linear", (("sigma_min", 0.05),)): lambda t: (t, 1 - 0.95 * t, 0.0 * t),
-    ("icfm", (("sigma", 0.3),)): lambda t: (t, 1 - t, 0.3 + 0.0 * t),
-    ("brownian_bridge", (("sigma", 0.5),)): lambda t: (t, 1 - t, 0.5 * np.sqrt(t * (1 - t))),
-    ("vp", ()): lambda t: (np.exp(-0.25 * (1 - t)**2 * 19.9 - 0.05 * (1 - t)),
-                           np.sqrt(-np.expm1(-0.5 * (1 - t)**2 * 19.9 - 0.1 * (1 - t))),
-                           0.0 * t),
+  ("linear", (("sigma_min", 0.05),)): lambda t: (t, 1 - 0.95 * t, 0.0 * t),
+  ("icfm", (("sigma", 0.3),)): lambda t: (t, 1 - t, 0.3 + 0.0 * t),
+  ("brownian_bridge", (("sigma", 0.5),)): lambda t: (t, 1 - t, 0.5 * np.sqrt(t * (1 - t))),
+  ("vp", ()): lambda t: (
+    np.exp(-0.25 * (1 - t) ** 2 * 19.9 - 0.05 * (1 - t)),
+    np.sqrt(-np.expm1(-0.5 * (1 - t) ** 2 * 19.9 - 0.1 * (1 - t))),
+    0.0 * t,
+  ),
 }
 
 
@@ -122,8 +139,9 @@ def _brute_force_marginal(x, t, data, coefficient_fn):
   differences of the numpy coefficients."""
   h = 1e-6
   alpha, sigma, gamma = coefficient_fn(t)
-  d_alpha, d_sigma, d_gamma = [(p - m) / (2 * h) for p, m in
-                               zip(coefficient_fn(t + h), coefficient_fn(t - h))]
+  d_alpha, d_sigma, d_gamma = [
+    (p - m) / (2 * h) for p, m in zip(coefficient_fn(t + h), coefficient_fn(t - h))
+  ]
   variance = sigma**2 + gamma**2
   residual = x[None] - alpha * data
   log_density = -0.5 * np.sum(residual**2, axis=-1) / variance - np.log(2 * np.pi * variance)
@@ -141,10 +159,12 @@ def test_marginal_velocity_matches_brute_force_bayes(case):
   rng = np.random.default_rng(4)
   x = rng.normal(size=(12, 2)) * 1.5
   t = np.linspace(0.05, 0.95, 12)
-  got = jax.vmap(lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA),
-                                                          path=path))(jnp.asarray(x), t)
-  expected = np.stack([_brute_force_marginal(x[i], t[i], DATA, NUMPY_PATHS[case])
-                       for i in range(12)])
+  got = jax.vmap(
+    lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA), path=path)
+  )(jnp.asarray(x), t)
+  expected = np.stack(
+    [_brute_force_marginal(x[i], t[i], DATA, NUMPY_PATHS[case]) for i in range(12)]
+  )
   np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
 
 
@@ -152,13 +172,19 @@ def test_marginal_velocity_is_stable_far_away():
   path = paths.get_path("linear", sigma_min=0.01)
   x = jnp.array([[1e4, -1e4], [-3e3, 5e2], [50.0, 50.0]])
   t = jnp.array([0.5, 0.95, 0.99])
-  got = jax.vmap(lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA),
-                                                          path=path))(x, t)
+  got = jax.vmap(
+    lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA), path=path)
+  )(x, t)
   assert bool(jnp.all(jnp.isfinite(got)))
   # Float64 brute force in the log domain; far away the posterior sits on one data point.
-  expected = np.stack([_brute_force_marginal(np.asarray(x[i], np.float64), float(t[i]), DATA,
-                                             lambda s: (s, 1 - 0.99 * s, 0.0 * s))
-                       for i in range(3)])
+  expected = np.stack(
+    [
+      _brute_force_marginal(
+        np.asarray(x[i], np.float64), float(t[i]), DATA, lambda s: (s, 1 - 0.99 * s, 0.0 * s)
+      )
+      for i in range(3)
+    ]
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
@@ -169,8 +195,12 @@ def test_marginal_velocity_is_stable_far_away():
 
 def _init_mlp(key, hidden=32):
   k1, k2 = jax.random.split(key)
-  return {"w1": jax.random.normal(k1, (3, hidden)) / math.sqrt(3), "b1": jnp.zeros(hidden),
-          "w2": jax.random.normal(k2, (hidden, 2)) / math.sqrt(hidden), "b2": jnp.zeros(2)}
+  return {
+    "w1": jax.random.normal(k1, (3, hidden)) / math.sqrt(3),
+    "b1": jnp.zeros(hidden),
+    "w2": jax.random.normal(k2, (hidden, 2)) / math.sqrt(hidden),
+    "b2": jnp.zeros(2),
+  }
 
 
 def _mlp(params, x, t):
@@ -187,7 +217,8 @@ def _per_example_loss(params, x, t, target, weight):
 def _per_example_losses_and_grads(params, example):
   fn = jax.value_and_grad(_per_example_loss)
   value, grads = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0))(
-      params, example.model_input, example.model_time, example.target, example.weight)
+    params, example.model_input, example.model_time, example.target, example.weight
+  )
   return value, jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
 
 
@@ -210,10 +241,16 @@ def _decoupling_draws(key, data, *, path, n):
   # instead of their posterior average (w_i = 1/N). The test must reject it.
   alpha, s, d_alpha, d_s = path.gaussian_coefficients(conditional.model_time)
   x_t = conditional.model_input
-  wrong_target = jnp.mean(d_alpha[:, None, None] * data[None] + (d_s / s)[:, None, None]
-                          * (x_t[:, None] - alpha[:, None, None] * data[None]), axis=1)
-  examples = {"conditional": conditional, "marginal": marginal,
-              "wrong": conditional._replace(target=wrong_target)}
+  wrong_target = jnp.mean(
+    d_alpha[:, None, None] * data[None]
+    + (d_s / s)[:, None, None] * (x_t[:, None] - alpha[:, None, None] * data[None]),
+    axis=1,
+  )
+  examples = {
+    "conditional": conditional,
+    "marginal": marginal,
+    "wrong": conditional._replace(target=wrong_target),
+  }
   params1, params2 = _init_mlp(k_theta1), _init_mlp(k_theta2)
   out = {}
   for name, example in examples.items():
@@ -221,21 +258,24 @@ def _decoupling_draws(key, data, *, path, n):
     out[f"{name}.loss2"], _ = _per_example_losses_and_grads(params2, example)
   prediction = _mlp(params1, x_t, conditional.model_time)
   out["batch_loss"] = losses.regression_loss(prediction, conditional)
-  out["marginal_fm_loss"] = losses.marginal_fm_loss(prediction, conditional, data=data,
-                                                    path=path)
+  out["marginal_fm_loss"] = losses.marginal_fm_loss(prediction, conditional, data=data, path=path)
   return out
 
 
-DECOUPLING_PATHS = {"fm": ("linear", dict(sigma_min=0.05)), "icfm": ("icfm", dict(sigma=0.3)),
-                    "sbcfm": ("brownian_bridge", dict(sigma=0.5))}
+DECOUPLING_PATHS = {
+  "fm": ("linear", dict(sigma_min=0.05)),
+  "icfm": ("icfm", dict(sigma=0.3)),
+  "sbcfm": ("brownian_bridge", dict(sigma=0.5)),
+}
 
 
 @pytest.mark.parametrize("recipe", sorted(DECOUPLING_PATHS))
 def test_conditional_and_marginal_fm_share_gradient_and_differ_by_a_constant(recipe):
   name, kwargs = DECOUPLING_PATHS[recipe]
   n = 8192
-  out = _decoupling_draws(jax.random.PRNGKey(7), jnp.asarray(DATA, jnp.float32),
-                          path=paths.get_path(name, **kwargs), n=n)
+  out = _decoupling_draws(
+    jax.random.PRNGKey(7), jnp.asarray(DATA, jnp.float32), path=paths.get_path(name, **kwargs), n=n
+  )
   out = {k: np.asarray(v, np.float64) for k, v in out.items()}
 
   # Same samples, so the per-example difference cancels the shared noise (common random
@@ -248,14 +288,14 @@ def test_conditional_and_marginal_fm_share_gradient_and_differ_by_a_constant(rec
   assert np.max(np.abs(_z_scores(out["conditional.grad1"] - out["wrong.grad1"]))) > 10.0
   # The full-batch losses the train step uses are the means of the per-example losses.
   np.testing.assert_allclose(out["batch_loss"], out["conditional.loss1"].mean(), rtol=1e-5)
-  np.testing.assert_allclose(out["marginal_fm_loss"], out["marginal.loss1"].mean(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(out["marginal_fm_loss"], out["marginal.loss1"].mean(), rtol=1e-5)
 
   # L_cfm(theta) - L_mfm(theta) does not depend on theta: the difference of the differences at
   # two parameter vectors, on the same samples, is 0 within 5 s.e.
   def difference_of_differences(other):
-    return ((out["conditional.loss1"] - out[f"{other}.loss1"])
-            - (out["conditional.loss2"] - out[f"{other}.loss2"]))
+    return (out["conditional.loss1"] - out[f"{other}.loss1"]) - (
+      out["conditional.loss2"] - out[f"{other}.loss2"]
+    )
 
   dd = difference_of_differences("marginal")
   assert abs(dd.mean()) < 5 * dd.std() / math.sqrt(n), (dd.mean(), dd.std() / math.sqrt(n))
@@ -276,9 +316,15 @@ def test_flow_matching_example_applies_coupling_then_path():
   x1 = jnp.asarray(DATA[:6], jnp.float32)
   labels = jnp.arange(6)
   reverse = lambda key, a, b, c: (a, b[::-1], c[::-1])
-  example = losses.flow_matching_example(jax.random.PRNGKey(1), x0=x0, x1=x1, path=path,
-                                         cond=labels, coupling=reverse,
-                                         time_sampler=losses.get_time_sampler("u_shaped"))
+  example = losses.flow_matching_example(
+    jax.random.PRNGKey(1),
+    x0=x0,
+    x1=x1,
+    path=path,
+    cond=labels,
+    coupling=reverse,
+    time_sampler=losses.get_time_sampler("u_shaped"),
+  )
   np.testing.assert_array_equal(example.cond, labels[::-1])
   t = example.model_time
   # x_t - t x1 - (1 - t) x0 is the extra noise gamma z: the same z makes the target x1 - x0.
@@ -333,8 +379,12 @@ N_DIFFUSION = 16384
 T_STEPS = 200
 
 
-WEIGHTING_KWARGS = {"uniform": {}, "min_snr": dict(gamma=5.0), "elbo": {},
-                    "edm": dict(sigma_data=0.5)}
+WEIGHTING_KWARGS = {
+  "uniform": {},
+  "min_snr": dict(gamma=5.0),
+  "elbo": {},
+  "edm": dict(sigma_data=0.5),
+}
 
 
 def _schedule(kind):
@@ -343,7 +393,7 @@ def _schedule(kind):
   return get_continuous_schedule("cosine", log_snr_min=-6.0, log_snr_max=6.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _diffusion_examples(kind):
   """Data ~ N(MU, S^2 I) and its examples for every (target, weighting), from one key so all
   share t and eps; built in one jit per schedule kind (eager op-by-op dispatch is slower)."""
@@ -354,10 +404,16 @@ def _diffusion_examples(kind):
   def build(key_data, key_pair):
     data = MU + S * jax.random.normal(key_data, (N_DIFFUSION, 2))
     return data, {
-        f"{target}.{weighting}": losses.diffusion_example(
-            key_pair, data=data, schedule=schedule, target=get_prediction_target(target),
-            weighting=losses.get_weighting(weighting, **WEIGHTING_KWARGS[weighting]))
-        for target in ("eps", "x0", "v") for weighting in losses.WEIGHTINGS}
+      f"{target}.{weighting}": losses.diffusion_example(
+        key_pair,
+        data=data,
+        schedule=schedule,
+        target=get_prediction_target(target),
+        weighting=losses.get_weighting(weighting, **WEIGHTING_KWARGS[weighting]),
+      )
+      for target in ("eps", "x0", "v")
+      for weighting in losses.WEIGHTINGS
+    }
 
   return build(key_data, key_pair)
 
@@ -397,8 +453,9 @@ def _slope_z(prediction, example, direction):
   """
   residual = np.asarray(prediction, np.float64) - np.asarray(example.target, np.float64)
   q = np.asarray(example.weight, np.float64) * np.mean(2 * residual * direction, axis=-1)
-  slope = _loss_slope(jnp.asarray(prediction, jnp.float32), jnp.asarray(direction, jnp.float32),
-                      example)
+  slope = _loss_slope(
+    jnp.asarray(prediction, jnp.float32), jnp.asarray(direction, jnp.float32), example
+  )
   np.testing.assert_allclose(slope, q.mean(), rtol=1e-3, atol=1e-3 * q.std() / math.sqrt(q.size))
   return q.mean() / (q.std() / math.sqrt(q.size))
 
@@ -422,8 +479,10 @@ def test_diffusion_losses_are_minimised_by_the_conditional_expectation(kind):
 @pytest.mark.parametrize("kind", ["discrete", "continuous"])
 def test_weightings_follow_their_papers(kind):
   _, examples = _diffusion_examples(kind)
-  weights = {tuple(name.split(".")): np.asarray(example.weight, np.float64)
-             for name, example in examples.items()}
+  weights = {
+    tuple(name.split(".")): np.asarray(example.weight, np.float64)
+    for name, example in examples.items()
+  }
   example = examples["eps.uniform"]
   schedule = _schedule(kind)
   model_time = np.asarray(example.model_time, np.float64)
@@ -437,16 +496,16 @@ def test_weightings_follow_their_papers(kind):
     np.testing.assert_allclose(weights[target_name, "uniform"], 1.0)
   # EDM: x0-MSE weight (s^2 + sd^2) / (s sd)^2 at the VE-equivalent s = sigma / alpha.
   s_ve = sigma / alpha
-  np.testing.assert_allclose(weights["x0", "edm"], (s_ve**2 + 0.25) / (s_ve * 0.5)**2,
-                             rtol=1e-3)
+  np.testing.assert_allclose(weights["x0", "edm"], (s_ve**2 + 0.25) / (s_ve * 0.5) ** 2, rtol=1e-3)
   # ELBO (Kingma et al. 2021): eps weight -1/2 d lambda / dt, lambda = log SNR, by differences
   # (in step units T * (lambda_s - lambda_{s-1}) for the discrete schedule).
   if kind == "discrete":
     log_snr = np.log(snr)
     step = np.round(model_time * T_STEPS).astype(int) - 1
     all_log_snr = np.asarray(schedule.log_snr, np.float64)
-    previous = np.where(step > 0, all_log_snr[np.maximum(step - 1, 0)],
-                        2 * all_log_snr[0] - all_log_snr[1])
+    previous = np.where(
+      step > 0, all_log_snr[np.maximum(step - 1, 0)], 2 * all_log_snr[0] - all_log_snr[1]
+    )
     d_log_snr = T_STEPS * (log_snr - previous)
     rtol = 2e-3
   else:
@@ -458,8 +517,9 @@ def test_weightings_follow_their_papers(kind):
   np.testing.assert_allclose(weights["eps", "elbo"], -0.5 * d_log_snr, rtol=rtol)
   # One weighting, three targets: the same loss in eps units (x0 err = -(sigma/alpha) eps err).
   np.testing.assert_allclose(weights["x0", "elbo"], weights["eps", "elbo"] * snr, rtol=rtol)
-  np.testing.assert_allclose(weights["v", "edm"] * (1 + snr), weights["eps", "edm"] * snr,
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    weights["v", "edm"] * (1 + snr), weights["eps", "edm"] * snr, rtol=1e-3
+  )
 
 
 def test_discrete_model_time_convention_and_marginals():
@@ -474,8 +534,10 @@ def test_discrete_model_time_convention_and_marginals():
   # x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps, with eps the target (Ho et al. 2020, eq. 4).
   alpha, sigma = _alpha_sigma("discrete", example.model_time)
   np.testing.assert_allclose(
-      example.model_input,
-      alpha[:, None] * np.asarray(data) + sigma[:, None] * np.asarray(example.target), atol=1e-4)
+    example.model_input,
+    alpha[:, None] * np.asarray(data) + sigma[:, None] * np.asarray(example.target),
+    atol=1e-4,
+  )
   # eps ~ N(0, 1): mean of the 2n values has s.e. 1/sqrt(2n), variance s.e. sqrt(2/(2n)).
   eps = np.asarray(example.target, np.float64)
   assert abs(eps.mean()) < 5 / math.sqrt(eps.size)
@@ -503,14 +565,15 @@ def test_edm_effective_target_equals_weighted_denoiser_loss_and_is_minimised_at_
 
   # Any raw output F: regression_loss(F) == mean lambda(sigma) mean_d (D(x) - x0)^2.
   raw = jax.random.normal(key_raw, data.shape)
-  denoised = losses.edm_denoiser(raw, x=jnp.asarray(x, jnp.float32),
-                                 sigma=jnp.asarray(sigma, jnp.float32), sigma_data=sigma_data)
-  lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
-  direct = np.mean(lam * np.mean((np.asarray(denoised, np.float64) - np.asarray(data))**2, -1))
+  denoised = losses.edm_denoiser(
+    raw, x=jnp.asarray(x, jnp.float32), sigma=jnp.asarray(sigma, jnp.float32), sigma_data=sigma_data
+  )
+  lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+  direct = np.mean(lam * np.mean((np.asarray(denoised, np.float64) - np.asarray(data)) ** 2, -1))
   np.testing.assert_allclose(losses.regression_loss(raw, example), direct, rtol=1e-4)
 
   # Optimal denoiser for VE noise: D*(x) = MU + S^2 / (S^2 + sigma^2) (x - MU); F* from D*.
-  s2 = sigma[:, None]**2
+  s2 = sigma[:, None] ** 2
   c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
   c_out = sigma * sigma_data / np.sqrt(sigma**2 + sigma_data**2)
   direction = np.tanh(x) + np.log(sigma)[:, None]
@@ -530,22 +593,34 @@ def test_user_errors_name_the_value_and_the_choices():
   with pytest.raises(ValueError, match="unknown time sampler 'beta'.*logit_normal"):
     losses.get_time_sampler("beta")
   with pytest.raises(ValueError, match="one point of the data set"):
-    losses.marginal_velocity(jnp.zeros(3), 0.5, data=jnp.asarray(DATA),
-                             path=paths.get_path("linear", sigma_min=0.01))
+    losses.marginal_velocity(
+      jnp.zeros(3), 0.5, data=jnp.asarray(DATA), path=paths.get_path("linear", sigma_min=0.01)
+    )
   with pytest.raises(ValueError, match="unknown weighting 'snr'.*min_snr"):
     losses.get_weighting("snr")
   data = jnp.zeros((4, 2))
   with pytest.raises(ValueError, match="velocity"):
-    losses.diffusion_example(jax.random.PRNGKey(0), data=data,
-                             schedule=get_discrete_schedule("linear", num_steps=10),
-                             target=get_prediction_target("velocity"),
-                             weighting=losses.get_weighting("uniform"))
+    losses.diffusion_example(
+      jax.random.PRNGKey(0),
+      data=data,
+      schedule=get_discrete_schedule("linear", num_steps=10),
+      target=get_prediction_target("velocity"),
+      weighting=losses.get_weighting("uniform"),
+    )
   with pytest.raises(ValueError, match="DiscreteSchedule or a ContinuousSchedule.*str"):
-    losses.diffusion_example(jax.random.PRNGKey(0), data=data, schedule="cosine",
-                             target=get_prediction_target("eps"),
-                             weighting=losses.get_weighting("uniform"))
+    losses.diffusion_example(
+      jax.random.PRNGKey(0),
+      data=data,
+      schedule="cosine",
+      target=get_prediction_target("eps"),
+      weighting=losses.get_weighting("uniform"),
+    )
   with pytest.raises(ValueError, match="drop \\['t_min'\\]"):
-    losses.diffusion_example(jax.random.PRNGKey(0), data=data,
-                             schedule=get_discrete_schedule("linear", num_steps=10),
-                             target=get_prediction_target("eps"),
-                             weighting=losses.get_weighting("uniform"), t_min=0.1)
+    losses.diffusion_example(
+      jax.random.PRNGKey(0),
+      data=data,
+      schedule=get_discrete_schedule("linear", num_steps=10),
+      target=get_prediction_target("eps"),
+      weighting=losses.get_weighting("uniform"),
+      t_min=0.1,
+    )

@@ -24,38 +24,73 @@ from diffjax.models import dit as dit_lib
 NUM_CLASSES = 3
 BATCH = 4  # labels 0..3 cover every row of the (num_classes + 1)-row label table
 
-_DIGITS_UNET = dict(ch=16, ch_mult=(1, 2), attn_resolutions=(4,), num_res_blocks=1, dropout=0.2,
-                    num_heads=2)
+_DIGITS_UNET = dict(
+  ch=16, ch_mult=(1, 2), attn_resolutions=(4,), num_res_blocks=1, dropout=0.2, num_heads=2
+)
 _FULL = dict(init=True, dropout=True, bf16=True)
 # (model, data shape, constructor keywords, which parts of the contract run).
 CASES = {
-    "mlp-2": ("mlp", (2,), dict(dropout=0.2), _FULL),
-    "mlp-8x8x1": ("mlp", (8, 8, 1), dict(dropout=0.2, time_features="sinusoidal"),
-                  dict(init=False, dropout=True, bf16=True)),
-    "mlp-16x16x3": ("mlp", (16, 16, 3), dict(dropout=0.2, time_features="fourier", width=32,
-                                             depth=2, activation="silu"),
-                    dict(init=False, dropout=True, bf16=True)),
-    "unet-8x8x1": ("unet", (8, 8, 1), _DIGITS_UNET, dict(init=False, dropout=False, bf16=False)),
-    "dit-8x8x1": ("dit", (8, 8, 1), dict(hidden_size=32, depth=1, num_heads=2, patch_size=2,
-                                         dropout=0.2, time_features_dim=32), _FULL),
+  "mlp-2": ("mlp", (2,), dict(dropout=0.2), _FULL),
+  "mlp-8x8x1": (
+    "mlp",
+    (8, 8, 1),
+    dict(dropout=0.2, time_features="sinusoidal"),
+    dict(init=False, dropout=True, bf16=True),
+  ),
+  "mlp-16x16x3": (
+    "mlp",
+    (16, 16, 3),
+    dict(dropout=0.2, time_features="fourier", width=32, depth=2, activation="silu"),
+    dict(init=False, dropout=True, bf16=True),
+  ),
+  "unet-8x8x1": ("unet", (8, 8, 1), _DIGITS_UNET, dict(init=False, dropout=False, bf16=False)),
+  "dit-8x8x1": (
+    "dit",
+    (8, 8, 1),
+    dict(hidden_size=32, depth=1, num_heads=2, patch_size=2, dropout=0.2, time_features_dim=32),
+    _FULL,
+  ),
 }
 SLOW_CASES = {
-    "unet-8x8x1": ("unet", (8, 8, 1), _DIGITS_UNET, _FULL),
-    "unet-16x16x3": ("unet", (16, 16, 3), dict(ch=16, ch_mult=(1, 2), attn_resolutions=(8,),
-                                               num_res_blocks=1, dropout=0.2,
-                                               scale_shift_norm=True,
-                                               resample_with_conv=False), _FULL),
-    "dit-16x16x3": ("dit", (16, 16, 3), dict(hidden_size=32, depth=2, num_heads=4,
-                                             patch_size=4, dropout=0.2, learn_pos_embed=True,
-                                             time_features_dim=32), _FULL),
+  "unet-8x8x1": ("unet", (8, 8, 1), _DIGITS_UNET, _FULL),
+  "unet-16x16x3": (
+    "unet",
+    (16, 16, 3),
+    dict(
+      ch=16,
+      ch_mult=(1, 2),
+      attn_resolutions=(8,),
+      num_res_blocks=1,
+      dropout=0.2,
+      scale_shift_norm=True,
+      resample_with_conv=False,
+    ),
+    _FULL,
+  ),
+  "dit-16x16x3": (
+    "dit",
+    (16, 16, 3),
+    dict(
+      hidden_size=32,
+      depth=2,
+      num_heads=4,
+      patch_size=4,
+      dropout=0.2,
+      learn_pos_embed=True,
+      time_features_dim=32,
+    ),
+    _FULL,
+  ),
 }
 # The output layer of each family: zero-initialised in the UNet and DiT.
 FINAL_LAYER = {"unet": "['conv_out']", "dit": "['out']"}
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _perturb(params, seed, scale=0.05):
@@ -65,7 +100,8 @@ def _perturb(params, seed, scale=0.05):
   """
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape).astype(p.dtype), params)
+    lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape).astype(p.dtype), params
+  )
 
 
 def _relative_error(a, b) -> float:
@@ -93,8 +129,14 @@ def _dtypes_of(jaxpr, primitives) -> list:
 def _check_model(name, shape, kwargs, parts):
   """The contract of one model, with one jitted probe for all of its variants."""
   fns = models.create_model(name, data_shape=shape, num_classes=NUM_CLASSES, **kwargs)
-  fns16 = models.create_model(name, data_shape=shape, num_classes=NUM_CLASSES,
-                              dtype=jnp.bfloat16, param_dtype=jnp.float32, **kwargs)
+  fns16 = models.create_model(
+    name,
+    data_shape=shape,
+    num_classes=NUM_CLASSES,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    **kwargs,
+  )
   abstract = jax.eval_shape(fns.init, jax.random.key(0))
   abstract16 = jax.eval_shape(fns16.init, jax.random.key(0))
   # bf16 compute keeps float32 master weights: same tree, float32 leaves.
@@ -109,8 +151,12 @@ def _check_model(name, shape, kwargs, parts):
     again, other = init(jax.random.key(0)), init(jax.random.key(3))
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     changed = 0
-    for (path, p), q, o, a in zip(_flat(params).items(), jax.tree.leaves(again),
-                                  jax.tree.leaves(other), jax.tree.leaves(abstract)):
+    for (path, p), q, o, a in zip(
+      _flat(params).items(),
+      jax.tree.leaves(again),
+      jax.tree.leaves(other),
+      jax.tree.leaves(abstract),
+    ):
       assert (p.shape, p.dtype) == (a.shape, a.dtype), path
       np.testing.assert_array_equal(np.asarray(q), p, err_msg=path)
       changed += not np.array_equal(np.asarray(o), p)
@@ -145,9 +191,12 @@ def _check_model(name, shape, kwargs, parts):
     # only the first contributes to the objective. Examples are independent (GroupNorm,
     # LayerNorm and attention act per example), so this equals three separate calls.
     (_, outs), grads = value_and_grad(
-        live, np.concatenate([x, x, x]), np.concatenate([t, 1.0 - t, t]),
-        np.concatenate([labels, labels, other_labels]),
-        np.concatenate([weights, 0 * weights, 0 * weights]))
+      live,
+      np.concatenate([x, x, x]),
+      np.concatenate([t, 1.0 - t, t]),
+      np.concatenate([labels, labels, other_labels]),
+      np.concatenate([weights, 0 * weights, 0 * weights]),
+    )
     r = dict(outs=outs, grads=grads)
     if parts["init"]:
       (_, r["init_out"]), r["init_grads"] = value_and_grad(params, x, t, labels, weights)
@@ -163,7 +212,7 @@ def _check_model(name, shape, kwargs, parts):
   assert out.shape == (BATCH,) + shape
   for key, value in r.items():
     if key in ("init_out", "dropout", "bf16"):
-      assert value.dtype == np.float32 and value.shape[-len(shape):] == shape, key
+      assert value.dtype == np.float32 and value.shape[-len(shape) :] == shape, key
   assert r["outs"].dtype == np.float32 and np.all(np.isfinite(r["outs"]))
 
   assert _differs(other_t, out), "output does not depend on t"
@@ -172,8 +221,9 @@ def _check_model(name, shape, kwargs, parts):
   # Away from init every parameter gets a finite non-zero gradient: one SGD step moves all.
   param_grads, input_grads = r["grads"]
   stepped = jax.tree.map(lambda p, g: p - 0.1 * g, live, param_grads)
-  for (path, g), p, s in zip(_flat(param_grads).items(), jax.tree.leaves(live),
-                             jax.tree.leaves(stepped)):
+  for (path, g), p, s in zip(
+    _flat(param_grads).items(), jax.tree.leaves(live), jax.tree.leaves(stepped)
+  ):
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, path
     assert not np.array_equal(p, s), path
   if len(shape) == 3:
@@ -226,13 +276,19 @@ def test_model_contract_slow(case):
 
 def test_image_models_on_16x16x3_shapes():
   # Output shape and dtype without compiling (the full contract runs in the slow suite).
-  for name, (_, _, kwargs, _) in [("unet", SLOW_CASES["unet-16x16x3"]),
-                                  ("dit", SLOW_CASES["dit-16x16x3"])]:
+  for name, (_, _, kwargs, _) in [
+    ("unet", SLOW_CASES["unet-16x16x3"]),
+    ("dit", SLOW_CASES["dit-16x16x3"]),
+  ]:
     fns = models.create_model(name, data_shape=(16, 16, 3), num_classes=NUM_CLASSES, **kwargs)
     params = jax.eval_shape(fns.init, jax.random.key(0))
-    out = jax.eval_shape(fns.apply, params, jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32),
-                         jax.ShapeDtypeStruct((2,), jnp.float32),
-                         jax.ShapeDtypeStruct((2,), jnp.int32))
+    out = jax.eval_shape(
+      fns.apply,
+      params,
+      jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32),
+      jax.ShapeDtypeStruct((2,), jnp.float32),
+      jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
     assert (out.shape, out.dtype) == ((2, 16, 16, 3), jnp.float32)
 
 
@@ -254,23 +310,24 @@ def test_mlp_default_is_torchcfm():
   for i, layer in enumerate(layers):
     h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
     h = selu(h) if i < 3 else h
-  np.testing.assert_allclose(np.asarray(jax.jit(fns.apply)(params, x, t)), h, rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(fns.apply)(params, x, t)), h, rtol=1e-4, atol=1e-5)
   # PyTorch's nn.Linear init: U(-b, b), b = 1/sqrt(fan_in). E[w^2] = b^2/3 and
   # Var[w^2] = b^4/5 - b^4/9 = 4 b^4/45, so the mean of n = 4096 squares has s.e.
   # sqrt(4/45) b^2 / 64 ~= 0.0047 b^2; allow 5 s.e.
   kernel = np.asarray(layers[1]["kernel"])
   bound = 1.0 / math.sqrt(64)
   assert np.abs(kernel).max() <= bound
-  assert abs(np.mean(kernel ** 2) / bound ** 2 - 1.0 / 3.0) < 5 * math.sqrt(4 / 45) / 64
+  assert abs(np.mean(kernel**2) / bound**2 - 1.0 / 3.0) < 5 * math.sqrt(4 / 45) / 64
   assert np.abs(np.asarray(layers[0]["bias"])).max() <= 1.0 / math.sqrt(3)
 
 
 def test_apply_conventions():
   fns = models.create_model("mlp", data_shape=(2,), num_classes=2)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype),
-                        jax.eval_shape(fns.init, jax.random.key(0)))
+  params = jax.tree.map(
+    lambda a: rng.standard_normal(a.shape).astype(a.dtype),
+    jax.eval_shape(fns.init, jax.random.key(0)),
+  )
   apply = jax.jit(fns.apply)
   x = rng.standard_normal((3, 2)).astype(np.float32)
   labels = np.array([0, 1, 1])
@@ -282,9 +339,12 @@ def test_apply_conventions():
   assert one.shape == (2,)
   np.testing.assert_allclose(one, batched[1], rtol=1e-5, atol=1e-6)
   # vmap over single examples (the unbatched path) reproduces the batch.
-  np.testing.assert_allclose(jax.vmap(fns.apply, in_axes=(None, 0, None, 0))(params, x, 0.3,
-                                                                              labels),
-                             batched, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.vmap(fns.apply, in_axes=(None, 0, None, 0))(params, x, 0.3, labels),
+    batched,
+    rtol=1e-5,
+    atol=1e-6,
+  )
   # cond=None is the null label num_classes: the unconditional model of CFG.
   unconditional = np.asarray(apply(params, x, 0.3, None))
   np.testing.assert_array_equal(unconditional, apply(params, x, 0.3, np.full((3,), 2)))
@@ -293,8 +353,15 @@ def test_apply_conventions():
 
 def test_published_unet_parameter_count():
   # DDPM's CIFAR-10 model has 35.7M parameters (Ho et al. 2020, Sec. 4 / App. B).
-  unet = models.create_model("unet", data_shape=(32, 32, 3), ch=128, ch_mult=(1, 2, 2, 2),
-                             num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
+  unet = models.create_model(
+    "unet",
+    data_shape=(32, 32, 3),
+    ch=128,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    dropout=0.1,
+  )
   abstract = jax.eval_shape(unet.init, jax.random.key(0))
   assert round(models.num_params(abstract) / 1e5) == 357
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -307,8 +374,15 @@ def test_published_dit_parameter_count():
   # DiT-S/2 on ImageNet-256 latents (32x32x4, 1000 classes) has 33M parameters (Peebles & Xie
   # 2023, Table 1); the paper's model also predicts sigma: 4 more output channels per pixel,
   # i.e. hidden * p^2 * 4 + p^2 * 4 more parameters in the final linear layer.
-  dit = models.create_model("dit", data_shape=(32, 32, 4), num_classes=1000, hidden_size=384,
-                            depth=12, num_heads=6, patch_size=2)
+  dit = models.create_model(
+    "dit",
+    data_shape=(32, 32, 4),
+    num_classes=1000,
+    hidden_size=384,
+    depth=12,
+    num_heads=6,
+    patch_size=2,
+  )
   count = models.num_params(jax.eval_shape(dit.init, jax.random.key(0)))
   assert round((count + 384 * 4 * 4 + 4 * 4) / 1e6) == 33
 
@@ -325,8 +399,7 @@ def test_clear_errors():
   with pytest.raises(ValueError, match=r"divisible by 4; got data_shape=\(6, 6, 1\)"):
     models.create_model("unet", data_shape=(6, 6, 1), ch=8, ch_mult=(1, 1, 1))
   with pytest.raises(ValueError, match=r"attn_resolutions \[16\] never occur"):
-    models.create_model("unet", data_shape=(8, 8, 1), ch=8, ch_mult=(1, 2),
-                        attn_resolutions=(16,))
+    models.create_model("unet", data_shape=(8, 8, 1), ch=8, ch_mult=(1, 2), attn_resolutions=(16,))
   with pytest.raises(ValueError, match=r"unknown time features 'fourrier'"):
     models.create_model("mlp", data_shape=(2,), time_features="fourrier")
   with pytest.raises(ValueError, match=r"num_heads=3 must divide hidden_size=32"):
@@ -383,8 +456,7 @@ def test_fourier_features_are_fixed_constants_outside_params():
   expected = np.cos(2 * np.pi * freqs * (0.1 - 0.35)).sum()
   np.testing.assert_allclose(float(a[0] @ a[1]), expected, rtol=1e-3, atol=1e-2)
   # An MLP with Fourier time features has only the layers and no frequency table in params.
-  fns = models.create_model("mlp", data_shape=(2,), time_features="fourier",
-                            time_features_dim=16)
+  fns = models.create_model("mlp", data_shape=(2,), time_features="fourier", time_features_dim=16)
   params = jax.eval_shape(fns.init, jax.random.key(0))
   assert set(params) == {"layers"}
   assert params["layers"][0]["kernel"].shape == (2 + 16, 64)
@@ -409,8 +481,9 @@ def test_patchify_and_sincos_position_embedding():
   # Brute force: token (i, j) of a 2 x 3 grid is the flattened patch x[2i:2i+2, 2j:2j+2, :].
   for i in range(2):
     for j in range(3):
-      np.testing.assert_array_equal(tokens[:, 3 * i + j],
-                                    x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, -1))
+      np.testing.assert_array_equal(
+        tokens[:, 3 * i + j], x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(2, -1)
+      )
   back = dit_lib.unpatchify(tokens, patch_size=2, height=4, width=6)
   np.testing.assert_array_equal(back, x)
   # Inner products of the 2D sin-cos embedding depend only on the (row, col) offset:

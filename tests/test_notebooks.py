@@ -26,8 +26,11 @@ from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = ("01_isotropic_shortcut.ipynb", "02_dirac_decoupling.ipynb",
-             "03_schedules_and_targets.ipynb")
+NOTEBOOKS = (
+  "01_isotropic_shortcut.ipynb",
+  "02_dirac_decoupling.ipynb",
+  "03_schedules_and_targets.ipynb",
+)
 CELL_TIMEOUT_S = 300  # each notebook is meant to finish in under 3 minutes on 2 CPU cores
 KERNEL_NAME = "diffjax-notebook-test"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -48,16 +51,20 @@ def _kernel_manager(spec_root: pathlib.Path) -> AsyncKernelManager:
   """A kernel manager whose only kernel runs ``sys.executable -m ipykernel_launcher``."""
   spec_dir = spec_root / KERNEL_NAME
   spec_dir.mkdir(parents=True)
-  spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-          "display_name": "diffjax (test interpreter)", "language": "python"}
+  spec = {
+    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": "diffjax (test interpreter)",
+    "language": "python",
+  }
   (spec_dir / "kernel.json").write_text(json.dumps(spec))
   specs = KernelSpecManager(kernel_dirs=[str(spec_root)], ensure_native_kernel=False)
   return AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
 
 
 def _load_generator():
-  spec = importlib.util.spec_from_file_location("make_notebooks",
-                                                ROOT / "scripts" / "make_notebooks.py")
+  spec = importlib.util.spec_from_file_location(
+    "make_notebooks", ROOT / "scripts" / "make_notebooks.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -66,10 +73,14 @@ def _load_generator():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tmp_path):
   notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-  client = NotebookClient(notebook, km=_kernel_manager(tmp_path / "kernels"),
-                          timeout=CELL_TIMEOUT_S, startup_timeout=120,
-                          shutdown_kernel="immediate",
-                          resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  client = NotebookClient(
+    notebook,
+    km=_kernel_manager(tmp_path / "kernels"),
+    timeout=CELL_TIMEOUT_S,
+    startup_timeout=120,
+    shutdown_kernel="immediate",
+    resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+  )
   start = time.perf_counter()
   # Raises CellExecutionError, with the cell's traceback, on the first failing cell; the kernel
   # is shut down either way (cleanup_kc: nbclient keeps kernels it did not create otherwise).
@@ -96,5 +107,6 @@ def test_notebooks_match_their_generator():
   for name in NOTEBOOKS:
     expected = nbformat.writes(generator.build_notebook(name)) + "\n"
     assert (NOTEBOOK_DIR / name).read_text() == expected, (
-        f"{name} differs from scripts/make_notebooks.py; edit the script and run "
-        "python scripts/make_notebooks.py")
+      f"{name} differs from scripts/make_notebooks.py; edit the script and run "
+      "python scripts/make_notebooks.py"
+    )

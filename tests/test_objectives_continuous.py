@@ -17,11 +17,11 @@ MEAN = jnp.asarray([1.0, -0.5])
 STD = 0.5  # data N(MEAN, STD^2 I) in 2D
 
 SCHEDULES = {  # one prediction per schedule: every conversion is exact for an exact model
-    "vp": dict(prediction="eps"),
-    "ve": dict(prediction="x0"),
-    "cosine": dict(prediction="v"),
-    "shifted_cosine": dict(prediction="velocity", resolution=128),
-    "linear_log_snr": dict(prediction="eps", weighting="elbo"),
+  "vp": dict(prediction="eps"),
+  "ve": dict(prediction="x0"),
+  "cosine": dict(prediction="v"),
+  "shifted_cosine": dict(prediction="velocity", resolution=128),
+  "linear_log_snr": dict(prediction="eps", weighting="elbo"),
 }
 
 
@@ -34,8 +34,9 @@ def _context(apply):
 
 
 def _process(schedule, **keywords):
-  return cd_lib._schedule(schedule, **{**objectives.defaults(cd_lib.continuous_diffusion),
-                                       **keywords})
+  return cd_lib._schedule(
+    schedule, **{**objectives.defaults(cd_lib.continuous_diffusion), **keywords}
+  )
 
 
 def _gaussian_model(process, prediction):
@@ -52,12 +53,14 @@ def _gaussian_model(process, prediction):
     x0 = MEAN + alpha * STD**2 / var * (x - alpha * MEAN)
     eps = sigma / var * (x - alpha * MEAN)
     return target.from_x0_eps(x0, eps, coefficients=c)
+
   return apply
 
 
 def _raw_output_of(denoiser, sigma_data):
   """The network ``F`` whose preconditioned denoiser is ``denoiser(x, sigma)``: the inverse of
   ``D = c_skip x + c_out F(c_in x; c_noise)``, reading ``sigma = exp(4 c_noise)``."""
+
   def apply(params, x_in, c_noise, cond, dropout_key=None):
     del params, cond, dropout_key
     sigma = jnp.exp(4.0 * c_noise)[:, None]
@@ -65,6 +68,7 @@ def _raw_output_of(denoiser, sigma_data):
     x = x_in * jnp.sqrt(total)
     c_skip, c_out = sigma_data**2 / total, sigma * sigma_data / jnp.sqrt(total)
     return (denoiser(x, sigma) - c_skip * x) / c_out
+
   return apply
 
 
@@ -94,7 +98,7 @@ def test_edm_preconditioning_is_table_1(sigma_data):
   np.testing.assert_allclose(pre.c_in, 1.0 / np.sqrt(sigma**2 + sd**2), rtol=1e-5)
   np.testing.assert_allclose(pre.c_noise, np.log(sigma) / 4.0, rtol=1e-5, atol=1e-7)
   weight = losses.edm_loss_weight(jnp.asarray(sigma, jnp.float32), sigma_data=sigma_data)
-  np.testing.assert_allclose(weight, (sigma**2 + sd**2) / (sigma * sd)**2, rtol=1e-5)
+  np.testing.assert_allclose(weight, (sigma**2 + sd**2) / (sigma * sd) ** 2, rtol=1e-5)
   # The paper's point (Sec. 5, eq. 8): the effective weight lambda c_out^2 on F's error is 1.
   np.testing.assert_allclose(weight * pre.c_out**2, 1.0, rtol=1e-5)
 
@@ -109,8 +113,8 @@ def test_edm_example_is_the_denoiser_loss():
   sigma = jnp.exp(4.0 * example.model_time)
   x = example.model_input / losses.edm_preconditioning(sigma, sigma_data=0.7).c_in[:, None]
   denoised = losses.edm_denoiser(raw, x=x, sigma=sigma, sigma_data=0.7)
-  paper = losses.edm_loss_weight(sigma, sigma_data=0.7) * jnp.sum((denoised - data)**2, -1)
-  ours = example.weight * jnp.sum((raw - example.target)**2, -1)
+  paper = losses.edm_loss_weight(sigma, sigma_data=0.7) * jnp.sum((denoised - data) ** 2, -1)
+  ours = example.weight * jnp.sum((raw - example.target) ** 2, -1)
   np.testing.assert_allclose(ours, paper, rtol=2e-3, atol=1e-5)
   np.testing.assert_allclose(example.weight, 1.0, rtol=1e-5)
 
@@ -125,9 +129,11 @@ def _finite_data_denoiser(noise_scale=1.0):
   """``D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / (2 sigma^2)) y_i``, the posterior mean of
   ``y`` uniform over the points given ``x = y + sigma n`` (``noise_scale != 1``: the optimum of
   the wrong noise level, a control)."""
+
   def denoise(x, sigma):
-    logits = -jnp.sum((x[:, None] - POINTS)**2, -1) / (2.0 * (noise_scale * sigma)**2)
+    logits = -jnp.sum((x[:, None] - POINTS) ** 2, -1) / (2.0 * (noise_scale * sigma) ** 2)
     return jax.nn.softmax(logits, axis=-1) @ POINTS
+
   return denoise
 
 
@@ -140,8 +146,9 @@ def _stationarity(denoiser, *, chunks=32, batch=8192):
   raw = _raw_output_of(denoiser, 0.5)
 
   def apply(params, x_in, c_noise, cond, dropout_key=None):
-    phi = jnp.concatenate([jnp.ones_like(x_in[:, :1]), x_in, c_noise[:, None],
-                           c_noise[:, None] * x_in], axis=-1)
+    phi = jnp.concatenate(
+      [jnp.ones_like(x_in[:, :1]), x_in, c_noise[:, None], c_noise[:, None] * x_in], axis=-1
+    )
     return raw(None, x_in, c_noise, cond) + phi @ params
 
   objective = objectives.get_objective("edm", _context(apply))
@@ -167,14 +174,18 @@ def test_finite_data_optimal_denoiser_is_stationary():
 def test_finite_data_optimal_denoiser_has_the_lowest_loss():
   """At fixed keys, moving the denoiser off ``D*`` raises the loss (the cross term is zero in
   expectation, the quadratic term is not)."""
+
   def loss_with(denoiser):
     objective = objectives.get_objective("edm", _context(_raw_output_of(denoiser, 0.5)))
     data = POINTS[jax.random.randint(jax.random.PRNGKey(1), (65536,), 0, 5)]
     return float(objective.loss_fn(None, jax.random.PRNGKey(2), {"x": data}))
 
   best = loss_with(_finite_data_denoiser())
-  for wrong in (_finite_data_denoiser(noise_scale=0.7), _finite_data_denoiser(noise_scale=1.4),
-                lambda x, sigma: _finite_data_denoiser()(x, sigma) + 0.05):
+  for wrong in (
+    _finite_data_denoiser(noise_scale=0.7),
+    _finite_data_denoiser(noise_scale=1.4),
+    lambda x, sigma: _finite_data_denoiser()(x, sigma) + 0.05,
+  ):
     assert loss_with(wrong) > best
 
 
@@ -188,8 +199,9 @@ def test_continuous_diffusion_loss_is_lowest_at_the_exact_model(prediction):
   data = MEAN + STD * jax.random.normal(jax.random.PRNGKey(0), (16384, 2))
 
   def loss_with(apply):
-    objective = objectives.get_objective("continuous_diffusion", _context(apply),
-                                         prediction=prediction, weighting="min_snr")
+    objective = objectives.get_objective(
+      "continuous_diffusion", _context(apply), prediction=prediction, weighting="min_snr"
+    )
     return float(objective.loss_fn(None, jax.random.PRNGKey(1), {"x": data}))
 
   best = loss_with(exact)
@@ -205,15 +217,19 @@ def test_continuous_diffusion_default_sampler_follows_the_exact_flow(schedule):
   keywords = SCHEDULES[schedule]
   process = _process(schedule, **keywords)
   objective = objectives.get_objective(
-      "continuous_diffusion", _context(_gaussian_model(process, keywords["prediction"])),
-      schedule=schedule, **keywords)
+    "continuous_diffusion",
+    _context(_gaussian_model(process, keywords["prediction"])),
+    schedule=schedule,
+    **keywords,
+  )
   assert objectives.OBJECTIVES["continuous_diffusion"].default_sampler == "heun"
   a0, s0 = process.alpha_sigma(1e-5)
   a1, s1 = process.alpha_sigma(1.0)
   errors = []
   for steps in (100, 200):  # in the asymptotic range of every schedule here
-    out = objective.generate(None, jax.random.PRNGKey(1), 1000, steps=steps,
-                             return_trajectories=True)
+    out = objective.generate(
+      None, jax.random.PRNGKey(1), 1000, steps=steps, return_trajectories=True
+    )
     start = out["trajectories"][0]
     # The start is N(0, sigma(1)^2 I): the terminal marginal without alpha(1) x0.
     np.testing.assert_allclose(np.std(start), s1, rtol=0.05)
@@ -224,8 +240,18 @@ def test_continuous_diffusion_default_sampler_follows_the_exact_flow(schedule):
 
 
 # Steps per sampler so that the discretisation error stays below ~0.01 on this problem.
-_STEPS = {"euler": 400, "euler_ancestral": 800, "edm": 100, "heun": 100, "midpoint": 100,
-          "rk4": 30, "dopri5": 10, "tsit5": 10, "dpmpp_2m": 100, "dpmpp_3m": 60}
+_STEPS = {
+  "euler": 400,
+  "euler_ancestral": 800,
+  "edm": 100,
+  "heun": 100,
+  "midpoint": 100,
+  "rk4": 30,
+  "dopri5": 10,
+  "tsit5": 10,
+  "dpmpp_2m": 100,
+  "dpmpp_3m": 60,
+}
 
 
 def _assert_gaussian_samples(samples, *, mean_bias):
@@ -243,8 +269,9 @@ def _assert_gaussian_samples(samples, *, mean_bias):
 
 def test_continuous_diffusion_every_listed_sampler_samples_gaussian_data():
   process = _process("vp")
-  objective = objectives.get_objective("continuous_diffusion",
-                                       _context(_gaussian_model(process, "eps")))
+  objective = objectives.get_objective(
+    "continuous_diffusion", _context(_gaussian_model(process, "eps"))
+  )
   spec = objectives.OBJECTIVES["continuous_diffusion"]
   assert set(spec.samplers) == set(_STEPS)
   a1, s1 = process.alpha_sigma(1.0)
@@ -252,15 +279,17 @@ def test_continuous_diffusion_every_listed_sampler_samples_gaussian_data():
   # alpha(1) m s / sqrt(alpha(1)^2 s^2 + sigma(1)^2) at t_min.
   bias = float(a1 * STD / jnp.sqrt(a1**2 * STD**2 + s1**2)) * np.abs(np.asarray(MEAN))
   for sampler in spec.samplers:
-    out = objective.generate(None, jax.random.PRNGKey(2), 8000, steps=_STEPS[sampler],
-                             sampler=sampler)
+    out = objective.generate(
+      None, jax.random.PRNGKey(2), 8000, steps=_STEPS[sampler], sampler=sampler
+    )
     _assert_gaussian_samples(out["samples"], mean_bias=bias)
 
 
 def test_continuous_diffusion_rejects_discrete_samplers():
   process = _process("vp")
-  objective = objectives.get_objective("continuous_diffusion",
-                                       _context(_gaussian_model(process, "eps")))
+  objective = objectives.get_objective(
+    "continuous_diffusion", _context(_gaussian_model(process, "eps"))
+  )
   for sampler in ("ddpm", "ddim"):
     assert sampler not in objectives.OBJECTIVES["continuous_diffusion"].samplers
     with pytest.raises(ValueError, match="cannot sample a continuous-time"):
@@ -282,8 +311,11 @@ def test_continuous_diffusion_likelihood_of_gaussian_data(schedule):
   keywords = SCHEDULES[schedule]
   process = _process(schedule, **keywords)
   objective = objectives.get_objective(
-      "continuous_diffusion", _context(_gaussian_model(process, keywords["prediction"])),
-      schedule=schedule, **keywords)
+    "continuous_diffusion",
+    _context(_gaussian_model(process, keywords["prediction"])),
+    schedule=schedule,
+    **keywords,
+  )
   data = MEAN + STD * jax.random.normal(jax.random.PRNGKey(4), (16, 2))
   log_prob = objective.log_likelihood(None, jax.random.PRNGKey(0), data, steps=100)
   a0, s0 = process.alpha_sigma(1e-5)
@@ -300,8 +332,9 @@ def test_continuous_diffusion_likelihood_of_gaussian_data(schedule):
 
 
 def _edm_objective(**keywords):
-  return objectives.get_objective("edm", _context(_raw_output_of(_gaussian_denoiser, 0.5)),
-                                  **keywords)
+  return objectives.get_objective(
+    "edm", _context(_raw_output_of(_gaussian_denoiser, 0.5)), **keywords
+  )
 
 
 def test_edm_default_sampler_follows_the_exact_flow():
@@ -312,8 +345,9 @@ def test_edm_default_sampler_follows_the_exact_flow():
   assert objectives.OBJECTIVES["edm"].default_sampler == "edm"
   errors = []
   for steps in (32, 64):
-    out = objective.generate(None, jax.random.PRNGKey(1), 1000, steps=steps,
-                             return_trajectories=True)
+    out = objective.generate(
+      None, jax.random.PRNGKey(1), 1000, steps=steps, return_trajectories=True
+    )
     start = out["trajectories"][0]
     np.testing.assert_allclose(np.std(start), 80.0, rtol=0.05)
     assert int(out["nfe"]) == 2 * steps - 1
@@ -329,8 +363,9 @@ def test_edm_every_listed_sampler_samples_gaussian_data():
   bias = STD / math.sqrt(STD**2 + 80.0**2) * np.abs(np.asarray(MEAN))  # the prior's missing m
   objective = _edm_objective()
   for sampler in spec.samplers:
-    out = objective.generate(None, jax.random.PRNGKey(2), 8000, steps=_STEPS[sampler],
-                             sampler=sampler)
+    out = objective.generate(
+      None, jax.random.PRNGKey(2), 8000, steps=_STEPS[sampler], sampler=sampler
+    )
     _assert_gaussian_samples(out["samples"], mean_bias=bias)
   # Algorithm 2 with churn (the paper's ImageNet settings) still samples the data.
   churned = _edm_objective(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
@@ -351,24 +386,28 @@ def test_edm_likelihood_of_gaussian_data():
 def test_edm_guidance_and_labels_reach_the_network():
   """A class-conditional EDM model: labels reach the network and guidance mixes the two
   denoisers (the tolerances cover the prior's missing mean, (m + 4) s / 80)."""
+
   def apply(params, x_in, c_noise, cond, dropout_key=None):
     # Class c is N(m + c, s^2 I); the null label (cond None) is N(m, s^2 I).
     mean = MEAN if cond is None else MEAN + cond[:, None].astype(jnp.float32)
     denoiser = lambda x, sigma: mean + STD**2 / (STD**2 + sigma**2) * (x - mean)
     return _raw_output_of(denoiser, 0.5)(params, x_in, c_noise, None, dropout_key)
 
-  context = base.ObjectiveContext(apply=apply, source=_normal_source, data_shape=(2,),
-                                  num_classes=3)
+  context = base.ObjectiveContext(
+    apply=apply, source=_normal_source, data_shape=(2,), num_classes=3
+  )
   objective = objectives.get_objective("edm", context, label_dropout=0.1)
   labels = jnp.full((4000,), 2)
   out = objective.generate(None, jax.random.PRNGKey(0), 4000, steps=32, labels=labels)
   np.testing.assert_allclose(np.mean(out["samples"], 0), np.asarray(MEAN) + 2.0, atol=0.05)
-  guided = objective.generate(None, jax.random.PRNGKey(0), 4000, steps=32, labels=labels,
-                              guidance=2.0)
+  guided = objective.generate(
+    None, jax.random.PRNGKey(0), 4000, steps=32, labels=labels, guidance=2.0
+  )
   # D_w = D_u + w (D_c - D_u) = D_u + 2 w sigma^2 / (s^2 + sigma^2): the flow of N(m + 2 w, .).
   np.testing.assert_allclose(np.mean(guided["samples"], 0), np.asarray(MEAN) + 4.0, atol=0.1)
-  loss = objective.loss_fn(None, jax.random.PRNGKey(1), {"x": jnp.zeros((8, 2)),
-                                                          "label": jnp.arange(8) % 3})
+  loss = objective.loss_fn(
+    None, jax.random.PRNGKey(1), {"x": jnp.zeros((8, 2)), "label": jnp.arange(8) % 3}
+  )
   assert np.isfinite(float(loss))
 
 
@@ -376,37 +415,37 @@ def test_edm_guidance_and_labels_reach_the_network():
 
 
 CD_PROBLEMS = [
-    (dict(schedule="edm"), "objective.schedule"),
-    (dict(schedule="nope"), "objective.schedule"),
-    (dict(schedule="vp", beta_min=30.0), "objective.beta_min"),
-    (dict(schedule="ve", sigma_min=60.0), "objective.sigma_min"),
-    (dict(schedule="cosine", log_snr_min=20.0), "objective.log_snr_min"),
-    (dict(schedule="linear_log_snr", log_snr_max=-20.0), "objective.log_snr_max"),
-    (dict(schedule="shifted_cosine", resolution=0), "objective.resolution"),
-    (dict(schedule="shifted_cosine", base_resolution=-1), "objective.base_resolution"),
-    (dict(prediction="score"), "objective.prediction"),
-    (dict(prediction="noise"), "objective.prediction"),
-    (dict(weighting="edm"), "objective.weighting"),
-    (dict(time_sampler="beta"), "objective.time_sampler"),
-    (dict(min_snr_gamma=0.0), "objective.min_snr_gamma"),
-    (dict(t_min=1.0), "objective.t_min"),
-    (dict(t_min=-0.1), "objective.t_min"),
-    (dict(label_dropout=1.0), "objective.label_dropout"),
-    (dict(schedule="vp", t_min=0.0), "objective.t_min=0"),
-    (dict(weighting="elbo", time_sampler="logit_normal"), "objective.weighting='elbo'"),
+  (dict(schedule="edm"), "objective.schedule"),
+  (dict(schedule="nope"), "objective.schedule"),
+  (dict(schedule="vp", beta_min=30.0), "objective.beta_min"),
+  (dict(schedule="ve", sigma_min=60.0), "objective.sigma_min"),
+  (dict(schedule="cosine", log_snr_min=20.0), "objective.log_snr_min"),
+  (dict(schedule="linear_log_snr", log_snr_max=-20.0), "objective.log_snr_max"),
+  (dict(schedule="shifted_cosine", resolution=0), "objective.resolution"),
+  (dict(schedule="shifted_cosine", base_resolution=-1), "objective.base_resolution"),
+  (dict(prediction="score"), "objective.prediction"),
+  (dict(prediction="noise"), "objective.prediction"),
+  (dict(weighting="edm"), "objective.weighting"),
+  (dict(time_sampler="beta"), "objective.time_sampler"),
+  (dict(min_snr_gamma=0.0), "objective.min_snr_gamma"),
+  (dict(t_min=1.0), "objective.t_min"),
+  (dict(t_min=-0.1), "objective.t_min"),
+  (dict(label_dropout=1.0), "objective.label_dropout"),
+  (dict(schedule="vp", t_min=0.0), "objective.t_min=0"),
+  (dict(weighting="elbo", time_sampler="logit_normal"), "objective.weighting='elbo'"),
 ]
 
 EDM_PROBLEMS = [
-    (dict(sigma_data=0.0), "objective.sigma_data"),
-    (dict(p_std=-1.0), "objective.p_std"),
-    (dict(sigma_min=100.0), "objective.sigma_min"),
-    (dict(sigma_min=0.0), "objective.sigma_min"),
-    (dict(rho=0.0), "objective.rho"),
-    (dict(s_churn=-1.0), "objective.s_churn"),
-    (dict(s_noise=-0.5), "objective.s_noise"),
-    (dict(s_tmin=-1.0), "objective.s_tmin"),
-    (dict(s_tmin=10.0, s_tmax=1.0), "objective.s_tmax"),
-    (dict(label_dropout=-0.1), "objective.label_dropout"),
+  (dict(sigma_data=0.0), "objective.sigma_data"),
+  (dict(p_std=-1.0), "objective.p_std"),
+  (dict(sigma_min=100.0), "objective.sigma_min"),
+  (dict(sigma_min=0.0), "objective.sigma_min"),
+  (dict(rho=0.0), "objective.rho"),
+  (dict(s_churn=-1.0), "objective.s_churn"),
+  (dict(s_noise=-0.5), "objective.s_noise"),
+  (dict(s_tmin=-1.0), "objective.s_tmin"),
+  (dict(s_tmin=10.0, s_tmax=1.0), "objective.s_tmax"),
+  (dict(label_dropout=-0.1), "objective.label_dropout"),
 ]
 
 
@@ -422,9 +461,13 @@ def test_defaults_and_good_combinations_have_no_problems():
   assert cd_lib.check(schedule="vp", sigma_min=60.0) == []
 
 
-@pytest.mark.parametrize("name, keywords, key", (
+@pytest.mark.parametrize(
+  "name, keywords, key",
+  (
     [("continuous_diffusion", kw, key) for kw, key in CD_PROBLEMS]
-    + [("edm", kw, key) for kw, key in EDM_PROBLEMS]))
+    + [("edm", kw, key) for kw, key in EDM_PROBLEMS]
+  ),
+)
 def test_each_problem_names_its_key_and_the_factory_refuses(name, keywords, key):
   problems = objectives.objective_problems({"name": name, **keywords})
   assert len(problems) == 1 and key in problems[0], problems
@@ -435,8 +478,9 @@ def test_each_problem_names_its_key_and_the_factory_refuses(name, keywords, key)
 
 @pytest.mark.parametrize("name", ["continuous_diffusion", "edm"])
 def test_a_non_normal_source_is_refused(name):
-  context = base.ObjectiveContext(apply=lambda *a, **k: None, source=_normal_source,
-                                  data_shape=(2,), source_is_normal=False)
+  context = base.ObjectiveContext(
+    apply=lambda *a, **k: None, source=_normal_source, data_shape=(2,), source_is_normal=False
+  )
   with pytest.raises(ValueError, match="data.source='normal'"):
     objectives.get_objective(name, context)
 

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+# The 16-point set and the tanh MLP of test_losses' own decoupling test, and its z-scores.
+from test_losses import DATA, _init_mlp, _mlp, _z_scores
+
 from diffjax import losses, objectives, paths
 from diffjax import samplers as samplers_lib
 from diffjax.data import toy2d
 from diffjax.objectives import marginal_fm as marginal_fm_lib
-# The 16-point set and the tanh MLP of test_losses' own decoupling test, and its z-scores.
-from test_losses import DATA, _init_mlp, _mlp, _z_scores
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIGMA = 0.3  # I-CFM's path N(t x1 + (1 - t) x0, sigma^2 I): wide enough that p_t overlaps DATA
@@ -47,8 +48,9 @@ def _context(apply, **kwargs) -> objectives.ObjectiveContext:
 
 
 def _marginal(context, **kwargs):
-  return objectives.get_objective("marginal_fm", context, num_points=len(DATA), sigma=SIGMA,
-                                  **kwargs)
+  return objectives.get_objective(
+    "marginal_fm", context, num_points=len(DATA), sigma=SIGMA, **kwargs
+  )
 
 
 def _paired_batch(objective, key, num):
@@ -82,23 +84,28 @@ def test_loss_vanishes_at_the_marginal_field_and_grows_by_the_perturbation():
     return objective.loss_fn(params, k_loss, batch)
 
   keys = jax.random.split(jax.random.PRNGKey(0), 64)
-  at = {name: np.asarray([batch_losses(p, k) for k in keys], np.float64)
-        for name, p in [("zero", zero), ("constant", constant), ("linear", linear)]}
+  at = {
+    name: np.asarray([batch_losses(p, k) for k in keys], np.float64)
+    for name, p in [("zero", zero), ("constant", constant), ("linear", linear)]
+  }
   # The exact field is the minimiser: loss 0 (the same float ops as the target) and gradient 0.
   assert np.max(at["zero"]) < 1e-12, np.max(at["zero"])
   grads = jax.grad(batch_losses)(zero, keys[0])
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
   # A constant c adds ||c||^2 / D on every batch: regression_loss means over the D = 2 dims.
-  np.testing.assert_allclose(at["constant"], float(jnp.sum(constant["c"]**2)) / 2, rtol=1e-5)
+  np.testing.assert_allclose(at["constant"], float(jnp.sum(constant["c"] ** 2)) / 2, rtol=1e-5)
   # delta = A x adds E||A x_t||^2 / D = tr(A M A^T) / D, M = E[x_t x_t^T]. For x_t = t x1 +
   # (1 - t) x0 + sigma z with t ~ U[0, 1), x1 uniform on DATA, x0, z ~ N(0, I) independent:
   # M = E[t^2] Q + (E[(1 - t)^2] + sigma^2) I = Q / 3 + (1 / 3 + sigma^2) I, Q = DATA^T DATA / N.
   # The 64 batch losses are independent; their mean has s.e. std / sqrt(64); allow 5 s.e.
-  second_moment = (DATA.T @ DATA / len(DATA) / 3 + (1 / 3 + SIGMA**2) * np.eye(2))
+  second_moment = DATA.T @ DATA / len(DATA) / 3 + (1 / 3 + SIGMA**2) * np.eye(2)
   expected = np.trace(np.asarray(a) @ second_moment @ np.asarray(a).T) / 2
   standard_error = at["linear"].std() / math.sqrt(len(keys))
-  assert abs(at["linear"].mean() - expected) < 5 * standard_error, (at["linear"].mean(),
-                                                                     expected, standard_error)
+  assert abs(at["linear"].mean() - expected) < 5 * standard_error, (
+    at["linear"].mean(),
+    expected,
+    standard_error,
+  )
   assert expected > 50 * standard_error  # the check has power: the excess is far from 0
 
 
@@ -108,8 +115,10 @@ def test_generating_with_the_exact_field_gives_the_smoothed_data_set():
   objective = _marginal(_context(_exact_plus))
   zero = {"c": jnp.zeros(2), "a": jnp.zeros((2, 2))}
   num = 8192
-  samples = np.asarray(objective.generate(zero, jax.random.PRNGKey(1), num, steps=200,
-                                          sampler="rk4")["samples"], np.float64)
+  samples = np.asarray(
+    objective.generate(zero, jax.random.PRNGKey(1), num, steps=200, sampler="rk4")["samples"],
+    np.float64,
+  )
   mean = DATA.mean(0)
   cov = np.cov(DATA.T, bias=True) + SIGMA**2 * np.eye(2)
   # Sample mean: s.e. sqrt(diag(cov) / n); 5 s.e. Covariance entries: s.e. of a product moment
@@ -153,7 +162,8 @@ def test_marginal_gradient_is_the_expected_icfm_gradient():
       out[f"{name}.loss1"], grads = value_and_grad(params1, loss_keys, batches)
       out[f"{name}.grad1"] = jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
       out[f"{name}.loss2"] = jax.vmap(objective.loss_fn, in_axes=(None, 0, 0))(
-          params2, loss_keys, batches)
+        params2, loss_keys, batches
+      )
     return out
 
   k1, k2, k_draws = jax.random.split(jax.random.PRNGKey(7), 3)
@@ -171,8 +181,7 @@ def test_marginal_gradient_is_the_expected_icfm_gradient():
   assert np.max(np.abs(_z_scores(out["other.grad1"] - out["marginal.grad1"]))) > 10.0
   # L_icfm(theta) - L_mfm(theta) does not depend on theta (Lipman et al. 2023, Theorem 2): the
   # difference of the differences at two parameter vectors is 0 within 5 s.e.
-  dd = ((out["icfm.loss1"] - out["marginal.loss1"])
-        - (out["icfm.loss2"] - out["marginal.loss2"]))
+  dd = (out["icfm.loss1"] - out["marginal.loss1"]) - (out["icfm.loss2"] - out["marginal.loss2"])
   assert abs(dd.mean()) < 5 * dd.std() / math.sqrt(n), (dd.mean(), dd.std() / math.sqrt(n))
   # ... and it is a positive constant: the conditional target is noisier than the marginal one.
   assert out["icfm.loss1"].mean() > out["marginal.loss1"].mean()
@@ -198,18 +207,19 @@ def test_pairs_draw_x1_uniformly_from_the_finite_set_and_x0_from_the_source():
   assert set(paired) == {"x", "x0"} and x1.shape == x0.shape == (num, 2)
   np.testing.assert_array_equal(x0, 7.0)
   # Every x1 is one of the points (exactly: a gather), none is one of the loader's draws.
-  distance = np.min(np.sum((x1[:, None] - points[None])**2, axis=-1), axis=1)
+  distance = np.min(np.sum((x1[:, None] - points[None]) ** 2, axis=-1), axis=1)
   np.testing.assert_array_equal(distance, 0.0)
   assert not np.any(np.all(x1 == np.asarray(loader), axis=-1))
   # Uniform: each count is Binomial(num, 1/64), sd sqrt(num p (1 - p)); 64 counts at 5 sd.
-  index = np.argmin(np.sum((x1[:, None] - points[None])**2, axis=-1), axis=1)
+  index = np.argmin(np.sum((x1[:, None] - points[None]) ** 2, axis=-1), axis=1)
   counts = np.bincount(index, minlength=64)
   p = 1 / 64
   assert np.max(np.abs(counts - num * p)) < 5 * math.sqrt(num * p * (1 - p)), counts
 
   # The set is a function of the seed: the same seed gives the same set, another seed another.
   np.testing.assert_array_equal(
-      points, marginal_fm_lib.finite_data_set(moons, seed=5, num_points=64))
+    points, marginal_fm_lib.finite_data_set(moons, seed=5, num_points=64)
+  )
   assert not np.allclose(points, marginal_fm_lib.finite_data_set(moons, seed=6, num_points=64))
 
 
@@ -225,8 +235,12 @@ def test_pairs_and_field_stay_split_over_a_mesh():
   def step(params, key, batch):
     return jax.value_and_grad(objective.loss_fn)(params, key, objective.pair_fn(key, batch))
 
-  hlo = jax.jit(step).lower(_init_mlp(jax.random.PRNGKey(0)), jax.random.PRNGKey(1),
-                            batch).compile().as_text()
+  hlo = (
+    jax.jit(step)
+    .lower(_init_mlp(jax.random.PRNGKey(0)), jax.random.PRNGKey(1), batch)
+    .compile()
+    .as_text()
+  )
   # Residuals x - alpha x1_i of the N = 16 points: f32[rows,16,2] with 8 rows per device.
   rows = {int(r) for r in re.findall(r"f32\[(\d+),16,2\]", hlo)}
   assert rows == {8}, (len(jax.devices()), rows)
@@ -237,7 +251,9 @@ def test_pairs_and_field_stay_split_over_a_mesh():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
+@pytest.mark.parametrize(
+  "kwargs, fragment",
+  [
     (dict(num_points=0), "num_points=0"),
     (dict(num_points=True), "num_points=True"),
     (dict(num_points=2.5), "num_points=2.5"),
@@ -249,7 +265,8 @@ def test_pairs_and_field_stay_split_over_a_mesh():
     (dict(path="linear", sigma=0.0), "is 0 at t = 1"),
     (dict(path="brownian_bridge"), "is 0 at t = 1"),
     (dict(path="vp"), "is 0 at t = 1"),
-])
+  ],
+)
 def test_check_rejects(kwargs, fragment):
   problems = marginal_fm_lib.check(**kwargs)
   assert len(problems) == 1 and fragment in problems[0], problems
@@ -258,9 +275,16 @@ def test_check_rejects(kwargs, fragment):
     objectives.get_objective("marginal_fm", _context(_mlp_apply), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(path="linear", sigma=1e-3),
-                                    dict(path="cosine"), dict(time_sampler="u_shaped"),
-                                    dict(num_points=1)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(path="linear", sigma=1e-3),
+    dict(path="cosine"),
+    dict(time_sampler="u_shaped"),
+    dict(num_points=1),
+  ],
+)
 def test_check_accepts(kwargs):
   assert marginal_fm_lib.check(**kwargs) == []
 
@@ -279,21 +303,27 @@ def test_check_knows_where_the_kernel_width_vanishes(name, sigma):
 def test_check_starts_no_jax_backend():
   """Validation runs check() before jax.distributed.initialize, which fails once a backend
   exists; so check() must not create an array (a fresh process, every kind of problem)."""
-  code = ("import jax._src.xla_bridge as xb\n"
-          "from diffjax.objectives import marginal_fm as m\n"
-          "for kw in [{}, {'path': 'vp'}, {'sigma': 0.0}, {'path': 'nope', 'num_points': 0}]:\n"
-          "  m.check(**kw)\n"
-          "assert not xb.backends_are_initialized()\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, check=False)
+  code = (
+    "import jax._src.xla_bridge as xb\n"
+    "from diffjax.objectives import marginal_fm as m\n"
+    "for kw in [{}, {'path': 'vp'}, {'sigma': 0.0}, {'path': 'nope', 'num_points': 0}]:\n"
+    "  m.check(**kw)\n"
+    "assert not xb.backends_are_initialized()\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("context_kwargs, fragment", [
+@pytest.mark.parametrize(
+  "context_kwargs, fragment",
+  [
     (dict(target_sampler=None), "data.kind='toy2d'"),
     (dict(source_is_normal=False), "data.source='normal'"),
     (dict(num_classes=3), "data.num_classes=3"),
-])
+  ],
+)
 def test_build_rejects_a_context_it_cannot_serve(context_kwargs, fragment):
   with pytest.raises(ValueError, match=re.escape(fragment)):
     objectives.get_objective("marginal_fm", _context(_mlp_apply, **context_kwargs))
@@ -304,11 +334,13 @@ def test_table_entry():
   assert spec is marginal_fm_lib.SPEC and spec.build is marginal_fm_lib.marginal_fm
   assert spec.output == "velocity" and spec.samplers == samplers_lib.FLOW_SAMPLERS
   assert spec.default_sampler in spec.samplers
-  assert objectives.defaults(spec.build) == dict(num_points=1024, path="icfm", sigma=0.1,
-                                                 time_sampler="uniform")
+  assert objectives.defaults(spec.build) == dict(
+    num_points=1024, path="icfm", sigma=0.1, time_sampler="uniform"
+  )
   # The checks run for a config group; a key of another objective is named as such.
-  assert objectives.objective_problems({"name": "marginal_fm", "num_points": 0}) == \
-      marginal_fm_lib.check(num_points=0)
+  assert objectives.objective_problems(
+    {"name": "marginal_fm", "num_points": 0}
+  ) == marginal_fm_lib.check(num_points=0)
   problems = objectives.objective_problems({"name": "marginal_fm", "label_dropout": 0.1})
   assert len(problems) == 1 and "does not take it" in problems[0]
 
@@ -322,11 +354,20 @@ def test_table_entry():
 def test_bench_marginal_fm_quick():
   env = dict(os.environ)
   # One CPU device, as a user runs the script (tests/conftest.py forces 8 for the suite).
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_marginal_fm.py"),
-                         "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300, check=False)
+  env["XLA_FLAGS"] = " ".join(
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  )
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "bench_marginal_fm.py"), "--quick"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout)  # the script prints only its JSON on stdout
   assert report["benchmark"] == "bench_marginal_fm" and report["protocol"]["quick"]
@@ -342,7 +383,14 @@ def test_bench_marginal_fm_quick():
   # O(N) per example: the largest set costs clearly more per step than the smallest.
   per_step = [r["marginal_fm"]["us_per_step_median"] for r in report["results"]]
   assert per_step[-1] > 2 * per_step[0], per_step
-  markdown = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_marginal_fm.py"),
-                             "--render", "-"], input=proc.stdout, cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120, check=True).stdout
+  markdown = subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "bench_marginal_fm.py"), "--render", "-"],
+    input=proc.stdout,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout
   assert markdown.count("\n|") >= len(sizes) + 1

@@ -16,14 +16,22 @@ from diffjax.train import config as config_lib
 from diffjax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config.train.steps=10", "--config.train.fused_steps=5", "--config.train.log_every=5",
-        "--config.train.checkpoint_every=10", "--config.train.progress_bar=false",
-        "--config.train.async_checkpoint=false", "--config.sample.num=64",
-        "--config.sample.steps=4"]
+TINY = [
+  "--config.train.steps=10",
+  "--config.train.fused_steps=5",
+  "--config.train.log_every=5",
+  "--config.train.checkpoint_every=10",
+  "--config.train.progress_bar=false",
+  "--config.train.async_checkpoint=false",
+  "--config.sample.num=64",
+  "--config.sample.steps=4",
+]
 # The fast suite trains the EDM config (its own preconditioned model and sampler) through the
 # CLI; the others' objectives have their own tests and CLI runs in test_cli / test_train.
-TOY = ["toy2d_edm"] + [pytest.param(name, marks=pytest.mark.slow) for name in (
-    "toy2d_icfm", "toy2d_otcfm", "toy2d_ddpm", "toy2d_vp", "toy2d_marginal_fm")]
+TOY = ["toy2d_edm"] + [
+  pytest.param(name, marks=pytest.mark.slow)
+  for name in ("toy2d_icfm", "toy2d_otcfm", "toy2d_ddpm", "toy2d_vp", "toy2d_marginal_fm")
+]
 DIGITS = ["digits_fm", "digits_ddpm", "digits_edm"]
 
 
@@ -59,8 +67,10 @@ def test_digits_config_trains_samples_and_evaluates(name, tmp_path, capsys):
 
 
 def test_every_objective_has_a_config():
-  names = {config_lib.load_config_file(str(path)).objective.name
-           for path in (ROOT / "configs").glob("*.py")}
+  names = {
+    config_lib.load_config_file(str(path)).objective.name
+    for path in (ROOT / "configs").glob("*.py")
+  }
   assert set(objectives.OBJECTIVES) - {"sbcfm", "fm"} <= names, names
 
 
@@ -71,21 +81,36 @@ _PATHS = sorted(set(paths.PATHS) - {"cond_ot", "schrodinger_bridge"})  # aliases
 _COUPLINGS = ["independent", "exact_ot", "sinkhorn"]
 _TIMES = sorted(losses.TIME_SAMPLERS)
 _RECIPES = ["icfm", "otcfm", "sbcfm", "fm"]
-COMBINATIONS = [(_RECIPES[i % 4], _PATHS[i % len(_PATHS)], _COUPLINGS[i % len(_COUPLINGS)],
-                 _TIMES[i % len(_TIMES)])
-                for i in range(max(len(_PATHS), len(_COUPLINGS), len(_TIMES), 4))]
+COMBINATIONS = [
+  (
+    _RECIPES[i % 4],
+    _PATHS[i % len(_PATHS)],
+    _COUPLINGS[i % len(_COUPLINGS)],
+    _TIMES[i % len(_TIMES)],
+  )
+  for i in range(max(len(_PATHS), len(_COUPLINGS), len(_TIMES), 4))
+]
 
 
 @pytest.mark.parametrize("recipe,path,coupling,time_sampler", COMBINATIONS)
-def test_flow_matching_recipe_with_any_path_coupling_and_time(recipe, path, coupling,
-                                                             time_sampler, tmp_path):
+def test_flow_matching_recipe_with_any_path_coupling_and_time(
+  recipe, path, coupling, time_sampler, tmp_path
+):
   """One fused chunk of each combination trains to a finite loss."""
   config = config_lib.load_config_file(str(ROOT / "configs" / "toy2d_icfm.py"))
-  config_lib.apply_overrides(config, [
-      *TINY, "--config.train.steps=5", "--config.train.batch_size=32",
-      "--config.data.source=normal", f"--config.objective.name={recipe}",
-      f"--config.objective.path={path}", f"--config.objective.coupling={coupling}",
-      f"--config.objective.time_sampler={time_sampler}"])
+  config_lib.apply_overrides(
+    config,
+    [
+      *TINY,
+      "--config.train.steps=5",
+      "--config.train.batch_size=32",
+      "--config.data.source=normal",
+      f"--config.objective.name={recipe}",
+      f"--config.objective.path={path}",
+      f"--config.objective.coupling={coupling}",
+      f"--config.objective.time_sampler={time_sampler}",
+    ],
+  )
   config_lib.validate(config, num_devices=1)
   result = loop.train(config, tmp_path, devices=jax.devices()[:1])
   assert np.isfinite([loss for _, loss in result["losses"]]).all()

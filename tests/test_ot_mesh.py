@@ -22,15 +22,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "ot_mesh_check.py"
 
 
-def _mesh_reports(tmp_path, devices: int, cases: list[str], *, steps: int = 200,
-                  timeout: float = 600) -> list[dict]:
-  argv = [sys.executable, str(CHECK), "--devices", str(devices), "--workdir", str(tmp_path),
-          "--steps", str(steps)]
+def _mesh_reports(
+  tmp_path, devices: int, cases: list[str], *, steps: int = 200, timeout: float = 600
+) -> list[dict]:
+  argv = [
+    sys.executable,
+    str(CHECK),
+    "--devices",
+    str(devices),
+    "--workdir",
+    str(tmp_path),
+    "--steps",
+    str(steps),
+  ]
   for case in cases:
     argv += ["--case", case]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                        cwd=ROOT, check=False)
+  done = subprocess.run(
+    argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -66,11 +76,15 @@ def test_ot_cfm_protocol_trains_and_resumes_on_a_mesh(tmp_path, devices):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices,cases", [
+@pytest.mark.parametrize(
+  "devices,cases",
+  [
     (2, ["toy2d:1:global", "toy2d:2:global", "toy2d:1:per_device", "toy2d:2:per_device"]),
     (4, ["toy2d:1:global", "toy2d:2:per_device"]),
     (8, ["toy2d:1:global", "toy2d:2:global", "toy2d:1:per_device", "toy2d:2:per_device"]),
-], ids=["2dev", "4dev", "8dev"])
+  ],
+  ids=["2dev", "4dev", "8dev"],
+)
 def test_ot_cfm_protocol_every_mesh(tmp_path, devices, cases):
   """The rest of the matrix: 2, 4 and 8 devices, FSDP 1 and 2, global and per-device scope."""
   for report in _mesh_reports(tmp_path, devices, cases):
@@ -107,14 +121,25 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _train_with_blocking_solver(workdir, *, block_from: int, devices: int, extra=()):
-  argv = [sys.executable, "-c", _DRIVER.format(block_from=block_from), "train",
-          "--config", str(ROOT / "configs" / "toy2d_otcfm.py") + ":small",
-          "--workdir", str(workdir), "--config.train.progress_bar=false",
-          "--config.train.async_checkpoint=false", "--config.sample.num=64",
-          "--config.sample.steps=2", *extra]
+  argv = [
+    sys.executable,
+    "-c",
+    _DRIVER.format(block_from=block_from),
+    "train",
+    "--config",
+    str(ROOT / "configs" / "toy2d_otcfm.py") + ":small",
+    "--workdir",
+    str(workdir),
+    "--config.train.progress_bar=false",
+    "--config.train.async_checkpoint=false",
+    "--config.sample.num=64",
+    "--config.sample.steps=2",
+    *extra,
+  ]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                          env=env, cwd=ROOT)
+  return subprocess.Popen(
+    argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+  )
 
 
 def _wait_for_line(process, text: str, timeout: float) -> list[str]:
@@ -130,8 +155,11 @@ def _wait_for_line(process, text: str, timeout: float) -> list[str]:
   raise AssertionError(f"{text!r} not seen in {timeout} s:\n{''.join(lines)[-3000:]}")
 
 
-@pytest.mark.parametrize("signum", [
-    signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+  "signum",
+  [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+  ids=["SIGTERM", "SIGINT"],
+)
 def test_signal_while_waiting_on_a_stuck_solve_checkpoints_and_exits(tmp_path, signum):
   """The second chunk's solve never returns; SIGTERM or SIGINT then ends the run within 10 s
   (the loop waits for the solve in slices and checks for the signal), exit 0, with the last
@@ -155,8 +183,9 @@ def test_signal_while_waiting_on_a_stuck_solve_checkpoints_and_exits(tmp_path, s
 def test_step_timeout_catches_a_solve_that_never_returns(tmp_path):
   """train.step_timeout_s bounds the wait for a host solve, the first chunk's included: the
   watchdog names the phase, dumps stacks and exits 75 (restartable) shortly after the limit."""
-  process = _train_with_blocking_solver(tmp_path, block_from=1, devices=2,
-                                        extra=["--config.train.step_timeout_s=3"])
+  process = _train_with_blocking_solver(
+    tmp_path, block_from=1, devices=2, extra=["--config.train.step_timeout_s=3"]
+  )
   _wait_for_line(process, "SOLVER BLOCKED", timeout=240)
   blocked = time.monotonic()
   try:
@@ -178,8 +207,9 @@ def _callback_ops(lowered) -> int:
   return text.count("xla_python_cpu_callback") + text.count("xla_ffi_python_cpu_callback")
 
 
-@pytest.mark.parametrize("recipe,scope", [("otcfm", "global"), ("otcfm", "per_device"),
-                                          ("sbcfm", "per_device")])
+@pytest.mark.parametrize(
+  "recipe,scope", [("otcfm", "global"), ("otcfm", "per_device"), ("sbcfm", "per_device")]
+)
 def test_trainer_programs_hold_no_host_callback(recipe, scope):
   """What the trainer compiles for a 4-device mesh (the chunk's pairing problems and the update
   with its pairs finished) contains no host callback, for exact OT in both scopes and for
@@ -188,13 +218,13 @@ def test_trainer_programs_hold_no_host_callback(recipe, scope):
   import functools
 
   import jax
+  from test_train import tiny_config  # pylint: disable=import-outside-toplevel
 
-  from diffjax.train import trainer as trainer_lib
   from diffjax.train import sharding as sharding_lib
+  from diffjax.train import trainer as trainer_lib
   from diffjax.train.experiment import build_experiment
   from diffjax.train.optim import make_optimizer
   from diffjax.train.step import finish_fused_steps, fused_train_steps, propose_fused_pairs
-  from test_train import tiny_config  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(recipe, **{"objective.coupling_scope": scope})
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:4])
@@ -203,20 +233,28 @@ def test_trainer_programs_hold_no_host_callback(recipe, scope):
   _, _, create = trainer_lib.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
   state = create()
   update = dict(loss_fn=experiment.loss_fn, optimizer=optimizer, ema_decay=0.9)
-  one_program = jax.jit(lambda s: fused_train_steps(
-      s, num_steps=5, sample_batch=experiment.sample_batch, pair_fn=experiment.pair_fn,
-      **update)).lower(state)
+  one_program = jax.jit(
+    lambda s: fused_train_steps(
+      s, num_steps=5, sample_batch=experiment.sample_batch, pair_fn=experiment.pair_fn, **update
+    )
+  ).lower(state)
   if experiment.host_pairing is None:  # Sinkhorn: in-graph, one program
     assert _callback_ops(one_program) == 0
     return
   assert _callback_ops(one_program) >= 1
-  propose = jax.jit(functools.partial(
-      propose_fused_pairs, num_steps=5, sample_batch=experiment.sample_batch,
-      propose=experiment.host_pairing.propose))
+  propose = jax.jit(
+    functools.partial(
+      propose_fused_pairs,
+      num_steps=5,
+      sample_batch=experiment.sample_batch,
+      propose=experiment.host_pairing.propose,
+    )
+  )
   batches, problems = propose(state.key, state.step)
   solutions = experiment.host_pairing.solve(sharding_lib.to_host(problems))
-  finish = jax.jit(functools.partial(finish_fused_steps, finish=experiment.host_pairing.finish,
-                                     **update))
+  finish = jax.jit(
+    functools.partial(finish_fused_steps, finish=experiment.host_pairing.finish, **update)
+  )
   assert _callback_ops(propose.lower(state.key, state.step)) == 0
   assert _callback_ops(finish.lower(state, batches, solutions)) == 0
 
@@ -229,22 +267,49 @@ def test_sinkhorn_per_device_plots_likelihood_and_samplers_on_four_devices(tmp_p
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   workdir = tmp_path / "sb"
   commands = [
-      ["train", "--config", str(ROOT / "configs" / "toy2d_otcfm.py") + ":small",
-       "--config.objective.name=sbcfm", "--config.objective.coupling_scope=per_device",
-       "--config.data.source=normal", "--config.mesh.fsdp=2", "--config.train.progress_bar=false",
-       "--workdir", str(workdir)],
-      ["evaluate", "--workdir", str(workdir), "--num", "256", "--sampler", "dopri5"],
-      ["sample", "--workdir", str(workdir), "--num", "256", "--out", str(workdir / "s.npz"),
-       "--sampler", "heun", "--steps", "8"],
+    [
+      "train",
+      "--config",
+      str(ROOT / "configs" / "toy2d_otcfm.py") + ":small",
+      "--config.objective.name=sbcfm",
+      "--config.objective.coupling_scope=per_device",
+      "--config.data.source=normal",
+      "--config.mesh.fsdp=2",
+      "--config.train.progress_bar=false",
+      "--workdir",
+      str(workdir),
+    ],
+    ["evaluate", "--workdir", str(workdir), "--num", "256", "--sampler", "dopri5"],
+    [
+      "sample",
+      "--workdir",
+      str(workdir),
+      "--num",
+      "256",
+      "--out",
+      str(workdir / "s.npz"),
+      "--sampler",
+      "heun",
+      "--steps",
+      "8",
+    ],
   ]
   outputs = []
   for command in commands:
-    done = subprocess.run([sys.executable, "-m", "diffjax.cli", *command], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+      [sys.executable, "-m", "diffjax.cli", *command],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     outputs.append(done.stdout)
   assert (workdir / "samples.png").stat().st_size > 10_000
   metrics = json.loads(outputs[1].strip().splitlines()[-1])
   assert metrics["nfe"] > 0 and 0 < metrics["w2"] < 3 and abs(metrics["nll"]) < 20, metrics
   import numpy as np
+
   assert np.isfinite(np.load(workdir / "s.npz")["samples"]).all()

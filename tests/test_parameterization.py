@@ -32,8 +32,11 @@ def _random_case(key, *, batched: bool = True):
   uniform = lambda k: jax.random.uniform(k, shape, jnp.float64, 0.2, 1.5)
   sign = jnp.where(jax.random.bernoulli(keys[6], 0.5, shape), 1.0, -1.0)
   coefficients = param.Coefficients(
-      alpha=uniform(keys[0]), sigma=uniform(keys[1]), d_alpha=-sign * uniform(keys[2]),
-      d_sigma=sign * uniform(keys[3]))
+    alpha=uniform(keys[0]),
+    sigma=uniform(keys[1]),
+    d_alpha=-sign * uniform(keys[2]),
+    d_sigma=sign * uniform(keys[3]),
+  )
   data_shape = (BATCH, *EVENT) if batched else EVENT
   x0 = jax.random.normal(keys[4], data_shape, jnp.float64)
   eps = jax.random.normal(keys[5], data_shape, jnp.float64)
@@ -43,14 +46,15 @@ def _random_case(key, *, batched: bool = True):
 def _reference_targets(coefficients, x0, eps):
   """The five targets from their definitions, in NumPy float64 (no diffjax code)."""
   alpha, sigma, d_alpha, d_sigma = (
-      np.asarray(c).reshape(np.shape(c) + (1,) * len(EVENT)) for c in coefficients)
+    np.asarray(c).reshape(np.shape(c) + (1,) * len(EVENT)) for c in coefficients
+  )
   x0, eps = np.asarray(x0), np.asarray(eps)
   return {
-      "eps": eps,
-      "x0": x0,
-      "v": alpha * eps - sigma * x0,  # Salimans & Ho (2022), Sec. 4
-      "velocity": d_alpha * x0 + d_sigma * eps,  # d/dt (alpha x0 + sigma eps)
-      "score": -eps / sigma,  # gradient of log N(x_t; alpha x0, sigma^2 I)
+    "eps": eps,
+    "x0": x0,
+    "v": alpha * eps - sigma * x0,  # Salimans & Ho (2022), Sec. 4
+    "velocity": d_alpha * x0 + d_sigma * eps,  # d/dt (alpha x0 + sigma eps)
+    "score": -eps / sigma,  # gradient of log N(x_t; alpha x0, sigma^2 I)
   }
 
 
@@ -64,20 +68,30 @@ def test_round_trips_between_every_pair_of_targets(batched):
     for name in TARGETS:
       target = param.get_prediction_target(name)
       assert target.name == name
-      np.testing.assert_allclose(target.from_x0_eps(x0, eps, coefficients=coefficients),
-                                 reference[name], rtol=1e-12)
-      got_x0, got_eps = target.to_x0_eps(jnp.asarray(reference[name]), x_t=x_t,
-                                         coefficients=coefficients)
+      np.testing.assert_allclose(
+        target.from_x0_eps(x0, eps, coefficients=coefficients), reference[name], rtol=1e-12
+      )
+      got_x0, got_eps = target.to_x0_eps(
+        jnp.asarray(reference[name]), x_t=x_t, coefficients=coefficients
+      )
       # Condition numbers are <= ~1e2 here (|det| >= 0.08), so float64 keeps ~1e-13.
       np.testing.assert_allclose(got_x0, x0, rtol=1e-10, atol=1e-12)
       np.testing.assert_allclose(got_eps, eps, rtol=1e-10, atol=1e-12)
     for source, destination in itertools.product(TARGETS, TARGETS):
       converted = param.convert(
-          jnp.asarray(reference[source]), source=param.get_prediction_target(source),
-          destination=param.get_prediction_target(destination), x_t=x_t,
-          coefficients=coefficients)
-      np.testing.assert_allclose(converted, reference[destination], rtol=1e-10, atol=1e-12,
-                                 err_msg=f"{source} -> {destination}")
+        jnp.asarray(reference[source]),
+        source=param.get_prediction_target(source),
+        destination=param.get_prediction_target(destination),
+        x_t=x_t,
+        coefficients=coefficients,
+      )
+      np.testing.assert_allclose(
+        converted,
+        reference[destination],
+        rtol=1e-10,
+        atol=1e-12,
+        err_msg=f"{source} -> {destination}",
+      )
 
 
 def test_convert_under_jit_in_float32():
@@ -89,9 +103,13 @@ def test_convert_under_jit_in_float32():
   to32 = lambda x: jnp.asarray(np.asarray(x), jnp.float32)
   coefficients32 = param.Coefficients(*(to32(c) for c in coefficients))
   convert = jax.jit(param.convert, static_argnames=("source", "destination"))
-  got = convert(to32(reference["v"]), source=param.get_prediction_target("v"),
-                destination=param.get_prediction_target("velocity"), x_t=to32(x_t),
-                coefficients=coefficients32)
+  got = convert(
+    to32(reference["v"]),
+    source=param.get_prediction_target("v"),
+    destination=param.get_prediction_target("velocity"),
+    x_t=to32(x_t),
+    coefficients=coefficients32,
+  )
   assert got.dtype == jnp.float32
   # Values are O(1) and pass through ~10 float32 operations with no division by anything below
   # 0.2 (alpha^2 + sigma^2 >= 0.08): error ~ 10 * 6e-8 * 25 ~ 2e-5 at most.
@@ -117,8 +135,7 @@ def test_v_matches_salimans_ho_in_the_variance_preserving_case():
   phi, z_phi, v = np.asarray(phi), np.asarray(z_phi), np.asarray(v)
   np.testing.assert_allclose(v, dz_dphi, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(got_x0, col(np.cos(phi)) * z_phi - col(np.sin(phi)) * v, atol=1e-12)
-  np.testing.assert_allclose(got_eps, col(np.sin(phi)) * z_phi + col(np.cos(phi)) * v,
-                             atol=1e-12)
+  np.testing.assert_allclose(got_eps, col(np.sin(phi)) * z_phi + col(np.cos(phi)) * v, atol=1e-12)
   np.testing.assert_allclose(got_x0, x0, atol=1e-12)
 
 
@@ -137,7 +154,8 @@ def test_velocity_is_the_jvp_of_the_interpolation(name):
 
     _, dx_dt = jax.jvp(interpolate, (t,), (jnp.ones_like(t),))
     velocity = param.velocity_from_x0_eps(
-        x0, eps, coefficients=param.diffusion_coefficients(schedule, t))
+      x0, eps, coefficients=param.diffusion_coefficients(schedule, t)
+    )
   np.testing.assert_allclose(velocity, dx_dt, rtol=1e-12, atol=1e-12)
 
 
@@ -158,8 +176,9 @@ def test_flow_map_reproduces_the_diffusion_marginals():
   noise = jax.random.normal(noise_key, (3, n))
   coefficients = param.flow_coefficients(schedule, jnp.asarray(t_flow, jnp.float32))
   # The flow path x = alpha_fm x1 + sigma_fm x0 with x1 data and x0 noise.
-  samples = np.asarray(coefficients.alpha[:, None] * data + coefficients.sigma[:, None] * noise,
-                       np.float64)
+  samples = np.asarray(
+    coefficients.alpha[:, None] * data + coefficients.sigma[:, None] * noise, np.float64
+  )
   for row, t in enumerate(t_flow):
     mean, var = _vp_moments(1.0 - t, data_mean, data_std)
     # Gaussian samples: the mean has s.e. sqrt(var / n) and the sample variance
@@ -186,8 +205,10 @@ def test_flow_velocity_is_the_finite_difference_of_the_path(name):
     noise = np.asarray(jax.random.normal(keys[2], (BATCH, *EVENT), jnp.float64))
 
     def path(u):  # the flow path at flow time u, assembled in NumPy
-      alpha, sigma = (np.asarray(c).reshape(BATCH, 1, 1)
-                      for c in param.flow_coefficients(schedule, jnp.asarray(u))[:2])
+      alpha, sigma = (
+        np.asarray(c).reshape(BATCH, 1, 1)
+        for c in param.flow_coefficients(schedule, jnp.asarray(u))[:2]
+      )
       return alpha * data + sigma * noise
 
     finite = (path(np.asarray(t) + h) - path(np.asarray(t) - h)) / (2 * h)
@@ -226,8 +247,11 @@ def test_conversions_are_differentiable_in_time():
 
   def converted_sum(t, x_t, eps):
     coefficients = param.diffusion_coefficients(schedule, t)
-    return jnp.sum(param.convert(eps, source=eps_target, destination=velocity_target, x_t=x_t,
-                                 coefficients=coefficients))
+    return jnp.sum(
+      param.convert(
+        eps, source=eps_target, destination=velocity_target, x_t=x_t, coefficients=coefficients
+      )
+    )
 
   h = 1e-6
   with jax.enable_x64(True):
@@ -238,10 +262,15 @@ def test_conversions_are_differentiable_in_time():
     grad = jax.jit(jax.grad(converted_sum))(t, x_t, v)
     # Per-example derivatives by central differences (each example depends on its own t only).
     value = jax.jit(converted_sum)
-    finite = np.array([(value(t.at[i].add(h), x_t, v) - value(t.at[i].add(-h), x_t, v)) / (2 * h)
-                       for i in range(BATCH)])
-    per_example = jax.vmap(jax.grad(
-        lambda ti, xi, vi: converted_sum(ti[None], xi[None], vi[None])))(t, x_t, v)
+    finite = np.array(
+      [
+        (value(t.at[i].add(h), x_t, v) - value(t.at[i].add(-h), x_t, v)) / (2 * h)
+        for i in range(BATCH)
+      ]
+    )
+    per_example = jax.vmap(
+      jax.grad(lambda ti, xi, vi: converted_sum(ti[None], xi[None], vi[None]))
+    )(t, x_t, v)
   assert np.min(np.abs(finite)) > 1e-3  # a derivative worth checking
   np.testing.assert_allclose(grad, finite, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(per_example, grad, rtol=1e-12)

@@ -15,12 +15,12 @@ from diffjax.schedules import cosine_schedule, vp_schedule
 
 # name -> kwargs of every path factory exercised here.
 PATH_CASES = {
-    "linear": dict(sigma_min=0.0),
-    "cond_ot": dict(sigma_min=0.1),
-    "icfm": dict(sigma=0.2),
-    "brownian_bridge": dict(sigma=0.5),
-    "vp": dict(beta_min=0.1, beta_max=20.0),
-    "cosine": dict(),
+  "linear": dict(sigma_min=0.0),
+  "cond_ot": dict(sigma_min=0.1),
+  "icfm": dict(sigma=0.2),
+  "brownian_bridge": dict(sigma=0.5),
+  "vp": dict(beta_min=0.1, beta_max=20.0),
+  "cosine": dict(),
 }
 
 
@@ -139,10 +139,11 @@ def test_gaussian_coefficients_combine_both_noises():
   with jax.enable_x64(True):
     t64 = jnp.asarray(t, jnp.float64)
     h = 1e-6
-    cases = {"icfm": (lambda u: np.sqrt((1 - u)**2 + 0.3**2), dict(sigma=0.3)),
-             "brownian_bridge": (lambda u: np.sqrt((1 - u)**2 + 0.5**2 * u * (1 - u)),
-                                 dict(sigma=0.5)),
-             "linear": (lambda u: 1 - 0.9 * u, dict(sigma_min=0.1))}
+    cases = {
+      "icfm": (lambda u: np.sqrt((1 - u) ** 2 + 0.3**2), dict(sigma=0.3)),
+      "brownian_bridge": (lambda u: np.sqrt((1 - u) ** 2 + 0.5**2 * u * (1 - u)), dict(sigma=0.5)),
+      "linear": (lambda u: 1 - 0.9 * u, dict(sigma_min=0.1)),
+    }
     for name, (s_fn, kw) in cases.items():
       c = paths.get_path(name, **kw).gaussian_coefficients(t64)
       np.testing.assert_allclose(c.alpha, t64, rtol=1e-12)
@@ -164,8 +165,7 @@ def test_path_is_a_hashable_static_argument_and_traces_once():
     traces.append(None)
     return path.interpolate(x0=x0, x1=x1, t=t, z=z)
 
-  step = jax.jit(lambda p, *a: p.interpolate(x0=a[0], x1=a[1], t=a[2], z=a[3]),
-                 static_argnums=0)
+  step = jax.jit(lambda p, *a: p.interpolate(x0=a[0], x1=a[1], t=a[2], z=a[3]), static_argnums=0)
   x0, x1, z = _draws(3)
   t = jnp.array([0.1, 0.5, 0.9])
   for _ in range(2):

@@ -21,18 +21,26 @@ import pytest
 from diffjax import cli
 from diffjax.train import checkpoint as ckpt
 from diffjax.train import config as config_lib
-from diffjax.train import integrity
-from diffjax.train import loop
+from diffjax.train import integrity, loop
 from diffjax.train import trainer as trainer_lib
 from diffjax.train.metrics_log import MetricsWriter, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "toy2d_icfm.py")
-TINY = ["--config.train.steps=12", "--config.train.fused_steps=2", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=4", "--config.train.batch_size=32",
-        "--config.model.width=16", "--config.model.depth=2",
-        "--config.train.progress_bar=false", "--config.train.async_checkpoint=false",
-        "--config.sample.num=16", "--config.sample.steps=2", "--config.train.keep_checkpoints=5"]
+TINY = [
+  "--config.train.steps=12",
+  "--config.train.fused_steps=2",
+  "--config.train.log_every=2",
+  "--config.train.checkpoint_every=4",
+  "--config.train.batch_size=32",
+  "--config.model.width=16",
+  "--config.model.depth=2",
+  "--config.train.progress_bar=false",
+  "--config.train.async_checkpoint=false",
+  "--config.sample.num=16",
+  "--config.sample.steps=2",
+  "--config.train.keep_checkpoints=5",
+]
 
 
 def tiny_config(*overrides: str):
@@ -45,6 +53,7 @@ def _step_key_matches(key, base_key, steps, *, data: bool):
   """Whether ``key`` is the loss key (or the data key) of one of ``steps``: the loop derives
   both from the step alone (``step.step_keys``), so a test can aim at a step."""
   from diffjax.train.step import step_keys
+
   hits = []
   # Always four comparisons (a step never reached pads the list): every run compiles the same
   # program, so runs with and without NaN round alike and can be compared bit for bit.
@@ -100,11 +109,13 @@ def abstract_state(config):
   from diffjax.train import sharding as sharding_lib
   from diffjax.train.experiment import build_experiment
   from diffjax.train.optim import make_optimizer
+
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-  abstract, shardings, _ = trainer_lib.make_initial_state(experiment, optimizer,
-                                                          seed=config.seed, mesh=mesh)
+  abstract, shardings, _ = trainer_lib.make_initial_state(
+    experiment, optimizer, seed=config.seed, mesh=mesh
+  )
   return ckpt.abstract_with_shardings(abstract, shardings)
 
 
@@ -114,9 +125,12 @@ def restore(workdir, config, target=None, *, move_bad=True):
   manager = ckpt.make_checkpoint_manager(workdir / "checkpoints", keep=100, async_save=False)
   try:
     return ckpt.restore_verified(
-        manager, abstract_state(config) if target is None else target,
-        config=config_lib.resume_fingerprint(config), move_bad=move_bad,
-        config_differences=config_lib.fingerprint_differences)
+      manager,
+      abstract_state(config) if target is None else target,
+      config=config_lib.resume_fingerprint(config),
+      move_bad=move_bad,
+      config_differences=config_lib.fingerprint_differences,
+    )
   finally:
     manager.close()
 
@@ -146,13 +160,19 @@ def test_package_never_uses_pickle():
         found.append(node.module)
       elif isinstance(node, ast.Call):
         for kw in node.keywords:
-          if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant)
-                                               and kw.value.value is False):
+          if kw.arg == "allow_pickle" and not (
+            isinstance(kw.value, ast.Constant) and kw.value.value is False
+          ):
             found.append("allow_pickle=" + ast.unparse(kw.value))
     return found
 
-  for bad in ("import pickle", "from dill import loads", "import cloudpickle as cp",
-              "np.load(p, allow_pickle=True)", "np.load(p, allow_pickle=flag)"):
+  for bad in (
+    "import pickle",
+    "from dill import loads",
+    "import cloudpickle as cp",
+    "np.load(p, allow_pickle=True)",
+    "np.load(p, allow_pickle=flag)",
+  ):
     assert offences(bad), bad
   assert not offences("np.load(p, allow_pickle=False)")
   files = sorted((ROOT / "diffjax").rglob("*.py")) + [ROOT / "scripts" / "torture.py"]
@@ -168,8 +188,12 @@ def test_metrics_truncated_line_and_duplicates(tmp_path):
   """A kill mid-write leaves a truncated last line; a resume from step 4 keeps steps <= 4 once
   each (the last written wins), drops the rest and the fragment, and appends after them."""
   path = tmp_path / "metrics.jsonl"
-  lines = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}, {"step": 4, "loss": 0.25},
-           {"step": 6, "loss": 0.1}]
+  lines = [
+    {"step": 2, "loss": 1.0},
+    {"step": 4, "loss": 0.5},
+    {"step": 4, "loss": 0.25},
+    {"step": 6, "loss": 0.1},
+  ]
   path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "lo')
   assert [r["step"] for r in read_metrics(path)] == [2, 4, 4, 6]  # fragment skipped
   writer = MetricsWriter(tmp_path, resume_step=4, tensorboard=False)
@@ -197,10 +221,13 @@ def test_clean_run_metrics_and_markers(clean_run):
 
 
 def test_first_nonfinite_excess():
-  assert loop.first_nonfinite_excess([0, 1, 2, 3, 0], [1, 2, 3, 4, 5], first_step=11,
-                                     max_steps=3) is None
-  assert loop.first_nonfinite_excess([1, 2, 3, 4, 5], [9, 8, 7, 6, 5], first_step=11,
-                                     max_steps=3) == (14, 6.0, 4)
+  assert (
+    loop.first_nonfinite_excess([0, 1, 2, 3, 0], [1, 2, 3, 4, 5], first_step=11, max_steps=3)
+    is None
+  )
+  assert loop.first_nonfinite_excess(
+    [1, 2, 3, 4, 5], [9, 8, 7, 6, 5], first_step=11, max_steps=3
+  ) == (14, 6.0, 4)
   assert loop.first_nonfinite_excess([1], [np.nan], first_step=1, max_steps=0)[0] == 1
 
 
@@ -223,11 +250,15 @@ def test_nonfinite_within_limit_leaves_state_bit_identical(tmp_path):
 def restore_step(workdir, config, step):
   """The state of one checkpoint step (through orbax directly)."""
   import orbax.checkpoint as ocp
+
   manager = ckpt.make_checkpoint_manager(workdir / "checkpoints", keep=100, async_save=False)
   try:
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state(config)),
-        data=ocp.args.JsonRestore()))["state"]
+    return manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state(config)), data=ocp.args.JsonRestore()
+      ),
+    )["state"]
   finally:
     manager.close()
 
@@ -275,28 +306,43 @@ def _rewrite_marker_config(step_dir):
 
 
 CORRUPTIONS = {
-    # name: (mutation of step 12, expected step, fragment of the reason)
-    "missing_metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), 8, "missing file"),
-    "missing_data_file": (lambda d: _largest_file(d).unlink(), 8, "missing file"),
-    "truncated_data_file": (
-        lambda d: _largest_file(d).write_bytes(_largest_file(d).read_bytes()[:-7]), 8,
-        "truncated"),
-    "flipped_bytes": (lambda d: _flip(_largest_file(d)), 8, "corrupted bytes"),
-    "zero_length_files": (
-        lambda d: [p.write_bytes(b"") for p in d.rglob("*")
-                   if p.is_file() and p.name != integrity.COMMIT_FILE], 8, "zeroed"),
-    "no_commit_marker": (lambda d: (d / integrity.COMMIT_FILE).unlink(), 8, "no commit marker"),
-    "garbled_marker": (lambda d: (d / integrity.COMMIT_FILE).write_text("{\"fi"), 8,
-                       "unreadable commit marker"),
-    "iterator_state_edited": (  # same size, other step: only the digest can tell
-        lambda d: (d / "data" / "metadata").write_text(
-            (d / "data" / "metadata").read_text().replace("12", "11")), 8, "digest"),
-    "other_config": (_rewrite_marker_config, 8, "written by another config"),
-    "stray_empty_step": (lambda d: (d.parent / "16").mkdir(), 12, "no commit marker"),
-    "leftover_tmp_dir": (
-        lambda d: (d.parent / "16.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True),
-        12, None),
-    "stray_file_as_step": (lambda d: (d.parent / "20").write_text("x"), 12, "not a directory"),
+  # name: (mutation of step 12, expected step, fragment of the reason)
+  "missing_metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), 8, "missing file"),
+  "missing_data_file": (lambda d: _largest_file(d).unlink(), 8, "missing file"),
+  "truncated_data_file": (
+    lambda d: _largest_file(d).write_bytes(_largest_file(d).read_bytes()[:-7]),
+    8,
+    "truncated",
+  ),
+  "flipped_bytes": (lambda d: _flip(_largest_file(d)), 8, "corrupted bytes"),
+  "zero_length_files": (
+    lambda d: [
+      p.write_bytes(b"") for p in d.rglob("*") if p.is_file() and p.name != integrity.COMMIT_FILE
+    ],
+    8,
+    "zeroed",
+  ),
+  "no_commit_marker": (lambda d: (d / integrity.COMMIT_FILE).unlink(), 8, "no commit marker"),
+  "garbled_marker": (
+    lambda d: (d / integrity.COMMIT_FILE).write_text("{\"fi"),
+    8,
+    "unreadable commit marker",
+  ),
+  "iterator_state_edited": (  # same size, other step: only the digest can tell
+    lambda d: (d / "data" / "metadata").write_text(
+      (d / "data" / "metadata").read_text().replace("12", "11")
+    ),
+    8,
+    "digest",
+  ),
+  "other_config": (_rewrite_marker_config, 8, "written by another config"),
+  "stray_empty_step": (lambda d: (d.parent / "16").mkdir(), 12, "no commit marker"),
+  "leftover_tmp_dir": (
+    lambda d: (d.parent / "16.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True),
+    12,
+    None,
+  ),
+  "stray_file_as_step": (lambda d: (d.parent / "20").write_text("x"), 12, "not a directory"),
 }
 
 
@@ -307,8 +353,10 @@ def test_corruption_modes_fall_back_to_newest_valid_step(clean_run, tmp_path, ca
   workdir, _ = clean_run
   config = tiny_config()
   target = abstract_state(config)
-  recorded = {s: json.loads((workdir / f"checkpoints/{s}" / integrity.COMMIT_FILE).read_text())
-              for s in (8, 12)}
+  recorded = {
+    s: json.loads((workdir / f"checkpoints/{s}" / integrity.COMMIT_FILE).read_text())
+    for s in (8, 12)
+  }
   for name, (mutate, expected, fragment) in CORRUPTIONS.items():
     copy = tmp_path / name
     shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
@@ -350,17 +398,30 @@ def test_resume_after_corruption_matches_uninterrupted(clean_run, tmp_path):
 # ---- 4. mismatch fails loudly -----------------------------------------------------------------
 
 MUTATIONS = [
-    "--config.model.width=24", "--config.model.depth=3", "--config.model.activation=relu",
-    "--config.model.name=unet", "--config.optimizer.name=adamw",
-    "--config.optimizer.learning_rate=0.002", "--config.optimizer.b1=0.8",
-    "--config.optimizer.b2=0.99", "--config.optimizer.eps=1e-6",
-    "--config.optimizer.weight_decay=0.1", "--config.optimizer.warmup_steps=5",
-    "--config.optimizer.decay=cosine", "--config.optimizer.grad_clip_norm=1.0",
-    "--config.train.compute_dtype=bfloat16", "--config.train.batch_size=64",
-    "--config.train.accumulate_steps=2", "--config.train.ema_decay=0.99", "--config.seed=1",
-    "--config.objective.name=otcfm", "--config.objective.sigma=0.2",
-    "--config.objective.time_sampler=logit_normal", "--config.data.target=moons",
-    "--config.data.source=8gaussians", "--config.objective.name=diffusion",
+  "--config.model.width=24",
+  "--config.model.depth=3",
+  "--config.model.activation=relu",
+  "--config.model.name=unet",
+  "--config.optimizer.name=adamw",
+  "--config.optimizer.learning_rate=0.002",
+  "--config.optimizer.b1=0.8",
+  "--config.optimizer.b2=0.99",
+  "--config.optimizer.eps=1e-6",
+  "--config.optimizer.weight_decay=0.1",
+  "--config.optimizer.warmup_steps=5",
+  "--config.optimizer.decay=cosine",
+  "--config.optimizer.grad_clip_norm=1.0",
+  "--config.train.compute_dtype=bfloat16",
+  "--config.train.batch_size=64",
+  "--config.train.accumulate_steps=2",
+  "--config.train.ema_decay=0.99",
+  "--config.seed=1",
+  "--config.objective.name=otcfm",
+  "--config.objective.sigma=0.2",
+  "--config.objective.time_sampler=logit_normal",
+  "--config.data.target=moons",
+  "--config.data.source=8gaussians",
+  "--config.objective.name=diffusion",
 ]
 
 
@@ -368,15 +429,22 @@ def test_changed_config_fails_listing_the_keys(clean_run):
   workdir, _ = clean_run
   for mutation in MUTATIONS:
     config = tiny_config(mutation)
-    key = mutation[len("--config."):].split("=")[0]
+    key = mutation[len("--config.") :].split("=")[0]
     with pytest.raises(config_lib.ConfigError) as info:
       config_lib.check_resume_config(workdir, config)
     assert key in str(info.value) and "new --workdir" in str(info.value), mutation
     assert "\n" not in str(info.value)
   # The loop's knobs may change on resume.
-  config_lib.check_resume_config(workdir, tiny_config(
-      "--config.train.steps=40", "--config.train.log_every=4", "--config.mesh.data=1",
-      "--config.train.async_checkpoint=true", "--config.sample.steps=9"))
+  config_lib.check_resume_config(
+    workdir,
+    tiny_config(
+      "--config.train.steps=40",
+      "--config.train.log_every=4",
+      "--config.mesh.data=1",
+      "--config.train.async_checkpoint=true",
+      "--config.sample.steps=9",
+    ),
+  )
 
 
 def test_changed_array_dtype_or_shape_fails_listing_the_arrays(clean_run):
@@ -388,9 +456,11 @@ def test_changed_array_dtype_or_shape_fails_listing_the_arrays(clean_run):
   for change in ("dtype", "shape"):
     new = list(leaves)
     x = new[1]
-    new[1] = jax.ShapeDtypeStruct(x.shape if change == "dtype" else x.shape + (1,),
-                                  jnp.bfloat16 if change == "dtype" else x.dtype,
-                                  sharding=x.sharding)
+    new[1] = jax.ShapeDtypeStruct(
+      x.shape if change == "dtype" else x.shape + (1,),
+      jnp.bfloat16 if change == "dtype" else x.dtype,
+      sharding=x.sharding,
+    )
     with pytest.raises(ckpt.CheckpointMismatchError) as info:
       restore(workdir, config, jax.tree.unflatten(treedef, new), move_bad=False)
     assert "params" in str(info.value) and ("bfloat16" in str(info.value) or change == "shape")
@@ -399,8 +469,9 @@ def test_changed_array_dtype_or_shape_fails_listing_the_arrays(clean_run):
 def test_cli_resume_with_other_model_exits_2_and_writes_nothing(clean_run, capsys):
   workdir, _ = clean_run
   before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-  code = cli.main(["train", "--config", CONFIG, "--workdir", str(workdir), *TINY,
-                   "--config.model.width=48"])
+  code = cli.main(
+    ["train", "--config", CONFIG, "--workdir", str(workdir), *TINY, "--config.model.width=48"]
+  )
   err = capsys.readouterr().err
   lines = [l for l in err.splitlines() if l.startswith("diffjax: error:")]
   assert code == 2 and len(lines) == 1 and "model.width: 16 -> 48" in lines[0], err
@@ -414,11 +485,14 @@ def test_sample_reads_json_never_python(clean_run, tmp_path, capsys):
   copy = tmp_path / "wd"
   shutil.copytree(workdir, copy)
   marker = tmp_path / "executed"
-  (copy / "config.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
-                                  "def get_config():\n  raise SystemExit(9)\n")
+  (copy / "config.py").write_text(
+    f"open({str(marker)!r}, 'w').write('x')\ndef get_config():\n  raise SystemExit(9)\n"
+  )
   out = tmp_path / "s.npz"
-  assert cli.main(["sample", "--workdir", str(copy), "--num", "8", "--out", str(out),
-                   "--steps", "2"]) == 0
+  assert (
+    cli.main(["sample", "--workdir", str(copy), "--num", "8", "--out", str(out), "--steps", "2"])
+    == 0
+  )
   assert not marker.exists()
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 12
 
@@ -432,8 +506,8 @@ def test_fuzzed_checkpoint_directories(clean_run, tmp_path):
   number): each restore gives the newest undamaged step, its arrays equal to its digest, or
   None when all are damaged; never another exception, never over 60 s."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("diffjax_torture",
-                                                ROOT / "scripts" / "torture.py")
+
+  spec = importlib.util.spec_from_file_location("diffjax_torture", ROOT / "scripts" / "torture.py")
   torture = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(torture)
   workdir, _ = clean_run
@@ -441,8 +515,14 @@ def test_fuzzed_checkpoint_directories(clean_run, tmp_path):
   target = abstract_state(config)
   logging.getLogger("diffjax").setLevel(logging.ERROR)  # 200 fallback warnings
   try:
-    report = torture.fuzz_checkpoints(workdir, config, trials=200, seed=0, scratch=tmp_path,
-                                      restore=lambda copy: restore(copy, config, target))
+    report = torture.fuzz_checkpoints(
+      workdir,
+      config,
+      trials=200,
+      seed=0,
+      scratch=tmp_path,
+      restore=lambda copy: restore(copy, config, target),
+    )
   finally:
     logging.getLogger("diffjax").setLevel(logging.NOTSET)
   counts = report["counts"]
@@ -472,9 +552,11 @@ def test_watchdog_allows_slow_saves_but_catches_a_stuck_one():
   import subprocess
   import sys
   import time
+
   started = time.monotonic()
-  proc = subprocess.run([sys.executable, "-c", _WATCHDOG_SCRIPT], capture_output=True,
-                        text=True, timeout=60, cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, "-c", _WATCHDOG_SCRIPT], capture_output=True, text=True, timeout=60, cwd=ROOT
+  )
   elapsed = time.monotonic() - started
   assert proc.returncode == 75, proc.stderr[-2000:]
   assert "survived the slow save" in proc.stdout

@@ -27,12 +27,21 @@ def _torture():
 def _chain(tmp_path, *, devices, kills, signals, seed):
   torture = _torture()
   cache = tmp_path / "jax_cache"
-  reference = torture.uninterrupted(tmp_path / "reference", variant="digits", devices=devices,
-                                    extra=[], cache=cache)
+  reference = torture.uninterrupted(
+    tmp_path / "reference", variant="digits", devices=devices, extra=[], cache=cache
+  )
   plan = ["SIGKILL"] * kills + ["SIGTERM", "SIGINT", "SIGTERM", "SIGINT", "SIGTERM"][:signals]
   random.Random(seed).shuffle(plan)
-  report = torture.run_chain(tmp_path / "chain", reference, variant="digits", devices=devices,
-                             extra=[], cache=cache, seed=seed, plan=plan)
+  report = torture.run_chain(
+    tmp_path / "chain",
+    reference,
+    variant="digits",
+    devices=devices,
+    extra=[],
+    cache=cache,
+    seed=seed,
+    plan=plan,
+  )
   events = report["events"]
   failed = [e for e in events if not e["ok"] or e.get("resume_exact") is False or e.get("hung")]
   assert not failed, failed
@@ -44,7 +53,8 @@ def _chain(tmp_path, *, devices, kills, signals, seed):
   assert sum("checkpointed_step" in e for e in preempted) >= signals - 1
   # Every preemption was followed by a run that resumed at exactly that step.
   assert sum(e.get("resume_exact", False) for e in events) == sum(
-      "checkpointed_step" in e for e in preempted)
+    "checkpointed_step" in e for e in preempted
+  )
   # Resumes happened mid-epoch (an epoch of digits is 28 steps of 64), twice within one.
   resumes = [e["resumed_from"] for e in events if e["resumed_from"]]
   assert sum(0 < r < 28 for r in resumes) >= 2, resumes

@@ -18,33 +18,67 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ["--config.train.steps=400", "--config.train.fused_steps=2",
-             "--config.train.log_every=2", "--config.train.checkpoint_every=20",
-             "--config.train.batch_size=64", "--config.model.width=32",
-             "--config.train.progress_bar=false", "--config.train.async_checkpoint=false",
-             "--config.sample.num=64", "--config.sample.steps=4"]
+OVERRIDES = [
+  "--config.train.steps=400",
+  "--config.train.fused_steps=2",
+  "--config.train.log_every=2",
+  "--config.train.checkpoint_every=20",
+  "--config.train.batch_size=64",
+  "--config.model.width=32",
+  "--config.train.progress_bar=false",
+  "--config.train.async_checkpoint=false",
+  "--config.sample.num=64",
+  "--config.sample.steps=4",
+]
 
 
 def _start(workdir, extra, port, logs):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+  )
   procs = []
   for i in range(2):
     log = open(logs / f"p{i}.log", "w")
-    procs.append((subprocess.Popen(
-        [sys.executable, "-m", "diffjax.cli", "train", "--config",
-         str(ROOT / "configs" / "toy2d_icfm.py"), "--workdir", str(workdir), *OVERRIDES, *extra,
-         "--config.distributed.enabled=true",
-         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    procs.append(
+      (
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "diffjax.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "toy2d_icfm.py"),
+            "--workdir",
+            str(workdir),
+            *OVERRIDES,
+            *extra,
+            "--config.distributed.enabled=true",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+          ],
+          env=env,
+          cwd=ROOT,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        ),
+        log,
+      )
+    )
   return procs
 
 
 def _last_step(workdir):
   path = workdir / "metrics.jsonl"
-  steps = [0] + [int(m.group(1)) for m in re.finditer(r'"step": (\d+)', path.read_text())] \
-      if path.exists() else [0]
+  steps = (
+    [0] + [int(m.group(1)) for m in re.finditer(r'"step": (\d+)', path.read_text())]
+    if path.exists()
+    else [0]
+  )
   return max(steps)
 
 
@@ -88,13 +122,21 @@ def test_sigterm_on_one_process_checkpoints_one_agreed_step(tmp_path, target):
   assert len(steps) == 1, logs
   step = steps.pop()
   assert (workdir / "checkpoints" / str(step) / "diffjax_commit.json").exists()
-  procs = _start(workdir, ["--config.train.steps=" + str(step + 4)],
-                 portpicker.pick_unused_port(), tmp_path)
+  procs = _start(
+    workdir, ["--config.train.steps=" + str(step + 4)], portpicker.pick_unused_port(), tmp_path
+  )
   _exit_times(procs, time.monotonic())
   logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
   assert all(f"resumed from step {step} " in log for log in logs), logs
-  print(json.dumps({"preempted_process": target, "agreed_step": step,
-                    "exit_seconds": [round(t, 2) for t in times]}))
+  print(
+    json.dumps(
+      {
+        "preempted_process": target,
+        "agreed_step": step,
+        "exit_seconds": [round(t, 2) for t in times],
+      }
+    )
+  )
 
 
 @pytest.mark.parametrize("victim, bound", [(1, 15.0), (0, 5.0)], ids=["worker", "coordinator"])
@@ -109,8 +151,15 @@ def test_dead_peer_makes_survivor_exit(tmp_path, victim, bound):
   times = _exit_times(procs, killed_at)
   survivor = procs[1 - victim][0]
   assert survivor.returncode != 0
-  print(json.dumps({"killed": victim, "survivor_exit_seconds": round(times[1 - victim], 2),
-                    "survivor_code": survivor.returncode}))
+  print(
+    json.dumps(
+      {
+        "killed": victim,
+        "survivor_exit_seconds": round(times[1 - victim], 2),
+        "survivor_code": survivor.returncode,
+      }
+    )
+  )
   assert times[1 - victim] < bound, times
   procs = _start(workdir, ["--config.train.steps=44"], portpicker.pick_unused_port(), tmp_path)
   _exit_times(procs, time.monotonic())
@@ -135,9 +184,15 @@ def test_stuck_peer_trips_the_step_watchdog(tmp_path):
   os.kill(procs[1][0].pid, signal.SIGCONT)
   times = _exit_times(procs, stopped_at)
   log0 = (tmp_path / "p0.log").read_text()
-  print(json.dumps({"watchdog_exit_seconds": round(first, 2),
-                    "both_exited_seconds": round(max(times), 2),
-                    "codes": [p.returncode for p, _ in procs]}))
+  print(
+    json.dumps(
+      {
+        "watchdog_exit_seconds": round(first, 2),
+        "both_exited_seconds": round(max(times), 2),
+        "codes": [p.returncode for p, _ in procs],
+      }
+    )
+  )
   assert procs[0][0].returncode == 75 and "no train step finished" in log0
   assert "Thread" in log0 or "File" in log0  # the stack dump
   assert max(times) < 10 + 30

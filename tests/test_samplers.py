@@ -12,13 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import ot
 import pytest
+from gaussian_fields import (
+  GaussianData,
+  discrete_predictor,
+  finite_data_velocity,
+  moment_errors,
+  trig_coefficients,
+  trig_sigma_ve,
+)
 
 from diffjax import losses, paths, schedules
 from diffjax import samplers as S
 from diffjax.parameterization import Coefficients, get_prediction_target
-
-from gaussian_fields import (GaussianData, discrete_predictor, finite_data_velocity,
-                             moment_errors, trig_coefficients, trig_sigma_ve)
 
 DATA = GaussianData([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]])
 N = 4000
@@ -33,7 +38,7 @@ TARGETS = {name: get_prediction_target(name) for name in ("eps", "x0", "v", "vel
 def _trig_discrete_schedule(num_steps: int) -> schedules.DiscreteSchedule:
   """``abar_s = alpha(t_s)^2`` at ``t_s = (s + 1) / T`` of the trig process."""
   t = np.arange(1, num_steps + 1) / num_steps
-  alpha_bars = np.cos(0.5 * np.pi * (0.002 + 0.996 * t))**2
+  alpha_bars = np.cos(0.5 * np.pi * (0.002 + 0.996 * t)) ** 2
   betas = 1.0 - alpha_bars / np.concatenate([[1.0], alpha_bars[:-1]])
   return schedules.discrete_schedule(jnp.asarray(betas, jnp.float32))
 
@@ -57,8 +62,9 @@ def _assert_moments(samples, *, slack, mean=DATA.mean, cov=DATA.cov):
 
 def _flow_map_from_trig(x, t_from, *, alpha_to=1.0, sigma_to=0.0):
   c = trig_coefficients(np.float64(t_from))
-  return DATA.flow_map(x, alpha_from=float(c.alpha), sigma_from=float(c.sigma),
-                       alpha_to=alpha_to, sigma_to=sigma_to)
+  return DATA.flow_map(
+    x, alpha_from=float(c.alpha), sigma_from=float(c.sigma), alpha_to=alpha_to, sigma_to=sigma_to
+  )
 
 
 def _run(sampler, predict, noise=NOISE, **kwargs):
@@ -88,33 +94,39 @@ def test_edm_sigmas_are_karras_eq5():
   assert sigmas.shape == (19,) and sigmas[-1] == 0.0
   np.testing.assert_allclose(sigmas[[0, 17]], [80.0, 0.002], rtol=1e-5)
   # Eq. 5: sigma^(1/rho) is linear in the step index.
-  roots = sigmas[:-1]**(1 / 7)
+  roots = sigmas[:-1] ** (1 / 7)
   np.testing.assert_allclose(np.diff(roots), np.full(17, (roots[-1] - roots[0]) / 17), rtol=1e-4)
 
 
 def test_time_of_log_snr_inverts_both_directions_and_clamps():
   t = jnp.linspace(0.0, 1.0, 11)
   np.testing.assert_allclose(
-      S.time_of_log_snr(S.log_snr_of(trig_coefficients(t)), coefficients_fn=trig_coefficients),
-      t, atol=2e-6)
+    S.time_of_log_snr(S.log_snr_of(trig_coefficients(t)), coefficients_fn=trig_coefficients),
+    t,
+    atol=2e-6,
+  )
   t_inner = jnp.linspace(0.05, 0.95, 7)  # the linear path is singular at 0 and 1
   np.testing.assert_allclose(
-      S.time_of_log_snr(S.log_snr_of(FLOW(t_inner)), coefficients_fn=FLOW), t_inner, atol=2e-6)
+    S.time_of_log_snr(S.log_snr_of(FLOW(t_inner)), coefficients_fn=FLOW), t_inner, atol=2e-6
+  )
   # Beyond the range: +inf (sigma = 0) is the data end, -inf the noise end, in either clock.
   extremes = jnp.array([jnp.inf, -jnp.inf])
-  np.testing.assert_allclose(S.time_of_log_snr(extremes, coefficients_fn=trig_coefficients),
-                             [0.0, 1.0])
+  np.testing.assert_allclose(
+    S.time_of_log_snr(extremes, coefficients_fn=trig_coefficients), [0.0, 1.0]
+  )
   np.testing.assert_allclose(S.time_of_log_snr(extremes, coefficients_fn=FLOW), [1.0, 0.0])
 
 
 def test_log_snr_and_edm_time_grids():
-  times = S.get_time_grid("log_snr", num_steps=8, t_start=1.0, t_end=0.0,
-                          coefficients_fn=trig_coefficients)
+  times = S.get_time_grid(
+    "log_snr", num_steps=8, t_start=1.0, t_end=0.0, coefficients_fn=trig_coefficients
+  )
   lam = np.asarray(S.log_snr_of(trig_coefficients(times)))
   np.testing.assert_allclose(np.diff(lam), np.full(8, (lam[-1] - lam[0]) / 8), rtol=1e-3)
-  times = S.get_time_grid("edm", num_steps=8, t_start=1.0, t_end=0.0, rho=7.0,
-                          coefficients_fn=trig_coefficients)
-  roots = trig_sigma_ve(np.asarray(times))**(1 / 7)
+  times = S.get_time_grid(
+    "edm", num_steps=8, t_start=1.0, t_end=0.0, rho=7.0, coefficients_fn=trig_coefficients
+  )
+  roots = trig_sigma_ve(np.asarray(times)) ** (1 / 7)
   np.testing.assert_allclose(np.diff(roots), np.full(8, (roots[-1] - roots[0]) / 8), rtol=1e-3)
   uniform = S.get_time_grid("uniform", num_steps=4, t_start=0.0, t_end=1.0)
   np.testing.assert_allclose(uniform, [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -134,8 +146,11 @@ def test_fixed_step_order(name, order):
   t0, t1 = 0.9, 0.1
   with jax.enable_x64(True):
     eps = TARGETS["eps"]
-    field = S.ode_field(S.velocity_field(DATA.predictor(eps, trig_coefficients), target=eps,
-                                         coefficients_fn=trig_coefficients))
+    field = S.ode_field(
+      S.velocity_field(
+        DATA.predictor(eps, trig_coefficients), target=eps, coefficients_fn=trig_coefficients
+      )
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 2), jnp.float64)
 
     @jax.jit
@@ -145,7 +160,9 @@ def test_fixed_step_order(name, order):
       def step(i, y):
         i = i.astype(jnp.float64)
         return method.step(field, y, t0 + i * h, t0 + (i + 1) * h)
+
       return jax.lax.fori_loop(0, n, step, x)
+
     c1 = trig_coefficients(np.float64(t1))
     reference = _flow_map_from_trig(x, t0, alpha_to=float(c1.alpha), sigma_to=float(c1.sigma))
     counts = np.array([8, 16, 32, 64])
@@ -162,28 +179,45 @@ def test_fixed_step_order(name, order):
 
 # (name, target, settings, slack). Different targets exercise every conversion.
 _TIMES = S.uniform_grid(num_steps=100, t_start=1.0, t_end=T_END)
-_SIGMAS = S.edm_sigmas(num_steps=100, sigma_min=float(trig_sigma_ve(T_END)),
-                       sigma_max=float(trig_sigma_ve(1.0)))
+_SIGMAS = S.edm_sigmas(
+  num_steps=100, sigma_min=float(trig_sigma_ve(T_END)), sigma_max=float(trig_sigma_ve(1.0))
+)
 CONTINUOUS_CASES = [
-    ("euler", "eps", dict(times=S.uniform_grid(num_steps=400, t_start=1.0, t_end=T_END)), 0.03),
-    ("heun", "v", dict(times=_TIMES), 0.02),
-    ("midpoint", "x0", dict(times=_TIMES), 0.02),
-    ("rk4", "score", dict(times=_TIMES), 0.02),
-    ("dopri5", "velocity", dict(times=_TIMES[::10]), 0.02),
-    ("tsit5", "eps", dict(times=_TIMES[::10], rtol=1e-4, atol=1e-4), 0.02),
-    ("dpmpp_2m", "x0", dict(times=S.log_snr_grid(num_steps=25, coefficients_fn=trig_coefficients,
-                                                 t_end=T_END)), 0.02),
-    ("dpmpp_3m", "v", dict(times=S.log_snr_grid(num_steps=25, coefficients_fn=trig_coefficients,
-                                                t_end=T_END)), 0.02),
-    ("edm", "eps", dict(sigmas=_SIGMAS, s_churn=20.0, s_tmin=0.05, s_tmax=50.0), 0.05),
-    ("euler_ancestral", "v", dict(sigmas=S.edm_sigmas(
-        num_steps=400, sigma_min=float(trig_sigma_ve(T_END)),
-        sigma_max=float(trig_sigma_ve(1.0)))), 0.05),
+  ("euler", "eps", dict(times=S.uniform_grid(num_steps=400, t_start=1.0, t_end=T_END)), 0.03),
+  ("heun", "v", dict(times=_TIMES), 0.02),
+  ("midpoint", "x0", dict(times=_TIMES), 0.02),
+  ("rk4", "score", dict(times=_TIMES), 0.02),
+  ("dopri5", "velocity", dict(times=_TIMES[::10]), 0.02),
+  ("tsit5", "eps", dict(times=_TIMES[::10], rtol=1e-4, atol=1e-4), 0.02),
+  (
+    "dpmpp_2m",
+    "x0",
+    dict(times=S.log_snr_grid(num_steps=25, coefficients_fn=trig_coefficients, t_end=T_END)),
+    0.02,
+  ),
+  (
+    "dpmpp_3m",
+    "v",
+    dict(times=S.log_snr_grid(num_steps=25, coefficients_fn=trig_coefficients, t_end=T_END)),
+    0.02,
+  ),
+  ("edm", "eps", dict(sigmas=_SIGMAS, s_churn=20.0, s_tmin=0.05, s_tmax=50.0), 0.05),
+  (
+    "euler_ancestral",
+    "v",
+    dict(
+      sigmas=S.edm_sigmas(
+        num_steps=400, sigma_min=float(trig_sigma_ve(T_END)), sigma_max=float(trig_sigma_ve(1.0))
+      )
+    ),
+    0.05,
+  ),
 ]
 
 
-@pytest.mark.parametrize("name, target, settings, slack", CONTINUOUS_CASES,
-                         ids=[case[0] for case in CONTINUOUS_CASES])
+@pytest.mark.parametrize(
+  "name, target, settings, slack", CONTINUOUS_CASES, ids=[case[0] for case in CONTINUOUS_CASES]
+)
 def test_continuous_sampler_recovers_gaussian(name, target, settings, slack):
   target = TARGETS[target]
   sampler = S.get_sampler(name, target=target, coefficients_fn=trig_coefficients, **settings)
@@ -192,10 +226,15 @@ def test_continuous_sampler_recovers_gaussian(name, target, settings, slack):
   assert int(out.nfe) > 0
 
 
-@pytest.mark.parametrize("name, settings", [("ddpm", dict(variance="small")),
-                                            ("ddpm", dict(variance="large")),
-                                            ("ddim", dict(eta=0.0)),
-                                            ("ddim", dict(eta=1.0))])
+@pytest.mark.parametrize(
+  "name, settings",
+  [
+    ("ddpm", dict(variance="small")),
+    ("ddpm", dict(variance="large")),
+    ("ddim", dict(eta=0.0)),
+    ("ddim", dict(eta=1.0)),
+  ],
+)
 def test_discrete_sampler_recovers_gaussian(name, settings):
   target = TARGETS["v"] if name == "ddim" else TARGETS["eps"]
   steps = S.trailing_steps(num_steps=100, num_train_steps=TRAIN_STEPS)
@@ -230,8 +269,13 @@ def test_ddim_converges_to_probability_flow_ode_and_ddpm_equals_ddim_eta_1():
   x = NOISE[:256]
   # DDIM (eta = 0) from step T-1 ends at abar = 1: the flow map to (alpha, sigma) = (1, 0).
   first = S.discrete_coefficients(DISCRETE.log_snr[-1:])
-  reference = DATA.flow_map(x, alpha_from=float(first.alpha[0]), sigma_from=float(first.sigma[0]),
-                            alpha_to=1.0, sigma_to=0.0)
+  reference = DATA.flow_map(
+    x,
+    alpha_from=float(first.alpha[0]),
+    sigma_from=float(first.sigma[0]),
+    alpha_to=1.0,
+    sigma_to=0.0,
+  )
   counts = np.array([25, 50, 100])
   errors = []
   for k in counts:
@@ -243,10 +287,12 @@ def test_ddim_converges_to_probability_flow_ode_and_ddpm_equals_ddim_eta_1():
   assert errors[-1] < 0.1 * np.abs(reference).max()
   # DDPM with beta_tilde and DDIM with eta = 1 are one update in two forms (Song et al. 2021).
   steps = S.trailing_steps(num_steps=50, num_train_steps=TRAIN_STEPS)
-  ddpm = S.ddpm_sample(KEY, predict, x, target=target, schedule=DISCRETE, steps=steps,
-                       return_trajectory=True)
-  ddim = S.ddim_sample(KEY, predict, x, target=target, schedule=DISCRETE, steps=steps, eta=1.0,
-                       return_trajectory=True)
+  ddpm = S.ddpm_sample(
+    KEY, predict, x, target=target, schedule=DISCRETE, steps=steps, return_trajectory=True
+  )
+  ddim = S.ddim_sample(
+    KEY, predict, x, target=target, schedule=DISCRETE, steps=steps, eta=1.0, return_trajectory=True
+  )
   np.testing.assert_allclose(ddpm.trajectory, ddim.trajectory, rtol=2e-4, atol=2e-4)
   assert ddpm.trajectory.shape == (51, 256, 2)
 
@@ -257,19 +303,24 @@ def test_dpm_solver_pp_orders():
   t0, t1 = 1.0, T_END
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 2), jnp.float64)
-    denoise = S.denoiser(DATA.predictor(TARGETS["eps"], trig_coefficients),
-                         target=TARGETS["eps"], coefficients_fn=trig_coefficients)
+    denoise = S.denoiser(
+      DATA.predictor(TARGETS["eps"], trig_coefficients),
+      target=TARGETS["eps"],
+      coefficients_fn=trig_coefficients,
+    )
     c1 = trig_coefficients(np.float64(t1))
     reference = _flow_map_from_trig(x, t0, alpha_to=float(c1.alpha), sigma_to=float(c1.sigma))
     counts = np.array([40, 80, 160])
     errors = {2: [], 3: []}
     for n in counts:
-      times = S.log_snr_grid(num_steps=int(n), t_start=t0, t_end=t1,
-                             coefficients_fn=trig_coefficients).astype(jnp.float64)
+      times = S.log_snr_grid(
+        num_steps=int(n), t_start=t0, t_end=t1, coefficients_fn=trig_coefficients
+      ).astype(jnp.float64)
       times = times.at[0].set(t0).at[-1].set(t1)
       for order in (2, 3) if n > 40 else (2,):
-        out = S.dpm_solver_pp_sample(denoise, x, times=times, coefficients_fn=trig_coefficients,
-                                     order=order)
+        out = S.dpm_solver_pp_sample(
+          denoise, x, times=times, coefficients_fn=trig_coefficients, order=order
+        )
         errors[order].append(np.abs(np.asarray(out.samples) - reference).max())
   slope = np.polyfit(np.log(counts), np.log(errors[2]), 1)[0]
   assert abs(slope + 2.0) < 0.25, (errors, slope)
@@ -280,23 +331,34 @@ def test_edm_heun_is_second_order_and_sigma_denoiser_is_exact():
   # The VE denoiser built from the trig model equals the closed-form E[x0 | x0 + sigma n = x].
   sigma = jnp.asarray([300.0, 10.0, 1.0, 0.1, 0.01])
   x = NOISE[:5] * 2.0
-  built = S.sigma_denoiser(DATA.predictor(TARGETS["score"], trig_coefficients),
-                           target=TARGETS["score"], coefficients_fn=trig_coefficients)(x, sigma)
+  built = S.sigma_denoiser(
+    DATA.predictor(TARGETS["score"], trig_coefficients),
+    target=TARGETS["score"],
+    coefficients_fn=trig_coefficients,
+  )(x, sigma)
   exact, _ = DATA.posterior(x, Coefficients(jnp.ones(5), sigma, None, None))
   np.testing.assert_allclose(built, exact, rtol=1e-4, atol=1e-4)
   # Deterministic EDM (S_churn = 0) is Heun in sigma with a final Euler step: order 2 in N.
   with jax.enable_x64(True):
+
     def denoise(z, s):
       return DATA.posterior(z, Coefficients(jnp.ones_like(s), s, None, None))[0]
+
     z = jax.random.normal(jax.random.PRNGKey(0), (8, 2), jnp.float64) * 40.0
     counts = np.array([16, 32, 64])
     errors = []
     for n in counts:
-      sigmas = (40.0**(1 / 7) + jnp.linspace(0, 1, int(n), dtype=jnp.float64)
-                * (0.02**(1 / 7) - 40.0**(1 / 7)))**7
+      sigmas = (
+        40.0 ** (1 / 7)
+        + jnp.linspace(0, 1, int(n), dtype=jnp.float64) * (0.02 ** (1 / 7) - 40.0 ** (1 / 7))
+      ) ** 7
       out = S.edm_sample(KEY, denoise, z, sigmas=sigmas)  # ends at 0.02: all Heun steps
-      errors.append(np.abs(np.asarray(out.samples) - DATA.flow_map(
-          z, alpha_from=1.0, sigma_from=40.0, alpha_to=1.0, sigma_to=0.02)).max())
+      errors.append(
+        np.abs(
+          np.asarray(out.samples)
+          - DATA.flow_map(z, alpha_from=1.0, sigma_from=40.0, alpha_to=1.0, sigma_to=0.02)
+        ).max()
+      )
       assert int(out.nfe) == 2 * (n - 1)
   slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
   assert abs(slope + 2.0) < 0.25, (errors, slope)
@@ -313,8 +375,9 @@ def test_adaptive_nfe_counts_every_evaluation():
 
   times = jnp.asarray([0.0, 0.5, 1.0])
   x = NOISE[:64]
-  sampler = S.get_sampler("dopri5", target=target, times=times, coefficients_fn=FLOW,
-                          rtol=1e-6, atol=1e-6)
+  sampler = S.get_sampler(
+    "dopri5", target=target, times=times, coefficients_fn=FLOW, rtol=1e-6, atol=1e-6
+  )
   out = sampler(KEY, counted, x, return_trajectory=True)
   jax.block_until_ready(out.samples)
   # 6 evaluations per attempted step (7 stages, first same as last) plus the very first one.
@@ -339,8 +402,11 @@ def test_guidance_is_target_independent_and_shifts_the_gaussian_mean():
   mixed = {}
   for name in ("eps", "x0", "v", "velocity", "score"):
     target = TARGETS[name]
-    predict = S.classifier_free_guidance(cond.predictor(target, trig_coefficients),
-                                         uncond.predictor(target, trig_coefficients), scale=w)
+    predict = S.classifier_free_guidance(
+      cond.predictor(target, trig_coefficients),
+      uncond.predictor(target, trig_coefficients),
+      scale=w,
+    )
     mixed[name] = target.to_x0_eps(predict(x, t), x_t=x, coefficients=coefficients)
   exact = guided_data.posterior(x, coefficients)
   for name, (x0, eps) in mixed.items():
@@ -348,9 +414,12 @@ def test_guidance_is_target_independent_and_shifts_the_gaussian_mean():
     np.testing.assert_allclose(eps, exact[1], rtol=1e-4, atol=1e-4, err_msg=name)
   # Through a sampler: guided samples have the guided mean.
   sampler = S.get_sampler("heun", target="eps", times=_TIMES, coefficients_fn=trig_coefficients)
-  out = _run(sampler, cond.predictor(TARGETS["eps"], trig_coefficients),
-             predict_uncond=uncond.predictor(TARGETS["eps"], trig_coefficients),
-             guidance_scale=w)
+  out = _run(
+    sampler,
+    cond.predictor(TARGETS["eps"], trig_coefficients),
+    predict_uncond=uncond.predictor(TARGETS["eps"], trig_coefficients),
+    guidance_scale=w,
+  )
   _assert_moments(out.samples, slack=0.02, mean=guided_data.mean)
 
 
@@ -365,10 +434,12 @@ def test_batched_guidance_matches_two_calls():
   x, t = NOISE[:8], jnp.full((8,), 0.3)
   labels, null = jnp.zeros(8, jnp.int32), jnp.ones(8, jnp.int32)
   scale = jnp.linspace(0.0, 3.0, 8)  # one weight per example
-  batched = S.batched_classifier_free_guidance(apply, None, cond=labels, null_cond=null,
-                                               scale=scale)(x, t)
-  two = S.classifier_free_guidance(lambda x, t: apply(None, x, t, labels),
-                                   lambda x, t: apply(None, x, t, null), scale=scale)(x, t)
+  batched = S.batched_classifier_free_guidance(
+    apply, None, cond=labels, null_cond=null, scale=scale
+  )(x, t)
+  two = S.classifier_free_guidance(
+    lambda x, t: apply(None, x, t, labels), lambda x, t: apply(None, x, t, null), scale=scale
+  )(x, t)
   np.testing.assert_allclose(batched, two, rtol=1e-6)
   np.testing.assert_allclose(batched[0], apply(None, x, t, null)[0], rtol=1e-6)  # w = 0
 
@@ -381,11 +452,11 @@ def test_euler_on_finite_data_marginal_field_lands_on_the_data():
   x, t = NOISE[:32], jnp.linspace(0.0, 0.99, 32)
   path = paths.get_path("linear")
   reference = jax.vmap(lambda xi, ti: losses.marginal_velocity(xi, ti, data=data, path=path))(x, t)
-  np.testing.assert_allclose(finite_data_velocity(x, t, data=data), reference, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(finite_data_velocity(x, t, data=data), reference, rtol=1e-4, atol=1e-4)
   velocity = functools.partial(finite_data_velocity, data=data)
-  sampler = S.get_sampler("euler", target="velocity",
-                          times=S.uniform_grid(num_steps=200, t_start=0.0, t_end=0.999))
+  sampler = S.get_sampler(
+    "euler", target="velocity", times=S.uniform_grid(num_steps=200, t_start=0.0, t_end=0.999)
+  )
   out = _run(sampler, velocity)
   distances = np.linalg.norm(np.asarray(out.samples)[:, None] - np.asarray(data)[None], axis=-1)
   # At t = 0.999 the kernel std is 1e-3; Euler's error is O(1/200).
@@ -413,14 +484,29 @@ def test_registry_errors_and_trajectories():
     S.get_sampler("edm", target="eps", coefficients_fn=trig_coefficients)
   with pytest.raises(ValueError, match="at least 2"):
     S.get_sampler("rk4", target="eps", times=jnp.ones(1), coefficients_fn=trig_coefficients)
-  assert set(S.SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "midpoint", "rk4", "edm",
-                             "dpmpp_2m", "dpmpp_3m", "euler_ancestral", "dopri5", "tsit5"}
+  assert set(S.SAMPLERS) == {
+    "ddpm",
+    "ddim",
+    "euler",
+    "heun",
+    "midpoint",
+    "rk4",
+    "edm",
+    "dpmpp_2m",
+    "dpmpp_3m",
+    "euler_ancestral",
+    "dopri5",
+    "tsit5",
+  }
   # Trajectories are [num_steps + 1, batch, ...] and start at the scaled noise.
   x = NOISE[:8]
-  sampler = S.get_sampler("euler_ancestral", target="eps", coefficients_fn=trig_coefficients,
-                          sigmas=S.edm_sigmas(num_steps=6, sigma_max=10.0))
-  out = sampler(KEY, DATA.predictor(TARGETS["eps"], trig_coefficients), x,
-                return_trajectory=True)
+  sampler = S.get_sampler(
+    "euler_ancestral",
+    target="eps",
+    coefficients_fn=trig_coefficients,
+    sigmas=S.edm_sigmas(num_steps=6, sigma_max=10.0),
+  )
+  out = sampler(KEY, DATA.predictor(TARGETS["eps"], trig_coefficients), x, return_trajectory=True)
   assert out.trajectory.shape == (7, 8, 2)
   np.testing.assert_allclose(out.trajectory[0], 10.0 * x, rtol=1e-6)
   np.testing.assert_allclose(out.trajectory[-1], out.samples)
@@ -435,21 +521,26 @@ def test_time_of_step_sets_the_network_clock():
   steps = S.trailing_steps(num_steps=5, num_train_steps=TRAIN_STEPS)
   x = NOISE[:8]
   a = S.ddim_sample(KEY, default, x, target=target, schedule=DISCRETE, steps=steps)
-  b = S.ddim_sample(KEY, integer_clock, x, target=target, schedule=DISCRETE, steps=steps,
-                    time_of_step=lambda s: s.astype(jnp.float32))
+  b = S.ddim_sample(
+    KEY,
+    integer_clock,
+    x,
+    target=target,
+    schedule=DISCRETE,
+    steps=steps,
+    time_of_step=lambda s: s.astype(jnp.float32),
+  )
   np.testing.assert_allclose(a.samples, b.samples, rtol=1e-5, atol=1e-5)
   # vmap over keys: independent chains, one per key.
   sampler = S.get_sampler("ddpm", target=target, schedule=DISCRETE, steps=steps)
   keys = jax.random.split(KEY, 3)
   outs = jax.vmap(lambda k: sampler(k, default, x).samples)(keys)
-  np.testing.assert_allclose(outs[1], sampler(keys[1], default, x).samples, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(outs[1], sampler(keys[1], default, x).samples, rtol=1e-5, atol=1e-5)
   assert not np.allclose(outs[0], outs[1])
 
 
 def test_samplers_trace_once_under_jit():
-  sampler = S.get_sampler("dpmpp_2m", target="eps", times=_TIMES,
-                          coefficients_fn=trig_coefficients)
+  sampler = S.get_sampler("dpmpp_2m", target="eps", times=_TIMES, coefficients_fn=trig_coefficients)
   predict = DATA.predictor(TARGETS["eps"], trig_coefficients)
 
   @jax.jit
@@ -476,8 +567,9 @@ def test_generators_sample_trained_style_models():
     step_time = jnp.clip(jnp.round(t * TRAIN_STEPS), 1, TRAIN_STEPS) / TRAIN_STEPS
     return predict(x, step_time)
 
-  generate = S.diffusion_generator(apply=apply, schedule=DISCRETE, prediction="eps",
-                                   data_shape=(2,))
+  generate = S.diffusion_generator(
+    apply=apply, schedule=DISCRETE, prediction="eps", data_shape=(2,)
+  )
   out = generate(None, KEY, 2000, steps=50)
   _assert_moments(out["samples"], slack=0.05)
   assert out["trajectories"] is None and int(out["nfe"]) == 50

@@ -49,7 +49,7 @@ def _lin_rescale(betas):
 
 def _cosine_alpha_bar(t, s=0.008):
   """Nichol & Dhariwal (2021), eq. 17, in float64 NumPy."""
-  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2)**2
+  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
   return f(t) / f(0.0)
 
 
@@ -68,7 +68,7 @@ def test_linear_betas_match_ddpm_formula():
 def test_scaled_linear_betas_match_stable_diffusion_formula():
   betas = np.asarray(schedules.scaled_linear_betas())
   lo, hi = math.sqrt(0.00085), math.sqrt(0.012)
-  ref = (lo + np.arange(T) / (T - 1) * (hi - lo))**2
+  ref = (lo + np.arange(T) / (T - 1) * (hi - lo)) ** 2
   np.testing.assert_allclose(betas, ref, rtol=FORMULA_RTOL)
   np.testing.assert_allclose(betas[[0, -1]], [0.00085, 0.012], rtol=FORMULA_RTOL)
 
@@ -156,8 +156,7 @@ def test_discrete_snr_decreases_and_alpha_bars_are_valid(name):
 
 
 def test_discrete_schedule_passes_through_jit_and_vmap():
-  stack = jnp.stack([schedules.linear_betas(), schedules.cosine_betas(),
-                     schedules.sigmoid_betas()])
+  stack = jnp.stack([schedules.linear_betas(), schedules.cosine_betas(), schedules.sigmoid_betas()])
   batched = jax.jit(jax.vmap(schedules.discrete_schedule))(stack)
   assert batched.alpha_bars.shape == (3, T) and batched.num_steps == T
   for row in range(3):
@@ -253,8 +252,14 @@ FD_STEP = 1e-6
 
 def _methods(schedule: schedules.ContinuousSchedule, t: jax.Array) -> dict[str, jax.Array]:
   alpha, sigma, d_alpha, d_sigma = schedule.alpha_sigma_and_derivatives(t)
-  return dict(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma,
-              log_snr=schedule.log_snr(t), d_log_snr=schedule.d_log_snr(t))
+  return dict(
+    alpha=alpha,
+    sigma=sigma,
+    d_alpha=d_alpha,
+    d_sigma=d_sigma,
+    log_snr=schedule.log_snr(t),
+    d_log_snr=schedule.d_log_snr(t),
+  )
 
 
 @jax.jit
@@ -263,18 +268,24 @@ def _all_methods(t):
   return {name: _methods(schedules.get_continuous_schedule(name), t) for name in CONTINUOUS}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _results(kind: str):
   """Cached NumPy results of ``_all_methods``: float32 and bfloat16 on GRID and INTERIOR, and
   float64 on INTERIOR and INTERIOR +- FD_STEP for central differences."""
   if kind == "float64":
     with jax.enable_x64(True):
-      return {shift: jax.tree.map(np.asarray, _all_methods(jnp.asarray(INTERIOR + shift)))
-              for shift in (-FD_STEP, 0.0, FD_STEP)}
+      return {
+        shift: jax.tree.map(np.asarray, _all_methods(jnp.asarray(INTERIOR + shift)))
+        for shift in (-FD_STEP, 0.0, FD_STEP)
+      }
   dtype = dict(float32=jnp.float32, bfloat16=jnp.bfloat16)[kind]
-  return {grid: jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32)) if x.dtype != jnp.float32
-                             else np.asarray(x), _all_methods(jnp.asarray(values).astype(dtype)))
-          for grid, values in (("grid", GRID), ("interior", INTERIOR))}
+  return {
+    grid: jax.tree.map(
+      lambda x: np.asarray(x.astype(jnp.float32)) if x.dtype != jnp.float32 else np.asarray(x),
+      _all_methods(jnp.asarray(values).astype(dtype)),
+    )
+    for grid, values in (("grid", GRID), ("interior", INTERIOR))
+  }
 
 
 def _vp_beta(s):
@@ -306,7 +317,7 @@ def test_vp_alpha_matches_quadrature_of_beta_and_hand_derivatives():
 def test_ve_is_geometric_between_its_endpoints():
   out = _results("float32")["grid"]["ve"]
   np.testing.assert_array_equal(out["d_alpha"], 0.0)
-  np.testing.assert_allclose(out["sigma"], 0.01 * (50.0 / 0.01)**GRID, rtol=FORMULA_RTOL)
+  np.testing.assert_allclose(out["sigma"], 0.01 * (50.0 / 0.01) ** GRID, rtol=FORMULA_RTOL)
   np.testing.assert_allclose(out["sigma"][[0, -1]], [0.01, 50.0], rtol=FORMULA_RTOL)
 
 
@@ -315,7 +326,9 @@ def test_edm_matches_karras_discretisation():
   i = np.arange(n)
   # Karras et al. (2022), eq. 5: sigma_i for i = 0 .. N-1, from sigma_max down to sigma_min;
   # GRID reversed is 1 - i / (N - 1).
-  ref = (sigma_max**(1 / rho) + i / (n - 1) * (sigma_min**(1 / rho) - sigma_max**(1 / rho)))**rho
+  ref = (
+    sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+  ) ** rho
   sigma = _results("float32")["grid"]["edm"]["sigma"][::-1]
   # (.)^7 multiplies the base's relative rounding error by 7.
   np.testing.assert_allclose(sigma, ref, rtol=7 * FORMULA_RTOL)
@@ -348,13 +361,16 @@ def test_shifted_cosine_is_cosine_plus_resolution_shift():
 
 
 def test_linear_log_snr_and_custom_log_snr_family():
-  np.testing.assert_allclose(_results("float32")["grid"]["linear_log_snr"]["log_snr"],
-                             10.0 - 20.0 * GRID, atol=1e-5)
-  out = _methods(schedules.log_snr_schedule(lambda u: 4.0 - 8.0 * u**3, name="cubic"),
-                 jnp.asarray(GRID, jnp.float32))
+  np.testing.assert_allclose(
+    _results("float32")["grid"]["linear_log_snr"]["log_snr"], 10.0 - 20.0 * GRID, atol=1e-5
+  )
+  out = _methods(
+    schedules.log_snr_schedule(lambda u: 4.0 - 8.0 * u**3, name="cubic"),
+    jnp.asarray(GRID, jnp.float32),
+  )
   lam = 4.0 - 8.0 * GRID**3
-  np.testing.assert_allclose(out["alpha"]**2, _np_sigmoid(lam), rtol=1e-5)
-  np.testing.assert_allclose(out["sigma"]**2, _np_sigmoid(-lam), rtol=1e-5)
+  np.testing.assert_allclose(out["alpha"] ** 2, _np_sigmoid(lam), rtol=1e-5)
+  np.testing.assert_allclose(out["sigma"] ** 2, _np_sigmoid(-lam), rtol=1e-5)
   np.testing.assert_allclose(out["d_log_snr"], -24.0 * GRID**2, rtol=1e-5, atol=1e-6)
 
 
@@ -362,17 +378,19 @@ def test_linear_log_snr_and_custom_log_snr_family():
 def test_chen_sigmoid_continuous_matches_algorithm_1(start, end, tau):
   t_np = np.concatenate([[0.0, 1e-4, 1e-3], np.linspace(0.05, 0.95, N_T - 4), [1.0]])
   gamma = _chen_gamma(t_np, start, end, tau, clip_min=1e-9)
-  out = _methods(schedules.sigmoid_schedule(start=start, end=end, tau=tau),
-                 jnp.asarray(t_np, jnp.float32))
+  out = _methods(
+    schedules.sigmoid_schedule(start=start, end=end, tau=tau), jnp.asarray(t_np, jnp.float32)
+  )
   alpha, sigma = np.asarray(out["alpha"]), np.asarray(out["sigma"])
   np.testing.assert_allclose(alpha**2, gamma, rtol=1e-5)
   # 1 - gamma is formed without cancellation, so it keeps float32 relative accuracy even where
   # it is ~1e-4 (t = 1e-4); the float64 reference is accurate to ~1e-12 relative there.
   one_minus = (_np_sigmoid((t_np * (end - start) + start) / tau) - _np_sigmoid(start / tau)) / (
-      _np_sigmoid(end / tau) - _np_sigmoid(start / tau))
+    _np_sigmoid(end / tau) - _np_sigmoid(start / tau)
+  )
   np.testing.assert_allclose(sigma**2, np.minimum(one_minus, 1 - 1e-9), rtol=1e-5)
   assert alpha[0] == 1.0 and sigma[0] == 0.0
-  assert alpha[-1]**2 == pytest.approx(1e-9, rel=1e-5)
+  assert alpha[-1] ** 2 == pytest.approx(1e-9, rel=1e-5)
   assert np.all(np.isfinite(np.asarray(out["d_alpha"])))  # the clip at t = 1 keeps d/dt finite
 
 
@@ -388,8 +406,9 @@ def test_continuous_invariants(name):
     np.testing.assert_array_equal(alpha, 1.0)
   # log SNR is its definition 2 log(alpha / sigma) wherever both are representable.
   inner = slice(1, -1)
-  np.testing.assert_allclose(out["log_snr"][inner], 2 * np.log(alpha[inner] / sigma[inner]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    out["log_snr"][inner], 2 * np.log(alpha[inner] / sigma[inner]), rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("name", CONTINUOUS)
@@ -414,10 +433,12 @@ def _through_transforms(t):
     schedule = schedules.get_continuous_schedule(name)
     grad = lambda f: jax.vmap(jax.grad(f))(t)
     out[name] = dict(
-        d_alpha=grad(schedule.alpha), d_sigma=grad(schedule.sigma),
-        d2_log_snr=grad(schedule.d_log_snr),
-        d2_sigma=grad(lambda u, s=schedule: s.alpha_sigma_and_derivatives(u)[3]),
-        vmapped=jax.vmap(schedule.alpha_sigma_and_derivatives)(t))
+      d_alpha=grad(schedule.alpha),
+      d_sigma=grad(schedule.sigma),
+      d2_log_snr=grad(schedule.d_log_snr),
+      d2_sigma=grad(lambda u, s=schedule: s.alpha_sigma_and_derivatives(u)[3]),
+      vmapped=jax.vmap(schedule.alpha_sigma_and_derivatives)(t),
+    )
   return out
 
 
@@ -478,12 +499,14 @@ def test_equal_schedules_share_one_compile():
 def test_continuous_errors_name_the_bad_value():
   with pytest.raises(ValueError, match=r"'nope'.*cosine"):
     schedules.get_continuous_schedule("nope")
-  bad = [("vp", dict(beta_min=20.0, beta_max=0.1), "beta_min=20"),
-         ("ve", dict(sigma_min=0.0), "sigma_min=0"),
-         ("edm", dict(rho=0.0), "rho=0"),
-         ("cosine", dict(log_snr_min=5.0, log_snr_max=-5.0), "log_snr_min=5"),
-         ("shifted_cosine", dict(resolution=0), "resolution=0"),
-         ("sigmoid", dict(start=3.0, end=-3.0), "start=3")]
+  bad = [
+    ("vp", dict(beta_min=20.0, beta_max=0.1), "beta_min=20"),
+    ("ve", dict(sigma_min=0.0), "sigma_min=0"),
+    ("edm", dict(rho=0.0), "rho=0"),
+    ("cosine", dict(log_snr_min=5.0, log_snr_max=-5.0), "log_snr_min=5"),
+    ("shifted_cosine", dict(resolution=0), "resolution=0"),
+    ("sigmoid", dict(start=3.0, end=-3.0), "start=3"),
+  ]
   for name, kwargs, message in bad:
     with pytest.raises(ValueError, match=message):
       schedules.get_continuous_schedule(name, **kwargs)

@@ -30,10 +30,20 @@ TIMEOUT_S = 300
 def _run(script: str, *args: str) -> dict:
   env = dict(os.environ)
   # One CPU device, as a user runs the script (tests/conftest.py forces 8 for the suite).
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  env["XLA_FLAGS"] = " ".join(
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  )
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / script), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout)
 
@@ -62,8 +72,11 @@ def test_bench_train_quick_json(bench):
       assert math.isfinite(ours[key]) and ours[key] > 0, (recipe, key, ours[key])
     if HAS_PEER:
       assert result["peer"]["steps_per_s_median"] > 0
-      assert math.isclose(result["ratio_steps_per_s"], ours["steps_per_s_median"]
-                          / result["peer"]["steps_per_s_median"], rel_tol=0.01)
+      assert math.isclose(
+        result["ratio_steps_per_s"],
+        ours["steps_per_s_median"] / result["peer"]["steps_per_s_median"],
+        rel_tol=0.01,
+      )
     else:
       assert result["peer"] is None and result["ratio_steps_per_s"] is None
   if not HAS_PEER:
@@ -109,14 +122,20 @@ def test_reproduce_2d_quick_json_and_markdown(reproduce):
   assert json.loads(embedded)["results"].keys() == report["results"].keys()
 
 
-
 def test_reproduce_2d_render_adds_bench_section(reproduce, bench, tmp_path):
   """--render rebuilds the markdown from the written file alone, plus bench_train's JSON."""
   report, written = reproduce
   (tmp_path / "bench.json").write_text(json.dumps(bench))
   out = tmp_path / "rendered.md"
-  rendered = _run("reproduce_2d.py", "--render", str(written), "--bench-json",
-                  str(tmp_path / "bench.json"), "--out", str(out))
+  rendered = _run(
+    "reproduce_2d.py",
+    "--render",
+    str(written),
+    "--bench-json",
+    str(tmp_path / "bench.json"),
+    "--out",
+    str(out),
+  )
   assert rendered["results"] == report["results"]
   text = out.read_text()
   assert "Training throughput" in text
@@ -126,16 +145,20 @@ def test_reproduce_2d_render_adds_bench_section(reproduce, bench, tmp_path):
 
 def test_reproduce_2d_headline_says_which_side_is_reduced(reproduce):
   """The headline names the full protocol only for the side that ran it."""
-  spec = importlib.util.spec_from_file_location("reproduce_2d",
-                                                ROOT / "scripts" / "reproduce_2d.py")
+  spec = importlib.util.spec_from_file_location(
+    "reproduce_2d", ROOT / "scripts" / "reproduce_2d.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   report = json.loads(json.dumps(reproduce[0]))
-  report["run"].update(steps=20_000, seeds=list(module.SEEDS), tasks=list(module.TASKS),
-                       methods=list(module.METHODS))
-  cases = {tuple(module.SEEDS): "**What was run: the full protocol**",
-           (42,): "the full protocol for diffjax; TorchCFM REDUCED to seed(s) 42**",
-           (): "the full protocol for diffjax; TorchCFM not run**"}
+  report["run"].update(
+    steps=20_000, seeds=list(module.SEEDS), tasks=list(module.TASKS), methods=list(module.METHODS)
+  )
+  cases = {
+    tuple(module.SEEDS): "**What was run: the full protocol**",
+    (42,): "the full protocol for diffjax; TorchCFM REDUCED to seed(s) 42**",
+    (): "the full protocol for diffjax; TorchCFM not run**",
+  }
   for peer_seeds, headline in cases.items():
     report["run"]["peer_seeds"] = list(peer_seeds)
     assert headline in module.to_markdown(report)
@@ -156,15 +179,35 @@ def test_reproduce_2d_merge_fills_missing_cells(reproduce, tmp_path):
   (tmp_path / "a.json").write_text(json.dumps(first))
   (tmp_path / "b.json").write_text(json.dumps(second))
   out = tmp_path / "merged.md"
-  merged = _run("reproduce_2d.py", "--render", str(tmp_path / "a.json"), "--merge",
-                str(tmp_path / "b.json"), "--out", str(out))
+  merged = _run(
+    "reproduce_2d.py",
+    "--render",
+    str(tmp_path / "a.json"),
+    "--merge",
+    str(tmp_path / "b.json"),
+    "--out",
+    str(out),
+  )
   assert merged["results"] == report["results"] and merged["status"] == "complete"
   assert "--methods otcfm (second run)" in out.read_text()
   second["run"]["steps"] = 7
   (tmp_path / "b.json").write_text(json.dumps(second))
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_2d.py"), "--render",
-                         str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json"), "--out",
-                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "reproduce_2d.py"),
+      "--render",
+      str(tmp_path / "a.json"),
+      "--merge",
+      str(tmp_path / "b.json"),
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode != 0 and "run.steps is 7 there" in proc.stderr
 
 
@@ -173,8 +216,9 @@ def test_bench_forward_quick_json():
   (process,) = result["processes"]
   assert process["T"] == 100
   # The ratios are the printed times' ratios (rounded), and the T/2 flag says what they say.
-  assert math.isclose(process["sequential_over_closed"],
-                      process["sequential_ms"] / process["closed_ms"], rel_tol=0.02)
+  assert math.isclose(
+    process["sequential_over_closed"], process["sequential_ms"] / process["closed_ms"], rel_tol=0.02
+  )
   assert process["target_T_over_2_met"] == (process["sequential_over_closed"] >= 50)
   for figures in [*result["closed_form_variants"].values(), *result["noise_options"].values()]:
     assert 0 < figures["min_ms"] <= figures["median_ms"]
@@ -196,8 +240,9 @@ def test_bench_forward_head_to_head_ratio():
     import bench_forward  # noqa: PLC0415
   finally:
     sys.path.remove(str(ROOT / "scripts"))
-  figures = bench_forward._head_to_head(lambda: time.sleep(0.004), lambda: time.sleep(0.002),
-                                        rounds=3, reps=4)
+  figures = bench_forward._head_to_head(
+    lambda: time.sleep(0.004), lambda: time.sleep(0.002), rounds=3, reps=4
+  )
   assert figures["rounds"] == 3 and figures["reps_per_round"] == 4
   assert 0.35 < figures["closed_over_peer"] < 0.65, figures
   assert figures["peer_min_ms"] >= 4.0 and figures["closed_min_ms"] >= 2.0

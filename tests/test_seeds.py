@@ -8,13 +8,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from test_train import tiny_config  # pylint: disable=wrong-import-order
 
 from diffjax import cli
 from diffjax.train import config as config_lib
 from diffjax.train import loop
 from diffjax.train.metrics_log import read_metrics
-
-from test_train import tiny_config  # pylint: disable=wrong-import-order
 
 
 def _run(config, workdir):
@@ -56,7 +55,9 @@ def test_stacked_seeds_resume_bit_exact(two_seeds, tmp_path):
   _run(half, tmp_path)
   resumed = _run(tiny_config(recipe, **{"train.num_seeds": 2}), tmp_path)
   assert resumed["start_step"] == 10
-  for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(two_seeds["stacked"]["state"])):
+  for a, b in zip(
+    jax.tree.leaves(resumed["state"]), jax.tree.leaves(two_seeds["stacked"]["state"])
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -74,10 +75,30 @@ def test_sample_and_evaluate_report_per_seed(two_seeds, capsys):
   assert report["std"]["w2"] == pytest.approx(np.std(w2))
   assert w2[0] != w2[1]
   out = two_seeds["root"] / "one.npz"
-  assert cli.main(["sample", "--workdir", workdir, "--num", "16", "--steps", "2", "--out",
-                   str(out), "--seed-index", "1"]) == 0
+  assert (
+    cli.main(
+      [
+        "sample",
+        "--workdir",
+        workdir,
+        "--num",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--seed-index",
+        "1",
+      ]
+    )
+    == 0
+  )
   with np.load(out) as saved:
     assert saved["samples"].shape == (1, 16, 2) and list(saved["seed_index"]) == [1]
-  assert cli.main(["sample", "--workdir", workdir, "--num", "16", "--out", str(out),
-                   "--seed-index", "2"]) == 2
+  assert (
+    cli.main(
+      ["sample", "--workdir", workdir, "--num", "16", "--out", str(out), "--seed-index", "2"]
+    )
+    == 2
+  )
   assert "choose 0 .. 1" in capsys.readouterr().err

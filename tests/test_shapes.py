@@ -10,8 +10,12 @@ from diffjax import shapes
 
 
 def test_compute_dtype_is_at_least_float32():
-  for dtype, want in [(jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
-                      (jnp.int32, jnp.float32), (jnp.float32, jnp.float32)]:
+  for dtype, want in [
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32),
+    (jnp.int32, jnp.float32),
+    (jnp.float32, jnp.float32),
+  ]:
     assert shapes.compute_dtype(jnp.zeros(2, dtype)) == want
   assert shapes.compute_dtype(jnp.zeros(2, jnp.bfloat16), jnp.zeros(2, jnp.float32)) == jnp.float32
   with jax.enable_x64(True):

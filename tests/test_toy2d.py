@@ -26,7 +26,8 @@ from diffjax.data import toy2d
 
 N = 20000
 DIRECTIONS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]) / np.array(
-    [[1.0], [1.0], [math.sqrt(2)], [math.sqrt(2)]])
+  [[1.0], [1.0], [math.sqrt(2)], [math.sqrt(2)]]
+)
 KS_LEVEL = 1e-3 / (len(DIRECTIONS) * len(toy2d.TOY2D))  # 11 names: a conservative count
 
 
@@ -82,7 +83,8 @@ def ref_pinwheel(rng, n):
   num_per_class = n // 5
   rads = np.linspace(0, 2 * np.pi, num_classes, endpoint=False)
   features = rng.standard_normal((num_classes * num_per_class, 2)) * np.array(
-      [radial_std, tangential_std])
+    [radial_std, tangential_std]
+  )
   features[:, 0] += 1.0
   labels = np.repeat(np.arange(num_classes), num_per_class)
   angles = rads[labels] + rate * np.exp(features[:, 0])
@@ -109,16 +111,22 @@ def ref_2spirals(rng, n):
 
 
 def ref_circles(rng, n):
-  x, y = sklearn.datasets.make_circles(n, factor=0.5, noise=0.08,
-                                       random_state=rng.integers(2**31))
+  x, y = sklearn.datasets.make_circles(n, factor=0.5, noise=0.08, random_state=rng.integers(2**31))
   return x * 3, y
 
 
 REFERENCES = {
-    "normal": ref_normal, "gaussian": ref_normal, "8gaussians": ref_8gaussians,
-    "25gaussians": ref_25gaussians, "moons": ref_moons, "scurve": ref_scurve,
-    "checkerboard": ref_checkerboard, "pinwheel": ref_pinwheel, "swissroll": ref_swissroll,
-    "2spirals": ref_2spirals, "circles": ref_circles,
+  "normal": ref_normal,
+  "gaussian": ref_normal,
+  "8gaussians": ref_8gaussians,
+  "25gaussians": ref_25gaussians,
+  "moons": ref_moons,
+  "scurve": ref_scurve,
+  "checkerboard": ref_checkerboard,
+  "pinwheel": ref_pinwheel,
+  "swissroll": ref_swissroll,
+  "2spirals": ref_2spirals,
+  "circles": ref_circles,
 }
 
 
@@ -199,9 +207,10 @@ def _wrong_moons(rng, n):
   return x * 3 - 1, y
 
 
-@pytest.mark.parametrize("name, wrong", [("8gaussians", _wrong_8gaussians),
-                                         ("pinwheel", _wrong_pinwheel),
-                                         ("moons", _wrong_moons)])
+@pytest.mark.parametrize(
+  "name, wrong",
+  [("8gaussians", _wrong_8gaussians), ("pinwheel", _wrong_pinwheel), ("moons", _wrong_moons)],
+)
 def test_comparison_rejects_a_nearby_wrong_distribution(name, wrong):
   # Negative control: the checks above have the power to see small convention errors.
   ours = np.asarray(_ours(name)["points"], np.float64)
@@ -225,8 +234,11 @@ def test_labelled_sampler_labels_match_reference(name):
     assert abs((labels == c).mean() - p) <= 5 * math.sqrt(p * (1 - p) / N), c
     mine, theirs = points[labels == c], ref[ref_labels == c]
     se = np.sqrt(mine.var(0) / len(mine) + theirs.var(0) / len(theirs))
-    assert np.all(np.abs(mine.mean(0) - theirs.mean(0)) <= 5 * se + 1e-9), (c, mine.mean(0),
-                                                                             theirs.mean(0))
+    assert np.all(np.abs(mine.mean(0) - theirs.mean(0)) <= 5 * se + 1e-9), (
+      c,
+      mine.mean(0),
+      theirs.mean(0),
+    )
 
 
 def test_8gaussians_components_have_covariance_sqrt_var():
@@ -254,8 +266,9 @@ def test_checkerboard_labels_name_the_cell():
 
 
 def test_options_change_the_distribution():
-  points = jax.jit(toy2d.get_toy2d("circles", labelled=True, factor=0.25, scale=1.0,
-                                   noise=0.0), static_argnums=1)(jax.random.key(0), 1000)
+  points = jax.jit(
+    toy2d.get_toy2d("circles", labelled=True, factor=0.25, scale=1.0, noise=0.0), static_argnums=1
+  )(jax.random.key(0), 1000)
   radius = np.linalg.norm(np.asarray(points[0]), axis=1)
   np.testing.assert_allclose(radius, np.where(np.asarray(points[1]) == 1, 0.25, 1.0), atol=1e-5)
   assert toy2d.num_classes("pinwheel", arms=3) == 3

@@ -13,8 +13,8 @@ import pytest
 
 from diffjax.train import config as config_lib
 from diffjax.train import loop
-from diffjax.train import trainer as trainer_lib
 from diffjax.train import sharding as sharding_lib
+from diffjax.train import trainer as trainer_lib
 from diffjax.train.metrics_log import read_metrics
 from diffjax.train.optim import make_optimizer
 from diffjax.train.state import TrainState
@@ -25,14 +25,24 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def tiny_config(recipe="otcfm", **overrides):
   config = config_lib.load_config_file(str(CONFIGS / "toy2d_otcfm.py"))
-  config_lib.apply_overrides(config, [
-      f"--config.objective.name={recipe}", "--config.train.steps=20",
-      "--config.train.fused_steps=5", "--config.train.log_every=5",
-      "--config.train.checkpoint_every=10", "--config.train.batch_size=64",
-      "--config.model.width=32", "--config.train.progress_bar=false",
-      "--config.train.async_checkpoint=false", "--config.sample.num=64",
-      "--config.sample.steps=4", "--config.train.ema_decay=0.9",
-      *[f"--config.{k}={v}" for k, v in overrides.items()]])
+  config_lib.apply_overrides(
+    config,
+    [
+      f"--config.objective.name={recipe}",
+      "--config.train.steps=20",
+      "--config.train.fused_steps=5",
+      "--config.train.log_every=5",
+      "--config.train.checkpoint_every=10",
+      "--config.train.batch_size=64",
+      "--config.model.width=32",
+      "--config.train.progress_bar=false",
+      "--config.train.async_checkpoint=false",
+      "--config.sample.num=64",
+      "--config.sample.steps=4",
+      "--config.train.ema_decay=0.9",
+      *[f"--config.{k}={v}" for k, v in overrides.items()],
+    ],
+  )
   return config
 
 
@@ -80,14 +90,16 @@ def test_per_device_coupling_pairs_within_shards_and_trains(single_device_run, t
   import itertools
 
   from diffjax import couplings
+
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:8])
   coupling = sharding_lib.per_device_coupling(couplings.get_coupling("exact_ot"), mesh)
   rng = np.random.default_rng(0)
   x0 = rng.standard_normal((16, 2)).astype(np.float32)
   x1 = rng.standard_normal((16, 2)).astype(np.float32) + 0.5
   on_mesh = functools.partial(jax.device_put, device=sharding_lib.batch_sharding(mesh))
-  _, _, labels = jax.jit(coupling)(jax.random.PRNGKey(0), on_mesh(x0), on_mesh(x1),
-                                   on_mesh(np.arange(16, dtype=np.int32)))
+  _, _, labels = jax.jit(coupling)(
+    jax.random.PRNGKey(0), on_mesh(x0), on_mesh(x1), on_mesh(np.arange(16, dtype=np.int32))
+  )
   perm = np.asarray(labels)  # labels were arange: they read back the permutation
   for shard in range(8):
     rows = np.arange(2 * shard, 2 * shard + 2)
@@ -139,6 +151,7 @@ def test_workdir_outputs(single_device_run):
 
 def test_checkpoint_round_trip(tmp_path):
   from diffjax.train import checkpoint as ckpt
+
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   state = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.array(3, jnp.int32)}}
   manager = ckpt.make_checkpoint_manager(tmp_path, keep=2, async_save=False)
@@ -146,7 +159,8 @@ def test_checkpoint_round_trip(tmp_path):
   manager.wait_until_finished()
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), state)
   step, restored, data_state = ckpt.restore_latest(
-      manager, ckpt.abstract_with_shardings(jax.eval_shape(lambda: state), shardings))
+    manager, ckpt.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  )
   manager.close()
   assert step == 7 and data_state == {"step": 7}
   for a, b in zip(leaves(restored), leaves(state)):
@@ -164,12 +178,18 @@ def test_gradient_accumulation_equals_full_batch():
     return jnp.mean((b["x"] @ p["w"] - 1.0) ** 2)
 
   optimizer = optax.sgd(0.1)
-  state = TrainState(params=params, opt_state=optimizer.init(params), ema_params=params,
-                     step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(1),
-                     nonfinite_streak=jnp.zeros((), jnp.int32))
+  state = TrainState(
+    params=params,
+    opt_state=optimizer.init(params),
+    ema_params=params,
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.PRNGKey(1),
+    nonfinite_streak=jnp.zeros((), jnp.int32),
+  )
   full, m_full = train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, ema_decay=0.9)
-  acc, m_acc = train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, ema_decay=0.9,
-                          accumulate_steps=4)
+  acc, m_acc = train_step(
+    state, batch, loss_fn=loss_fn, optimizer=optimizer, ema_decay=0.9, accumulate_steps=4
+  )
   np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-6)
   np.testing.assert_allclose(acc.params["w"], full.params["w"], rtol=1e-6)
 
@@ -177,14 +197,22 @@ def test_gradient_accumulation_equals_full_batch():
 def test_nonfinite_step_leaves_state_unchanged():
   params = {"w": jnp.array([0.5, -1.0])}
   optimizer = optax.adam(0.1)
-  state = TrainState(params=params, opt_state=optimizer.init(params), ema_params=params,
-                     step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(1),
-                     nonfinite_streak=jnp.zeros((), jnp.int32))
+  state = TrainState(
+    params=params,
+    opt_state=optimizer.init(params),
+    ema_params=params,
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.PRNGKey(1),
+    nonfinite_streak=jnp.zeros((), jnp.int32),
+  )
   loss_fn = lambda p, key, b: jnp.sum(p["w"]) * b["x"]
-  new, _ = train_step(state, {"x": jnp.array(jnp.nan)}, loss_fn=loss_fn, optimizer=optimizer,
-                      ema_decay=0.9)
-  for a, b in zip(leaves((new.params, new.opt_state, new.ema_params)),
-                  leaves((state.params, state.opt_state, state.ema_params))):
+  new, _ = train_step(
+    state, {"x": jnp.array(jnp.nan)}, loss_fn=loss_fn, optimizer=optimizer, ema_decay=0.9
+  )
+  for a, b in zip(
+    leaves((new.params, new.opt_state, new.ema_params)),
+    leaves((state.params, state.opt_state, state.ema_params)),
+  ):
     np.testing.assert_array_equal(a, b)
   assert int(new.nonfinite_streak) == 1 and int(new.step) == 1
 
@@ -203,20 +231,26 @@ def test_fused_chunk_pairs_ahead_and_equals_step_by_step(monkeypatch):
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
   _, _, create = trainer_lib.make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
-  kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
-                ema_decay=0.9)
+  kwargs = dict(
+    pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer, ema_decay=0.9
+  )
   stacks = []
   solve = couplings._assignment_host
-  monkeypatch.setattr(couplings, "_assignment_host",
-                      lambda cost, **kw: stacks.append(np.shape(cost)) or solve(cost, **kw))
+  monkeypatch.setattr(
+    couplings,
+    "_assignment_host",
+    lambda cost, **kw: stacks.append(np.shape(cost)) or solve(cost, **kw),
+  )
 
-  fused, fused_metrics = jax.jit(lambda s: fused_train_steps(
-      s, num_steps=6, sample_batch=experiment.sample_batch, **kwargs))(create())
+  fused, fused_metrics = jax.jit(
+    lambda s: fused_train_steps(s, num_steps=6, sample_batch=experiment.sample_batch, **kwargs)
+  )(create())
   assert stacks == [(6, 64, 64)]  # one callback for the chunk's six OT problems
 
   stepped, losses = create(), []
-  one_step = jax.jit(lambda s: train_step(
-      s, experiment.sample_batch(step_keys(s.key, s.step)[0]), **kwargs))
+  one_step = jax.jit(
+    lambda s: train_step(s, experiment.sample_batch(step_keys(s.key, s.step)[0]), **kwargs)
+  )
   for _ in range(6):
     stepped, metrics = one_step(stepped)
     losses.append(float(metrics["loss"]))
@@ -230,6 +264,7 @@ def test_stacked_assignments_on_threads_match_one_by_one():
   """The thread-pooled solve of a stack equals solving each matrix alone (exact permutations),
   and each is optimal: no random permutation has a lower cost."""
   from diffjax import couplings
+
   rng = np.random.default_rng(0)
   stack = rng.random((5, 32, 32))
   perms = couplings._assignment_host(stack)
@@ -249,19 +284,31 @@ def test_fsdp_rule_shards_largest_divisible_axis():
 def test_warmup_cosine_schedule():
   optimizer_lr = []
   from diffjax.train.optim import learning_rate_schedule
-  schedule = learning_rate_schedule(learning_rate=1.0, warmup_steps=10, decay="cosine",
-                                    total_steps=110)
+
+  schedule = learning_rate_schedule(
+    learning_rate=1.0, warmup_steps=10, decay="cosine", total_steps=110
+  )
   optimizer_lr = [float(schedule(s)) for s in (0, 5, 10, 60, 110)]
   np.testing.assert_allclose(optimizer_lr, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-  constant = learning_rate_schedule(learning_rate=2.0, warmup_steps=4, decay="constant",
-                                    total_steps=10)
+  constant = learning_rate_schedule(
+    learning_rate=2.0, warmup_steps=4, decay="constant", total_steps=10
+  )
   np.testing.assert_allclose([float(constant(s)) for s in (0, 2, 4, 9)], [0, 1, 2, 2])
 
 
 def test_adamw_and_clipping_built_from_config():
-  optimizer = make_optimizer(name="adamw", learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=0.5, warmup_steps=0, decay="constant",
-                             grad_clip_norm=1.0, total_steps=10)
+  optimizer = make_optimizer(
+    name="adamw",
+    learning_rate=0.1,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.5,
+    warmup_steps=0,
+    decay="constant",
+    grad_clip_norm=1.0,
+    total_steps=10,
+  )
   params = {"w": jnp.array([3.0, 4.0])}
   updates, _ = optimizer.update({"w": jnp.array([300.0, 400.0])}, optimizer.init(params), params)
   # Adam's first update is -lr * sign(g) (clipping does not change the sign), plus decoupled
@@ -277,8 +324,11 @@ def test_bfloat16_compute_keeps_float32_parameters(single_device_run, tmp_path):
   state = result["state"]
   for leaf in jax.tree.leaves((state.params, state.ema_params)):
     assert leaf.dtype == jnp.float32
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
-             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert all(
+    x.dtype == jnp.float32
+    for x in jax.tree.leaves(state.opt_state)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  )
   losses = np.array([l for _, l in result["losses"]])
   reference = np.array([l for _, l in single_device_run["losses"]])
   assert np.isfinite(losses).all()
@@ -294,16 +344,28 @@ def test_data_and_loss_randomness_are_independent(tmp_path):
   x0 ~ N(0, I) must approach E[x1] = (0.5, -0.25) for moons; with the bug it was (2.1, -1.4).
   Tolerance 0.35 per coordinate: a 600-step model, far looser than the 1.6 error it guards."""
   from diffjax.train.step import step_keys
+
   keys = step_keys(jax.random.PRNGKey(0), jnp.int32(7))
-  descendants = lambda k: {tuple(np.asarray(x)) for x in
-                           [*jax.random.split(k, 8)] + [jax.random.fold_in(k, i) for i in range(8)]}
+  descendants = lambda k: {
+    tuple(np.asarray(x))
+    for x in [*jax.random.split(k, 8)] + [jax.random.fold_in(k, i) for i in range(8)]
+  }
   for i, j in [(0, 1), (0, 2), (1, 2)]:  # data, pair and loss streams share no key
     assert not descendants(keys[i]) & descendants(keys[j])
 
-  config = tiny_config(recipe="icfm", **{"data.source": "normal", "data.target": "moons",
-                                         "train.steps": 600, "train.fused_steps": 100,
-                                         "train.log_every": 100, "train.checkpoint_every": 600,
-                                         "model.width": 64, "train.batch_size": 256})
+  config = tiny_config(
+    recipe="icfm",
+    **{
+      "data.source": "normal",
+      "data.target": "moons",
+      "train.steps": 600,
+      "train.fused_steps": 100,
+      "train.log_every": 100,
+      "train.checkpoint_every": 600,
+      "model.width": 64,
+      "train.batch_size": 256,
+    },
+  )
   result = run(config, tmp_path, jax.devices()[:1])
   apply = result["experiment"].model.apply
   x0 = jax.random.normal(jax.random.PRNGKey(3), (4096, 2))

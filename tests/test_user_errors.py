@@ -23,18 +23,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 TOY = str(ROOT / "configs" / "toy2d_icfm.py")
 DIGITS = str(ROOT / "configs" / "digits_fm.py")
-TINY = ["--config.train.steps=4", "--config.train.fused_steps=2", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=2", "--config.train.batch_size=32",
-        "--config.model.width=16", "--config.model.depth=2", "--config.train.progress_bar=false",
-        "--config.train.async_checkpoint=false", "--config.sample.num=16",
-        "--config.sample.steps=2"]
+TINY = [
+  "--config.train.steps=4",
+  "--config.train.fused_steps=2",
+  "--config.train.log_every=2",
+  "--config.train.checkpoint_every=2",
+  "--config.train.batch_size=32",
+  "--config.model.width=16",
+  "--config.model.depth=2",
+  "--config.train.progress_bar=false",
+  "--config.train.async_checkpoint=false",
+  "--config.sample.num=16",
+  "--config.sample.steps=2",
+]
 
 
 @pytest.fixture()
 def tripwire(monkeypatch):
   """Reaching the train loop (hence compiling anything) fails the test."""
+
   def no_training(*args, **kwargs):
     raise AssertionError("a bad input reached training")
+
   monkeypatch.setattr(loop, "train", no_training)
 
 
@@ -48,12 +58,21 @@ def one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 9])
-def test_digits_labels_beyond_num_classes_fail_before_compiling(tmp_path, capsys, tripwire,
-                                                                 num_classes):
+def test_digits_labels_beyond_num_classes_fail_before_compiling(
+  tmp_path, capsys, tripwire, num_classes
+):
   """Digits hold labels 0..9: num_classes=1 read labels 2..9 outside the label table (NaN
   losses), 9 trained label 9 as the classifier-free null label without a word."""
-  code = cli.main(["train", "--config", DIGITS + ":small", "--workdir", str(tmp_path / "w"),
-                   f"--config.data.num_classes={num_classes}"])
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      DIGITS + ":small",
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.data.num_classes={num_classes}",
+    ]
+  )
   line = one_line(capsys)
   assert code == 2
   assert f"data.num_classes={num_classes} but the labels in 'digits' span 0..9" in line
@@ -68,16 +87,29 @@ def _npz(path: pathlib.Path, labels) -> str:
   return str(path)
 
 
-@pytest.mark.parametrize("labels, num_classes, fragment", [
-    ([0, 1, 2] * 6, 2, "span 0..2"),        # label 2 would train as the null label
+@pytest.mark.parametrize(
+  "labels, num_classes, fragment",
+  [
+    ([0, 1, 2] * 6, 2, "span 0..2"),  # label 2 would train as the null label
     ([-1, 0, 1] * 6, 2, "span -1..1"),
-])
-def test_npz_labels_outside_num_classes_fail_before_compiling(tmp_path, capsys, tripwire,
-                                                              labels, num_classes, fragment):
+  ],
+)
+def test_npz_labels_outside_num_classes_fail_before_compiling(
+  tmp_path, capsys, tripwire, labels, num_classes, fragment
+):
   path = _npz(tmp_path / "data.npz", labels)
-  code = cli.main(["train", "--config", DIGITS + ":small", "--workdir", str(tmp_path / "w"),
-                   "--config.data.target=npz", f"--config.data.path={path}",
-                   f"--config.data.num_classes={num_classes}"])
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      DIGITS + ":small",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.data.target=npz",
+      f"--config.data.path={path}",
+      f"--config.data.num_classes={num_classes}",
+    ]
+  )
   line = one_line(capsys)
   assert code == 2 and f"data.num_classes={num_classes}" in line and fragment in line
 
@@ -85,8 +117,9 @@ def test_npz_labels_outside_num_classes_fail_before_compiling(tmp_path, capsys, 
 def test_labels_in_range_and_unconditional_models_pass():
   assert config_lib.label_problem(np.arange(10), num_classes=10, origin="x") is None
   assert config_lib.label_problem(np.arange(10), num_classes=0, origin="x") is None  # ignored
-  assert "set data.num_classes=10" in config_lib.label_problem(np.arange(10), num_classes=3,
-                                                               origin="x")
+  assert "set data.num_classes=10" in config_lib.label_problem(
+    np.arange(10), num_classes=3, origin="x"
+  )
 
 
 def test_loader_checks_labels_of_every_batch(tmp_path):
@@ -94,14 +127,25 @@ def test_loader_checks_labels_of_every_batch(tmp_path):
   the first batch is read before the train step compiles."""
   from diffjax.train import image_input
   from diffjax.train import sharding as sharding_lib
+
   path = _npz(tmp_path / "d.npz", [0, 1, 2] * 8)
   config = config_lib.load_config_file(DIGITS + ":small")
-  config_lib.apply_overrides(config, ["--config.data.target=npz", "--config.train.batch_size=8",
-                                      f"--config.data.path={path}", "--config.data.num_classes=2"])
+  config_lib.apply_overrides(
+    config,
+    [
+      "--config.data.target=npz",
+      "--config.train.batch_size=8",
+      f"--config.data.path={path}",
+      "--config.data.num_classes=2",
+    ],
+  )
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   make_iterator, next_batch, _ = image_input.make_input_hooks(config, mesh)
-  with pytest.raises(config_lib.ConfigError, match=r"data.num_classes=2 but the labels in a "
-                     r"batch of data.target='npz' span [01]\.\.2 .*data.num_classes >= 3"):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"data.num_classes=2 but the labels in a "
+    r"batch of data.target='npz' span [01]\.\.2 .*data.num_classes >= 3",
+  ):
     next_batch(make_iterator({}))
 
 
@@ -115,6 +159,7 @@ def nan_data_train(config, workdir):
 
     def nan_batch(key):
       return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), sample_batch(key))
+
     return experiment._replace(sample_batch=nan_batch, plot=None)
 
   trainer_lib.build_experiment = build
@@ -128,8 +173,9 @@ def test_run_without_a_finite_step_halts(tmp_path):
   """The user's NaN run exited 0: 3 steps, all non-finite, never exceed the streak limit of 3,
   so the loop saved the untrained state and plotted. A run that never had a finite step halts."""
   config = config_lib.load_config_file(TOY)
-  config_lib.apply_overrides(config, [*TINY, "--config.train.steps=3",
-                                      "--config.train.fused_steps=3"])
+  config_lib.apply_overrides(
+    config, [*TINY, "--config.train.steps=3", "--config.train.fused_steps=3"]
+  )
   with pytest.raises(loop.NonFiniteLossError, match="every step"):
     nan_data_train(config, tmp_path / "w")
   assert not list((tmp_path / "w" / "checkpoints").glob("[0-9]*"))
@@ -139,8 +185,15 @@ def test_run_without_a_finite_step_halts(tmp_path):
 
 
 def test_mistyped_variant_fails_naming_the_known_ones(tmp_path, capsys, tripwire):
-  code = cli.main(["train", "--config", str(ROOT / "configs" / "toy2d_otcfm.py") + ":smal",
-                   "--workdir", str(tmp_path / "w")])
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      str(ROOT / "configs" / "toy2d_otcfm.py") + ":smal",
+      "--workdir",
+      str(tmp_path / "w"),
+    ]
+  )
   line = one_line(capsys)
   assert code == 2
   assert "unknown variant 'smal' (did you mean 'small'?)" in line and "'small'" in line
@@ -174,13 +227,16 @@ def test_file_without_variants_declaration(tmp_path):
   a malformed declaration is refused."""
   header = "from diffjax.train.config import base_config\n"
   free = tmp_path / "free.py"
-  free.write_text(header + "def get_config(variant=''):\n  c = base_config()\n"
-                  "  c.train.steps = 7 if variant == 'anything' else 9\n  return c\n")
+  free.write_text(
+    header + "def get_config(variant=''):\n  c = base_config()\n"
+    "  c.train.steps = 7 if variant == 'anything' else 9\n  return c\n"
+  )
   assert config_lib.load_config_file(f"{free}:anything").train.steps == 7
   assert config_lib.load_config_file(str(free)).train.steps == 9
   bad = tmp_path / "bad.py"
-  bad.write_text(header + "VARIANTS = 'small'\ndef get_config(variant=''):\n"
-                 "  return base_config()\n")
+  bad.write_text(
+    header + "VARIANTS = 'small'\ndef get_config(variant=''):\n  return base_config()\n"
+  )
   with pytest.raises(config_lib.ConfigError, match="declare a tuple of variant names"):
     config_lib.load_config_file(f"{bad}:small")
 
@@ -198,8 +254,19 @@ def trained_workdir(tmp_path_factory):
 
 def test_guidance_on_an_unconditional_model(trained_workdir, tmp_path, capsys):
   out = tmp_path / "s.npz"
-  code = cli.main(["sample", "--workdir", str(trained_workdir), "--num", "8", "--out", str(out),
-                   "--guidance", "2.0"])
+  code = cli.main(
+    [
+      "sample",
+      "--workdir",
+      str(trained_workdir),
+      "--num",
+      "8",
+      "--out",
+      str(out),
+      "--guidance",
+      "2.0",
+    ]
+  )
   line = one_line(capsys)
   assert code == 2
   assert "--guidance 2.0" in line and "unconditional (data.num_classes=0)" in line
@@ -213,8 +280,19 @@ def test_guidance_without_label_dropout(trained_workdir, tmp_path, capsys):
   config = config_lib.load_config_file(DIGITS + ":cond,small")
   config_lib.apply_overrides(config, ["--config.objective.label_dropout=0.0"])
   (workdir / "config.json").write_text(config_lib.config_to_json(config))
-  code = cli.main(["sample", "--workdir", str(workdir), "--num", "8", "--out",
-                   str(tmp_path / "s.npz"), "--guidance", "2.0"])
+  code = cli.main(
+    [
+      "sample",
+      "--workdir",
+      str(workdir),
+      "--num",
+      "8",
+      "--out",
+      str(tmp_path / "s.npz"),
+      "--guidance",
+      "2.0",
+    ]
+  )
   line = one_line(capsys)
   assert code == 2 and "--guidance 2.0" in line and "objective.label_dropout=0" in line
 
@@ -257,10 +335,12 @@ def test_only_damaged_checkpoints_is_not_called_missing(trained_workdir, tmp_pat
   """Steps whose commit markers are gone are skipped with a warning each; the error then says
   that checkpoints exist but none is usable, not "train first"."""
   from diffjax.train import integrity
+
   workdir = _edited_copy(trained_workdir, tmp_path)
   for marker in (workdir / "checkpoints").glob(f"*/{integrity.COMMIT_FILE}"):
     marker.unlink()
-  code = cli.main(["sample", "--workdir", str(workdir), "--num", "8", "--out",
-                   str(tmp_path / "s.npz")])
+  code = cli.main(
+    ["sample", "--workdir", str(workdir), "--num", "8", "--out", str(tmp_path / "s.npz")]
+  )
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert code == 2 and "none of the 2 checkpoint steps" in last and "train first" not in last

@@ -38,7 +38,8 @@ import json
 import os
 import zipfile
 import zlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -46,21 +47,21 @@ import numpy as np
 from diffjax._lookup import lookup
 
 __all__ = [
-    "ImageSource",
-    "TfdsImageSource",
-    "load_digits",
-    "load_npz",
-    "load_folder",
-    "tfds_source",
-    "ARRAY_LOADERS",
-    "load_arrays",
-    "DATASETS",
-    "get_dataset",
-    "to_model_range",
-    "from_model_range",
-    "make_loader",
-    "iterator_state",
-    "restore_iterator",
+  "ImageSource",
+  "TfdsImageSource",
+  "load_digits",
+  "load_npz",
+  "load_folder",
+  "tfds_source",
+  "ARRAY_LOADERS",
+  "load_arrays",
+  "DATASETS",
+  "get_dataset",
+  "to_model_range",
+  "from_model_range",
+  "make_loader",
+  "iterator_state",
+  "restore_iterator",
 ]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -75,42 +76,52 @@ def _validate_arrays(images: np.ndarray, labels: np.ndarray, *, origin: str) -> 
   """Raises one clear ValueError for arrays a pipeline cannot use; ``origin`` names the data."""
   if images.ndim != 4:
     raise ValueError(
-        f"images from {origin} have shape {images.shape}; expected 4-D [N, H, W, C]. Add a "
-        "channel axis to grayscale data (images[..., None]) or pass layout='NCHW' for "
-        "channel-first arrays")
+      f"images from {origin} have shape {images.shape}; expected 4-D [N, H, W, C]. Add a "
+      "channel axis to grayscale data (images[..., None]) or pass layout='NCHW' for "
+      "channel-first arrays"
+    )
   if images.shape[0] == 0:
     raise ValueError(f"{origin} holds no images (shape {images.shape}); it must not be empty")
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
     raise ValueError(
-        f"labels from {origin} have shape {labels.shape} but images have shape {images.shape}; "
-        f"expected labels of shape [{images.shape[0]}], one integer per image")
+      f"labels from {origin} have shape {labels.shape} but images have shape {images.shape}; "
+      f"expected labels of shape [{images.shape[0]}], one integer per image"
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels from {origin} have dtype {labels.dtype}; expected integers")
   if images.dtype != np.uint8:
     if images.dtype != np.float32:
-      raise ValueError(f"images from {origin} have dtype {images.dtype}; expected uint8 in "
-                       "[0, 255] or float32 in [-1, 1]")
+      raise ValueError(
+        f"images from {origin} have dtype {images.dtype}; expected uint8 in "
+        "[0, 255] or float32 in [-1, 1]"
+      )
     bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
     if bad:
-      raise ValueError(f"images from {origin} contain {bad} NaN or infinite values; clean the "
-                       "data before training")
+      raise ValueError(
+        f"images from {origin} contain {bad} NaN or infinite values; clean the data before training"
+      )
 
 
 def _to_nhwc(images: np.ndarray, *, layout: str, origin: str) -> np.ndarray:
   axes = lookup(_LAYOUT_TO_NHWC, layout, "layout", hint=f" (images from {origin})")
   if images.ndim != 4:
-    raise ValueError(f"images from {origin} have shape {images.shape}; expected 4-D "
-                     f"[N, H, W, C] or [N, C, H, W] (layout={layout!r}). Add a channel axis to "
-                     "grayscale data (images[..., None])")
+    raise ValueError(
+      f"images from {origin} have shape {images.shape}; expected 4-D "
+      f"[N, H, W, C] or [N, C, H, W] (layout={layout!r}). Add a channel axis to "
+      "grayscale data (images[..., None])"
+    )
   # A channel-first array read as channel-last is the commonest npz mistake: catch it by shape.
   if layout == "NHWC" and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
-    raise ValueError(f"images from {origin} have shape {images.shape}, which looks channel-first;"
-                     " pass layout='NCHW'")
+    raise ValueError(
+      f"images from {origin} have shape {images.shape}, which looks channel-first;"
+      " pass layout='NCHW'"
+    )
   return np.ascontiguousarray(np.transpose(images, axes))
 
 
-def _scale_images(images: np.ndarray, *, value_range: tuple[float, float] | None,
-                  origin: str) -> np.ndarray:
+def _scale_images(
+  images: np.ndarray, *, value_range: tuple[float, float] | None, origin: str
+) -> np.ndarray:
   """Returns uint8 images in [0, 255] unchanged, or float32 images mapped to [-1, 1].
 
   ``x = 2 (u - lo) / (hi - lo) - 1`` for ``value_range = (lo, hi)``. Without a range, integer
@@ -120,12 +131,14 @@ def _scale_images(images: np.ndarray, *, value_range: tuple[float, float] | None
     if np.issubdtype(images.dtype, np.integer):
       if images.size and (images.min() < 0 or images.max() > 255):
         raise ValueError(
-            f"integer images from {origin} span [{images.min()}, {images.max()}], outside "
-            "[0, 255]; pass value_range=(lo, hi) with the range of the raw values")
+          f"integer images from {origin} span [{images.min()}, {images.max()}], outside "
+          "[0, 255]; pass value_range=(lo, hi) with the range of the raw values"
+        )
       return images.astype(np.uint8)
     if not np.issubdtype(images.dtype, np.floating):
-      raise ValueError(f"images from {origin} have dtype {images.dtype}; expected integers or "
-                       "floats")
+      raise ValueError(
+        f"images from {origin} have dtype {images.dtype}; expected integers or floats"
+      )
     value_range = (0.0, 1.0)
   lo, hi = (float(v) for v in value_range)
   if not hi > lo:
@@ -133,16 +146,19 @@ def _scale_images(images: np.ndarray, *, value_range: tuple[float, float] | None
   images = images.astype(np.float32)
   finite = np.isfinite(images)
   if not finite.all():
-    raise ValueError(f"images from {origin} contain {int(finite.size - finite.sum())} NaN or "
-                     "infinite values; clean the data before training")
+    raise ValueError(
+      f"images from {origin} contain {int(finite.size - finite.sum())} NaN or "
+      "infinite values; clean the data before training"
+    )
   mn, mx = float(images.min()), float(images.max())
   # Data outside the stated range would leave [-1, 1] silently; a small slack absorbs rounding.
   slack = 1e-6 * (hi - lo)
   if mn < lo - slack or mx > hi + slack:
     raise ValueError(
-        f"images from {origin} span [{mn:g}, {mx:g}], outside value_range=({lo:g}, {hi:g}); "
-        "pass the range of the raw values, e.g. value_range=(-1.0, 1.0) for data already in "
-        "the model range")
+      f"images from {origin} span [{mn:g}, {mx:g}], outside value_range=({lo:g}, {hi:g}); "
+      "pass the range of the raw values, e.g. value_range=(-1.0, 1.0) for data already in "
+      "the model range"
+    )
   return ((images - lo) * np.float32(2.0 / (hi - lo)) - 1.0).astype(np.float32)
 
 
@@ -172,9 +188,15 @@ def _first_key(keys: list[str], candidates: tuple[str, ...]) -> str | None:
   return next((k for k in candidates if k in keys), None)
 
 
-def load_npz(*, path: str, image_key: str | None = None, label_key: str | None = None,
-             layout: str = "NHWC", value_range: tuple[float, float] | None = None,
-             require_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(
+  *,
+  path: str,
+  image_key: str | None = None,
+  label_key: str | None = None,
+  layout: str = "NHWC",
+  value_range: tuple[float, float] | None = None,
+  require_labels: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """Images and labels from a ``.npz`` file, read with ``np.load(path, allow_pickle=False)``.
 
   Pixel values: integer arrays in ``[0, 255]`` stay uint8; float arrays are mapped to
@@ -198,35 +220,46 @@ def load_npz(*, path: str, image_key: str | None = None, label_key: str | None =
   with open(path, "rb") as f:
     is_zip = f.read(4) == b"PK\x03\x04"
   if not is_zip:
-    raise ValueError(f"{origin} is not a .npz (zip) archive; save arrays with "
-                     "np.savez(path, image=..., label=...)")
+    raise ValueError(
+      f"{origin} is not a .npz (zip) archive; save arrays with np.savez(path, image=..., label=...)"
+    )
   try:
     with np.load(path, allow_pickle=False) as archive:
       keys = sorted(archive.files)
       image_name = image_key or _first_key(keys, ("image", "x"))
       label_name = label_key or _first_key(keys, ("label", "y"))
       if image_name not in keys:
-        raise KeyError(f"{origin} has no image array {image_name or 'image/x'!r}; it holds "
-                       f"{keys}. Pass image_key= naming the images")
+        raise KeyError(
+          f"{origin} has no image array {image_name or 'image/x'!r}; it holds "
+          f"{keys}. Pass image_key= naming the images"
+        )
       if label_key is not None and label_key not in keys:
         raise KeyError(f"{origin} has no label array {label_key!r}; it holds {keys}")
       if label_name is None and require_labels:
-        raise KeyError(f"{origin} has no label array ('label' or 'y'); it holds {keys}. "
-                       "Pass label_key= naming the labels, or require_labels=False for "
-                       "unlabelled data")
+        raise KeyError(
+          f"{origin} has no label array ('label' or 'y'); it holds {keys}. "
+          "Pass label_key= naming the labels, or require_labels=False for "
+          "unlabelled data"
+        )
       images = archive[image_name]
       labels = archive[label_name] if label_name is not None else None
   except KeyError as error:
     raise ValueError(error.args[0]) from None
   except ValueError as error:
     if "allow_pickle" in str(error):
-      raise ValueError(f"{origin} stores object arrays, which need pickle; diffjax never "
-                       "unpickles. Re-save plain numeric arrays") from error
-    raise ValueError(f"{origin} is not a readable .npz archive ({error}); re-save it with "
-                     "np.savez(path, image=..., label=...)") from error
+      raise ValueError(
+        f"{origin} stores object arrays, which need pickle; diffjax never "
+        "unpickles. Re-save plain numeric arrays"
+      ) from error
+    raise ValueError(
+      f"{origin} is not a readable .npz archive ({error}); re-save it with "
+      "np.savez(path, image=..., label=...)"
+    ) from error
   except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
-    raise ValueError(f"{origin} is not a readable .npz archive ({error}); re-save it with "
-                     "np.savez(path, image=..., label=...)") from error
+    raise ValueError(
+      f"{origin} is not a readable .npz archive ({error}); re-save it with "
+      "np.savez(path, image=..., label=...)"
+    ) from error
   if labels is None:
     labels = np.zeros((images.shape[0] if images.ndim else 0,), np.int32)
   images = _to_nhwc(images, layout=layout, origin=origin)
@@ -235,8 +268,9 @@ def load_npz(*, path: str, image_key: str | None = None, label_key: str | None =
   return images, labels.astype(np.int32)
 
 
-def load_folder(*, root: str, image_size: tuple[int, int] | None = None,
-                channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def load_folder(
+  *, root: str, image_size: tuple[int, int] | None = None, channels: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
   """Images from ``root/<class_name>/*.png|jpg|jpeg`` as uint8 ``[N, H, W, C]``.
 
   Labels index the sorted class directory names (the ``torchvision.datasets.ImageFolder``
@@ -258,15 +292,21 @@ def load_folder(*, root: str, image_size: tuple[int, int] | None = None,
   if channels not in modes:
     raise ValueError(f"channels={channels!r} for {origin}; choose one of {sorted(modes)}")
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"{origin} does not exist; pass root= to a directory of class "
-                            "sub-directories")
+    raise FileNotFoundError(
+      f"{origin} does not exist; pass root= to a directory of class sub-directories"
+    )
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  files = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
-           for f in sorted(os.listdir(os.path.join(root, c)))
-           if f.lower().endswith(_IMAGE_SUFFIXES)]
+  files = [
+    (os.path.join(root, c, f), label)
+    for label, c in enumerate(classes)
+    for f in sorted(os.listdir(os.path.join(root, c)))
+    if f.lower().endswith(_IMAGE_SUFFIXES)
+  ]
   if not files:
-    raise ValueError(f"{origin} is empty: expected {root}/<class_name>/*.png|jpg|jpeg, found "
-                     f"class directories {classes}")
+    raise ValueError(
+      f"{origin} is empty: expected {root}/<class_name>/*.png|jpg|jpeg, found "
+      f"class directories {classes}"
+    )
   size = None if image_size is None else (int(image_size[1]), int(image_size[0]))  # PIL: (W, H)
   images = []
   for path, _ in files:
@@ -277,12 +317,14 @@ def load_folder(*, root: str, image_size: tuple[int, int] | None = None,
           img = img.resize(size, Image.Resampling.BICUBIC)
         array = np.asarray(img, dtype=np.uint8)
     except OSError as error:
-      raise ValueError(f"cannot read image {path!r} in {origin} ({error}); remove or "
-                       "replace the file") from error
+      raise ValueError(
+        f"cannot read image {path!r} in {origin} ({error}); remove or replace the file"
+      ) from error
     if images and array.shape != images[0].shape:
       raise ValueError(
-          f"image {path!r} has size {array.shape[:2]} but {files[0][0]!r} has "
-          f"{images[0].shape[:2]}; pass image_size=(height, width) to resize all images")
+        f"image {path!r} has size {array.shape[:2]} but {files[0][0]!r} has "
+        f"{images[0].shape[:2]}; pass image_size=(height, width) to resize all images"
+      )
     images.append(array)
   images = np.stack(images).reshape((len(files),) + images[0].shape[:2] + (channels,))
   labels = np.asarray([label for _, label in files], np.int32)
@@ -291,9 +333,9 @@ def load_folder(*, root: str, image_size: tuple[int, int] | None = None,
 
 
 ARRAY_LOADERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
-    "digits": load_digits,
-    "npz": load_npz,
-    "folder": load_folder,
+  "digits": load_digits,
+  "npz": load_npz,
+  "folder": load_folder,
 }
 
 
@@ -308,8 +350,12 @@ def load_arrays(source: str, /, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     ``(images, labels)``: uint8 ``[N, H, W, C]`` in ``[0, 255]`` or float32 in ``[-1, 1]``, and
     int32 ``[N]``.
   """
-  return lookup(ARRAY_LOADERS, source, "in-memory image source",
-                hint=" (TFDS sources are not in memory: use get_dataset('tfds', ...))")(**kwargs)
+  return lookup(
+    ARRAY_LOADERS,
+    source,
+    "in-memory image source",
+    hint=" (TFDS sources are not in memory: use get_dataset('tfds', ...))",
+  )(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,8 +383,10 @@ class ImageSource(grain.sources.RandomAccessDataSource):
     return {"image": self.images[index], "label": self.labels[index]}
 
   def __repr__(self) -> str:
-    return (f"ImageSource(name={self.name!r}, shape={self.images.shape}, "
-            f"dtype={self.images.dtype}, crc32={self._fingerprint:08x})")
+    return (
+      f"ImageSource(name={self.name!r}, shape={self.images.shape}, "
+      f"dtype={self.images.dtype}, crc32={self._fingerprint:08x})"
+    )
 
 
 class TfdsImageSource(grain.sources.RandomAccessDataSource):
@@ -352,15 +400,18 @@ class TfdsImageSource(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = self.source[index]
-    return {"image": np.asarray(record["image"]),
-            "label": np.asarray(record.get("label", 0), np.int32)}
+    return {
+      "image": np.asarray(record["image"]),
+      "label": np.asarray(record.get("label", 0), np.int32),
+    }
 
   def __repr__(self) -> str:
     return f"TfdsImageSource(name={self.name!r}, split={self.split!r}, len={len(self)})"
 
 
-def tfds_source(*, name: str = "cifar10", split: str = "train", data_dir: str | None = None,
-                **kwargs) -> TfdsImageSource:
+def tfds_source(
+  *, name: str = "cifar10", split: str = "train", data_dir: str | None = None, **kwargs
+) -> TfdsImageSource:
   """A TensorFlow Datasets random-access source (``tfds.data_source``), e.g. CIFAR-10.
 
   The dataset must be prepared in ``array_record`` format (``tfds.data_source`` downloads and
@@ -377,11 +428,13 @@ def tfds_source(*, name: str = "cifar10", split: str = "train", data_dir: str | 
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError(
-        f"source 'tfds' (dataset {name!r}) needs tensorflow-datasets: install it with "
-        "`pip install tensorflow-datasets array_record`, or convert the data to .npz or an "
-        "image folder and use source='npz' (path=...) or source='folder' (root=...)") from error
-  return TfdsImageSource(tfds.data_source(name, split=split, data_dir=data_dir, **kwargs),
-                         name=name, split=split)
+      f"source 'tfds' (dataset {name!r}) needs tensorflow-datasets: install it with "
+      "`pip install tensorflow-datasets array_record`, or convert the data to .npz or an "
+      "image folder and use source='npz' (path=...) or source='folder' (root=...)"
+    ) from error
+  return TfdsImageSource(
+    tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), name=name, split=split
+  )
 
 
 def _array_dataset(name: str) -> Callable[..., ImageSource]:
@@ -393,10 +446,10 @@ def _array_dataset(name: str) -> Callable[..., ImageSource]:
 
 
 DATASETS: dict[str, Callable[..., grain.sources.RandomAccessDataSource]] = {
-    "digits": _array_dataset("digits"),
-    "npz": _array_dataset("npz"),
-    "folder": _array_dataset("folder"),
-    "tfds": tfds_source,
+  "digits": _array_dataset("digits"),
+  "npz": _array_dataset("npz"),
+  "folder": _array_dataset("folder"),
+  "tfds": tfds_source,
 }
 
 
@@ -448,16 +501,19 @@ class _ToModelRange(grain.transforms.Map):
   """Batch -> ``{"image": float32 in [-1, 1], "label": int32}``."""
 
   def map(self, element):
-    return {"image": to_model_range(element["image"]),
-            "label": np.asarray(element["label"], np.int32)}
+    return {
+      "image": to_model_range(element["image"]),
+      "label": np.asarray(element["label"], np.int32),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # The loader.
 
 
-def _shard_bounds(num_records: int, *, shard_options: grain.sharding.ShardOptions
-                  ) -> tuple[int, int]:
+def _shard_bounds(
+  num_records: int, *, shard_options: grain.sharding.ShardOptions
+) -> tuple[int, int]:
   """``[start, stop)`` of a contiguous shard, grain's even split: the first
   ``num_records % shard_count`` shards hold one extra record unless the remainder is dropped."""
   count, index = shard_options.shard_count, shard_options.shard_index
@@ -485,17 +541,30 @@ class _ShardSource(grain.sources.RandomAccessDataSource):
 
 
 def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-      high is not None and value >= high):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < low
+    or (high is not None and value >= high)
+  ):
     bound = f">= {low}" if high is None else f"in [{low}, {high})"
     raise ValueError(f"{name}={value!r} must be an integer {bound}")
 
 
-def make_loader(*, source: str | grain.sources.RandomAccessDataSource, batch_size: int,
-                seed: int, num_epochs: int | None = None, shuffle: bool = True,
-                process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
-                augment: bool = False, worker_count: int = 0,
-                source_kwargs: Mapping[str, Any] | None = None) -> grain.DataLoader:
+def make_loader(
+  *,
+  source: str | grain.sources.RandomAccessDataSource,
+  batch_size: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+  drop_remainder: bool = True,
+  augment: bool = False,
+  worker_count: int = 0,
+  source_kwargs: Mapping[str, Any] | None = None,
+) -> grain.DataLoader:
   """A grain DataLoader of image batches, deterministic for a seed and sharded per process.
 
   Each process reads the disjoint, contiguous shard ``process_index`` of ``process_count``
@@ -534,8 +603,10 @@ def make_loader(*, source: str | grain.sources.RandomAccessDataSource, batch_siz
   if isinstance(source, str):
     source = get_dataset(source, **dict(source_kwargs or {}))
   elif source_kwargs:
-    raise ValueError(f"source_kwargs={dict(source_kwargs)!r} is only used with a source name; "
-                     "build the source with those arguments instead")
+    raise ValueError(
+      f"source_kwargs={dict(source_kwargs)!r} is only used with a source name; "
+      "build the source with those arguments instead"
+    )
   _check_int("batch_size", batch_size, low=1)
   _check_int("seed", seed, low=0, high=2**32)
   _check_int("process_count", process_count, low=1)
@@ -544,19 +615,26 @@ def make_loader(*, source: str | grain.sources.RandomAccessDataSource, batch_siz
   if num_epochs is not None:
     _check_int("num_epochs", num_epochs, low=1)
   shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count, drop_remainder=drop_remainder)
+    shard_index=process_index, shard_count=process_count, drop_remainder=drop_remainder
+  )
   start, stop = _shard_bounds(len(source), shard_options=shard_options)
   if stop == start or (drop_remainder and stop - start < batch_size):
     raise ValueError(
-        f"process {process_index} of {process_count} gets {stop - start} of the "
-        f"{len(source)} records of {source!r}, fewer than batch_size={batch_size}; use a "
-        "smaller per-process batch_size or drop_remainder=False")
+      f"process {process_index} of {process_count} gets {stop - start} of the "
+      f"{len(source)} records of {source!r}, fewer than batch_size={batch_size}; use a "
+      "smaller per-process batch_size or drop_remainder=False"
+    )
   shard = source if (start, stop) == (0, len(source)) else _ShardSource(source, start, stop)
-  process_seed = int(np.random.SeedSequence([seed, process_index, process_count])
-                     .generate_state(1)[0])
+  process_seed = int(
+    np.random.SeedSequence([seed, process_index, process_count]).generate_state(1)[0]
+  )
   sampler = grain.samplers.IndexSampler(
-      num_records=len(shard), shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
-      num_epochs=num_epochs, seed=process_seed)
+    num_records=len(shard),
+    shard_options=grain.sharding.NoSharding(),
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    seed=process_seed,
+  )
   if worker_count > 0:
     from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -565,10 +643,17 @@ def make_loader(*, source: str | grain.sources.RandomAccessDataSource, batch_siz
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   operations = [_RandomHorizontalFlip()] if augment else []
-  operations += [grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
-                 _ToModelRange()]
-  return grain.DataLoader(data_source=shard, sampler=sampler, operations=operations,
-                          worker_count=worker_count, shard_options=grain.sharding.NoSharding())
+  operations += [
+    grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
+    _ToModelRange(),
+  ]
+  return grain.DataLoader(
+    data_source=shard,
+    sampler=sampler,
+    operations=operations,
+    worker_count=worker_count,
+    shard_options=grain.sharding.NoSharding(),
+  )
 
 
 def iterator_state(iterator: grain.DataLoaderIterator) -> dict[str, Any]:
@@ -580,8 +665,9 @@ def iterator_state(iterator: grain.DataLoaderIterator) -> dict[str, Any]:
   return json.loads(iterator.get_state().decode())
 
 
-def restore_iterator(loader: grain.DataLoader,
-                     state: Mapping[str, Any] | bytes | str) -> grain.DataLoaderIterator:
+def restore_iterator(
+  loader: grain.DataLoader, state: Mapping[str, Any] | bytes | str
+) -> grain.DataLoaderIterator:
   """A fresh iterator of ``loader`` positioned at ``state`` (from :func:`iterator_state`).
 
   The loader must be built with the same source, sampler options and worker count as the one

@@ -28,7 +28,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,27 +37,27 @@ from jax import Array
 from diffjax._lookup import lookup
 
 __all__ = [
-    "normal",
-    "eight_gaussians",
-    "eight_gaussians_labelled",
-    "twenty_five_gaussians",
-    "twenty_five_gaussians_labelled",
-    "moons",
-    "moons_labelled",
-    "s_curve",
-    "checkerboard",
-    "checkerboard_labelled",
-    "pinwheel",
-    "pinwheel_labelled",
-    "swiss_roll",
-    "two_spirals",
-    "two_spirals_labelled",
-    "circles",
-    "circles_labelled",
-    "TOY2D",
-    "TOY2D_LABELLED",
-    "get_toy2d",
-    "num_classes",
+  "normal",
+  "eight_gaussians",
+  "eight_gaussians_labelled",
+  "twenty_five_gaussians",
+  "twenty_five_gaussians_labelled",
+  "moons",
+  "moons_labelled",
+  "s_curve",
+  "checkerboard",
+  "checkerboard_labelled",
+  "pinwheel",
+  "pinwheel_labelled",
+  "swiss_roll",
+  "two_spirals",
+  "two_spirals_labelled",
+  "circles",
+  "circles_labelled",
+  "TOY2D",
+  "TOY2D_LABELLED",
+  "get_toy2d",
+  "num_classes",
 ]
 
 _F32 = jnp.float32
@@ -65,8 +65,10 @@ _F32 = jnp.float32
 
 def _check_num(num) -> int:
   if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 0:
-    raise ValueError(f"num must be a non-negative Python int (a static shape); got {num!r}. "
-                     "Under jax.jit mark it static: jax.jit(fn, static_argnums=1)")
+    raise ValueError(
+      f"num must be a non-negative Python int (a static shape); got {num!r}. "
+      "Under jax.jit mark it static: jax.jit(fn, static_argnums=1)"
+    )
   return int(num)
 
 
@@ -92,8 +94,9 @@ def normal(key: Array, num: int, *, std: float = 1.0) -> Array:
   return std * jax.random.normal(key, (_check_num(num), 2), dtype=_F32)
 
 
-def eight_gaussians_labelled(key: Array, num: int, *, scale: float = 5.0,
-                             var: float = 0.1) -> tuple[Array, Array]:
+def eight_gaussians_labelled(
+  key: Array, num: int, *, scale: float = 5.0, var: float = 0.1
+) -> tuple[Array, Array]:
   """Equal mixture of 8 Gaussians on a circle, with the component of each point.
 
   ``k ~ U{0..7}``, ``x = scale (cos(k pi / 4), sin(k pi / 4)) + var^(1/4) eps``, ``eps ~ N(0, I)``:
@@ -120,8 +123,9 @@ def eight_gaussians(key: Array, num: int, **options) -> Array:
   return eight_gaussians_labelled(key, num, **options)[0]
 
 
-def twenty_five_gaussians_labelled(key: Array, num: int, *, spacing: float = 2.0 / 2.828,
-                                   std: float = 0.05 / 2.828) -> tuple[Array, Array]:
+def twenty_five_gaussians_labelled(
+  key: Array, num: int, *, spacing: float = 2.0 / 2.828, std: float = 0.05 / 2.828
+) -> tuple[Array, Array]:
   """Equal mixture of 25 Gaussians on a 5 x 5 grid, with the component of each point.
 
   ``(i, j) ~ U{-2..2}^2``, ``x = spacing (i, j) + std eps``, label ``5 (i + 2) + (j + 2)``.
@@ -144,8 +148,9 @@ def twenty_five_gaussians(key: Array, num: int, **options) -> Array:
   return twenty_five_gaussians_labelled(key, num, **options)[0]
 
 
-def moons_labelled(key: Array, num: int, *, noise: float = 0.2, scale: float = 3.0,
-                   shift: float = -1.0) -> tuple[Array, Array]:
+def moons_labelled(
+  key: Array, num: int, *, noise: float = 0.2, scale: float = 3.0, shift: float = -1.0
+) -> tuple[Array, Array]:
   """Two interleaved half circles (sklearn's ``make_moons``), scaled, with the moon of each point.
 
   ``theta ~ U(0, pi)``, ``m ~ Bernoulli(1/2)``; the outer moon (``m = 0``) is
@@ -221,8 +226,15 @@ def checkerboard(key: Array, num: int, **options) -> Array:
   return checkerboard_labelled(key, num, **options)[0]
 
 
-def pinwheel_labelled(key: Array, num: int, *, arms: int = 5, radial_std: float = 0.3,
-                      tangential_std: float = 0.1, rate: float = 0.25) -> tuple[Array, Array]:
+def pinwheel_labelled(
+  key: Array,
+  num: int,
+  *,
+  arms: int = 5,
+  radial_std: float = 0.3,
+  tangential_std: float = 0.1,
+  rate: float = 0.25,
+) -> tuple[Array, Array]:
   """FFJORD's pinwheel: ``arms`` curved Gaussian arms, with the arm of each point.
 
   ``k ~ U{0..arms-1}``, ``f = (1 + radial_std e_1, tangential_std e_2)``, angle
@@ -295,8 +307,9 @@ def two_spirals(key: Array, num: int, **options) -> Array:
   return two_spirals_labelled(key, num, **options)[0]
 
 
-def circles_labelled(key: Array, num: int, *, factor: float = 0.5, noise: float = 0.08,
-                     scale: float = 3.0) -> tuple[Array, Array]:
+def circles_labelled(
+  key: Array, num: int, *, factor: float = 0.5, noise: float = 0.08, scale: float = 3.0
+) -> tuple[Array, Array]:
   """Two concentric circles (sklearn's ``make_circles``), scaled, with the circle of each point.
 
   ``theta ~ U(0, 2 pi)``, ``m ~ Bernoulli(1/2)``, radius ``1`` (outer, ``m = 0``) or ``factor``
@@ -323,55 +336,58 @@ def circles(key: Array, num: int, **options) -> Array:
 
 
 TOY2D: dict[str, Callable[..., Array]] = {
-    "normal": normal,
-    "gaussian": normal,
-    "8gaussians": eight_gaussians,
-    "25gaussians": twenty_five_gaussians,
-    "moons": moons,
-    "scurve": s_curve,
-    "checkerboard": checkerboard,
-    "pinwheel": pinwheel,
-    "swissroll": swiss_roll,
-    "2spirals": two_spirals,
-    "circles": circles,
+  "normal": normal,
+  "gaussian": normal,
+  "8gaussians": eight_gaussians,
+  "25gaussians": twenty_five_gaussians,
+  "moons": moons,
+  "scurve": s_curve,
+  "checkerboard": checkerboard,
+  "pinwheel": pinwheel,
+  "swissroll": swiss_roll,
+  "2spirals": two_spirals,
+  "circles": circles,
 }
 
 TOY2D_LABELLED: dict[str, Callable[..., tuple[Array, Array]]] = {
-    "8gaussians": eight_gaussians_labelled,
-    "25gaussians": twenty_five_gaussians_labelled,
-    "moons": moons_labelled,
-    "checkerboard": checkerboard_labelled,
-    "pinwheel": pinwheel_labelled,
-    "2spirals": two_spirals_labelled,
-    "circles": circles_labelled,
+  "8gaussians": eight_gaussians_labelled,
+  "25gaussians": twenty_five_gaussians_labelled,
+  "moons": moons_labelled,
+  "checkerboard": checkerboard_labelled,
+  "pinwheel": pinwheel_labelled,
+  "2spirals": two_spirals_labelled,
+  "circles": circles_labelled,
 }
 
 _NUM_CLASSES: dict[str, Callable[..., int]] = {
-    "8gaussians": lambda **_: 8,
-    "25gaussians": lambda **_: 25,
-    "moons": lambda **_: 2,
-    "checkerboard": lambda **_: 8,
-    "pinwheel": lambda arms=5, **_: arms,
-    "2spirals": lambda **_: 2,
-    "circles": lambda **_: 2,
+  "8gaussians": lambda **_: 8,
+  "25gaussians": lambda **_: 25,
+  "moons": lambda **_: 2,
+  "checkerboard": lambda **_: 8,
+  "pinwheel": lambda arms=5, **_: arms,
+  "2spirals": lambda **_: 2,
+  "circles": lambda **_: 2,
 }
 
 
 # Each unlabelled wrapper takes **options; its valid options are those of its labelled sampler.
 _LABELLED_OF: dict[Callable, Callable] = {
-    eight_gaussians: eight_gaussians_labelled,
-    twenty_five_gaussians: twenty_five_gaussians_labelled,
-    moons: moons_labelled,
-    checkerboard: checkerboard_labelled,
-    pinwheel: pinwheel_labelled,
-    two_spirals: two_spirals_labelled,
-    circles: circles_labelled,
+  eight_gaussians: eight_gaussians_labelled,
+  twenty_five_gaussians: twenty_five_gaussians_labelled,
+  moons: moons_labelled,
+  checkerboard: checkerboard_labelled,
+  pinwheel: pinwheel_labelled,
+  two_spirals: two_spirals_labelled,
+  circles: circles_labelled,
 }
 
 
 def _options(fn: Callable) -> set[str]:
-  return {p.name for p in inspect.signature(_LABELLED_OF.get(fn, fn)).parameters.values()
-          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  return {
+    p.name
+    for p in inspect.signature(_LABELLED_OF.get(fn, fn)).parameters.values()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY
+  }
 
 
 def get_toy2d(name: str, *, labelled: bool = False, **options) -> Callable:
@@ -389,20 +405,23 @@ def get_toy2d(name: str, *, labelled: bool = False, **options) -> Callable:
   """
   table = TOY2D_LABELLED if labelled else TOY2D
   if labelled and name in TOY2D and name not in TOY2D_LABELLED:
-    raise ValueError(f"toy distribution {name!r} has no labelled variant; labelled ones: "
-                     f"{sorted(TOY2D_LABELLED)}")
+    raise ValueError(
+      f"toy distribution {name!r} has no labelled variant; labelled ones: {sorted(TOY2D_LABELLED)}"
+    )
   fn = lookup(table, name, "toy distribution")
   valid = _options(fn)
   unknown = sorted(set(options) - valid)
   if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for toy distribution {name!r}; valid "
-                     f"options: {sorted(valid)}")
+    raise ValueError(
+      f"unknown option(s) {unknown} for toy distribution {name!r}; valid options: {sorted(valid)}"
+    )
   return functools.partial(fn, **options)
 
 
 def num_classes(name: str, **options) -> int:
   """Number of labels of the labelled toy distribution ``name`` with ``options``."""
   if name not in TOY2D_LABELLED:
-    raise ValueError(f"toy distribution {name!r} has no labels; labelled ones: "
-                     f"{sorted(TOY2D_LABELLED)}")
+    raise ValueError(
+      f"toy distribution {name!r} has no labels; labelled ones: {sorted(TOY2D_LABELLED)}"
+    )
   return _NUM_CLASSES[name](**options)

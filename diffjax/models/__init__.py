@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from diffjax.models.dit import DiT
 from diffjax.models.embeddings import (
-    FourierFeatures,
-    LabelEmbedding,
-    SinusoidalFeatures,
-    TimeEmbedding,
-    drop_labels,
-    fourier_features,
-    get_time_features,
-    sinusoidal_embedding,
+  FourierFeatures,
+  LabelEmbedding,
+  SinusoidalFeatures,
+  TimeEmbedding,
+  drop_labels,
+  fourier_features,
+  get_time_features,
+  sinusoidal_embedding,
 )
 from diffjax.models.factory import MODELS, create_model, model_kwargs
 from diffjax.models.mlp import MLP, get_activation
@@ -24,22 +24,22 @@ from diffjax.models.pure import ModelFns, functionalize, num_params
 from diffjax.models.unet import UNet
 
 __all__ = [
-    "MODELS",
-    "create_model",
-    "model_kwargs",
-    "ModelFns",
-    "functionalize",
-    "num_params",
-    "drop_labels",
-    "MLP",
-    "UNet",
-    "DiT",
-    "get_activation",
-    "sinusoidal_embedding",
-    "fourier_features",
-    "get_time_features",
-    "SinusoidalFeatures",
-    "FourierFeatures",
-    "TimeEmbedding",
-    "LabelEmbedding",
+  "MODELS",
+  "create_model",
+  "model_kwargs",
+  "ModelFns",
+  "functionalize",
+  "num_params",
+  "drop_labels",
+  "MLP",
+  "UNet",
+  "DiT",
+  "get_activation",
+  "sinusoidal_embedding",
+  "fourier_features",
+  "get_time_features",
+  "SinusoidalFeatures",
+  "FourierFeatures",
+  "TimeEmbedding",
+  "LabelEmbedding",
 ]

@@ -47,8 +47,9 @@ def sincos_pos_embed_2d(*, dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     args = pos.reshape(-1)[:, None] * omega[None]
     return np.concatenate([np.sin(args), np.cos(args)], axis=1)
 
-  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
-                           np.arange(grid_w, dtype=np.float64), indexing="ij")
+  rows, cols = np.meshgrid(
+    np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+  )
   return np.concatenate([embed_1d(rows), embed_1d(cols)], axis=1).astype(np.float32)
 
 
@@ -77,15 +78,31 @@ def _modulate(x: Array, shift: Array, scale: Array) -> Array:
 def _layer_norm(dim: int, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # No affine parameters (adaLN supplies scale and shift); computes and returns float32 because
   # the variance of bfloat16 activations is too coarse.
-  return nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32,
-                       param_dtype=param_dtype, rngs=rngs)
+  return nnx.LayerNorm(
+    dim,
+    epsilon=1e-6,
+    use_bias=False,
+    use_scale=False,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 class DiTBlock(nnx.Module):
   """One adaLN-Zero transformer block (DiT Fig. 3, right); see the module docstring."""
 
-  def __init__(self, hidden_size: int, *, num_heads: int, mlp_ratio: float, dropout: float,
-               dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    hidden_size: int,
+    *,
+    num_heads: int,
+    mlp_ratio: float,
+    dropout: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     mlp_hidden = int(hidden_size * mlp_ratio)
     self.num_heads = num_heads
@@ -101,7 +118,8 @@ class DiTBlock(nnx.Module):
   def __call__(self, x: Array, c: Array, *, rngs: nnx.Rngs | None) -> Array:
     b, n, d = x.shape
     shift_1, scale_1, gate_1, shift_2, scale_2, gate_2 = jnp.split(
-        self.ada_ln(jax.nn.silu(c)), 6, axis=-1)
+      self.ada_ln(jax.nn.silu(c)), 6, axis=-1
+    )
     h = self.qkv(_modulate(self.norm_1(x), shift_1, scale_1))
     q, k, v = jnp.split(h.reshape(b, n, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
     # Logits and softmax run in float32 inside dot_product_attention for bfloat16 inputs.
@@ -113,22 +131,25 @@ class DiTBlock(nnx.Module):
     return x + gate_2[:, None, :] * self.mlp_out(h)
 
 
-def check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropout,
-                 **_) -> None:
+def check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropout, **_) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
   data_shape = tuple(data_shape)
   if len(data_shape) != 3:
-    raise ValueError(f"DiT needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' "
-                     "model for vector data")
+    raise ValueError(
+      f"DiT needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' model for vector data"
+    )
   height, width, _ = data_shape
   if patch_size < 1 or height % patch_size or width % patch_size:
-    raise ValueError(f"DiT patch_size={patch_size} must divide the image height {height} and "
-                     f"width {width}; choose a patch_size that divides both")
+    raise ValueError(
+      f"DiT patch_size={patch_size} must divide the image height {height} and "
+      f"width {width}; choose a patch_size that divides both"
+    )
   if hidden_size % num_heads:
     raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
   if hidden_size % 4:
-    raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos position "
-                     "embedding)")
+    raise ValueError(
+      f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos position embedding)"
+    )
   if depth < 1:
     raise ValueError(f"depth must be >= 1, got {depth}")
   if not 0.0 <= dropout < 1.0:
@@ -155,14 +176,32 @@ class DiT(nnx.Module):
   Defaults are DiT-S/2 (hidden 384, depth 12, 6 heads, p = 2).
   """
 
-  def __init__(self, *, data_shape: tuple[int, int, int], num_classes: int = 0,
-               patch_size: int = 2, hidden_size: int = 384, depth: int = 12, num_heads: int = 6,
-               mlp_ratio: float = 4.0, learn_pos_embed: bool = False, dropout: float = 0.0,
-               time_features_dim: int = 256, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    data_shape: tuple[int, int, int],
+    num_classes: int = 0,
+    patch_size: int = 2,
+    hidden_size: int = 384,
+    depth: int = 12,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    learn_pos_embed: bool = False,
+    dropout: float = 0.0,
+    time_features_dim: int = 256,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     data_shape = tuple(data_shape)
-    check_config(data_shape=data_shape, patch_size=patch_size, hidden_size=hidden_size,
-                 num_heads=num_heads, depth=depth, dropout=dropout)
+    check_config(
+      data_shape=data_shape,
+      patch_size=patch_size,
+      hidden_size=hidden_size,
+      num_heads=num_heads,
+      depth=depth,
+      dropout=dropout,
+    )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     height, width, channels = data_shape
     self.data_shape = data_shape
@@ -171,34 +210,62 @@ class DiT(nnx.Module):
     # Patch embedding as in DiT: a p x p stride-p conv, Xavier-initialised as the flattened
     # [hidden, p p C] matrix (fan_in = p p C, fan_out = hidden).
     self.patch_embed = nnx.Conv(
-        channels, hidden_size, (patch_size, patch_size), strides=(patch_size, patch_size),
-        padding="VALID", kernel_init=nnx.initializers.variance_scaling(
-            1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3), **kw)
-    self.pos_embed = None if not learn_pos_embed else nnx.Param(jnp.asarray(
-        self._fixed_pos_embed(), param_dtype))
+      channels,
+      hidden_size,
+      (patch_size, patch_size),
+      strides=(patch_size, patch_size),
+      padding="VALID",
+      kernel_init=nnx.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+      ),
+      **kw,
+    )
+    self.pos_embed = (
+      None if not learn_pos_embed else nnx.Param(jnp.asarray(self._fixed_pos_embed(), param_dtype))
+    )
     normal = nnx.initializers.normal(0.02)
-    self.time_embed = TimeEmbedding(features=SinusoidalFeatures(dim=time_features_dim),
-                                    features_dim=time_features_dim, out_dim=hidden_size,
-                                    kernel_init=normal, **kw)
-    self.label_embed = None if num_classes == 0 else LabelEmbedding(
-        num_classes=num_classes, features=hidden_size, embedding_init=normal, **kw)
-    self.blocks = nnx.List([
+    self.time_embed = TimeEmbedding(
+      features=SinusoidalFeatures(dim=time_features_dim),
+      features_dim=time_features_dim,
+      out_dim=hidden_size,
+      kernel_init=normal,
+      **kw,
+    )
+    self.label_embed = (
+      None
+      if num_classes == 0
+      else LabelEmbedding(
+        num_classes=num_classes, features=hidden_size, embedding_init=normal, **kw
+      )
+    )
+    self.blocks = nnx.List(
+      [
         DiTBlock(hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout, **kw)
-        for _ in range(depth)])
+        for _ in range(depth)
+      ]
+    )
     self.norm_out = _layer_norm(hidden_size, param_dtype=param_dtype, rngs=rngs)
     self.ada_ln_out = nnx.Linear(hidden_size, 2 * hidden_size, kernel_init=_zeros, **kw)
     # The output projection computes in float32 (the regression target is read at full
     # precision) and starts at zero (adaLN-Zero).
-    self.out = nnx.Linear(hidden_size, patch_size * patch_size * channels, kernel_init=_zeros,
-                          dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.out = nnx.Linear(
+      hidden_size,
+      patch_size * patch_size * channels,
+      kernel_init=_zeros,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def _fixed_pos_embed(self) -> np.ndarray:
     height, width, _ = self.data_shape
-    return sincos_pos_embed_2d(dim=self.hidden_size, grid_h=height // self.patch_size,
-                               grid_w=width // self.patch_size)
+    return sincos_pos_embed_2d(
+      dim=self.hidden_size, grid_h=height // self.patch_size, grid_w=width // self.patch_size
+    )
 
-  def __call__(self, x: Array, t: Array, cond: Array | None, *,
-               rngs: nnx.Rngs | None = None) -> Array:
+  def __call__(
+    self, x: Array, t: Array, cond: Array | None, *, rngs: nnx.Rngs | None = None
+  ) -> Array:
     b = x.shape[0]
     height, width, _ = self.data_shape
     tokens = self.patch_embed(x).reshape(b, -1, self.hidden_size)

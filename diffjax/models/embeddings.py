@@ -14,7 +14,7 @@ training code uses to drop labels.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +25,16 @@ from jax import Array
 from diffjax._lookup import lookup
 
 __all__ = [
-    "sinusoidal_embedding",
-    "fourier_features",
-    "gaussian_fourier_frequencies",
-    "SinusoidalFeatures",
-    "FourierFeatures",
-    "TIME_FEATURES",
-    "get_time_features",
-    "TimeEmbedding",
-    "LabelEmbedding",
-    "drop_labels",
+  "sinusoidal_embedding",
+  "fourier_features",
+  "gaussian_fourier_frequencies",
+  "SinusoidalFeatures",
+  "FourierFeatures",
+  "TIME_FEATURES",
+  "get_time_features",
+  "TimeEmbedding",
+  "LabelEmbedding",
+  "drop_labels",
 ]
 
 
@@ -66,8 +66,9 @@ def sinusoidal_embedding(t: Array, *, dim: int, max_period: float = 10000.0) -> 
   return emb
 
 
-def gaussian_fourier_frequencies(*, num_frequencies: int, scale: float,
-                                 seed: int = 0) -> np.ndarray:
+def gaussian_fourier_frequencies(
+  *, num_frequencies: int, scale: float, seed: int = 0
+) -> np.ndarray:
   """Fixed random frequencies ``b_i ~ N(0, scale^2)``, drawn from ``seed`` with NumPy.
 
   They are a constant of the architecture, not a parameter: derived from the seed at trace time,
@@ -127,14 +128,15 @@ class FourierFeatures(nnx.Module):
     self.seed = int(seed)
 
   def __call__(self, t: Array) -> Array:
-    freqs = gaussian_fourier_frequencies(num_frequencies=self.dim // 2, scale=self.scale,
-                                         seed=self.seed)
+    freqs = gaussian_fourier_frequencies(
+      num_frequencies=self.dim // 2, scale=self.scale, seed=self.seed
+    )
     return fourier_features(jnp.asarray(t, jnp.float32) * self.time_scale, frequencies=freqs)
 
 
 TIME_FEATURES: dict[str, Callable[..., nnx.Module]] = {
-    "sinusoidal": SinusoidalFeatures,
-    "fourier": FourierFeatures,
+  "sinusoidal": SinusoidalFeatures,
+  "fourier": FourierFeatures,
 }
 
 
@@ -150,15 +152,29 @@ class TimeEmbedding(nnx.Module):
   (https://arxiv.org/abs/2212.09748) project the sinusoidal embedding with this two-layer MLP.
   """
 
-  def __init__(self, *, features: nnx.Module, features_dim: int, out_dim: int,
-               kernel_init: Callable = nnx.initializers.variance_scaling(1.0, "fan_avg",
-                                                                         "uniform"),
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    features: nnx.Module,
+    features_dim: int,
+    out_dim: int,
+    kernel_init: Callable = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.features = features
-    self.dense_1 = nnx.Linear(features_dim, out_dim, kernel_init=kernel_init, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
-    self.dense_2 = nnx.Linear(out_dim, out_dim, kernel_init=kernel_init, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+    self.dense_1 = nnx.Linear(
+      features_dim,
+      out_dim,
+      kernel_init=kernel_init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.dense_2 = nnx.Linear(
+      out_dim, out_dim, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, t: Array) -> Array:
     return self.dense_2(jax.nn.silu(self.dense_1(self.features(t))))
@@ -172,12 +188,25 @@ class LabelEmbedding(nnx.Module):
   unconditional for ``num_classes``.
   """
 
-  def __init__(self, *, num_classes: int, features: int,
-               embedding_init: Callable = nnx.initializers.normal(1.0),
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    features: int,
+    embedding_init: Callable = nnx.initializers.normal(1.0),
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.num_classes = num_classes
-    self.embed = nnx.Embed(num_classes + 1, features, embedding_init=embedding_init,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed = nnx.Embed(
+      num_classes + 1,
+      features,
+      embedding_init=embedding_init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, labels: Array) -> Array:
     return self.embed(labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from flax import nnx
@@ -22,16 +22,16 @@ from diffjax.models.pure import ModelFns, functionalize
 __all__ = ["MODELS", "create_model", "model_kwargs"]
 
 MODELS: dict[str, type[nnx.Module]] = {
-    "mlp": mlp.MLP,
-    "unet": unet.UNet,
-    "dit": dit.DiT,
+  "mlp": mlp.MLP,
+  "unet": unet.UNet,
+  "dit": dit.DiT,
 }
 
 # Each model's configuration check: pure Python, so a bad config fails before any tracing.
 _CHECKS: dict[str, Callable[..., None]] = {
-    "mlp": mlp.check_config,
-    "unet": unet.check_config,
-    "dit": dit.check_config,
+  "mlp": mlp.check_config,
+  "unet": unet.check_config,
+  "dit": dit.check_config,
 }
 
 # Set by create_model itself, never through **kwargs.
@@ -42,8 +42,11 @@ def model_kwargs(name: str) -> dict[str, object]:
   """The keywords (and defaults) a model accepts through ``create_model(name, **kwargs)``."""
   _check_name(name)
   params = inspect.signature(MODELS[name].__init__).parameters
-  return {k: p.default for k, p in params.items()
-          if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _RESERVED}
+  return {
+    k: p.default
+    for k, p in params.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _RESERVED
+  }
 
 
 def _check_name(name: str) -> None:
@@ -60,8 +63,15 @@ def _float_dtype(value, what: str):
   return dtype
 
 
-def create_model(name: str, *, data_shape: tuple[int, ...], num_classes: int = 0,
-                 dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> ModelFns:
+def create_model(
+  name: str,
+  *,
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  **kwargs,
+) -> ModelFns:
   """Builds the named model and returns it as pure functions (:class:`ModelFns`).
 
   The name is resolved once, here, through :data:`MODELS`; the configuration is validated
@@ -85,8 +95,9 @@ def create_model(name: str, *, data_shape: tuple[int, ...], num_classes: int = 0
   valid = model_kwargs(name)
   unknown = sorted(set(kwargs) - set(valid))
   if unknown:
-    raise ValueError(f"unknown keyword(s) {unknown} for model {name!r}; valid keywords: "
-                     f"{sorted(valid)}")
+    raise ValueError(
+      f"unknown keyword(s) {unknown} for model {name!r}; valid keywords: {sorted(valid)}"
+    )
   try:
     data_shape = tuple(int(d) for d in data_shape)
   except TypeError as err:
@@ -97,7 +108,11 @@ def create_model(name: str, *, data_shape: tuple[int, ...], num_classes: int = 0
     raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
   _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape})
   build = functools.partial(
-      MODELS[name], data_shape=data_shape, num_classes=int(num_classes),
-      dtype=_float_dtype(dtype, "dtype"), param_dtype=_float_dtype(param_dtype, "param_dtype"),
-      **kwargs)
+    MODELS[name],
+    data_shape=data_shape,
+    num_classes=int(num_classes),
+    dtype=_float_dtype(dtype, "dtype"),
+    param_dtype=_float_dtype(param_dtype, "param_dtype"),
+    **kwargs,
+  )
   return functionalize(build, data_shape=data_shape, num_classes=int(num_classes))

@@ -12,7 +12,7 @@ PyTorch's default ``nn.Linear`` initialisation. Data of any shape is flattened t
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +26,14 @@ __all__ = ["MLP", "ACTIVATIONS", "get_activation", "check_config"]
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "selu": jax.nn.selu,
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "elu": jax.nn.elu,
-    "tanh": jnp.tanh,
-    "softplus": jax.nn.softplus,
-    "leaky_relu": jax.nn.leaky_relu,
+  "selu": jax.nn.selu,
+  "silu": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "gelu": jax.nn.gelu,
+  "elu": jax.nn.elu,
+  "tanh": jnp.tanh,
+  "softplus": jax.nn.softplus,
+  "leaky_relu": jax.nn.leaky_relu,
 }
 
 
@@ -56,8 +56,7 @@ def _torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
   return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
 
 
-def check_config(*, width, depth, activation, time_varying, time_features, dropout,
-                 **_) -> None:
+def check_config(*, width, depth, activation, time_varying, time_features, dropout, **_) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
   if width < 1 or depth < 1:
     raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
@@ -65,8 +64,10 @@ def check_config(*, width, depth, activation, time_varying, time_features, dropo
   if time_features is not None:
     lookup(TIME_FEATURES, time_features, "time features", hint=" or None (raw t)")
     if not time_varying:
-      raise ValueError(f"time_features={time_features!r} needs time_varying=True; set "
-                       "time_varying=True or time_features=None")
+      raise ValueError(
+        f"time_features={time_features!r} needs time_varying=True; set "
+        "time_varying=True or time_features=None"
+      )
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
 
@@ -95,13 +96,32 @@ class MLP(nnx.Module):
     dtype: compute dtype; param_dtype: stored parameter dtype.
   """
 
-  def __init__(self, *, data_shape: tuple[int, ...], num_classes: int = 0, width: int = 64,
-               depth: int = 3, activation: str = "selu", time_varying: bool = True,
-               time_features: str | None = None, time_features_dim: int = 32,
-               class_embed_dim: int = 16, dropout: float = 0.0, torch_init: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    check_config(width=width, depth=depth, activation=activation, time_varying=time_varying,
-                 time_features=time_features, dropout=dropout)
+  def __init__(
+    self,
+    *,
+    data_shape: tuple[int, ...],
+    num_classes: int = 0,
+    width: int = 64,
+    depth: int = 3,
+    activation: str = "selu",
+    time_varying: bool = True,
+    time_features: str | None = None,
+    time_features_dim: int = 32,
+    class_embed_dim: int = 16,
+    dropout: float = 0.0,
+    torch_init: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    check_config(
+      width=width,
+      depth=depth,
+      activation=activation,
+      time_varying=time_varying,
+      time_features=time_features,
+      dropout=dropout,
+    )
     self.data_shape = tuple(data_shape)
     self.activation = get_activation(activation)
     self.time_varying = time_varying
@@ -111,11 +131,22 @@ class MLP(nnx.Module):
     in_dim = data_dim
     if time_varying:
       in_dim += 1 if time_features is None else time_features_dim
-    self.time_features = (None if time_features is None or not time_varying else
-                          get_time_features(time_features, dim=time_features_dim))
-    self.label_embed = None if num_classes == 0 else LabelEmbedding(
-        num_classes=num_classes, features=class_embed_dim, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+    self.time_features = (
+      None
+      if time_features is None or not time_varying
+      else get_time_features(time_features, dim=time_features_dim)
+    )
+    self.label_embed = (
+      None
+      if num_classes == 0
+      else LabelEmbedding(
+        num_classes=num_classes,
+        features=class_embed_dim,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+    )
     if num_classes > 0:
       in_dim += class_embed_dim
 
@@ -128,13 +159,22 @@ class MLP(nnx.Module):
       # The output layer computes in float32: its output is the regression target (noise,
       # velocity), which bfloat16's 8-bit mantissa would round to ~0.4%.
       last = i == len(sizes) - 2
-      layers.append(nnx.Linear(fan_in, fan_out, dtype=jnp.float32 if last else dtype,
-                               param_dtype=param_dtype, rngs=rngs, **inits))
+      layers.append(
+        nnx.Linear(
+          fan_in,
+          fan_out,
+          dtype=jnp.float32 if last else dtype,
+          param_dtype=param_dtype,
+          rngs=rngs,
+          **inits,
+        )
+      )
     self.layers = nnx.List(layers)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x: Array, t: Array, cond: Array | None, *,
-               rngs: nnx.Rngs | None = None) -> Array:
+  def __call__(
+    self, x: Array, t: Array, cond: Array | None, *, rngs: nnx.Rngs | None = None
+  ) -> Array:
     batch = x.shape[0]
     h = [x.reshape(batch, -1)]
     if self.time_varying:

@@ -15,7 +15,8 @@ be ``nnx.Param``: no batch statistics, no RNG state.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,9 @@ def num_params(params: PyTree) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
-def functionalize(build: Callable[..., nnx.Module], *, data_shape: tuple[int, ...],
-                  num_classes: int = 0) -> ModelFns:
+def functionalize(
+  build: Callable[..., nnx.Module], *, data_shape: tuple[int, ...], num_classes: int = 0
+) -> ModelFns:
   """Wraps ``build(rngs=nnx.Rngs(key))`` as ``(init, apply)``; see :class:`ModelFns`.
 
   Args:
@@ -67,24 +69,34 @@ def functionalize(build: Callable[..., nnx.Module], *, data_shape: tuple[int, ..
   graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):
     paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
-    raise TypeError(f"{type(abstract).__name__} holds non-parameter state at {paths}; diffjax "
-                    "models keep all state in nnx.Param (use GroupNorm/LayerNorm, pass dropout "
-                    "keys at call time)")
+    raise TypeError(
+      f"{type(abstract).__name__} holds non-parameter state at {paths}; diffjax "
+      "models keep all state in nnx.Param (use GroupNorm/LayerNorm, pass dropout "
+      "keys at call time)"
+    )
   del params_state
 
   def init(key: Array) -> PyTree:
     _, state = nnx.split(build(rngs=nnx.Rngs(key)))
     return nnx.to_pure_dict(state)
 
-  def apply(params: PyTree, x_t: Array, t: Array, cond: Array | None = None, *,
-            dropout_key: Array | None = None) -> Array:
+  def apply(
+    params: PyTree,
+    x_t: Array,
+    t: Array,
+    cond: Array | None = None,
+    *,
+    dropout_key: Array | None = None,
+  ) -> Array:
     x_t = jnp.asarray(x_t)
     unbatched = x_t.shape == data_shape
     if unbatched:
       x_t = x_t[None]
     if x_t.shape[1:] != data_shape:
-      raise ValueError(f"x_t has shape {x_t.shape} but the model was built for data_shape="
-                       f"{data_shape}; pass [batch, *{data_shape}] or rebuild the model")
+      raise ValueError(
+        f"x_t has shape {x_t.shape} but the model was built for data_shape="
+        f"{data_shape}; pass [batch, *{data_shape}] or rebuild the model"
+      )
     batch = x_t.shape[0]
     t = jnp.asarray(t, jnp.float32)
     if unbatched and t.shape == (1,):
@@ -92,8 +104,9 @@ def functionalize(build: Callable[..., nnx.Module], *, data_shape: tuple[int, ..
     if t.ndim == 0:
       t = jnp.broadcast_to(t, (batch,))
     if t.shape != (batch,):
-      raise ValueError(f"t has shape {t.shape}; pass a scalar or one time per example, shape "
-                       f"({batch},)")
+      raise ValueError(
+        f"t has shape {t.shape}; pass a scalar or one time per example, shape ({batch},)"
+      )
     cond = _check_cond(cond, batch=batch, unbatched=unbatched, num_classes=num_classes)
     module = nnx.merge(graphdef, params)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
@@ -103,13 +116,16 @@ def functionalize(build: Callable[..., nnx.Module], *, data_shape: tuple[int, ..
   return ModelFns(init=init, apply=apply)
 
 
-def _check_cond(cond: Array | None, *, batch: int, unbatched: bool,
-                num_classes: int) -> Array | None:
+def _check_cond(
+  cond: Array | None, *, batch: int, unbatched: bool, num_classes: int
+) -> Array | None:
   """Validates class labels; None becomes the null label ``num_classes`` of a conditional model."""
   if num_classes == 0:
     if cond is not None:
-      raise ValueError("cond was given but the model is unconditional (num_classes=0); pass "
-                       "cond=None or build the model with num_classes > 0")
+      raise ValueError(
+        "cond was given but the model is unconditional (num_classes=0); pass "
+        "cond=None or build the model with num_classes > 0"
+      )
     return None
   if cond is None:
     return jnp.full((batch,), num_classes, jnp.int32)

@@ -51,8 +51,14 @@ def num_groups(channels: int) -> int:
 def _group_norm(channels: int, *, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
   # Normalisation computes and returns float32: the mean/variance of bfloat16 activations lose
   # most of their mantissa, and the next conv casts back to the compute dtype anyway.
-  return nnx.GroupNorm(channels, num_groups=num_groups(channels), epsilon=1e-6,
-                       dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+  return nnx.GroupNorm(
+    channels,
+    num_groups=num_groups(channels),
+    epsilon=1e-6,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 class ResBlock(nnx.Module):
@@ -64,19 +70,31 @@ class ResBlock(nnx.Module):
   identity (DDPM ``init_scale=0``).
   """
 
-  def __init__(self, in_ch: int, out_ch: int, *, emb_dim: int, dropout: float,
-               scale_shift_norm: bool, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    *,
+    emb_dim: int,
+    dropout: float,
+    scale_shift_norm: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.scale_shift_norm = scale_shift_norm
     self.norm_1 = _group_norm(in_ch, param_dtype=param_dtype, rngs=rngs)
     self.conv_1 = nnx.Conv(in_ch, out_ch, (3, 3), kernel_init=_default_init, **kw)
-    self.emb_proj = nnx.Linear(emb_dim, out_ch * (2 if scale_shift_norm else 1),
-                               kernel_init=_default_init, **kw)
+    self.emb_proj = nnx.Linear(
+      emb_dim, out_ch * (2 if scale_shift_norm else 1), kernel_init=_default_init, **kw
+    )
     self.norm_2 = _group_norm(out_ch, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
     self.conv_2 = nnx.Conv(out_ch, out_ch, (3, 3), kernel_init=_zeros, **kw)
-    self.skip = None if in_ch == out_ch else nnx.Conv(in_ch, out_ch, (1, 1),
-                                                      kernel_init=_default_init, **kw)
+    self.skip = (
+      None if in_ch == out_ch else nnx.Conv(in_ch, out_ch, (1, 1), kernel_init=_default_init, **kw)
+    )
 
   def __call__(self, x: Array, emb: Array, *, rngs: nnx.Rngs | None) -> Array:
     h = self.conv_1(jax.nn.silu(self.norm_1(x)))
@@ -111,8 +129,7 @@ class AttentionBlock(nnx.Module):
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
     qkv = self.qkv(self.norm(x).reshape(b, h * w, c))
-    q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * self.num_heads, c // self.num_heads), 3,
-                        axis=2)
+    q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * self.num_heads, c // self.num_heads), 3, axis=2)
     # Logits and softmax run in float32 inside dot_product_attention for bfloat16 inputs.
     o = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
     return x + self.out(o).reshape(b, h, w, c)
@@ -122,9 +139,20 @@ class _Downsample(nnx.Module):
   """Halves the resolution: 3x3 conv with stride 2 (DDPM), or 2x2 average pooling."""
 
   def __init__(self, channels: int, *, with_conv: bool, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = None if not with_conv else nnx.Conv(
-        channels, channels, (3, 3), strides=(2, 2), kernel_init=_default_init, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+    self.conv = (
+      None
+      if not with_conv
+      else nnx.Conv(
+        channels,
+        channels,
+        (3, 3),
+        strides=(2, 2),
+        kernel_init=_default_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+    )
 
   def __call__(self, x: Array) -> Array:
     if self.conv is not None:
@@ -137,9 +165,19 @@ class _Upsample(nnx.Module):
   """Doubles the resolution: nearest neighbour, then a 3x3 conv (DDPM)."""
 
   def __init__(self, channels: int, *, with_conv: bool, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = None if not with_conv else nnx.Conv(
-        channels, channels, (3, 3), kernel_init=_default_init, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+    self.conv = (
+      None
+      if not with_conv
+      else nnx.Conv(
+        channels,
+        channels,
+        (3, 3),
+        kernel_init=_default_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+    )
 
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -155,30 +193,38 @@ class _Level(nnx.Module):
     self.resample = resample
 
 
-def check_config(*, data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, num_heads,
-                 dropout, **_) -> None:
+def check_config(
+  *, data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, num_heads, dropout, **_
+) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
   data_shape, ch_mult = tuple(data_shape), tuple(ch_mult)
   attn_resolutions = tuple(attn_resolutions)
   if len(data_shape) != 3:
-    raise ValueError(f"UNet needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' "
-                     "model for vector data")
+    raise ValueError(
+      f"UNet needs image data_shape (H, W, C), got {data_shape}; use the 'mlp' "
+      "model for vector data"
+    )
   height, width, _ = data_shape
   factor = 2 ** (len(ch_mult) - 1)
   if not ch_mult or height % factor or width % factor:
-    raise ValueError(f"UNet with ch_mult={ch_mult} downsamples {len(ch_mult) - 1} times, so H "
-                     f"and W must be divisible by {factor}; got data_shape={data_shape}. Use "
-                     "fewer levels or pad the images")
-  resolutions = [height // 2 ** i for i in range(len(ch_mult))]
+    raise ValueError(
+      f"UNet with ch_mult={ch_mult} downsamples {len(ch_mult) - 1} times, so H "
+      f"and W must be divisible by {factor}; got data_shape={data_shape}. Use "
+      "fewer levels or pad the images"
+    )
+  resolutions = [height // 2**i for i in range(len(ch_mult))]
   unused = sorted(set(attn_resolutions) - set(resolutions))
   if unused:
-    raise ValueError(f"attn_resolutions {unused} never occur; this UNet's resolutions are "
-                     f"{resolutions}")
+    raise ValueError(
+      f"attn_resolutions {unused} never occur; this UNet's resolutions are {resolutions}"
+    )
   for level, mult in enumerate(ch_mult):
     channels = ch * mult
     if resolutions[level] in attn_resolutions and channels % num_heads:
-      raise ValueError(f"num_heads={num_heads} does not divide the {channels} channels at "
-                       f"resolution {resolutions[level]}; choose a divisor")
+      raise ValueError(
+        f"num_heads={num_heads} does not divide the {channels} channels at "
+        f"resolution {resolutions[level]}; choose a divisor"
+      )
   if num_res_blocks < 1:
     raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
   if not 0.0 <= dropout < 1.0:
@@ -206,26 +252,46 @@ class UNet(nnx.Module):
   ``ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.1`` (35.7M parameters).
   """
 
-  def __init__(self, *, data_shape: tuple[int, int, int], num_classes: int = 0, ch: int = 128,
-               ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-               attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-               num_heads: int = 1, scale_shift_norm: bool = False,
-               resample_with_conv: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    data_shape: tuple[int, int, int],
+    num_classes: int = 0,
+    ch: int = 128,
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+    num_res_blocks: int = 2,
+    attn_resolutions: tuple[int, ...] = (16,),
+    dropout: float = 0.1,
+    num_heads: int = 1,
+    scale_shift_norm: bool = False,
+    resample_with_conv: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     data_shape, ch_mult = tuple(data_shape), tuple(ch_mult)
     attn_resolutions = tuple(attn_resolutions)
-    check_config(data_shape=data_shape, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                 attn_resolutions=attn_resolutions, num_heads=num_heads, dropout=dropout)
+    check_config(
+      data_shape=data_shape,
+      ch=ch,
+      ch_mult=ch_mult,
+      num_res_blocks=num_res_blocks,
+      attn_resolutions=attn_resolutions,
+      num_heads=num_heads,
+      dropout=dropout,
+    )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     emb_dim = 4 * ch
     block_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift_norm=scale_shift_norm, **kw)
     attn_kw = dict(num_heads=num_heads, **kw)
     resample_kw = dict(with_conv=resample_with_conv, **kw)
 
-    self.time_embed = TimeEmbedding(features=SinusoidalFeatures(dim=ch), features_dim=ch,
-                                    out_dim=emb_dim, **kw)
-    self.label_embed = None if num_classes == 0 else LabelEmbedding(
-        num_classes=num_classes, features=emb_dim, **kw)
+    self.time_embed = TimeEmbedding(
+      features=SinusoidalFeatures(dim=ch), features_dim=ch, out_dim=emb_dim, **kw
+    )
+    self.label_embed = (
+      None if num_classes == 0 else LabelEmbedding(num_classes=num_classes, features=emb_dim, **kw)
+    )
     self.conv_in = nnx.Conv(data_shape[-1], ch, (3, 3), kernel_init=_default_init, **kw)
 
     resolution, in_ch, skip_chs = data_shape[0], ch, [ch]
@@ -268,11 +334,19 @@ class UNet(nnx.Module):
     self.norm_out = _group_norm(in_ch, param_dtype=param_dtype, rngs=rngs)
     # The output conv computes in float32 (the regression target is read at full precision)
     # and starts at zero, so the initial prediction is 0 (DDPM init_scale=0).
-    self.conv_out = nnx.Conv(in_ch, data_shape[-1], (3, 3), kernel_init=_zeros,
-                             dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.conv_out = nnx.Conv(
+      in_ch,
+      data_shape[-1],
+      (3, 3),
+      kernel_init=_zeros,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
-  def __call__(self, x: Array, t: Array, cond: Array | None, *,
-               rngs: nnx.Rngs | None = None) -> Array:
+  def __call__(
+    self, x: Array, t: Array, cond: Array | None, *, rngs: nnx.Rngs | None = None
+  ) -> Array:
     emb = self.time_embed(t)
     if self.label_embed is not None:
       emb = emb + self.label_embed(cond)

@@ -15,18 +15,33 @@ from diffjax.objectives import diffusion as _diffusion
 from diffjax.objectives import edm as _edm
 from diffjax.objectives import flow_matching as _flow_matching
 from diffjax.objectives import marginal_fm as _marginal_fm
-from diffjax.objectives.base import (HostPairing, Objective, ObjectiveContext, ObjectiveSpec,
-                                     defaults, keywords)
+from diffjax.objectives.base import (
+  HostPairing,
+  Objective,
+  ObjectiveContext,
+  ObjectiveSpec,
+  defaults,
+  keywords,
+)
 
-__all__ = ["OBJECTIVES", "get_objective", "objective_problems", "Objective", "ObjectiveContext",
-           "ObjectiveSpec", "HostPairing", "defaults", "keywords"]
+__all__ = [
+  "OBJECTIVES",
+  "get_objective",
+  "objective_problems",
+  "Objective",
+  "ObjectiveContext",
+  "ObjectiveSpec",
+  "HostPairing",
+  "defaults",
+  "keywords",
+]
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    **_flow_matching.SPECS,
-    "diffusion": _diffusion.SPEC,
-    "continuous_diffusion": _continuous_diffusion.SPEC,
-    "edm": _edm.SPEC,
-    "marginal_fm": _marginal_fm.SPEC,
+  **_flow_matching.SPECS,
+  "diffusion": _diffusion.SPEC,
+  "continuous_diffusion": _continuous_diffusion.SPEC,
+  "edm": _edm.SPEC,
+  "marginal_fm": _marginal_fm.SPEC,
 }
 
 
@@ -46,9 +61,12 @@ def objective_problems(group: dict) -> list[str]:
   accepted = keywords(spec.build)
   unknown = sorted(set(group) - set(accepted) - {"name"})
   if unknown:
-    return [f"objective.{key}: objective {name!r} does not take it (its keywords: "
-            f"{sorted(accepted)}); drop it, or start from a config of the objective that "
-            "does" for key in unknown]
+    return [
+      f"objective.{key}: objective {name!r} does not take it (its keywords: "
+      f"{sorted(accepted)}); drop it, or start from a config of the objective that "
+      "does"
+      for key in unknown
+    ]
   return spec.check(**{k: v for k, v in group.items() if k != "name"})
 
 

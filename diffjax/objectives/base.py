@@ -9,9 +9,10 @@ the trainer, the samplers and the evaluator need, so no config string is read be
 from __future__ import annotations
 
 import functools
-import math
 import inspect
-from typing import Any, Callable, NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,17 @@ from diffjax import losses as losses_lib
 from diffjax import models as models_lib
 from diffjax import samplers as samplers_lib
 
-__all__ = ["ObjectiveContext", "Objective", "ObjectiveSpec", "HostPairing", "keywords",
-           "defaults", "drop_labels_for_guidance", "regression_loss_fn",
-           "probability_flow_likelihood"]
+__all__ = [
+  "ObjectiveContext",
+  "Objective",
+  "ObjectiveSpec",
+  "HostPairing",
+  "keywords",
+  "defaults",
+  "drop_labels_for_guidance",
+  "regression_loss_fn",
+  "probability_flow_likelihood",
+]
 
 
 class ObjectiveContext(NamedTuple):
@@ -116,8 +125,11 @@ class ObjectiveSpec(NamedTuple):
 
 def keywords(build: Callable) -> dict[str, inspect.Parameter]:
   """The keyword-only parameters of a factory, by name."""
-  return {p.name: p for p in inspect.signature(build).parameters.values()
-          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  return {
+    p.name: p
+    for p in inspect.signature(build).parameters.values()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY
+  }
 
 
 def defaults(build: Callable) -> dict[str, Any]:
@@ -134,8 +146,9 @@ def drop_labels_for_guidance(key, labels, *, num_classes: int, label_dropout: fl
   return models_lib.drop_labels(key, labels, num_classes=num_classes, drop_prob=label_dropout)
 
 
-def regression_loss_fn(context: ObjectiveContext, make_example: Callable, *,
-                       label_dropout: float = 0.0) -> Callable:
+def regression_loss_fn(
+  context: ObjectiveContext, make_example: Callable, *, label_dropout: float = 0.0
+) -> Callable:
   """``loss_fn(params, key, batch)`` of an objective that regresses the model on one
   :class:`~diffjax.losses.TrainingExample`: ``split(key, 3)`` into the example's, the label
   dropout's and the model's dropout key; labels (a conditional model's) dropped for guidance;
@@ -146,18 +159,26 @@ def regression_loss_fn(context: ObjectiveContext, make_example: Callable, *,
   def loss_fn(params, key, batch):
     k_example, k_labels, k_dropout = jax.random.split(key, 3)
     labels = batch.get("label") if num_classes else None
-    labels = drop_labels_for_guidance(k_labels, labels, num_classes=num_classes,
-                                      label_dropout=label_dropout)
+    labels = drop_labels_for_guidance(
+      k_labels, labels, num_classes=num_classes, label_dropout=label_dropout
+    )
     example = make_example(k_example, batch, labels)
-    output = context.apply(params, example.model_input, example.model_time, example.cond,
-                           dropout_key=k_dropout)
+    output = context.apply(
+      params, example.model_input, example.model_time, example.cond, dropout_key=k_dropout
+    )
     return losses_lib.regression_loss(output, example)
 
   return loss_fn
 
 
-def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, noise_time: float,
-                                data_shape: tuple[int, ...], prior_std: float = 1.0) -> Callable:
+def probability_flow_likelihood(
+  velocity_of: Callable,
+  *,
+  data_time: float,
+  noise_time: float,
+  data_shape: tuple[int, ...],
+  prior_std: float = 1.0,
+) -> Callable:
   """``log p(x)`` by the instantaneous change of variables along the probability-flow ODE
   (Chen et al. 2018, https://arxiv.org/abs/1806.07366; Song et al. 2021, App. D.2), with RK4
   from the data time to the noise time: the exact divergence for vectors (2D toys),
@@ -175,7 +196,7 @@ def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, nois
     prior_std: the prior's standard deviation ``c``.
   """
   exact = len(data_shape) == 1
-  divergence = (samplers_lib.exact_divergence if exact else samplers_lib.hutchinson_divergence)
+  divergence = samplers_lib.exact_divergence if exact else samplers_lib.hutchinson_divergence
   log_jacobian = math.prod(data_shape) * math.log(prior_std)
 
   @functools.partial(jax.jit, static_argnames="steps")
@@ -183,8 +204,9 @@ def probability_flow_likelihood(velocity_of: Callable, *, data_time: float, nois
     times = jnp.linspace(data_time, noise_time, steps + 1)
     velocity = velocity_of(params)
     scaled = lambda z, t: velocity(prior_std * z, t) / prior_std
-    out = samplers_lib.log_likelihood(key, scaled, data / prior_std, times=times,
-                                      divergence=divergence)
+    out = samplers_lib.log_likelihood(
+      key, scaled, data / prior_std, times=times, divergence=divergence
+    )
     return out.log_prob - log_jacobian
 
   return log_likelihood

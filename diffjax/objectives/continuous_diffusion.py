@@ -9,23 +9,28 @@ the schedules that take them.
 
 from __future__ import annotations
 
-
-
 from diffjax import losses as losses_lib
 from diffjax import parameterization
 from diffjax import samplers as samplers_lib
 from diffjax import schedules as schedules_lib
 from diffjax.objectives import base
 
-__all__ = ["continuous_diffusion", "check", "SCHEDULE_KEYWORDS",
-           "PREDICTIONS", "WEIGHTINGS", "DEFAULT_SAMPLER", "SPEC"]
+__all__ = [
+  "continuous_diffusion",
+  "check",
+  "SCHEDULE_KEYWORDS",
+  "PREDICTIONS",
+  "WEIGHTINGS",
+  "DEFAULT_SAMPLER",
+  "SPEC",
+]
 
 SCHEDULE_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "vp": ("beta_min", "beta_max"),
-    "ve": ("sigma_min", "sigma_max"),
-    "cosine": ("log_snr_min", "log_snr_max"),
-    "shifted_cosine": ("resolution", "base_resolution", "log_snr_min", "log_snr_max"),
-    "linear_log_snr": ("log_snr_min", "log_snr_max"),
+  "vp": ("beta_min", "beta_max"),
+  "ve": ("sigma_min", "sigma_max"),
+  "cosine": ("log_snr_min", "log_snr_max"),
+  "shifted_cosine": ("resolution", "base_resolution", "log_snr_min", "log_snr_max"),
+  "linear_log_snr": ("log_snr_min", "log_snr_max"),
 }
 """The schedules of :data:`~diffjax.schedules.CONTINUOUS_SCHEDULES` this objective takes, with
 the keywords each one reads ("edm" belongs to ``objective.name=edm``)."""
@@ -44,19 +49,35 @@ https://arxiv.org/abs/2206.00364): deterministic, second order."""
 _UNIFORM_TIME_SAMPLERS = ("uniform", "stratified")
 
 
-def _schedule_problems(schedule: str, *, beta_min, beta_max, sigma_min, sigma_max, log_snr_min,
-                       log_snr_max, resolution, base_resolution) -> list[str]:
+def _schedule_problems(
+  schedule: str,
+  *,
+  beta_min,
+  beta_max,
+  sigma_min,
+  sigma_max,
+  log_snr_min,
+  log_snr_max,
+  resolution,
+  base_resolution,
+) -> list[str]:
   """The chosen schedule's own keywords out of range (the others are not read)."""
   problems = []
   if schedule == "vp" and not (0.0 <= beta_min <= beta_max and beta_max > 0.0):
-    problems.append(f"objective.beta_min={beta_min!r}, objective.beta_max={beta_max!r}: the vp "
-                    "schedule needs 0 <= beta_min <= beta_max and beta_max > 0")
+    problems.append(
+      f"objective.beta_min={beta_min!r}, objective.beta_max={beta_max!r}: the vp "
+      "schedule needs 0 <= beta_min <= beta_max and beta_max > 0"
+    )
   if schedule == "ve" and not 0.0 < sigma_min < sigma_max:
-    problems.append(f"objective.sigma_min={sigma_min!r}, objective.sigma_max={sigma_max!r}: "
-                    "the ve schedule needs 0 < sigma_min < sigma_max")
+    problems.append(
+      f"objective.sigma_min={sigma_min!r}, objective.sigma_max={sigma_max!r}: "
+      "the ve schedule needs 0 < sigma_min < sigma_max"
+    )
   if "log_snr_min" in SCHEDULE_KEYWORDS.get(schedule, ()) and not log_snr_min < log_snr_max:
-    problems.append(f"objective.log_snr_min={log_snr_min!r}, objective.log_snr_max="
-                    f"{log_snr_max!r}: the {schedule} schedule needs log_snr_min < log_snr_max")
+    problems.append(
+      f"objective.log_snr_min={log_snr_min!r}, objective.log_snr_max="
+      f"{log_snr_max!r}: the {schedule} schedule needs log_snr_min < log_snr_max"
+    )
   if schedule == "shifted_cosine":
     for key, value in (("resolution", resolution), ("base_resolution", base_resolution)):
       if isinstance(value, bool) or int(value) != value or value < 1:
@@ -64,34 +85,59 @@ def _schedule_problems(schedule: str, *, beta_min, beta_max, sigma_min, sigma_ma
   return problems
 
 
-def check(*, schedule: str = "vp", beta_min: float = 0.1, beta_max: float = 20.0,
-          sigma_min: float = 0.01, sigma_max: float = 50.0, log_snr_min: float = -15.0,
-          log_snr_max: float = 15.0, resolution: int = 64, base_resolution: int = 64,
-          prediction: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0,
-          time_sampler: str = "uniform", t_min: float = 1e-5,
-          label_dropout: float = 0.0) -> list[str]:
+def check(
+  *,
+  schedule: str = "vp",
+  beta_min: float = 0.1,
+  beta_max: float = 20.0,
+  sigma_min: float = 0.01,
+  sigma_max: float = 50.0,
+  log_snr_min: float = -15.0,
+  log_snr_max: float = 15.0,
+  resolution: int = 64,
+  base_resolution: int = 64,
+  prediction: str = "eps",
+  weighting: str = "uniform",
+  min_snr_gamma: float = 5.0,
+  time_sampler: str = "uniform",
+  t_min: float = 1e-5,
+  label_dropout: float = 0.0,
+) -> list[str]:
   """Unknown names, out-of-range values and wrong combinations, one line each with the reason."""
   problems = []
   if schedule not in SCHEDULE_KEYWORDS:
     reason = " (EDM's schedule: objective.name=edm)" if schedule == "edm" else ""
-    problems.append(f"objective.schedule={schedule!r}: choose one of "
-                    f"{sorted(SCHEDULE_KEYWORDS)}{reason}")
+    problems.append(
+      f"objective.schedule={schedule!r}: choose one of {sorted(SCHEDULE_KEYWORDS)}{reason}"
+    )
   problems += _schedule_problems(
-      schedule, beta_min=beta_min, beta_max=beta_max, sigma_min=sigma_min, sigma_max=sigma_max,
-      log_snr_min=log_snr_min, log_snr_max=log_snr_max, resolution=resolution,
-      base_resolution=base_resolution)
+    schedule,
+    beta_min=beta_min,
+    beta_max=beta_max,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    log_snr_min=log_snr_min,
+    log_snr_max=log_snr_max,
+    resolution=resolution,
+    base_resolution=base_resolution,
+  )
   if prediction not in PREDICTIONS:
-    reason = (" ('score' = -eps / sigma is unbounded as sigma -> 0; 'eps' is the same model "
-              "up to that factor)" if prediction == "score" else "")
-    problems.append(f"objective.prediction={prediction!r}: choose one of "
-                    f"{list(PREDICTIONS)}{reason}")
+    reason = (
+      " ('score' = -eps / sigma is unbounded as sigma -> 0; 'eps' is the same model "
+      "up to that factor)"
+      if prediction == "score"
+      else ""
+    )
+    problems.append(
+      f"objective.prediction={prediction!r}: choose one of {list(PREDICTIONS)}{reason}"
+    )
   if weighting not in WEIGHTINGS:
     reason = " (EDM's weighting: objective.name=edm)" if weighting == "edm" else ""
-    problems.append(f"objective.weighting={weighting!r}: choose one of {list(WEIGHTINGS)}"
-                    f"{reason}")
+    problems.append(f"objective.weighting={weighting!r}: choose one of {list(WEIGHTINGS)}{reason}")
   if time_sampler not in losses_lib.TIME_SAMPLERS:
-    problems.append(f"objective.time_sampler={time_sampler!r}: choose one of "
-                    f"{sorted(losses_lib.TIME_SAMPLERS)}")
+    problems.append(
+      f"objective.time_sampler={time_sampler!r}: choose one of {sorted(losses_lib.TIME_SAMPLERS)}"
+    )
   if not min_snr_gamma > 0:
     problems.append(f"objective.min_snr_gamma={min_snr_gamma!r}: must be > 0")
   if not 0.0 <= t_min < 1.0:
@@ -99,32 +145,51 @@ def check(*, schedule: str = "vp", beta_min: float = 0.1, beta_max: float = 20.0
   if not 0.0 <= label_dropout < 1.0:
     problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
   if schedule == "vp" and t_min == 0.0:
-    problems.append("objective.t_min=0 with objective.schedule='vp': sigma(0) = 0 there, where "
-                    "d sigma / dt and the eps -> x0 conversion are infinite; use t_min > 0 "
-                    "(Song et al. 2021 use 1e-5)")
-  if weighting == "elbo" and time_sampler in losses_lib.TIME_SAMPLERS and (
-      time_sampler not in _UNIFORM_TIME_SAMPLERS):
-    problems.append(f"objective.weighting='elbo' with objective.time_sampler={time_sampler!r}: "
-                    "the ELBO weight -lambda'(t) / 2 is per unit of uniform time (Kingma et al. "
-                    "2021, eq. 17), so another time density makes the loss something else; use "
-                    f"time_sampler {' or '.join(map(repr, _UNIFORM_TIME_SAMPLERS))}")
+    problems.append(
+      "objective.t_min=0 with objective.schedule='vp': sigma(0) = 0 there, where "
+      "d sigma / dt and the eps -> x0 conversion are infinite; use t_min > 0 "
+      "(Song et al. 2021 use 1e-5)"
+    )
+  if (
+    weighting == "elbo"
+    and time_sampler in losses_lib.TIME_SAMPLERS
+    and (time_sampler not in _UNIFORM_TIME_SAMPLERS)
+  ):
+    problems.append(
+      f"objective.weighting='elbo' with objective.time_sampler={time_sampler!r}: "
+      "the ELBO weight -lambda'(t) / 2 is per unit of uniform time (Kingma et al. "
+      "2021, eq. 17), so another time density makes the loss something else; use "
+      f"time_sampler {' or '.join(map(repr, _UNIFORM_TIME_SAMPLERS))}"
+    )
   return problems
 
 
 def _schedule(name: str, **keywords) -> schedules_lib.ContinuousSchedule:
   """The schedule ``name`` from the keywords it reads (:data:`SCHEDULE_KEYWORDS`)."""
   return schedules_lib.get_continuous_schedule(
-      name, **{key: keywords[key] for key in SCHEDULE_KEYWORDS[name]})
+    name, **{key: keywords[key] for key in SCHEDULE_KEYWORDS[name]}
+  )
 
 
-def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp",
-                         beta_min: float = 0.1, beta_max: float = 20.0, sigma_min: float = 0.01,
-                         sigma_max: float = 50.0, log_snr_min: float = -15.0,
-                         log_snr_max: float = 15.0, resolution: int = 64,
-                         base_resolution: int = 64, prediction: str = "eps",
-                         weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                         time_sampler: str = "uniform", t_min: float = 1e-5,
-                         label_dropout: float = 0.0) -> base.Objective:
+def continuous_diffusion(
+  context: base.ObjectiveContext,
+  *,
+  schedule: str = "vp",
+  beta_min: float = 0.1,
+  beta_max: float = 20.0,
+  sigma_min: float = 0.01,
+  sigma_max: float = 50.0,
+  log_snr_min: float = -15.0,
+  log_snr_max: float = 15.0,
+  resolution: int = 64,
+  base_resolution: int = 64,
+  prediction: str = "eps",
+  weighting: str = "uniform",
+  min_snr_gamma: float = 5.0,
+  time_sampler: str = "uniform",
+  t_min: float = 1e-5,
+  label_dropout: float = 0.0,
+) -> base.Objective:
   """``E_t w(t) ||F(x_t, t) - target(x0, eps)||^2`` with ``x_t = alpha(t) x0 + sigma(t) eps``,
   ``t = t_min + (1 - t_min) u``, ``u ~ time_sampler`` (:func:`~diffjax.losses.
   continuous_diffusion_example`; Song et al. 2021, https://arxiv.org/abs/2011.13456; Kingma et
@@ -147,50 +212,96 @@ def continuous_diffusion(context: base.ObjectiveContext, *, schedule: str = "vp"
   probability-flow ODE from ``t_min`` to 1 with that prior
   (:func:`~diffjax.objectives.base.probability_flow_likelihood`).
   """
-  problems = check(schedule=schedule, beta_min=beta_min, beta_max=beta_max,
-                   sigma_min=sigma_min, sigma_max=sigma_max, log_snr_min=log_snr_min,
-                   log_snr_max=log_snr_max, resolution=resolution,
-                   base_resolution=base_resolution, prediction=prediction, weighting=weighting,
-                   min_snr_gamma=min_snr_gamma, time_sampler=time_sampler, t_min=t_min,
-                   label_dropout=label_dropout)
+  problems = check(
+    schedule=schedule,
+    beta_min=beta_min,
+    beta_max=beta_max,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    log_snr_min=log_snr_min,
+    log_snr_max=log_snr_max,
+    resolution=resolution,
+    base_resolution=base_resolution,
+    prediction=prediction,
+    weighting=weighting,
+    min_snr_gamma=min_snr_gamma,
+    time_sampler=time_sampler,
+    t_min=t_min,
+    label_dropout=label_dropout,
+  )
   if not context.source_is_normal:
-    problems.append("objective 'continuous_diffusion' diffuses data into Gaussian noise and "
-                    "samples from it: set data.source='normal'")
+    problems.append(
+      "objective 'continuous_diffusion' diffuses data into Gaussian noise and "
+      "samples from it: set data.source='normal'"
+    )
   if problems:
     raise ValueError("; ".join(problems))
-  process = _schedule(schedule, beta_min=beta_min, beta_max=beta_max, sigma_min=sigma_min,
-                      sigma_max=sigma_max, log_snr_min=log_snr_min, log_snr_max=log_snr_max,
-                      resolution=resolution, base_resolution=base_resolution)
+  process = _schedule(
+    schedule,
+    beta_min=beta_min,
+    beta_max=beta_max,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    log_snr_min=log_snr_min,
+    log_snr_max=log_snr_max,
+    resolution=resolution,
+    base_resolution=base_resolution,
+  )
   weighting_fn = losses_lib.get_weighting(
-      weighting, **({"gamma": min_snr_gamma} if weighting == "min_snr" else {}))
+    weighting, **({"gamma": min_snr_gamma} if weighting == "min_snr" else {})
+  )
   time_sampler_fn = losses_lib.get_time_sampler(time_sampler)
   target = parameterization.get_prediction_target(prediction)
   num_classes = context.num_classes
 
   def make_example(key, batch, labels):
     return losses_lib.continuous_diffusion_example(
-        key, data=batch["x"], schedule=process, target=target, weighting=weighting_fn,
-        cond=labels, time_sampler=time_sampler_fn, t_min=t_min)
+      key,
+      data=batch["x"],
+      schedule=process,
+      target=target,
+      weighting=weighting_fn,
+      cond=labels,
+      time_sampler=time_sampler_fn,
+      t_min=t_min,
+    )
 
   loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
   generate = samplers_lib.continuous_diffusion_generator(
-      apply=context.apply, schedule=process, prediction=prediction,
-      data_shape=context.data_shape, num_classes=num_classes, t_min=t_min,
-      default_sampler=DEFAULT_SAMPLER)
+    apply=context.apply,
+    schedule=process,
+    prediction=prediction,
+    data_shape=context.data_shape,
+    num_classes=num_classes,
+    t_min=t_min,
+    default_sampler=DEFAULT_SAMPLER,
+  )
   coefficients_fn = lambda t: parameterization.diffusion_coefficients(process, t)
   log_likelihood = base.probability_flow_likelihood(
-      lambda params: samplers_lib.velocity_field(
-          lambda x, t: context.apply(params, x, t, None), target=target,
-          coefficients_fn=coefficients_fn),
-      data_time=t_min, noise_time=1.0, data_shape=context.data_shape,
-      prior_std=float(process.sigma(1.0)))
-  return base.Objective(loss_fn=loss_fn, pair_fn=None, host_pairing=None, generate=generate,
-                        log_likelihood=log_likelihood)
+    lambda params: samplers_lib.velocity_field(
+      lambda x, t: context.apply(params, x, t, None), target=target, coefficients_fn=coefficients_fn
+    ),
+    data_time=t_min,
+    noise_time=1.0,
+    data_shape=context.data_shape,
+    prior_std=float(process.sigma(1.0)),
+  )
+  return base.Objective(
+    loss_fn=loss_fn,
+    pair_fn=None,
+    host_pairing=None,
+    generate=generate,
+    log_likelihood=log_likelihood,
+  )
 
 
 SPEC = base.ObjectiveSpec(
-    build=continuous_diffusion, check=check, samplers=samplers_lib.CONTINUOUS_SAMPLERS,
-    default_sampler=DEFAULT_SAMPLER, output="the prediction target: eps, x0, v or velocity",
-    summary="continuous-time diffusion (VP, VE, cosine, shifted cosine, linear log-SNR; "
-            "eps/x0/v/velocity; uniform, min-SNR, ELBO weighting)")
+  build=continuous_diffusion,
+  check=check,
+  samplers=samplers_lib.CONTINUOUS_SAMPLERS,
+  default_sampler=DEFAULT_SAMPLER,
+  output="the prediction target: eps, x0, v or velocity",
+  summary="continuous-time diffusion (VP, VE, cosine, shifted cosine, linear log-SNR; "
+  "eps/x0/v/velocity; uniform, min-SNR, ELBO weighting)",
+)

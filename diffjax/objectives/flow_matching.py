@@ -17,8 +17,7 @@ from diffjax import paths as paths_lib
 from diffjax import samplers as samplers_lib
 from diffjax.objectives import base
 
-__all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "noise_keywords", "COUPLING_SCOPES",
-           "SPECS"]
+__all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "noise_keywords", "COUPLING_SCOPES", "SPECS"]
 
 COUPLING_SCOPES = ("global", "per_device")
 
@@ -30,13 +29,15 @@ def noise_keywords(path_name: str, noise: dict) -> dict:
   return {name: value for name in ("sigma", "sigma_min") if name in accepted}
 
 
-def _coupling(name: str, recipe: losses_lib.FlowMatchingRecipe, *, ot_solver: str,
-              num_classes: int):
+def _coupling(
+  name: str, recipe: losses_lib.FlowMatchingRecipe, *, ot_solver: str, num_classes: int
+):
   """The coupling by name; exact OT binds the solver and, with labels, pairs within a class
   (class-agnostic OT pairs noise meant for one class with data of another)."""
   if name in ("exact_ot", "label_exact_ot"):
-    return couplings_lib.get_coupling("label_exact_ot" if num_classes else "exact_ot",
-                                      solver=ot_solver)
+    return couplings_lib.get_coupling(
+      "label_exact_ot" if num_classes else "exact_ot", solver=ot_solver
+    )
   kwargs = recipe.coupling_kwargs if name == recipe.coupling else {}
   return couplings_lib.get_coupling(name, **kwargs)
 
@@ -48,17 +49,28 @@ def _paired(x0, x1, labels):
   return paired
 
 
-def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, path: str,
-           coupling: str, time_sampler: str, ot_solver: str, coupling_scope: str,
-           label_dropout: float) -> base.Objective:
+def _build(
+  context: base.ObjectiveContext,
+  recipe_name: str,
+  noise: dict,
+  *,
+  path: str,
+  coupling: str,
+  time_sampler: str,
+  ot_solver: str,
+  coupling_scope: str,
+  label_dropout: float,
+) -> base.Objective:
   recipe = losses_lib.get_flow_matching_recipe(recipe_name, **noise)
   path_name = path or recipe.path
   path_fn = paths_lib.get_path(path_name, **noise_keywords(path_name, noise))
-  pair_coupling = _coupling(coupling or recipe.coupling, recipe, ot_solver=ot_solver,
-                            num_classes=context.num_classes)
+  pair_coupling = _coupling(
+    coupling or recipe.coupling, recipe, ot_solver=ot_solver, num_classes=context.num_classes
+  )
   if coupling_scope == "per_device":
-    pair_coupling = couplings_lib.blockwise_coupling(pair_coupling,
-                                                     num_blocks=context.num_batch_shards)
+    pair_coupling = couplings_lib.blockwise_coupling(
+      pair_coupling, num_blocks=context.num_batch_shards
+    )
   sample_time = losses_lib.get_time_sampler(time_sampler)
   num_classes = context.num_classes
 
@@ -75,6 +87,7 @@ def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, pat
 
   host_pairing = None
   if isinstance(pair_coupling, couplings_lib.HostSolvedCoupling):
+
     def propose(key, batch):
       k_pairs, x0, x1, labels = draw(key, batch)
       return _paired(x0, x1, labels), pair_coupling.problem(k_pairs, x0, x1, labels)
@@ -85,38 +98,59 @@ def _build(context: base.ObjectiveContext, recipe_name: str, noise: dict, *, pat
     host_pairing = base.HostPairing(propose=propose, solve=pair_coupling.solve, finish=finish)
 
   def make_example(key, batch, labels):
-    return losses_lib.flow_matching_example(key, x0=batch["x0"], x1=batch["x"], path=path_fn,
-                                            time_sampler=sample_time, cond=labels)
+    return losses_lib.flow_matching_example(
+      key, x0=batch["x0"], x1=batch["x"], path=path_fn, time_sampler=sample_time, cond=labels
+    )
 
   loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
-  generate = samplers_lib.flow_generator(apply=context.apply, source=context.source,
-                                         data_shape=context.data_shape, num_classes=num_classes)
+  generate = samplers_lib.flow_generator(
+    apply=context.apply,
+    source=context.source,
+    data_shape=context.data_shape,
+    num_classes=num_classes,
+  )
   log_likelihood = None
   if context.source_is_normal:
     # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
     log_likelihood = base.probability_flow_likelihood(
-        lambda params: lambda x, t: context.apply(params, x, t, None), data_time=1.0,
-        noise_time=0.0, data_shape=context.data_shape)
-  return base.Objective(loss_fn=loss_fn, pair_fn=pair_fn, host_pairing=host_pairing,
-                        generate=generate, log_likelihood=log_likelihood)
+      lambda params: lambda x, t: context.apply(params, x, t, None),
+      data_time=1.0,
+      noise_time=0.0,
+      data_shape=context.data_shape,
+    )
+  return base.Objective(
+    loss_fn=loss_fn,
+    pair_fn=pair_fn,
+    host_pairing=host_pairing,
+    generate=generate,
+    log_likelihood=log_likelihood,
+  )
 
 
-def check(*, path: str = "", coupling: str = "", time_sampler: str = "uniform",
-          ot_solver: str = "emd", coupling_scope: str = "global", label_dropout: float = 0.0,
-          **noise) -> list[str]:
+def check(
+  *,
+  path: str = "",
+  coupling: str = "",
+  time_sampler: str = "uniform",
+  ot_solver: str = "emd",
+  coupling_scope: str = "global",
+  label_dropout: float = 0.0,
+  **noise,
+) -> list[str]:
   """Unknown names and out-of-range values, one line each."""
   problems = []
-  choices = [("path", path, paths_lib.PATHS, True),
-             ("coupling", coupling, couplings_lib.COUPLINGS, True),
-             ("time_sampler", time_sampler, losses_lib.TIME_SAMPLERS, False),
-             ("ot_solver", ot_solver, couplings_lib.OT_SOLVERS, False),
-             ("coupling_scope", coupling_scope, COUPLING_SCOPES, False)]
+  choices = [
+    ("path", path, paths_lib.PATHS, True),
+    ("coupling", coupling, couplings_lib.COUPLINGS, True),
+    ("time_sampler", time_sampler, losses_lib.TIME_SAMPLERS, False),
+    ("ot_solver", ot_solver, couplings_lib.OT_SOLVERS, False),
+    ("coupling_scope", coupling_scope, COUPLING_SCOPES, False),
+  ]
   for key, value, table, may_be_empty in choices:
     if not (value in table or (may_be_empty and value == "")):
       empty = " ('' keeps the recipe's own)" if may_be_empty else ""
-      problems.append(f"objective.{key}={value!r}: unknown; choose one of "
-                      f"{sorted(table)}{empty}")
+      problems.append(f"objective.{key}={value!r}: unknown; choose one of {sorted(table)}{empty}")
   if not 0.0 <= label_dropout < 1.0:
     problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
   for key, value in noise.items():
@@ -125,53 +159,123 @@ def check(*, path: str = "", coupling: str = "", time_sampler: str = "uniform",
   return problems
 
 
-def icfm(context: base.ObjectiveContext, *, sigma: float = 0.1, path: str = "",
-         coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
-         coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+def icfm(
+  context: base.ObjectiveContext,
+  *,
+  sigma: float = 0.1,
+  path: str = "",
+  coupling: str = "",
+  time_sampler: str = "uniform",
+  ot_solver: str = "emd",
+  coupling_scope: str = "global",
+  label_dropout: float = 0.0,
+) -> base.Objective:
   """I-CFM: ``x_t = t x1 + (1 - t) x0 + sigma z``, target ``x1 - x0``, independent pairs."""
-  return _build(context, "icfm", {"sigma": sigma}, path=path, coupling=coupling,
-                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
-                label_dropout=label_dropout)
+  return _build(
+    context,
+    "icfm",
+    {"sigma": sigma},
+    path=path,
+    coupling=coupling,
+    time_sampler=time_sampler,
+    ot_solver=ot_solver,
+    coupling_scope=coupling_scope,
+    label_dropout=label_dropout,
+  )
 
 
-def otcfm(context: base.ObjectiveContext, *, sigma: float = 0.1, path: str = "",
-          coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
-          coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+def otcfm(
+  context: base.ObjectiveContext,
+  *,
+  sigma: float = 0.1,
+  path: str = "",
+  coupling: str = "",
+  time_sampler: str = "uniform",
+  ot_solver: str = "emd",
+  coupling_scope: str = "global",
+  label_dropout: float = 0.0,
+) -> base.Objective:
   """OT-CFM: I-CFM's path on the pairs of an exact minibatch OT permutation."""
-  return _build(context, "otcfm", {"sigma": sigma}, path=path, coupling=coupling,
-                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
-                label_dropout=label_dropout)
+  return _build(
+    context,
+    "otcfm",
+    {"sigma": sigma},
+    path=path,
+    coupling=coupling,
+    time_sampler=time_sampler,
+    ot_solver=ot_solver,
+    coupling_scope=coupling_scope,
+    label_dropout=label_dropout,
+  )
 
 
-def sbcfm(context: base.ObjectiveContext, *, sigma: float = 1.0, path: str = "",
-          coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
-          coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+def sbcfm(
+  context: base.ObjectiveContext,
+  *,
+  sigma: float = 1.0,
+  path: str = "",
+  coupling: str = "",
+  time_sampler: str = "uniform",
+  ot_solver: str = "emd",
+  coupling_scope: str = "global",
+  label_dropout: float = 0.0,
+) -> base.Objective:
   """SB-CFM: the Brownian bridge of variance ``sigma^2`` on pairs drawn from the entropic OT
   plan with ``eps = 2 sigma^2`` (the static Schrodinger bridge, Tong et al. 2024, Prop. 3.5)."""
-  return _build(context, "sbcfm", {"sigma": sigma}, path=path, coupling=coupling,
-                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
-                label_dropout=label_dropout)
+  return _build(
+    context,
+    "sbcfm",
+    {"sigma": sigma},
+    path=path,
+    coupling=coupling,
+    time_sampler=time_sampler,
+    ot_solver=ot_solver,
+    coupling_scope=coupling_scope,
+    label_dropout=label_dropout,
+  )
 
 
-def fm(context: base.ObjectiveContext, *, sigma_min: float = 1e-4, path: str = "",
-       coupling: str = "", time_sampler: str = "uniform", ot_solver: str = "emd",
-       coupling_scope: str = "global", label_dropout: float = 0.0) -> base.Objective:
+def fm(
+  context: base.ObjectiveContext,
+  *,
+  sigma_min: float = 1e-4,
+  path: str = "",
+  coupling: str = "",
+  time_sampler: str = "uniform",
+  ot_solver: str = "emd",
+  coupling_scope: str = "global",
+  label_dropout: float = 0.0,
+) -> base.Objective:
   """Lipman's FM: ``x_t = t x1 + (1 - (1 - sigma_min) t) x0``, independent pairs."""
-  return _build(context, "fm", {"sigma_min": sigma_min}, path=path, coupling=coupling,
-                time_sampler=time_sampler, ot_solver=ot_solver, coupling_scope=coupling_scope,
-                label_dropout=label_dropout)
+  return _build(
+    context,
+    "fm",
+    {"sigma_min": sigma_min},
+    path=path,
+    coupling=coupling,
+    time_sampler=time_sampler,
+    ot_solver=ot_solver,
+    coupling_scope=coupling_scope,
+    label_dropout=label_dropout,
+  )
 
 
 _SUMMARIES = {
-    "icfm": "I-CFM: icfm path (sigma), independent pairs (Tong et al. 2024)",
-    "otcfm": "OT-CFM: icfm path (sigma), exact minibatch OT pairs (Tong et al. 2024)",
-    "sbcfm": "SB-CFM: Brownian bridge (sigma), entropic OT with eps = 2 sigma^2 (Tong et al.)",
-    "fm": "Lipman's FM: linear path with sigma_min, independent pairs (Lipman et al. 2023)",
+  "icfm": "I-CFM: icfm path (sigma), independent pairs (Tong et al. 2024)",
+  "otcfm": "OT-CFM: icfm path (sigma), exact minibatch OT pairs (Tong et al. 2024)",
+  "sbcfm": "SB-CFM: Brownian bridge (sigma), entropic OT with eps = 2 sigma^2 (Tong et al.)",
+  "fm": "Lipman's FM: linear path with sigma_min, independent pairs (Lipman et al. 2023)",
 }
 
 SPECS = {
-    name: base.ObjectiveSpec(build=factory, check=check, samplers=samplers_lib.FLOW_SAMPLERS,
-                             default_sampler="euler", output="velocity",
-                             summary=_SUMMARIES[name], any_source=True)
-    for name, factory in [("icfm", icfm), ("otcfm", otcfm), ("sbcfm", sbcfm), ("fm", fm)]
+  name: base.ObjectiveSpec(
+    build=factory,
+    check=check,
+    samplers=samplers_lib.FLOW_SAMPLERS,
+    default_sampler="euler",
+    output="velocity",
+    summary=_SUMMARIES[name],
+    any_source=True,
+  )
+  for name, factory in [("icfm", icfm), ("otcfm", otcfm), ("sbcfm", sbcfm), ("fm", fm)]
 }

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from diffjax import losses as losses_lib
 from diffjax import paths as paths_lib
 from diffjax import samplers as samplers_lib
-from diffjax.objectives import base
-from diffjax.objectives import flow_matching
+from diffjax.objectives import base, flow_matching
 
 __all__ = ["marginal_fm", "check", "finite_data_set", "SPEC"]
 
@@ -56,16 +55,20 @@ def _path(path: str, sigma: float) -> paths_lib.Path:
   return paths_lib.get_path(path, **noise)
 
 
-def check(*, num_points: int = 1024, path: str = "icfm", sigma: float = 0.1,
-          time_sampler: str = "uniform") -> list[str]:
+def check(
+  *, num_points: int = 1024, path: str = "icfm", sigma: float = 0.1, time_sampler: str = "uniform"
+) -> list[str]:
   """Unknown names and out-of-range values, one line each with the reason."""
   problems = []
   if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-    problems.append(f"objective.num_points={num_points!r}: the size of the finite data set "
-                    "must be an int >= 1")
+    problems.append(
+      f"objective.num_points={num_points!r}: the size of the finite data set must be an int >= 1"
+    )
   if time_sampler not in losses_lib.TIME_SAMPLERS:
-    problems.append(f"objective.time_sampler={time_sampler!r}: unknown; choose one of "
-                    f"{sorted(losses_lib.TIME_SAMPLERS)}")
+    problems.append(
+      f"objective.time_sampler={time_sampler!r}: unknown; choose one of "
+      f"{sorted(losses_lib.TIME_SAMPLERS)}"
+    )
   if not sigma >= 0:
     problems.append(f"objective.sigma={sigma!r}: a noise level must be >= 0")
   if path not in paths_lib.PATHS:
@@ -74,10 +77,12 @@ def check(*, num_points: int = 1024, path: str = "icfm", sigma: float = 0.1,
     # u_t(x) divides by the kernel width s_t (the posterior weights' temperature), and in
     # float32 the u-shaped and logit-normal samplers can return t = 1.0 exactly (rounding up),
     # where s_1 = 0 would make every weight 0 / 0.
-    problems.append(f"objective.path={path!r} with objective.sigma={sigma!r}: the kernel "
-                    "width s_t of p_t(x | x1) = N(alpha_t x1, s_t^2 I) is 0 at t = 1, where "
-                    "the marginal field's posterior weights are 0 / 0; use path 'icfm' or "
-                    "'linear' with sigma > 0, or 'cosine'")
+    problems.append(
+      f"objective.path={path!r} with objective.sigma={sigma!r}: the kernel "
+      "width s_t of p_t(x | x1) = N(alpha_t x1, s_t^2 I) is 0 at t = 1, where "
+      "the marginal field's posterior weights are 0 / 0; use path 'icfm' or "
+      "'linear' with sigma > 0, or 'cosine'"
+    )
   return problems
 
 
@@ -86,21 +91,33 @@ def _context_problems(context: base.ObjectiveContext) -> list[str]:
   source (the marginal field's Gaussian kernel) and no labels."""
   problems = []
   if context.target_sampler is None:
-    problems.append("objective marginal_fm draws its finite data set from a target generated on "
-                    "device: it needs data.kind='toy2d' (2D toys only; images have no sampler "
-                    "to draw num_points examples from)")
+    problems.append(
+      "objective marginal_fm draws its finite data set from a target generated on "
+      "device: it needs data.kind='toy2d' (2D toys only; images have no sampler "
+      "to draw num_points examples from)"
+    )
   if not context.source_is_normal:
-    problems.append("objective marginal_fm needs data.source='normal': its exact field "
-                    "u_t(x) = sum_i w_i u_t(x | x1_i) assumes x0 ~ N(0, I), so that p_t(x | x1) "
-                    "is the Gaussian N(alpha_t x1, s_t^2 I)")
+    problems.append(
+      "objective marginal_fm needs data.source='normal': its exact field "
+      "u_t(x) = sum_i w_i u_t(x | x1_i) assumes x0 ~ N(0, I), so that p_t(x | x1) "
+      "is the Gaussian N(alpha_t x1, s_t^2 I)"
+    )
   if context.num_classes:
-    problems.append(f"objective marginal_fm is unconditional (the field of the whole finite "
-                    f"set), but data.num_classes={context.num_classes}; set data.num_classes=0")
+    problems.append(
+      f"objective marginal_fm is unconditional (the field of the whole finite "
+      f"set), but data.num_classes={context.num_classes}; set data.num_classes=0"
+    )
   return problems
 
 
-def marginal_fm(context: base.ObjectiveContext, *, num_points: int = 1024, path: str = "icfm",
-                sigma: float = 0.1, time_sampler: str = "uniform") -> base.Objective:
+def marginal_fm(
+  context: base.ObjectiveContext,
+  *,
+  num_points: int = 1024,
+  path: str = "icfm",
+  sigma: float = 0.1,
+  time_sampler: str = "uniform",
+) -> base.Objective:
   """Marginal FM on ``num_points`` target points:
   ``E_t E_{x ~ p_t} ||v(x, t) - u_t(x)||^2 / D`` with the exact field
   :func:`diffjax.losses.marginal_fm_loss` (Lipman et al. 2023, eq. 5 and 8,
@@ -119,8 +136,9 @@ def marginal_fm(context: base.ObjectiveContext, *, num_points: int = 1024, path:
       take none).
     time_sampler: a :data:`diffjax.losses.TIME_SAMPLERS` name.
   """
-  problems = (check(num_points=num_points, path=path, sigma=sigma, time_sampler=time_sampler)
-              + _context_problems(context))
+  problems = check(
+    num_points=num_points, path=path, sigma=sigma, time_sampler=time_sampler
+  ) + _context_problems(context)
   if problems:
     raise ValueError("; ".join(problems))
   path_fn = _path(path, sigma)
@@ -143,24 +161,39 @@ def marginal_fm(context: base.ObjectiveContext, *, num_points: int = 1024, path:
   def loss_fn(params, key, batch):
     # Split as flow_matching's loss does, so one key gives both objectives the same (t, x_t).
     k_example, _, k_dropout = jax.random.split(key, 3)
-    example = losses_lib.flow_matching_example(k_example, x0=batch["x0"], x1=batch["x"],
-                                               path=path_fn, time_sampler=sample_time)
-    prediction = context.apply(params, example.model_input, example.model_time, None,
-                               dropout_key=k_dropout)
+    example = losses_lib.flow_matching_example(
+      k_example, x0=batch["x0"], x1=batch["x"], path=path_fn, time_sampler=sample_time
+    )
+    prediction = context.apply(
+      params, example.model_input, example.model_time, None, dropout_key=k_dropout
+    )
     return losses_lib.marginal_fm_loss(prediction, example, data=points, path=path_fn)
 
-  generate = samplers_lib.flow_generator(apply=context.apply, source=context.source,
-                                         data_shape=context.data_shape)
+  generate = samplers_lib.flow_generator(
+    apply=context.apply, source=context.source, data_shape=context.data_shape
+  )
   # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
   log_likelihood = base.probability_flow_likelihood(
-      lambda params: lambda x, t: context.apply(params, x, t, None), data_time=1.0,
-      noise_time=0.0, data_shape=context.data_shape)
-  return base.Objective(loss_fn=loss_fn, pair_fn=pair_fn, host_pairing=None, generate=generate,
-                        log_likelihood=log_likelihood)
+    lambda params: lambda x, t: context.apply(params, x, t, None),
+    data_time=1.0,
+    noise_time=0.0,
+    data_shape=context.data_shape,
+  )
+  return base.Objective(
+    loss_fn=loss_fn,
+    pair_fn=pair_fn,
+    host_pairing=None,
+    generate=generate,
+    log_likelihood=log_likelihood,
+  )
 
 
 SPEC = base.ObjectiveSpec(
-    build=marginal_fm, check=check, samplers=samplers_lib.FLOW_SAMPLERS, default_sampler="euler",
-    output="velocity",
-    summary="Marginal FM: the exact O(N) field of N toy points, no Dirac decoupling "
-            "(Lipman et al. 2023, eq. 8)")
+  build=marginal_fm,
+  check=check,
+  samplers=samplers_lib.FLOW_SAMPLERS,
+  default_sampler="euler",
+  output="velocity",
+  summary="Marginal FM: the exact O(N) field of N toy points, no Dirac decoupling "
+  "(Lipman et al. 2023, eq. 8)",
+)

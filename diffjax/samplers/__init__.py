@@ -19,62 +19,174 @@ Modules (private detail; import from here):
 * :mod:`~diffjax.samplers.generate`: generators for trained models (the training code's edge).
 """
 
-from diffjax.samplers.adaptive import (ADAPTIVE_SOLVERS, evaluations_per_step,
-                                       get_adaptive_solver, integrate_adaptive)
-from diffjax.samplers.diffusion import (DDPM_VARIANCES, ddim_sample, ddpm_sample,
-                                        default_time_of_step, discrete_coefficients,
-                                        dpm_solver_pp_sample, euler_ancestral_sample,
-                                        get_ddpm_variance, interpolated_coefficients_fn,
-                                        large_variance, small_variance)
+from diffjax.samplers.adaptive import (
+  ADAPTIVE_SOLVERS,
+  evaluations_per_step,
+  get_adaptive_solver,
+  integrate_adaptive,
+)
+from diffjax.samplers.diffusion import (
+  DDPM_VARIANCES,
+  ddim_sample,
+  ddpm_sample,
+  default_time_of_step,
+  discrete_coefficients,
+  dpm_solver_pp_sample,
+  euler_ancestral_sample,
+  get_ddpm_variance,
+  interpolated_coefficients_fn,
+  large_variance,
+  small_variance,
+)
 from diffjax.samplers.edm import edm_sample
-from diffjax.samplers.fields import (CoefficientsFn, Denoiser, Predictor, SamplerOutput,
-                                     SigmaDenoiser, VelocityField, denoiser,
-                                     log_snr_of, ode_field,
-                                     sigma_denoiser, time_of_log_snr, velocity_field)
-from diffjax.samplers.generate import (CONTINUOUS_SAMPLERS, FLOW_SAMPLERS,
-                                       continuous_diffusion_generator, diffusion_generator,
-                                       edm_generator, flow_generator, noise_level_coefficients)
-from diffjax.samplers.grids import (DISCRETE_STEPS, TIME_GRIDS, edm_grid, edm_sigmas,
-                                    get_discrete_steps, get_time_grid, leading_steps,
-                                    linspace_steps, log_snr_grid, trailing_steps, uniform_grid)
+from diffjax.samplers.fields import (
+  CoefficientsFn,
+  Denoiser,
+  Predictor,
+  SamplerOutput,
+  SigmaDenoiser,
+  VelocityField,
+  denoiser,
+  log_snr_of,
+  ode_field,
+  sigma_denoiser,
+  time_of_log_snr,
+  velocity_field,
+)
+from diffjax.samplers.generate import (
+  CONTINUOUS_SAMPLERS,
+  FLOW_SAMPLERS,
+  continuous_diffusion_generator,
+  diffusion_generator,
+  edm_generator,
+  flow_generator,
+  noise_level_coefficients,
+)
+from diffjax.samplers.grids import (
+  DISCRETE_STEPS,
+  TIME_GRIDS,
+  edm_grid,
+  edm_sigmas,
+  get_discrete_steps,
+  get_time_grid,
+  leading_steps,
+  linspace_steps,
+  log_snr_grid,
+  trailing_steps,
+  uniform_grid,
+)
 from diffjax.samplers.guidance import batched_classifier_free_guidance, classifier_free_guidance
-from diffjax.samplers.likelihood import (DIVERGENCES, PIXEL_BIN_WIDTH, PROBES, LikelihoodOutput,
-                                         bits_per_dim, dequantize, exact_divergence,
-                                         gaussian_probes, get_divergence, get_probes,
-                                         hutchinson_divergence, log_likelihood,
-                                         rademacher_probes, standard_normal_log_prob)
-from diffjax.samplers.ode import (FIXED_STEP_METHODS, FixedStepMethod, ODESolution, euler_step,
-                                  get_fixed_step_method, heun_step, integrate_fixed,
-                                  midpoint_step, rk4_step)
+from diffjax.samplers.likelihood import (
+  DIVERGENCES,
+  PIXEL_BIN_WIDTH,
+  PROBES,
+  LikelihoodOutput,
+  bits_per_dim,
+  dequantize,
+  exact_divergence,
+  gaussian_probes,
+  get_divergence,
+  get_probes,
+  hutchinson_divergence,
+  log_likelihood,
+  rademacher_probes,
+  standard_normal_log_prob,
+)
+from diffjax.samplers.ode import (
+  FIXED_STEP_METHODS,
+  FixedStepMethod,
+  ODESolution,
+  euler_step,
+  get_fixed_step_method,
+  heun_step,
+  integrate_fixed,
+  midpoint_step,
+  rk4_step,
+)
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
 
 __all__ = [
-    # fields
-    "Predictor", "CoefficientsFn", "Denoiser", "VelocityField", "SigmaDenoiser", "SamplerOutput",
-    "log_snr_of", "denoiser", "velocity_field", "ode_field",
-    "time_of_log_snr", "sigma_denoiser",
-    # grids
-    "uniform_grid", "edm_sigmas", "edm_grid", "log_snr_grid", "TIME_GRIDS", "get_time_grid",
-    "linspace_steps", "leading_steps", "trailing_steps", "DISCRETE_STEPS", "get_discrete_steps",
-    # ode
-    "ODESolution", "euler_step", "heun_step", "midpoint_step", "rk4_step", "FixedStepMethod",
-    "FIXED_STEP_METHODS", "get_fixed_step_method", "integrate_fixed",
-    # adaptive
-    "ADAPTIVE_SOLVERS", "get_adaptive_solver", "evaluations_per_step", "integrate_adaptive",
-    # diffusion
-    "default_time_of_step", "discrete_coefficients", "interpolated_coefficients_fn",
-    "small_variance", "large_variance", "DDPM_VARIANCES", "get_ddpm_variance", "ddpm_sample",
-    "ddim_sample", "euler_ancestral_sample", "dpm_solver_pp_sample",
-    # edm
-    "edm_sample",
-    # guidance
-    "classifier_free_guidance", "batched_classifier_free_guidance",
-    # likelihood
-    "DIVERGENCES", "exact_divergence", "hutchinson_divergence", "get_divergence",
-    "rademacher_probes", "gaussian_probes", "PROBES", "get_probes", "standard_normal_log_prob",
-    "LikelihoodOutput", "log_likelihood", "PIXEL_BIN_WIDTH", "dequantize", "bits_per_dim",
-    # registry and generators
-    "Sampler", "SAMPLERS", "get_sampler", "FLOW_SAMPLERS", "flow_generator",
-    "diffusion_generator", "CONTINUOUS_SAMPLERS", "continuous_diffusion_generator",
-    "edm_generator", "noise_level_coefficients",
+  # fields
+  "Predictor",
+  "CoefficientsFn",
+  "Denoiser",
+  "VelocityField",
+  "SigmaDenoiser",
+  "SamplerOutput",
+  "log_snr_of",
+  "denoiser",
+  "velocity_field",
+  "ode_field",
+  "time_of_log_snr",
+  "sigma_denoiser",
+  # grids
+  "uniform_grid",
+  "edm_sigmas",
+  "edm_grid",
+  "log_snr_grid",
+  "TIME_GRIDS",
+  "get_time_grid",
+  "linspace_steps",
+  "leading_steps",
+  "trailing_steps",
+  "DISCRETE_STEPS",
+  "get_discrete_steps",
+  # ode
+  "ODESolution",
+  "euler_step",
+  "heun_step",
+  "midpoint_step",
+  "rk4_step",
+  "FixedStepMethod",
+  "FIXED_STEP_METHODS",
+  "get_fixed_step_method",
+  "integrate_fixed",
+  # adaptive
+  "ADAPTIVE_SOLVERS",
+  "get_adaptive_solver",
+  "evaluations_per_step",
+  "integrate_adaptive",
+  # diffusion
+  "default_time_of_step",
+  "discrete_coefficients",
+  "interpolated_coefficients_fn",
+  "small_variance",
+  "large_variance",
+  "DDPM_VARIANCES",
+  "get_ddpm_variance",
+  "ddpm_sample",
+  "ddim_sample",
+  "euler_ancestral_sample",
+  "dpm_solver_pp_sample",
+  # edm
+  "edm_sample",
+  # guidance
+  "classifier_free_guidance",
+  "batched_classifier_free_guidance",
+  # likelihood
+  "DIVERGENCES",
+  "exact_divergence",
+  "hutchinson_divergence",
+  "get_divergence",
+  "rademacher_probes",
+  "gaussian_probes",
+  "PROBES",
+  "get_probes",
+  "standard_normal_log_prob",
+  "LikelihoodOutput",
+  "log_likelihood",
+  "PIXEL_BIN_WIDTH",
+  "dequantize",
+  "bits_per_dim",
+  # registry and generators
+  "Sampler",
+  "SAMPLERS",
+  "get_sampler",
+  "FLOW_SAMPLERS",
+  "flow_generator",
+  "diffusion_generator",
+  "CONTINUOUS_SAMPLERS",
+  "continuous_diffusion_generator",
+  "edm_generator",
+  "noise_level_coefficients",
 ]

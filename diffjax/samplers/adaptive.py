@@ -10,7 +10,8 @@ Tsitouras 5(4) ("tsit5", Tsitouras 2011), Dormand-Prince 8(7) ("dopri8", for ref
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import jax
@@ -20,15 +21,14 @@ from jax import Array
 from diffjax._lookup import lookup
 from diffjax.samplers.ode import Field, ODESolution, check_times
 
-__all__ = ["ADAPTIVE_SOLVERS", "get_adaptive_solver", "evaluations_per_step",
-           "integrate_adaptive"]
+__all__ = ["ADAPTIVE_SOLVERS", "get_adaptive_solver", "evaluations_per_step", "integrate_adaptive"]
 
 PyTree = Any
 
 ADAPTIVE_SOLVERS: dict[str, Callable[[], diffrax.AbstractAdaptiveSolver]] = {
-    "dopri5": diffrax.Dopri5,
-    "tsit5": diffrax.Tsit5,
-    "dopri8": diffrax.Dopri8,
+  "dopri5": diffrax.Dopri5,
+  "tsit5": diffrax.Tsit5,
+  "dopri8": diffrax.Dopri8,
 }
 
 
@@ -50,11 +50,18 @@ def evaluations_per_step(solver: diffrax.AbstractAdaptiveSolver) -> tuple[int, i
   return stages - fsal, fsal
 
 
-def integrate_adaptive(field: Field, y0: PyTree, *, times: Array,
-                       solver: diffrax.AbstractAdaptiveSolver, rtol: float = 1e-5,
-                       atol: float = 1e-5, max_steps: int = 4096,
-                       initial_step_fraction: float = 1.0 / 64,
-                       return_trajectory: bool = False) -> ODESolution:
+def integrate_adaptive(
+  field: Field,
+  y0: PyTree,
+  *,
+  times: Array,
+  solver: diffrax.AbstractAdaptiveSolver,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  max_steps: int = 4096,
+  initial_step_fraction: float = 1.0 / 64,
+  return_trajectory: bool = False,
+) -> ODESolution:
   """Integrates ``dy/dt = field(y, t)`` from ``times[0]`` to ``times[-1]`` adaptively.
 
   The interior ``times`` only say where the trajectory is saved (dense output); steps are chosen
@@ -73,9 +80,16 @@ def integrate_adaptive(field: Field, y0: PyTree, *, times: Array,
   t0, t1 = times[0], times[-1]
   saveat = diffrax.SaveAt(ts=times) if return_trajectory else diffrax.SaveAt(t1=True)
   solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(lambda t, y, args: field(y, t)), solver, t0=t0, t1=t1,
-      dt0=initial_step_fraction * (t1 - t0), y0=y0, saveat=saveat,
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
+    diffrax.ODETerm(lambda t, y, args: field(y, t)),
+    solver,
+    t0=t0,
+    t1=t1,
+    dt0=initial_step_fraction * (t1 - t0),
+    y0=y0,
+    saveat=saveat,
+    stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+    max_steps=max_steps,
+  )
   per_step, extra = evaluations_per_step(solver)
   nfe = (solution.stats["num_steps"] * per_step + extra).astype(jnp.int32)
   # SaveAt(t1=True) saves one time and SaveAt(ts=times) ends at t1: the last entry either way.

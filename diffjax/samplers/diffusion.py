@@ -17,7 +17,7 @@ their precision.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +27,30 @@ from jax import Array
 from diffjax import parameterization
 from diffjax._lookup import lookup
 from diffjax.parameterization import Coefficients, PredictionTarget, discrete_coefficients
-from diffjax.samplers.fields import (CoefficientsFn, Denoiser, Predictor, SamplerOutput,
-                                     SigmaDenoiser, prepend_initial)
+from diffjax.samplers.fields import (
+  CoefficientsFn,
+  Denoiser,
+  Predictor,
+  SamplerOutput,
+  SigmaDenoiser,
+  prepend_initial,
+)
 from diffjax.samplers.ode import check_times
 from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import concrete, in_compute_dtype
 
 __all__ = [
-    "default_time_of_step",
-    "discrete_coefficients",
-    "interpolated_coefficients_fn",
-    "small_variance",
-    "large_variance",
-    "DDPM_VARIANCES",
-    "get_ddpm_variance",
-    "ddpm_sample",
-    "ddim_sample",
-    "euler_ancestral_sample",
-    "dpm_solver_pp_sample",
+  "default_time_of_step",
+  "discrete_coefficients",
+  "interpolated_coefficients_fn",
+  "small_variance",
+  "large_variance",
+  "DDPM_VARIANCES",
+  "get_ddpm_variance",
+  "ddpm_sample",
+  "ddim_sample",
+  "euler_ancestral_sample",
+  "dpm_solver_pp_sample",
 ]
 
 
@@ -54,8 +60,9 @@ def default_time_of_step(steps: Array, *, num_train_steps: int) -> Array:
   return (steps + 1).astype(jnp.float32) / num_train_steps
 
 
-def interpolated_coefficients_fn(schedule: DiscreteSchedule, *,
-                                 log_snr_floor: float = -30.0) -> CoefficientsFn:
+def interpolated_coefficients_fn(
+  schedule: DiscreteSchedule, *, log_snr_floor: float = -30.0
+) -> CoefficientsFn:
   """A continuous-time view of a discrete schedule, for the continuous samplers.
 
   ``lambda(t)`` interpolates ``lambda_s`` linearly at the model times ``t_s = (s + 1) / T`` (the
@@ -76,11 +83,17 @@ def interpolated_coefficients_fn(schedule: DiscreteSchedule, *,
     t = in_compute_dtype(t)
     (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(alpha_sigma, (t,), (jnp.ones_like(t),))
     return Coefficients(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma)
+
   return coefficients_fn
 
 
-def small_variance(*, log_alpha_bar: Array, log_alpha_bar_prev: Array,
-                   log_one_minus_alpha_bar: Array, log_one_minus_alpha_bar_prev: Array) -> Array:
+def small_variance(
+  *,
+  log_alpha_bar: Array,
+  log_alpha_bar_prev: Array,
+  log_one_minus_alpha_bar: Array,
+  log_one_minus_alpha_bar_prev: Array,
+) -> Array:
   """The posterior variance ``beta_tilde = (1 - abar_prev) / (1 - abar) beta`` with
   ``beta = 1 - abar / abar_prev`` (Ho et al. 2020, eq. 7, https://arxiv.org/abs/2006.11239;
   respaced as in Nichol & Dhariwal 2021, Sec. 4, https://arxiv.org/abs/2102.09672)."""
@@ -88,8 +101,13 @@ def small_variance(*, log_alpha_bar: Array, log_alpha_bar_prev: Array,
   return jnp.exp(log_one_minus_alpha_bar_prev - log_one_minus_alpha_bar) * beta
 
 
-def large_variance(*, log_alpha_bar: Array, log_alpha_bar_prev: Array,
-                   log_one_minus_alpha_bar: Array, log_one_minus_alpha_bar_prev: Array) -> Array:
+def large_variance(
+  *,
+  log_alpha_bar: Array,
+  log_alpha_bar_prev: Array,
+  log_one_minus_alpha_bar: Array,
+  log_one_minus_alpha_bar_prev: Array,
+) -> Array:
   """The forward variance ``beta = 1 - abar / abar_prev`` (Ho et al. 2020, Sec. 3.2: ``sigma_t^2
   = beta_t`` is optimal for ``x0 ~ N(0, I)``, ``beta_tilde`` for a single data point)."""
   del log_one_minus_alpha_bar, log_one_minus_alpha_bar_prev
@@ -97,8 +115,8 @@ def large_variance(*, log_alpha_bar: Array, log_alpha_bar_prev: Array,
 
 
 DDPM_VARIANCES: dict[str, Callable[..., Array]] = {
-    "small": small_variance,
-    "large": large_variance,
+  "small": small_variance,
+  "large": large_variance,
 }
 
 
@@ -110,7 +128,8 @@ def get_ddpm_variance(name: str) -> Callable[..., Array]:
 def check_discrete_target(target: PredictionTarget) -> None:
   """:func:`diffjax.parameterization.check_discrete_target`, offering the continuous samplers."""
   parameterization.check_discrete_target(
-      target, fix="sample it with a continuous sampler (euler, heun, ...) instead")
+    target, fix="sample it with a continuous sampler (euler, heun, ...) instead"
+  )
 
 
 def check_steps(steps, num_train_steps: int) -> None:
@@ -121,11 +140,15 @@ def check_steps(steps, num_train_steps: int) -> None:
   if values.ndim != 1 or values.size < 1:
     raise ValueError(f"steps must be a 1-D array of step indices, got shape {values.shape}")
   if values.min() < 0 or values.max() >= num_train_steps:
-    raise ValueError(f"steps must lie in [0, {num_train_steps}), got {values.min()}.."
-                     f"{values.max()}; build them with get_discrete_steps")
+    raise ValueError(
+      f"steps must lie in [0, {num_train_steps}), got {values.min()}.."
+      f"{values.max()}; build them with get_discrete_steps"
+    )
   if values.size > 1 and not np.all(np.diff(values) < 0):
-    raise ValueError("steps must be strictly decreasing (noisiest first), e.g. "
-                     "trailing_steps(num_steps=50, num_train_steps=1000)")
+    raise ValueError(
+      "steps must be strictly decreasing (noisiest first), e.g. "
+      "trailing_steps(num_steps=50, num_train_steps=1000)"
+    )
 
 
 def _discrete_plan(schedule: DiscreteSchedule, steps: Array, time_of_step):
@@ -146,11 +169,18 @@ def _full(value, x):
   return jnp.full(x.shape[:1], value, dtype=jnp.result_type(value))
 
 
-def ddpm_sample(key: Array, predict: Predictor, x_init: Array, *, target: PredictionTarget,
-                schedule: DiscreteSchedule, steps: Array,
-                variance: Callable[..., Array] = small_variance,
-                time_of_step: Callable[[Array], Array] | None = None,
-                return_trajectory: bool = False) -> SamplerOutput:
+def ddpm_sample(
+  key: Array,
+  predict: Predictor,
+  x_init: Array,
+  *,
+  target: PredictionTarget,
+  schedule: DiscreteSchedule,
+  steps: Array,
+  variance: Callable[..., Array] = small_variance,
+  time_of_step: Callable[[Array], Array] | None = None,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
   """DDPM ancestral sampling: ``x_prev ~ N(mu~(x_s, x0_hat), var)`` at each step.
 
   ``mu~ = sqrt(abar_prev) beta / (1 - abar) x0_hat + sqrt(1 - beta) (1 - abar_prev) / (1 - abar)
@@ -182,10 +212,12 @@ def ddpm_sample(key: Array, predict: Predictor, x_init: Array, *, target: Predic
     lam, lam_prev, t, step_key, last = inputs
     coefficients = discrete_coefficients(_full(lam, x))
     x0, _ = target.to_x0_eps(predict(x, _full(t, x)), x_t=x, coefficients=coefficients)
-    logs = dict(log_alpha_bar=jax.nn.log_sigmoid(lam),
-                log_alpha_bar_prev=jax.nn.log_sigmoid(lam_prev),
-                log_one_minus_alpha_bar=jax.nn.log_sigmoid(-lam),
-                log_one_minus_alpha_bar_prev=jax.nn.log_sigmoid(-lam_prev))
+    logs = dict(
+      log_alpha_bar=jax.nn.log_sigmoid(lam),
+      log_alpha_bar_prev=jax.nn.log_sigmoid(lam_prev),
+      log_one_minus_alpha_bar=jax.nn.log_sigmoid(-lam),
+      log_one_minus_alpha_bar_prev=jax.nn.log_sigmoid(-lam_prev),
+    )
     beta = -jnp.expm1(logs["log_alpha_bar"] - logs["log_alpha_bar_prev"])
     ratio = jnp.exp(logs["log_one_minus_alpha_bar_prev"] - logs["log_one_minus_alpha_bar"])
     coef_x0 = jnp.exp(0.5 * logs["log_alpha_bar_prev"] - logs["log_one_minus_alpha_bar"]) * beta
@@ -196,14 +228,23 @@ def ddpm_sample(key: Array, predict: Predictor, x_init: Array, *, target: Predic
     return x_prev, (x_prev if return_trajectory else None)
 
   samples, path = jax.lax.scan(body, x_init, (log_snr, log_snr_prev, t_model, keys, is_last))
-  return SamplerOutput(samples=samples, trajectory=prepend_initial(x_init, path),
-                       nfe=jnp.asarray(num_steps, jnp.int32))
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )
 
 
-def ddim_sample(key: Array, predict: Predictor, x_init: Array, *, target: PredictionTarget,
-                schedule: DiscreteSchedule, steps: Array, eta: float = 0.0,
-                time_of_step: Callable[[Array], Array] | None = None,
-                return_trajectory: bool = False) -> SamplerOutput:
+def ddim_sample(
+  key: Array,
+  predict: Predictor,
+  x_init: Array,
+  *,
+  target: PredictionTarget,
+  schedule: DiscreteSchedule,
+  steps: Array,
+  eta: float = 0.0,
+  time_of_step: Callable[[Array], Array] | None = None,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
   """DDIM: ``x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - s^2) eps_hat + s z``.
 
   ``s = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)`` (Song, Meng & Ermon
@@ -235,25 +276,36 @@ def ddim_sample(key: Array, predict: Predictor, x_init: Array, *, target: Predic
     return x_prev, (x_prev if return_trajectory else None)
 
   samples, path = jax.lax.scan(body, x_init, (log_snr, log_snr_prev, t_model, keys))
-  return SamplerOutput(samples=samples, trajectory=prepend_initial(x_init, path),
-                       nfe=jnp.asarray(num_steps, jnp.int32))
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )
 
 
 def check_sigmas(sigmas) -> None:
   """Noise levels must be a decreasing 1-D grid of at least two non-negative values."""
   shape = jnp.shape(sigmas)
   if len(shape) != 1 or shape[0] < 2:
-    raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {shape}; "
-                     "build one with edm_sigmas")
+    raise ValueError(
+      f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {shape}; "
+      "build one with edm_sigmas"
+    )
   values = concrete(sigmas)
   if values is not None and (values.min() < 0 or not np.all(np.diff(values) < 0)):
-    raise ValueError("sigmas must be non-negative and strictly decreasing, e.g. "
-                     "edm_sigmas(num_steps=18)")
+    raise ValueError(
+      "sigmas must be non-negative and strictly decreasing, e.g. edm_sigmas(num_steps=18)"
+    )
 
 
-def euler_ancestral_sample(key: Array, denoise: SigmaDenoiser, x_init: Array, *, sigmas: Array,
-                           eta: float = 1.0, s_noise: float = 1.0,
-                           return_trajectory: bool = False) -> SamplerOutput:
+def euler_ancestral_sample(
+  key: Array,
+  denoise: SigmaDenoiser,
+  x_init: Array,
+  *,
+  sigmas: Array,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
   """Euler-ancestral sampling in variance-exploding coordinates (k-diffusion style).
 
   Each step splits ``sigma -> sigma_next`` into a deterministic Euler step of the probability-flow
@@ -280,21 +332,30 @@ def euler_ancestral_sample(key: Array, denoise: SigmaDenoiser, x_init: Array, *,
   def body(x, inputs):
     sigma, sigma_next, step_key = inputs
     x0 = denoise(x, _full(sigma, x))
-    sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(
-        jnp.maximum(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)))
+    sigma_up = jnp.minimum(
+      sigma_next,
+      eta * jnp.sqrt(jnp.maximum(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)),
+    )
     sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
     x_next = x + (sigma_down - sigma) * (x - x0) / sigma
     x_next = x_next + s_noise * sigma_up * jax.random.normal(step_key, x.shape, x.dtype)
     return x_next, (x_next if return_trajectory else None)
 
   samples, path = jax.lax.scan(body, x_init, (sigmas[:-1], sigmas[1:], keys))
-  return SamplerOutput(samples=samples, trajectory=prepend_initial(x_init, path),
-                       nfe=jnp.asarray(num_steps, jnp.int32))
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )
 
 
-def dpm_solver_pp_sample(denoise: Denoiser, x_init: Array, *, times: Array,
-                         coefficients_fn: CoefficientsFn, order: int = 2,
-                         return_trajectory: bool = False) -> SamplerOutput:
+def dpm_solver_pp_sample(
+  denoise: Denoiser,
+  x_init: Array,
+  *,
+  times: Array,
+  coefficients_fn: CoefficientsFn,
+  order: int = 2,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
   """DPM-Solver++ multistep (2M, 3M): data prediction, exponential integrator in log-SNR.
 
   With ``lambda = log(alpha / sigma)``, ``h = lambda_t - lambda_s`` and ``phi = 1 - e^{-h}``, the
@@ -347,8 +408,7 @@ def dpm_solver_pp_sample(denoise: Denoiser, x_init: Array, *, times: Array,
     d1_1 = (m1 - m2) * (hs / h2)
     d1 = d1_0 + (h1 / (h1 + h2)) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) * (hs / (h1 + h2))
-    x3 = (x1 + alpha_t * (1.0 - phi / hs) * d1
-          - alpha_t * ((hs - phi) / hs**2 - 0.5) * d2)
+    x3 = x1 + alpha_t * (1.0 - phi / hs) * d1 - alpha_t * ((hs - phi) / hs**2 - 0.5) * d2
     step_order = jnp.where(finite, jnp.minimum(order, i + 1), 1)
     x_next = jnp.where(step_order == 3, x3, jnp.where(step_order == 2, x2, x1))
     h_safe = jnp.where(finite, h, far)
@@ -356,8 +416,16 @@ def dpm_solver_pp_sample(denoise: Denoiser, x_init: Array, *, times: Array,
 
   zeros = jnp.zeros_like(x_init)
   one = jnp.ones((), lambdas.dtype)
-  inputs = (jnp.arange(num_steps), times[:-1], lambdas[:-1], lambdas[1:], sigmas[:-1],
-            sigmas[1:], alphas[1:])
+  inputs = (
+    jnp.arange(num_steps),
+    times[:-1],
+    lambdas[:-1],
+    lambdas[1:],
+    sigmas[:-1],
+    sigmas[1:],
+    alphas[1:],
+  )
   (samples, *_), path = jax.lax.scan(body, (x_init, zeros, zeros, one, one), inputs)
-  return SamplerOutput(samples=samples, trajectory=prepend_initial(x_init, path),
-                       nfe=jnp.asarray(num_steps, jnp.int32))
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )

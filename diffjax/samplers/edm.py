@@ -19,9 +19,18 @@ from diffjax.samplers.fields import SamplerOutput, SigmaDenoiser, prepend_initia
 __all__ = ["edm_sample"]
 
 
-def edm_sample(key: Array, denoise: SigmaDenoiser, x_init: Array, *, sigmas: Array,
-               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-               s_noise: float = 1.0, return_trajectory: bool = False) -> SamplerOutput:
+def edm_sample(
+  key: Array,
+  denoise: SigmaDenoiser,
+  x_init: Array,
+  *,
+  sigmas: Array,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = math.inf,
+  s_noise: float = 1.0,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
   """EDM's stochastic sampler: churn, then a Heun step of the probability-flow ODE.
 
   For ``i = 0..N-1`` (``sigma_N`` is usually 0):

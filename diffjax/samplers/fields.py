@@ -19,7 +19,8 @@ conversion goes through ``target.to_x0_eps``, so every sampler works with every 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +30,19 @@ from diffjax.parameterization import Coefficients, PredictionTarget, velocity_fr
 from diffjax.shapes import broadcast_to_data, compute_dtype, in_compute_dtype
 
 __all__ = [
-    "Predictor",
-    "CoefficientsFn",
-    "Denoiser",
-    "VelocityField",
-    "SigmaDenoiser",
-    "SamplerOutput",
-    "log_snr_of",
-    "denoiser",
-    "velocity_field",
-    "ode_field",
-    "time_of_log_snr",
-    "sigma_denoiser",
-    "prepend_initial",
+  "Predictor",
+  "CoefficientsFn",
+  "Denoiser",
+  "VelocityField",
+  "SigmaDenoiser",
+  "SamplerOutput",
+  "log_snr_of",
+  "denoiser",
+  "velocity_field",
+  "ode_field",
+  "time_of_log_snr",
+  "sigma_denoiser",
+  "prepend_initial",
 ]
 
 Predictor = Callable[[Array, Array], Array]
@@ -82,21 +83,25 @@ def log_snr_of(coefficients: Coefficients) -> Array:
   return 2.0 * (jnp.log(coefficients.alpha) - jnp.log(coefficients.sigma))
 
 
-def denoiser(predict: Predictor, *, target: PredictionTarget,
-             coefficients_fn: CoefficientsFn) -> Denoiser:
+def denoiser(
+  predict: Predictor, *, target: PredictionTarget, coefficients_fn: CoefficientsFn
+) -> Denoiser:
   """``(x, t) -> (x0_hat, eps_hat) = target.to_x0_eps(predict(x, t))`` at ``coefficients_fn(t)``.
 
   With an exact prediction these are the posterior means ``E[x0 | x_t]`` and ``E[eps | x_t]``,
   related by ``x_t = alpha x0_hat + sigma eps_hat`` (Tweedie's formula; Efron 2011, and Ho et al.
   2020, eq. 15, https://arxiv.org/abs/2006.11239).
   """
+
   def denoise(x: Array, t: Array) -> tuple[Array, Array]:
     return target.to_x0_eps(predict(x, t), x_t=x, coefficients=coefficients_fn(t))
+
   return denoise
 
 
-def velocity_field(predict: Predictor, *, target: PredictionTarget,
-                   coefficients_fn: CoefficientsFn) -> VelocityField:
+def velocity_field(
+  predict: Predictor, *, target: PredictionTarget, coefficients_fn: CoefficientsFn
+) -> VelocityField:
   """The probability-flow ODE field ``dx/dt = d_alpha x0_hat + d_sigma eps_hat``.
 
   Differentiating ``x_t = alpha x0 + sigma eps`` and taking conditional means gives the marginal
@@ -106,23 +111,28 @@ def velocity_field(predict: Predictor, *, target: PredictionTarget,
   in the time of ``coefficients_fn``: integrate it toward decreasing diffusion time, or toward
   increasing flow time.
   """
+
   def velocity(x: Array, t: Array) -> Array:
     coefficients = coefficients_fn(t)
     x0, eps = target.to_x0_eps(predict(x, t), x_t=x, coefficients=coefficients)
     return velocity_from_x0_eps(x0, eps, coefficients=coefficients)
+
   return velocity
 
 
 def ode_field(velocity: VelocityField) -> Callable[[Array, Array], Array]:
   """``(x, t_scalar) -> velocity(x, t)`` with the scalar solver time repeated over the batch
   (``t = full([batch], t_scalar)``), the form the ODE integrators of this package call."""
+
   def field(x: Array, t: Array) -> Array:
     return velocity(x, jnp.full(x.shape[:1], t, dtype=compute_dtype(t)))
+
   return field
 
 
-def _bisect_log_snr(target: Array, coefficients_fn: CoefficientsFn, t_min: float, t_max: float,
-                    num_iters: int) -> Array:
+def _bisect_log_snr(
+  target: Array, coefficients_fn: CoefficientsFn, t_min: float, t_max: float, num_iters: int
+) -> Array:
   dtype = target.dtype
 
   def lam(t):
@@ -151,8 +161,14 @@ def _bisect_log_snr(target: Array, coefficients_fn: CoefficientsFn, t_min: float
 _bisect_log_snr_jit = jax.jit(_bisect_log_snr, static_argnums=(1, 2, 3, 4))
 
 
-def time_of_log_snr(log_snr: Array, *, coefficients_fn: CoefficientsFn, t_min: float = 0.0,
-                    t_max: float = 1.0, num_iters: int = 48) -> Array:
+def time_of_log_snr(
+  log_snr: Array,
+  *,
+  coefficients_fn: CoefficientsFn,
+  t_min: float = 0.0,
+  t_max: float = 1.0,
+  num_iters: int = 48,
+) -> Array:
   """Inverts ``t -> lambda(t)`` on ``[t_min, t_max]`` by bisection (elementwise in ``log_snr``).
 
   ``lambda`` must be monotone in ``t`` (decreasing in diffusion time, increasing in flow time;
@@ -171,10 +187,15 @@ def time_of_log_snr(log_snr: Array, *, coefficients_fn: CoefficientsFn, t_min: f
   return _bisect_log_snr_jit(target, *args)
 
 
-def sigma_denoiser(predict: Predictor, *, target: PredictionTarget,
-                   coefficients_fn: CoefficientsFn,
-                   time_of_sigma: Callable[[Array], Array] | None = None, t_min: float = 0.0,
-                   t_max: float = 1.0) -> SigmaDenoiser:
+def sigma_denoiser(
+  predict: Predictor,
+  *,
+  target: PredictionTarget,
+  coefficients_fn: CoefficientsFn,
+  time_of_sigma: Callable[[Array], Array] | None = None,
+  t_min: float = 0.0,
+  t_max: float = 1.0,
+) -> SigmaDenoiser:
   """EDM's denoiser ``D(x, sigma)`` for a network trained on any affine process.
 
   In variance-exploding coordinates ``x_ve = x / alpha`` the process is ``x_ve = x0 + sigma_ve
@@ -189,9 +210,11 @@ def sigma_denoiser(predict: Predictor, *, target: PredictionTarget,
       ``sigma(t)`` inverted), or to use the network's own noise-level input.
   """
   if time_of_sigma is None:
+
     def time_of_sigma(sigma):
-      return time_of_log_snr(-2.0 * jnp.log(sigma), coefficients_fn=coefficients_fn,
-                             t_min=t_min, t_max=t_max)
+      return time_of_log_snr(
+        -2.0 * jnp.log(sigma), coefficients_fn=coefficients_fn, t_min=t_min, t_max=t_max
+      )
 
   def denoise(x: Array, sigma: Array) -> Array:
     t = time_of_sigma(sigma)
@@ -199,6 +222,7 @@ def sigma_denoiser(predict: Predictor, *, target: PredictionTarget,
     x_t = broadcast_to_data(coefficients.alpha, x) * x
     x0, _ = target.to_x0_eps(predict(x_t, t), x_t=x_t, coefficients=coefficients)
     return x0
+
   return denoise
 
 

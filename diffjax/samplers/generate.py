@@ -16,22 +16,34 @@ program cached); ``guidance`` is the classifier-free guidance weight ``w`` (None
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
-from diffjax.parameterization import (Coefficients, PredictionTarget, diffusion_coefficients,
-                                      get_prediction_target)
+from diffjax.parameterization import (
+  Coefficients,
+  PredictionTarget,
+  diffusion_coefficients,
+  get_prediction_target,
+)
 from diffjax.samplers import grids
 from diffjax.samplers.diffusion import interpolated_coefficients_fn
 from diffjax.samplers.fields import CoefficientsFn
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 
-__all__ = ["FLOW_SAMPLERS", "CONTINUOUS_SAMPLERS", "flow_generator", "diffusion_generator",
-           "continuous_diffusion_generator", "edm_generator", "noise_level_coefficients"]
+__all__ = [
+  "FLOW_SAMPLERS",
+  "CONTINUOUS_SAMPLERS",
+  "flow_generator",
+  "diffusion_generator",
+  "continuous_diffusion_generator",
+  "edm_generator",
+  "noise_level_coefficients",
+]
 
 FLOW_SAMPLERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "tsit5")
 """Samplers that need only a velocity (any source distribution)."""
@@ -46,21 +58,43 @@ _SIGMA_SAMPLERS = ("edm", "euler_ancestral")
 Generate = Callable[..., dict]
 
 
-def _make_generate(build: Callable[[str, int], Sampler], *, apply: Callable, source: Callable,
-                   default: str, num_classes: int) -> Generate:
+def _make_generate(
+  build: Callable[[str, int], Sampler],
+  *,
+  apply: Callable,
+  source: Callable,
+  default: str,
+  num_classes: int,
+) -> Generate:
   cache: dict[tuple, Callable] = {}
 
-  def generate(params: Any, key: Array, num: int, *, steps: int, sampler: str | None = None,
-               labels: Array | None = None, guidance: float | None = None,
-               return_trajectories: bool = False) -> dict:
+  def generate(
+    params: Any,
+    key: Array,
+    num: int,
+    *,
+    steps: int,
+    sampler: str | None = None,
+    labels: Array | None = None,
+    guidance: float | None = None,
+    return_trajectories: bool = False,
+  ) -> dict:
     name = default if sampler is None else sampler
     if int(steps) != steps or steps < 1:
       raise ValueError(f"steps={steps!r}: must be a positive integer")
     if guidance is not None and labels is None and num_classes < 1:
-      raise ValueError("guidance needs a class-conditional model: pass labels, or build the "
-                       "generator with num_classes > 0 to draw them")
-    signature = (name, int(steps), int(num), guidance is not None, labels is None,
-                 bool(return_trajectories))
+      raise ValueError(
+        "guidance needs a class-conditional model: pass labels, or build the "
+        "generator with num_classes > 0 to draw them"
+      )
+    signature = (
+      name,
+      int(steps),
+      int(num),
+      guidance is not None,
+      labels is None,
+      bool(return_trajectories),
+    )
     if signature not in cache:
       sample_fn = build(name, int(steps))
 
@@ -73,19 +107,31 @@ def _make_generate(build: Callable[[str, int], Sampler], *, apply: Callable, sou
         uncond = None
         if guidance is not None:
           uncond = lambda x, t: apply(params, x, t, None)
-        out = sample_fn(key_sampler, predict, noise, predict_uncond=uncond,
-                        guidance_scale=scale, return_trajectory=return_trajectories)
+        out = sample_fn(
+          key_sampler,
+          predict,
+          noise,
+          predict_uncond=uncond,
+          guidance_scale=scale,
+          return_trajectory=return_trajectories,
+        )
         return dict(samples=out.samples, trajectories=out.trajectory, nfe=out.nfe)
 
       cache[signature] = jax.jit(run)
     scale = jnp.asarray(1.0 if guidance is None else guidance, jnp.float32)
     return cache[signature](params, key, labels, scale)
+
   return generate
 
 
-def flow_generator(*, apply: Callable, source: Callable[[Array, int], Array],
-                   data_shape: tuple[int, ...], num_classes: int = 0,
-                   default_sampler: str = "euler") -> Generate:
+def flow_generator(
+  *,
+  apply: Callable,
+  source: Callable[[Array, int], Array],
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  default_sampler: str = "euler",
+) -> Generate:
   """Generator for a flow-matching model: ``apply`` predicts the velocity in flow time.
 
   Integrates ``dx/dt = apply(params, x, t, cond)`` from ``t = 0`` (``x ~ source``) to ``t = 1``
@@ -99,30 +145,42 @@ def flow_generator(*, apply: Callable, source: Callable[[Array, int], Array],
     num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
     default_sampler: used when ``sampler`` is None.
   """
+
   def build(name: str, steps: int) -> Sampler:
     if name not in FLOW_SAMPLERS:
-      raise ValueError(f"sampler {name!r} cannot sample a velocity model of an arbitrary source; "
-                       f"choose one of {list(FLOW_SAMPLERS)}")
+      raise ValueError(
+        f"sampler {name!r} cannot sample a velocity model of an arbitrary source; "
+        f"choose one of {list(FLOW_SAMPLERS)}"
+      )
     times = grids.uniform_grid(num_steps=steps, t_start=0.0, t_end=1.0)
     return get_sampler(name, target="velocity", times=times)
 
   del data_shape
-  return _make_generate(build, apply=apply, source=source, default=default_sampler,
-                        num_classes=num_classes)
+  return _make_generate(
+    build, apply=apply, source=source, default=default_sampler, num_classes=num_classes
+  )
 
 
 def _normal_source(data_shape: tuple[int, ...]) -> Callable[[Array, int], Array]:
   """``N(0, I)`` draws; every sampler given ``coefficients_fn`` scales them to its prior
   (``sigma(times[0])``, ``sigmas[0]`` or the first discrete step's, see
   :mod:`~diffjax.samplers.registry`)."""
+
   def source(key, num):
     return jax.random.normal(key, (num,) + tuple(data_shape), jnp.float32)
+
   return source
 
 
-def diffusion_generator(*, apply: Callable, schedule: DiscreteSchedule, prediction: str,
-                        data_shape: tuple[int, ...], num_classes: int = 0,
-                        default_sampler: str = "ddim") -> Generate:
+def diffusion_generator(
+  *,
+  apply: Callable,
+  schedule: DiscreteSchedule,
+  prediction: str,
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  default_sampler: str = "ddim",
+) -> Generate:
   """Generator for a model trained on a discrete DDPM ``schedule`` (model time ``(s + 1) / T``).
 
   "ddpm" and "ddim" use ``steps`` trailing steps (Lin et al. 2024); every other sampler of
@@ -152,39 +210,74 @@ def diffusion_generator(*, apply: Callable, schedule: DiscreteSchedule, predicti
       return get_sampler(name, target=target, schedule=schedule, steps=steps_seq)
     if name in ("edm", "euler_ancestral"):
       log_snr = jnp.clip(schedule.log_snr, -30.0, None)
-      sigmas = grids.edm_sigmas(num_steps=steps, sigma_min=float(jnp.exp(-0.5 * log_snr[0])),
-                                sigma_max=float(jnp.exp(-0.5 * log_snr[-1])))
-      return get_sampler(name, target=target, coefficients_fn=coefficients_fn, sigmas=sigmas,
-                         t_min=t_first, t_max=1.0)
+      sigmas = grids.edm_sigmas(
+        num_steps=steps,
+        sigma_min=float(jnp.exp(-0.5 * log_snr[0])),
+        sigma_max=float(jnp.exp(-0.5 * log_snr[-1])),
+      )
+      return get_sampler(
+        name,
+        target=target,
+        coefficients_fn=coefficients_fn,
+        sigmas=sigmas,
+        t_min=t_first,
+        t_max=1.0,
+      )
     times = grids.uniform_grid(num_steps=steps, t_start=1.0, t_end=t_first)
     return get_sampler(name, target=target, coefficients_fn=coefficients_fn, times=times)
 
-  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
-                        default=default_sampler, num_classes=num_classes)
+  return _make_generate(
+    build,
+    apply=apply,
+    source=_normal_source(data_shape),
+    default=default_sampler,
+    num_classes=num_classes,
+  )
 
 
-def _process_build(*, target: PredictionTarget, coefficients_fn: CoefficientsFn,
-                   times: Callable[[int], Array], sigmas: Callable[[int], Array],
-                   denoiser_options: dict, edm_options: dict) -> Callable[[str, int], Sampler]:
+def _process_build(
+  *,
+  target: PredictionTarget,
+  coefficients_fn: CoefficientsFn,
+  times: Callable[[int], Array],
+  sigmas: Callable[[int], Array],
+  denoiser_options: dict,
+  edm_options: dict,
+) -> Callable[[str, int], Sampler]:
   """``build(name, steps)`` for :data:`CONTINUOUS_SAMPLERS`: the ODE solvers and DPM-Solver++
   over ``times(steps)``, "edm" and "euler_ancestral" over ``sigmas(steps)``."""
+
   def build(name: str, steps: int) -> Sampler:
     if name not in CONTINUOUS_SAMPLERS:
-      raise ValueError(f"sampler {name!r} cannot sample a continuous-time diffusion model; "
-                       f"choose one of {list(CONTINUOUS_SAMPLERS)}")
+      raise ValueError(
+        f"sampler {name!r} cannot sample a continuous-time diffusion model; "
+        f"choose one of {list(CONTINUOUS_SAMPLERS)}"
+      )
     if name in _SIGMA_SAMPLERS:
       options = edm_options if name == "edm" else {}
-      return get_sampler(name, target=target, coefficients_fn=coefficients_fn,
-                         sigmas=sigmas(steps), **denoiser_options, **options)
-    return get_sampler(name, target=target, coefficients_fn=coefficients_fn,
-                       times=times(steps))
+      return get_sampler(
+        name,
+        target=target,
+        coefficients_fn=coefficients_fn,
+        sigmas=sigmas(steps),
+        **denoiser_options,
+        **options,
+      )
+    return get_sampler(name, target=target, coefficients_fn=coefficients_fn, times=times(steps))
+
   return build
 
 
-def continuous_diffusion_generator(*, apply: Callable, schedule: ContinuousSchedule,
-                                   prediction: str, data_shape: tuple[int, ...],
-                                   num_classes: int = 0, t_min: float = 1e-5,
-                                   default_sampler: str = "heun") -> Generate:
+def continuous_diffusion_generator(
+  *,
+  apply: Callable,
+  schedule: ContinuousSchedule,
+  prediction: str,
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  t_min: float = 1e-5,
+  default_sampler: str = "heun",
+) -> Generate:
   """Generator for a model trained on a continuous ``schedule`` (diffusion time, ``t = 0``
   data, model time ``t`` in ``[t_min, 1]``).
 
@@ -213,17 +306,28 @@ def continuous_diffusion_generator(*, apply: Callable, schedule: ContinuousSched
   sigma_lo, sigma_hi = float(sigma_ve[0]), float(sigma_ve[1])
 
   def times(steps):
-    return grids.edm_grid(num_steps=steps, t_start=1.0, t_end=t_min,
-                          coefficients_fn=coefficients_fn)
+    return grids.edm_grid(
+      num_steps=steps, t_start=1.0, t_end=t_min, coefficients_fn=coefficients_fn
+    )
 
   def sigmas(steps):
     return grids.edm_sigmas(num_steps=steps, sigma_min=sigma_lo, sigma_max=sigma_hi)
 
-  build = _process_build(target=target, coefficients_fn=coefficients_fn, times=times,
-                         sigmas=sigmas, denoiser_options=dict(t_min=t_min, t_max=1.0),
-                         edm_options={})
-  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
-                        default=default_sampler, num_classes=num_classes)
+  build = _process_build(
+    target=target,
+    coefficients_fn=coefficients_fn,
+    times=times,
+    sigmas=sigmas,
+    denoiser_options=dict(t_min=t_min, t_max=1.0),
+    edm_options={},
+  )
+  return _make_generate(
+    build,
+    apply=apply,
+    source=_normal_source(data_shape),
+    default=default_sampler,
+    num_classes=num_classes,
+  )
 
 
 def noise_level_coefficients(sigma: Array) -> Coefficients:
@@ -232,18 +336,32 @@ def noise_level_coefficients(sigma: Array) -> Coefficients:
   1``; Karras et al. 2022, Table 1, https://arxiv.org/abs/2206.00364). Its probability-flow
   field for an x0 (denoiser) prediction is ``dx / dsigma = (x - D(x; sigma)) / sigma``."""
   sigma = jnp.asarray(sigma)
-  return Coefficients(alpha=jnp.ones_like(sigma), sigma=sigma, d_alpha=jnp.zeros_like(sigma),
-                      d_sigma=jnp.ones_like(sigma))
+  return Coefficients(
+    alpha=jnp.ones_like(sigma),
+    sigma=sigma,
+    d_alpha=jnp.zeros_like(sigma),
+    d_sigma=jnp.ones_like(sigma),
+  )
 
 
 def _identity(sigma: Array) -> Array:
   return sigma
 
 
-def edm_generator(*, apply: Callable, data_shape: tuple[int, ...], num_classes: int = 0,
-                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                  s_noise: float = 1.0, default_sampler: str = "edm") -> Generate:
+def edm_generator(
+  *,
+  apply: Callable,
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  sigma_min: float = 0.002,
+  sigma_max: float = 80.0,
+  rho: float = 7.0,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = float("inf"),
+  s_noise: float = 1.0,
+  default_sampler: str = "edm",
+) -> Generate:
   """Generator for EDM's denoiser ``apply(params, x, sigma, cond) -> D(x; sigma)`` (the
   preconditioned network; model time is the noise level, :func:`noise_level_coefficients`).
 
@@ -264,16 +382,27 @@ def edm_generator(*, apply: Callable, data_shape: tuple[int, ...], num_classes: 
     s_churn, s_tmin, s_tmax, s_noise: the churn of Algorithm 2 (used by "edm").
     default_sampler: used when ``sampler`` is None.
   """
+
   def sigmas(steps):
     return grids.edm_sigmas(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
 
   def times(steps):
-    return grids.edm_sigmas(num_steps=steps + 1, sigma_min=sigma_min, sigma_max=sigma_max,
-                            rho=rho)[:-1]
+    return grids.edm_sigmas(num_steps=steps + 1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)[
+      :-1
+    ]
 
   build = _process_build(
-      target=get_prediction_target("x0"), coefficients_fn=noise_level_coefficients,
-      times=times, sigmas=sigmas, denoiser_options=dict(time_of_sigma=_identity),
-      edm_options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
-  return _make_generate(build, apply=apply, source=_normal_source(data_shape),
-                        default=default_sampler, num_classes=num_classes)
+    target=get_prediction_target("x0"),
+    coefficients_fn=noise_level_coefficients,
+    times=times,
+    sigmas=sigmas,
+    denoiser_options=dict(time_of_sigma=_identity),
+    edm_options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise),
+  )
+  return _make_generate(
+    build,
+    apply=apply,
+    source=_normal_source(data_shape),
+    default=default_sampler,
+    num_classes=num_classes,
+  )

@@ -16,7 +16,7 @@ Names resolve once, at the edge: :func:`get_time_grid`, :func:`get_discrete_step
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +26,17 @@ from diffjax._lookup import lookup
 from diffjax.samplers.fields import CoefficientsFn, log_snr_of, time_of_log_snr
 
 __all__ = [
-    "uniform_grid",
-    "edm_sigmas",
-    "edm_grid",
-    "log_snr_grid",
-    "TIME_GRIDS",
-    "get_time_grid",
-    "linspace_steps",
-    "leading_steps",
-    "trailing_steps",
-    "DISCRETE_STEPS",
-    "get_discrete_steps",
+  "uniform_grid",
+  "edm_sigmas",
+  "edm_grid",
+  "log_snr_grid",
+  "TIME_GRIDS",
+  "get_time_grid",
+  "linspace_steps",
+  "leading_steps",
+  "trailing_steps",
+  "DISCRETE_STEPS",
+  "get_discrete_steps",
 ]
 
 
@@ -45,8 +45,13 @@ def _check_num_steps(num_steps: int):
     raise ValueError(f"num_steps={num_steps!r}: must be a positive integer")
 
 
-def uniform_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0,
-                 coefficients_fn: CoefficientsFn | None = None) -> Array:
+def uniform_grid(
+  *,
+  num_steps: int,
+  t_start: float = 1.0,
+  t_end: float = 0.0,
+  coefficients_fn: CoefficientsFn | None = None,
+) -> Array:
   """``t_i = t_start + i / N (t_end - t_start)``, ``i = 0..N``.
 
   With ``t_start = 1`` this is also the "trailing" continuous-time spacing of Lin et al. 2024
@@ -58,8 +63,9 @@ def uniform_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0,
   return jnp.linspace(t_start, t_end, num_steps + 1, dtype=jnp.float32)
 
 
-def edm_sigmas(*, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-               rho: float = 7.0) -> Array:
+def edm_sigmas(
+  *, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Array:
   """EDM's noise levels: ``sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) -
   sigma_max^(1/rho)))^rho`` for ``i < N`` and ``sigma_N = 0``.
 
@@ -67,22 +73,31 @@ def edm_sigmas(*, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
   """
   _check_num_steps(num_steps)
   if not 0.0 < sigma_min < sigma_max:
-    raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
-                     f"sigma_max={sigma_max}")
+    raise ValueError(
+      f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+    )
   ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32)
-  hi, lo = sigma_max**(1.0 / rho), sigma_min**(1.0 / rho)
-  sigmas = (hi + ramp * (lo - hi))**rho
+  hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+  sigmas = (hi + ramp * (lo - hi)) ** rho
   return jnp.concatenate([sigmas, jnp.zeros((1,), jnp.float32)])
 
 
 def _check_coefficients_fn(coefficients_fn, name):
   if coefficients_fn is None:
-    raise ValueError(f"the {name!r} grid is defined by the process's noise levels: pass "
-                     "coefficients_fn (e.g. functools.partial(diffusion_coefficients, schedule))")
+    raise ValueError(
+      f"the {name!r} grid is defined by the process's noise levels: pass "
+      "coefficients_fn (e.g. functools.partial(diffusion_coefficients, schedule))"
+    )
 
 
-def edm_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0, rho: float = 7.0,
-             coefficients_fn: CoefficientsFn | None = None) -> Array:
+def edm_grid(
+  *,
+  num_steps: int,
+  t_start: float = 1.0,
+  t_end: float = 0.0,
+  rho: float = 7.0,
+  coefficients_fn: CoefficientsFn | None = None,
+) -> Array:
   """Times whose variance-exploding noise levels ``sigma_ve = sigma / alpha`` follow EDM's rho
   spacing (Karras et al. 2022, eq. 5) from ``sigma_ve(t_start)`` to ``sigma_ve(t_end)``.
 
@@ -96,13 +111,19 @@ def edm_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0, rho: f
   root = jnp.exp(log_sigma_ve / rho)
   ramp = jnp.linspace(0.0, 1.0, num_steps + 1, dtype=jnp.float32)
   log_snr = -2.0 * rho * jnp.log(root[0] + ramp * (root[1] - root[0]))
-  times = time_of_log_snr(log_snr, coefficients_fn=coefficients_fn, t_min=min(t_start, t_end),
-                          t_max=max(t_start, t_end))
+  times = time_of_log_snr(
+    log_snr, coefficients_fn=coefficients_fn, t_min=min(t_start, t_end), t_max=max(t_start, t_end)
+  )
   return times.at[0].set(t_start).at[-1].set(t_end)
 
 
-def log_snr_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0,
-                 coefficients_fn: CoefficientsFn | None = None) -> Array:
+def log_snr_grid(
+  *,
+  num_steps: int,
+  t_start: float = 1.0,
+  t_end: float = 0.0,
+  coefficients_fn: CoefficientsFn | None = None,
+) -> Array:
   """Times equally spaced in log-SNR: ``lambda_i = lambda(t_start) + i / N (lambda(t_end) -
   lambda(t_start))``, the "logSNR" spacing of DPM-Solver (Lu et al. 2022, Sec. 3.3,
   https://arxiv.org/abs/2206.00927). Both ends must have finite log-SNR.
@@ -110,17 +131,17 @@ def log_snr_grid(*, num_steps: int, t_start: float = 1.0, t_end: float = 0.0,
   _check_num_steps(num_steps)
   _check_coefficients_fn(coefficients_fn, "log_snr")
   ends = log_snr_of(coefficients_fn(jnp.asarray([t_start, t_end], jnp.float32)))
-  log_snr = ends[0] + jnp.linspace(0.0, 1.0, num_steps + 1, dtype=jnp.float32) * (ends[1] -
-                                                                                    ends[0])
-  times = time_of_log_snr(log_snr, coefficients_fn=coefficients_fn, t_min=min(t_start, t_end),
-                          t_max=max(t_start, t_end))
+  log_snr = ends[0] + jnp.linspace(0.0, 1.0, num_steps + 1, dtype=jnp.float32) * (ends[1] - ends[0])
+  times = time_of_log_snr(
+    log_snr, coefficients_fn=coefficients_fn, t_min=min(t_start, t_end), t_max=max(t_start, t_end)
+  )
   return times.at[0].set(t_start).at[-1].set(t_end)
 
 
 TIME_GRIDS: dict[str, Callable[..., Array]] = {
-    "uniform": uniform_grid,
-    "edm": edm_grid,
-    "log_snr": log_snr_grid,
+  "uniform": uniform_grid,
+  "edm": edm_grid,
+  "log_snr": log_snr_grid,
 }
 
 
@@ -140,8 +161,10 @@ def get_time_grid(name: str, **kwargs) -> Array:
 def _check_steps(num_steps, num_train_steps):
   _check_num_steps(num_steps)
   if num_steps > num_train_steps:
-    raise ValueError(f"num_steps={num_steps} exceeds the schedule's {num_train_steps} steps; "
-                     f"pass num_steps <= {num_train_steps}")
+    raise ValueError(
+      f"num_steps={num_steps} exceeds the schedule's {num_train_steps} steps; "
+      f"pass num_steps <= {num_train_steps}"
+    )
 
 
 def linspace_steps(*, num_steps: int, num_train_steps: int) -> Array:
@@ -173,9 +196,9 @@ def trailing_steps(*, num_steps: int, num_train_steps: int) -> Array:
 
 
 DISCRETE_STEPS: dict[str, Callable[..., Array]] = {
-    "linspace": linspace_steps,
-    "leading": leading_steps,
-    "trailing": trailing_steps,
+  "linspace": linspace_steps,
+  "leading": leading_steps,
+  "trailing": trailing_steps,
 }
 
 

@@ -15,7 +15,8 @@ returns the network's own target and goes to any sampler unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,9 @@ def _mix(uncond: Array, cond: Array, scale) -> Array:
   return uncond + w * (cond - uncond)
 
 
-def classifier_free_guidance(predict_cond: Predictor, predict_uncond: Predictor, *,
-                             scale: float | Array) -> Predictor:
+def classifier_free_guidance(
+  predict_cond: Predictor, predict_uncond: Predictor, *, scale: float | Array
+) -> Predictor:
   """``(x, t) -> uncond(x, t) + scale (cond(x, t) - uncond(x, t))`` (Ho & Salimans 2022, eq. 6).
 
   Args:
@@ -42,13 +44,16 @@ def classifier_free_guidance(predict_cond: Predictor, predict_uncond: Predictor,
     predict_uncond: the network with the null condition, same target.
     scale: guidance weight ``w`` (1 = no guidance); a scalar or ``[batch]``.
   """
+
   def predict(x: Array, t: Array) -> Array:
     return _mix(predict_uncond(x, t), predict_cond(x, t), scale)
+
   return predict
 
 
-def batched_classifier_free_guidance(apply: Callable[..., Array], params: Any, *, cond: Any,
-                                     null_cond: Any, scale: float | Array) -> Predictor:
+def batched_classifier_free_guidance(
+  apply: Callable[..., Array], params: Any, *, cond: Any, null_cond: Any, scale: float | Array
+) -> Predictor:
   """Classifier-free guidance with one network call on a doubled batch.
 
   ``apply(params, [x; x], [t; t], [cond; null_cond])`` is split into the conditional and
@@ -68,4 +73,5 @@ def batched_classifier_free_guidance(apply: Callable[..., Array], params: Any, *
     out = apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
     cond_out, uncond_out = jnp.split(out, 2)
     return _mix(uncond_out, cond_out, scale)
+
   return predict

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +45,21 @@ from diffjax.samplers.ode import FIXED_STEP_METHODS, ODESolution, integrate_fixe
 from diffjax.shapes import compute_dtype
 
 __all__ = [
-    "DivergenceFn",
-    "exact_divergence",
-    "hutchinson_divergence",
-    "DIVERGENCES",
-    "get_divergence",
-    "rademacher_probes",
-    "gaussian_probes",
-    "PROBES",
-    "get_probes",
-    "standard_normal_log_prob",
-    "LikelihoodOutput",
-    "log_likelihood",
-    "PIXEL_BIN_WIDTH",
-    "dequantize",
-    "bits_per_dim",
+  "DivergenceFn",
+  "exact_divergence",
+  "hutchinson_divergence",
+  "DIVERGENCES",
+  "get_divergence",
+  "rademacher_probes",
+  "gaussian_probes",
+  "PROBES",
+  "get_probes",
+  "standard_normal_log_prob",
+  "LikelihoodOutput",
+  "log_likelihood",
+  "PIXEL_BIN_WIDTH",
+  "dequantize",
+  "bits_per_dim",
 ]
 
 DivergenceFn = Callable[[Array, Array, Array | None], tuple[Array, Array]]
@@ -78,6 +79,7 @@ def exact_divergence(velocity: VelocityField) -> DivergenceFn:
   """``div v = tr(dv/dx) = sum_i (J e_i)_i`` with one JVP per dimension (``D`` network calls on
   the batch, through one ``jax.linearize``). Assumes examples do not interact inside ``v`` (true
   of any per-example network), so one JVP with ``e_i`` in every example serves the whole batch."""
+
   def divergence(x: Array, t: Array, probes: Array | None) -> tuple[Array, Array]:
     del probes
     batch, dim = x.shape[0], math.prod(x.shape[1:])
@@ -85,6 +87,7 @@ def exact_divergence(velocity: VelocityField) -> DivergenceFn:
     basis = jnp.broadcast_to(jnp.eye(dim, dtype=x.dtype)[:, None], (dim, batch, dim))
     columns = jax.vmap(jvp)(basis.reshape((dim,) + x.shape))
     return v, jnp.einsum("ibi->b", columns.reshape(dim, batch, dim))
+
   return divergence
 
 
@@ -93,20 +96,23 @@ def hutchinson_divergence(velocity: VelocityField) -> DivergenceFn:
   (Hutchinson 1989; Grathwohl et al. 2019, eq. 8): one JVP per probe, unbiased, with variance
   ``2 sum_{i != j} A_ij^2`` per Rademacher probe and ``2 ||A||_F^2`` per Gaussian probe for the
   symmetric part ``A`` of the Jacobian."""
+
   def divergence(x: Array, t: Array, probes: Array | None) -> tuple[Array, Array]:
     if probes is None:
-      raise ValueError("the Hutchinson divergence needs random probes: pass a PRNG key to "
-                       "log_likelihood")
+      raise ValueError(
+        "the Hutchinson divergence needs random probes: pass a PRNG key to log_likelihood"
+      )
     v, jvp = jax.linearize(lambda z: velocity(z, t), x)
     products = jax.vmap(jvp)(probes)
     estimates = jax.vmap(_sum_event)(probes * products)
     return v, jnp.mean(estimates, axis=0)
+
   return divergence
 
 
 DIVERGENCES: dict[str, Callable[[VelocityField], DivergenceFn]] = {
-    "exact": exact_divergence,
-    "hutchinson": hutchinson_divergence,
+  "exact": exact_divergence,
+  "hutchinson": hutchinson_divergence,
 }
 
 
@@ -126,8 +132,8 @@ def gaussian_probes(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Ar
 
 
 PROBES: dict[str, Callable[..., Array]] = {
-    "rademacher": rademacher_probes,
-    "gaussian": gaussian_probes,
+  "rademacher": rademacher_probes,
+  "gaussian": gaussian_probes,
 }
 
 
@@ -139,8 +145,9 @@ def get_probes(name: str) -> Callable[..., Array]:
 def standard_normal_log_prob(x: Array, *, scale: float = 1.0) -> Array:
   """``log N(x; 0, scale^2 I) = -||x||^2 / (2 scale^2) - D/2 log(2 pi scale^2)`` per example."""
   dim = math.prod(x.shape[1:])
-  return (-0.5 * _sum_event(x**2) / scale**2
-          - 0.5 * dim * (math.log(2.0 * math.pi) + 2.0 * math.log(scale)))
+  return -0.5 * _sum_event(x**2) / scale**2 - 0.5 * dim * (
+    math.log(2.0 * math.pi) + 2.0 * math.log(scale)
+  )
 
 
 class LikelihoodOutput(NamedTuple):
@@ -167,12 +174,18 @@ ODESolver = Callable[..., ODESolution]
 _RK4 = functools.partial(integrate_fixed, method=FIXED_STEP_METHODS["rk4"])
 
 
-def log_likelihood(key: Array | None, velocity: VelocityField, data: Array, *, times: Array,
-                   divergence: Callable[[VelocityField], DivergenceFn] = exact_divergence,
-                   probes: Callable[..., Array] = rademacher_probes, num_probes: int = 1,
-                   ode_solver: ODESolver = _RK4,
-                   prior_log_prob: Callable[[Array], Array] = standard_normal_log_prob
-                   ) -> LikelihoodOutput:
+def log_likelihood(
+  key: Array | None,
+  velocity: VelocityField,
+  data: Array,
+  *,
+  times: Array,
+  divergence: Callable[[VelocityField], DivergenceFn] = exact_divergence,
+  probes: Callable[..., Array] = rademacher_probes,
+  num_probes: int = 1,
+  ode_solver: ODESolver = _RK4,
+  prior_log_prob: Callable[[Array], Array] = standard_normal_log_prob,
+) -> LikelihoodOutput:
   """``log p(x) = log p_prior(x(t_noise)) + int_{t_data}^{t_noise} div v(x(t), t) dt``.
 
   Integrates ``d/dt [x, delta] = [v(x, t), div v(x, t)]`` over ``times`` (data time first) in
@@ -207,8 +220,13 @@ def log_likelihood(key: Array | None, velocity: VelocityField, data: Array, *, t
   solution = ode_solver(field, (data, delta0), times=times)
   latent, delta = solution.final
   prior = prior_log_prob(latent)
-  return LikelihoodOutput(log_prob=prior + delta, prior_log_prob=prior, delta_log_prob=delta,
-                          latent=latent, nfe=solution.nfe)
+  return LikelihoodOutput(
+    log_prob=prior + delta,
+    prior_log_prob=prior,
+    delta_log_prob=delta,
+    latent=latent,
+    nfe=solution.nfe,
+  )
 
 
 def dequantize(key: Array, x: Array, *, bin_width: float = PIXEL_BIN_WIDTH) -> Array:
@@ -217,8 +235,7 @@ def dequantize(key: Array, x: Array, *, bin_width: float = PIXEL_BIN_WIDTH) -> A
   return x + bin_width * jax.random.uniform(key, x.shape, x.dtype)
 
 
-def bits_per_dim(log_prob: Array, *, num_dims: int,
-                 bin_width: float = PIXEL_BIN_WIDTH) -> Array:
+def bits_per_dim(log_prob: Array, *, num_dims: int, bin_width: float = PIXEL_BIN_WIDTH) -> Array:
   """``bpd = (-log p(x) - D log w) / (D log 2)``: an upper bound on the discrete data's bits per
   dimension when ``x`` is dequantized over bins of width ``w`` (module docstring). For data
   ``k / 127.5 - 1`` (default ``w = 1/127.5``) this is ``(-log p + D log 127.5) / (D log 2)``.

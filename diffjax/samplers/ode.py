@@ -13,7 +13,8 @@ Orders (global error ``O(h^p)``): Euler 1, Heun 2, midpoint 2, RK4 4 (Hairer, No
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +23,15 @@ from jax import Array
 from diffjax._lookup import lookup
 
 __all__ = [
-    "ODESolution",
-    "euler_step",
-    "heun_step",
-    "midpoint_step",
-    "rk4_step",
-    "FixedStepMethod",
-    "FIXED_STEP_METHODS",
-    "get_fixed_step_method",
-    "integrate_fixed",
+  "ODESolution",
+  "euler_step",
+  "heun_step",
+  "midpoint_step",
+  "rk4_step",
+  "FixedStepMethod",
+  "FIXED_STEP_METHODS",
+  "get_fixed_step_method",
+  "integrate_fixed",
 ]
 
 PyTree = Any
@@ -58,8 +59,10 @@ def _axpy(a, x, y):
 
 def _combine(y, h, coefficients, slopes):
   """``y + h sum_k c_k k_k`` over pytrees."""
+
   def leaf(yi, *ks):
     return yi + (h * sum(c * k for c, k in zip(coefficients, ks))).astype(yi.dtype)
+
   return jax.tree.map(leaf, y, *slopes)
 
 
@@ -110,10 +113,10 @@ class FixedStepMethod:
 
 
 FIXED_STEP_METHODS: dict[str, FixedStepMethod] = {
-    "euler": FixedStepMethod("euler", euler_step, 1),
-    "heun": FixedStepMethod("heun", heun_step, 2),
-    "midpoint": FixedStepMethod("midpoint", midpoint_step, 2),
-    "rk4": FixedStepMethod("rk4", rk4_step, 4),
+  "euler": FixedStepMethod("euler", euler_step, 1),
+  "heun": FixedStepMethod("heun", heun_step, 2),
+  "midpoint": FixedStepMethod("midpoint", midpoint_step, 2),
+  "rk4": FixedStepMethod("rk4", rk4_step, 4),
 }
 
 
@@ -126,12 +129,20 @@ def check_times(times) -> None:
   """A grid needs at least two times (one step); raised before tracing."""
   shape = jnp.shape(times)
   if len(shape) != 1 or shape[0] < 2:
-    raise ValueError(f"times must be a 1-D grid of at least 2 times (one step), got shape "
-                     f"{shape}; build one with diffjax.samplers.get_time_grid")
+    raise ValueError(
+      f"times must be a 1-D grid of at least 2 times (one step), got shape "
+      f"{shape}; build one with diffjax.samplers.get_time_grid"
+    )
 
 
-def integrate_fixed(field: Field, y0: PyTree, *, times: Array, method: FixedStepMethod,
-                    return_trajectory: bool = False) -> ODESolution:
+def integrate_fixed(
+  field: Field,
+  y0: PyTree,
+  *,
+  times: Array,
+  method: FixedStepMethod,
+  return_trajectory: bool = False,
+) -> ODESolution:
   """Integrates ``dy/dt = field(y, t)`` over ``times[0] -> times[1] -> ... -> times[-1]``.
 
   ``y_{i+1} = method.step(field, y_i, t_i, t_{i+1})`` in one ``jax.lax.scan``; jit-, vmap- and

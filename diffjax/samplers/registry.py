@@ -42,7 +42,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax.numpy as jnp
 from jax import Array
@@ -50,8 +51,15 @@ from jax import Array
 from diffjax._lookup import lookup
 from diffjax.parameterization import PredictionTarget, get_prediction_target
 from diffjax.samplers import adaptive, diffusion, edm, ode
-from diffjax.samplers.fields import (CoefficientsFn, Predictor, SamplerOutput, denoiser,
-                                     ode_field, sigma_denoiser, velocity_field)
+from diffjax.samplers.fields import (
+  CoefficientsFn,
+  Predictor,
+  SamplerOutput,
+  denoiser,
+  ode_field,
+  sigma_denoiser,
+  velocity_field,
+)
 from diffjax.samplers.guidance import classifier_free_guidance
 from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import in_compute_dtype
@@ -62,10 +70,16 @@ __all__ = ["Sampler", "SAMPLERS", "get_sampler"]
 class Sampler(Protocol):
   """The one signature of every sampler returned by :func:`get_sampler`."""
 
-  def __call__(self, key: Array, predict: Predictor, noise: Array, *,
-               predict_uncond: Predictor | None = None, guidance_scale: float | Array = 1.0,
-               return_trajectory: bool = False) -> SamplerOutput:
-    ...
+  def __call__(
+    self,
+    key: Array,
+    predict: Predictor,
+    noise: Array,
+    *,
+    predict_uncond: Predictor | None = None,
+    guidance_scale: float | Array = 1.0,
+    return_trajectory: bool = False,
+  ) -> SamplerOutput: ...
 
 
 def _target(target: PredictionTarget | str) -> PredictionTarget:
@@ -80,26 +94,36 @@ def _guided(predict: Predictor, predict_uncond: Predictor | None, scale) -> Pred
 
 def _require(coefficients_fn, name: str):
   if coefficients_fn is None:
-    raise ValueError(f"sampler {name!r} needs the process: pass coefficients_fn (e.g. "
-                     "functools.partial(parameterization.diffusion_coefficients, schedule))")
+    raise ValueError(
+      f"sampler {name!r} needs the process: pass coefficients_fn (e.g. "
+      "functools.partial(parameterization.diffusion_coefficients, schedule))"
+    )
 
 
 def _sigma_at(coefficients_fn: CoefficientsFn, t) -> Array:
   return coefficients_fn(in_compute_dtype(jnp.reshape(jnp.asarray(t), (1,)))).sigma[0]
 
 
-def _ode_sampler(name: str, integrate: Callable[..., ode.ODESolution], *,
-                 target: PredictionTarget | str, times: Array,
-                 coefficients_fn: CoefficientsFn | None = None) -> Sampler:
+def _ode_sampler(
+  name: str,
+  integrate: Callable[..., ode.ODESolution],
+  *,
+  target: PredictionTarget | str,
+  times: Array,
+  coefficients_fn: CoefficientsFn | None = None,
+) -> Sampler:
   """Probability-flow ODE samplers: integrate :func:`velocity_field` over ``times``."""
   ode.check_times(times)
   target = _target(target)
   if coefficients_fn is None and target.name != "velocity":
-    raise ValueError(f"sampler {name!r}: a {target.name!r} prediction needs coefficients_fn to "
-                     "become a velocity; only a 'velocity' model may omit it")
+    raise ValueError(
+      f"sampler {name!r}: a {target.name!r} prediction needs coefficients_fn to "
+      "become a velocity; only a 'velocity' model may omit it"
+    )
 
-  def sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,
-             return_trajectory=False) -> SamplerOutput:
+  def sample(
+    key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+  ) -> SamplerOutput:
     del key
     predict = _guided(predict, predict_uncond, guidance_scale)
     if coefficients_fn is None:
@@ -107,37 +131,54 @@ def _ode_sampler(name: str, integrate: Callable[..., ode.ODESolution], *,
     else:
       velocity = velocity_field(predict, target=target, coefficients_fn=coefficients_fn)
       x_init = _sigma_at(coefficients_fn, times[0]).astype(noise.dtype) * noise
-    solution = integrate(ode_field(velocity), x_init, times=times,
-                         return_trajectory=return_trajectory)
-    return SamplerOutput(samples=solution.final, trajectory=solution.trajectory,
-                         nfe=solution.nfe)
+    solution = integrate(
+      ode_field(velocity), x_init, times=times, return_trajectory=return_trajectory
+    )
+    return SamplerOutput(samples=solution.final, trajectory=solution.trajectory, nfe=solution.nfe)
+
   return sample
 
 
 def _fixed_factory(method: str):
   def factory(*, target, times, coefficients_fn=None) -> Sampler:
-    integrate = functools.partial(ode.integrate_fixed,
-                                  method=ode.get_fixed_step_method(method))
-    return _ode_sampler(method, integrate, target=target, times=times,
-                        coefficients_fn=coefficients_fn)
+    integrate = functools.partial(ode.integrate_fixed, method=ode.get_fixed_step_method(method))
+    return _ode_sampler(
+      method, integrate, target=target, times=times, coefficients_fn=coefficients_fn
+    )
+
   factory.__name__ = f"{method}_sampler"
   factory.__doc__ = f"The fixed-step {method!r} probability-flow ODE sampler over ``times``."
   return factory
 
 
 def _adaptive_factory(solver: str):
-  def factory(*, target, times, coefficients_fn=None, rtol: float = 1e-5, atol: float = 1e-5,
-              max_steps: int = 4096) -> Sampler:
+  def factory(
+    *,
+    target,
+    times,
+    coefficients_fn=None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 4096,
+  ) -> Sampler:
     if not (rtol > 0 and atol > 0):
       raise ValueError(f"rtol={rtol}, atol={atol}: both tolerances must be > 0")
-    integrate = functools.partial(adaptive.integrate_adaptive,
-                                  solver=adaptive.get_adaptive_solver(solver), rtol=rtol,
-                                  atol=atol, max_steps=max_steps)
-    return _ode_sampler(solver, integrate, target=target, times=times,
-                        coefficients_fn=coefficients_fn)
+    integrate = functools.partial(
+      adaptive.integrate_adaptive,
+      solver=adaptive.get_adaptive_solver(solver),
+      rtol=rtol,
+      atol=atol,
+      max_steps=max_steps,
+    )
+    return _ode_sampler(
+      solver, integrate, target=target, times=times, coefficients_fn=coefficients_fn
+    )
+
   factory.__name__ = f"{solver}_sampler"
-  factory.__doc__ = (f"The adaptive {solver!r} (diffrax) probability-flow ODE sampler from "
-                     "``times[0]`` to ``times[-1]``, saving the trajectory at ``times``.")
+  factory.__doc__ = (
+    f"The adaptive {solver!r} (diffrax) probability-flow ODE sampler from "
+    "``times[0]`` to ``times[-1]``, saving the trajectory at ``times``."
+  )
   return factory
 
 
@@ -148,16 +189,24 @@ def _dpmpp_factory(order: int):
     ode.check_times(times)
     resolved = _target(target)
 
-    def sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,
-               return_trajectory=False) -> SamplerOutput:
+    def sample(
+      key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+    ) -> SamplerOutput:
       del key
       predict = _guided(predict, predict_uncond, guidance_scale)
       denoise = denoiser(predict, target=resolved, coefficients_fn=coefficients_fn)
       x_init = _sigma_at(coefficients_fn, times[0]).astype(noise.dtype) * noise
-      return diffusion.dpm_solver_pp_sample(denoise, x_init, times=times,
-                                            coefficients_fn=coefficients_fn, order=order,
-                                            return_trajectory=return_trajectory)
+      return diffusion.dpm_solver_pp_sample(
+        denoise,
+        x_init,
+        times=times,
+        coefficients_fn=coefficients_fn,
+        order=order,
+        return_trajectory=return_trajectory,
+      )
+
     return sample
+
   factory.__name__ = f"dpmpp_{order}m_sampler"
   factory.__doc__ = f"DPM-Solver++ ({order}M) over ``times``."
   return factory
@@ -165,26 +214,46 @@ def _dpmpp_factory(order: int):
 
 def _sigma_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict):
   """EDM-style samplers: noise levels ``sigmas`` and the denoiser :func:`sigma_denoiser`."""
-  def factory(*, target, coefficients_fn=None, sigmas, time_of_sigma=None, t_min: float = 0.0,
-              t_max: float = 1.0, **options) -> Sampler:
+
+  def factory(
+    *,
+    target,
+    coefficients_fn=None,
+    sigmas,
+    time_of_sigma=None,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    **options,
+  ) -> Sampler:
     unknown = set(options) - set(defaults)
     if unknown:
-      raise ValueError(f"sampler {name!r} does not take {sorted(unknown)}; its options are "
-                       f"{sorted(defaults)}")
+      raise ValueError(
+        f"sampler {name!r} does not take {sorted(unknown)}; its options are {sorted(defaults)}"
+      )
     options = {**defaults, **options}
     _require(coefficients_fn, name)
     diffusion.check_sigmas(sigmas)
     resolved = _target(target)
 
-    def sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,
-               return_trajectory=False) -> SamplerOutput:
+    def sample(
+      key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+    ) -> SamplerOutput:
       predict = _guided(predict, predict_uncond, guidance_scale)
-      denoise = sigma_denoiser(predict, target=resolved, coefficients_fn=coefficients_fn,
-                               time_of_sigma=time_of_sigma, t_min=t_min, t_max=t_max)
+      denoise = sigma_denoiser(
+        predict,
+        target=resolved,
+        coefficients_fn=coefficients_fn,
+        time_of_sigma=time_of_sigma,
+        t_min=t_min,
+        t_max=t_max,
+      )
       x_init = jnp.asarray(sigmas)[0].astype(noise.dtype) * noise
-      return run(key, denoise, x_init, sigmas=sigmas, return_trajectory=return_trajectory,
-                 **options)
+      return run(
+        key, denoise, x_init, sigmas=sigmas, return_trajectory=return_trajectory, **options
+      )
+
     return sample
+
   factory.__name__ = f"{name}_sampler"
   factory.__doc__ = f"The {name!r} sampler on noise levels ``sigmas``; options {defaults}."
   return factory
@@ -195,17 +264,23 @@ def _discrete_start(schedule: DiscreteSchedule, steps: Array) -> Array:
   return alpha_sigma_from_log_snr(schedule.log_snr[steps[0]])[1]
 
 
-def _discrete_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict,
-                      resolvers: dict[str, Callable] | None = None):
+def _discrete_factory(
+  name: str,
+  run: Callable[..., SamplerOutput],
+  defaults: dict,
+  resolvers: dict[str, Callable] | None = None,
+):
   """DDPM-style samplers over ``steps`` of a discrete ``schedule``."""
   resolvers = resolvers or {}
 
-  def factory(*, target, schedule: DiscreteSchedule, steps=None, time_of_step=None,
-              **options) -> Sampler:
+  def factory(
+    *, target, schedule: DiscreteSchedule, steps=None, time_of_step=None, **options
+  ) -> Sampler:
     unknown = set(options) - set(defaults)
     if unknown:
-      raise ValueError(f"sampler {name!r} does not take {sorted(unknown)}; its options are "
-                       f"{sorted(defaults)}")
+      raise ValueError(
+        f"sampler {name!r} does not take {sorted(unknown)}; its options are {sorted(defaults)}"
+      )
     options = {**defaults, **options}
     options = {k: resolvers[k](v) if k in resolvers else v for k, v in options.items()}
     resolved = _target(target)
@@ -214,34 +289,52 @@ def _discrete_factory(name: str, run: Callable[..., SamplerOutput], defaults: di
       steps = jnp.arange(schedule.num_steps - 1, -1, -1, dtype=jnp.int32)
     diffusion.check_steps(steps, schedule.num_steps)
 
-    def sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,
-               return_trajectory=False) -> SamplerOutput:
+    def sample(
+      key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+    ) -> SamplerOutput:
       predict = _guided(predict, predict_uncond, guidance_scale)
       x_init = _discrete_start(schedule, steps).astype(noise.dtype) * noise
-      return run(key, predict, x_init, target=resolved, schedule=schedule, steps=steps,
-                 time_of_step=time_of_step, return_trajectory=return_trajectory, **options)
+      return run(
+        key,
+        predict,
+        x_init,
+        target=resolved,
+        schedule=schedule,
+        steps=steps,
+        time_of_step=time_of_step,
+        return_trajectory=return_trajectory,
+        **options,
+      )
+
     return sample
+
   factory.__name__ = f"{name}_sampler"
   factory.__doc__ = f"The discrete {name!r} sampler over ``steps`` of ``schedule``."
   return factory
 
 
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
-    "ddpm": _discrete_factory("ddpm", diffusion.ddpm_sample, dict(variance="small"),
-                              dict(variance=diffusion.get_ddpm_variance)),
-    "ddim": _discrete_factory("ddim", diffusion.ddim_sample, dict(eta=0.0)),
-    "euler": _fixed_factory("euler"),
-    "heun": _fixed_factory("heun"),
-    "midpoint": _fixed_factory("midpoint"),
-    "rk4": _fixed_factory("rk4"),
-    "edm": _sigma_factory("edm", edm.edm_sample,
-                          dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)),
-    "dpmpp_2m": _dpmpp_factory(2),
-    "dpmpp_3m": _dpmpp_factory(3),
-    "euler_ancestral": _sigma_factory("euler_ancestral", diffusion.euler_ancestral_sample,
-                                      dict(eta=1.0, s_noise=1.0)),
-    "dopri5": _adaptive_factory("dopri5"),
-    "tsit5": _adaptive_factory("tsit5"),
+  "ddpm": _discrete_factory(
+    "ddpm",
+    diffusion.ddpm_sample,
+    dict(variance="small"),
+    dict(variance=diffusion.get_ddpm_variance),
+  ),
+  "ddim": _discrete_factory("ddim", diffusion.ddim_sample, dict(eta=0.0)),
+  "euler": _fixed_factory("euler"),
+  "heun": _fixed_factory("heun"),
+  "midpoint": _fixed_factory("midpoint"),
+  "rk4": _fixed_factory("rk4"),
+  "edm": _sigma_factory(
+    "edm", edm.edm_sample, dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
+  ),
+  "dpmpp_2m": _dpmpp_factory(2),
+  "dpmpp_3m": _dpmpp_factory(3),
+  "euler_ancestral": _sigma_factory(
+    "euler_ancestral", diffusion.euler_ancestral_sample, dict(eta=1.0, s_noise=1.0)
+  ),
+  "dopri5": _adaptive_factory("dopri5"),
+  "tsit5": _adaptive_factory("tsit5"),
 }
 
 
@@ -262,11 +355,16 @@ def get_sampler(name: str, **kwargs) -> Sampler:
   takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
   unknown = set(kwargs) - set(parameters)
   if unknown and not takes_options:
-    raise ValueError(f"sampler {name!r} does not take {sorted(unknown)}; it takes "
-                     f"{sorted(parameters)}")
-  missing = [p.name for p in parameters.values()
-             if p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.KEYWORD_ONLY
-             and p.name not in kwargs]
+    raise ValueError(
+      f"sampler {name!r} does not take {sorted(unknown)}; it takes {sorted(parameters)}"
+    )
+  missing = [
+    p.name
+    for p in parameters.values()
+    if p.default is inspect.Parameter.empty
+    and p.kind is inspect.Parameter.KEYWORD_ONLY
+    and p.name not in kwargs
+  ]
   if missing:
     raise ValueError(f"sampler {name!r} needs {missing}")
   return factory(**kwargs)

@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from diffjax.train import integrity
 
-__all__ = ["make_checkpoint_manager", "save", "restore_latest", "abstract_with_shardings",
-           "CheckpointMismatchError", "PendingCommit", "save_step", "commit_step",
-           "restore_verified", "prepare_directory", "commit_if_done", "config_mismatch",
-           "QUARANTINE"]
+__all__ = [
+  "make_checkpoint_manager",
+  "save",
+  "restore_latest",
+  "abstract_with_shardings",
+  "CheckpointMismatchError",
+  "PendingCommit",
+  "save_step",
+  "commit_step",
+  "restore_verified",
+  "prepare_directory",
+  "commit_if_done",
+  "config_mismatch",
+  "QUARANTINE",
+]
 
 log = logging.getLogger("diffjax")
 
@@ -36,51 +48,67 @@ class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint holds arrays of other shapes or dtypes than the config builds."""
 
 
-def make_checkpoint_manager(directory: str | pathlib.Path, *, keep: int,
-                            async_save: bool) -> ocp.CheckpointManager:
+def make_checkpoint_manager(
+  directory: str | pathlib.Path, *, keep: int, async_save: bool
+) -> ocp.CheckpointManager:
   """A manager keeping the newest ``keep`` steps; async saves overlap the next train steps.
 
   ``cleanup_tmp_directories`` removes the ``*.orbax-checkpoint-tmp`` folders a kill during a save
   leaves behind (orbax keeps them otherwise).
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-      create=True)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                               item_names=("state", "data"))
+    max_to_keep=keep,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+    create=True,
+  )
+  return ocp.CheckpointManager(
+    pathlib.Path(directory).absolute(), options=options, item_names=("state", "data")
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, *,
-         force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, *, force: bool = False
+) -> bool:
   """Saves ``state`` and ``data_state`` at ``step``; returns whether a save started."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+  return manager.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+    force=force,
+  )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
-                   ) -> tuple[int, Any, dict] | None:
+def restore_latest(
+  manager: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[int, Any, dict] | None:
   """Restores the newest step into ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves with
   shardings); ``None`` when the directory holds no checkpoint."""
   step = manager.latest_step()
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+    ),
+  )
   return step, restored["state"], dict(restored["data"])
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """``ShapeDtypeStruct`` leaves carrying the given shardings (the restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 class PendingCommit(dict):
   """A save started by :func:`save_step`: ``step`` and the ``arrays`` digests taken before it."""
 
 
-def save_step(manager: ocp.CheckpointManager, step: int, state: Any,
-              data_state: dict) -> PendingCommit:
+def save_step(
+  manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
+) -> PendingCommit:
   """Digests ``state`` (host copy, before the next step may donate its buffers), then starts
   the (possibly asynchronous) orbax save of step ``step``."""
   arrays = integrity.array_digests(state)
@@ -88,8 +116,9 @@ def save_step(manager: ocp.CheckpointManager, step: int, state: Any,
   return PendingCommit(step=int(step), arrays=arrays)
 
 
-def commit_step(manager: ocp.CheckpointManager, pending: PendingCommit | None, *,
-                config: dict, is_lead: bool) -> None:
+def commit_step(
+  manager: ocp.CheckpointManager, pending: PendingCommit | None, *, config: dict, is_lead: bool
+) -> None:
   """Waits for orbax to commit ``pending`` on every process, then the lead process writes the
   digest marker that makes the step trusted."""
   manager.wait_until_finished()
@@ -101,9 +130,12 @@ def commit_step(manager: ocp.CheckpointManager, pending: PendingCommit | None, *
   integrity.write_commit(step_dir, step=pending["step"], arrays=pending["arrays"], config=config)
 
 
-def prepare_directory(directory: pathlib.Path, *, config: dict | None = None,
-                      config_differences: Callable[[dict, dict], list[str]] | None = None
-                      ) -> list[str]:
+def prepare_directory(
+  directory: pathlib.Path,
+  *,
+  config: dict | None = None,
+  config_differences: Callable[[dict, dict], list[str]] | None = None,
+) -> list[str]:
   """The lead process's clean-up before any process creates its manager: removes the
   temporary folders of interrupted saves and, given ``config``, moves aside every step newer
   than the newest one whose marker, files and config check out (the other processes then see
@@ -118,8 +150,14 @@ def prepare_directory(directory: pathlib.Path, *, config: dict | None = None,
     if reason is None:
       break
     moved = integrity.quarantine(step_dir, into=directory.parent / QUARANTINE, reason=reason)
-    log.warning("checkpoint step %s in %s is not usable: %s; moved to %s; falling back to the "
-                "newest valid step", step_dir.name, directory, reason, moved)
+    log.warning(
+      "checkpoint step %s in %s is not usable: %s; moved to %s; falling back to the "
+      "newest valid step",
+      step_dir.name,
+      directory,
+      reason,
+      moved,
+    )
     removed.append(step_dir.name)
   return removed
 
@@ -136,9 +174,12 @@ def _file_problem(step_dir, config, config_differences) -> str | None:
   return reason
 
 
-def config_mismatch(directory: str | pathlib.Path, *, config: dict,
-                    config_differences: Callable[[dict, dict], list[str]]
-                    ) -> tuple[str, list[str]] | None:
+def config_mismatch(
+  directory: str | pathlib.Path,
+  *,
+  config: dict,
+  config_differences: Callable[[dict, dict], list[str]],
+) -> tuple[str, list[str]] | None:
   """``(step, differences)`` of the newest step when no step in ``directory`` was written with
   ``config`` (``key: saved -> given``); ``None`` when one was, or when no marker is readable.
 
@@ -157,8 +198,9 @@ def config_mismatch(directory: str | pathlib.Path, *, config: dict,
   return newest
 
 
-def commit_if_done(manager: ocp.CheckpointManager, pending: PendingCommit | None, *,
-                   config: dict, is_lead: bool) -> PendingCommit | None:
+def commit_if_done(
+  manager: ocp.CheckpointManager, pending: PendingCommit | None, *, config: dict, is_lead: bool
+) -> PendingCommit | None:
   """Writes the marker of ``pending`` as soon as orbax has finished it (at once for a
   synchronous save), so a kill between two saves never leaves the older one untrusted.
   Returns what is still pending."""
@@ -180,9 +222,14 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, *, config: dict,
-                     move_bad: bool, config_differences: Callable[[dict, dict], list[str]]
-                     ) -> tuple[int, Any, dict] | None:
+def restore_verified(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  *,
+  config: dict,
+  move_bad: bool,
+  config_differences: Callable[[dict, dict], list[str]],
+) -> tuple[int, Any, dict] | None:
   """Restores the newest step whose marker, files, config and arrays all check out.
 
   Every step tried and found bad is named in one warning with its reason and, when
@@ -204,13 +251,18 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, *, con
       differences = integrity.spec_differences(saved_spec, spec)
       if differences:
         raise CheckpointMismatchError(
-            f"checkpoint step {step_dir.name} in {directory} holds other arrays than this "
-            f"config builds (orbax would cast or fail): {'; '.join(differences[:20])}. Start a "
-            "new --workdir or restore the original model/optimizer config")
+          f"checkpoint step {step_dir.name} in {directory} holds other arrays than this "
+          f"config builds (orbax would cast or fail): {'; '.join(differences[:20])}. Start a "
+          "new --workdir or restore the original model/optimizer config"
+        )
       step = int(step_dir.name)
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as e:  # noqa: BLE001 -- any failure means: try the next older step
         reason = f"orbax could not restore it ({_first_line(e)})"
       else:
@@ -224,6 +276,11 @@ def restore_verified(manager: ocp.CheckpointManager, abstract_state: Any, *, con
       moved = integrity.quarantine(step_dir, into=directory.parent / QUARANTINE, reason=reason)
       where = f"; moved to {moved}"
       manager.reload()
-    log.warning("checkpoint step %s in %s is not usable: %s%s; falling back to the newest valid "
-                "step", step_dir.name, directory, reason, where)
+    log.warning(
+      "checkpoint step %s in %s is not usable: %s%s; falling back to the newest valid step",
+      step_dir.name,
+      directory,
+      reason,
+      where,
+    )
   return None

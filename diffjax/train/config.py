@@ -19,24 +19,25 @@ import importlib.util
 import json
 import math
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 __all__ = [
-    "ConfigError",
-    "base_config",
-    "load_config_file",
-    "apply_overrides",
-    "validate",
-    "config_to_json",
-    "config_from_json",
-    "resume_fingerprint",
-    "fingerprint_differences",
-    "check_resume_config",
-    "label_problem",
-    "objective_group",
+  "ConfigError",
+  "base_config",
+  "load_config_file",
+  "apply_overrides",
+  "validate",
+  "config_to_json",
+  "config_from_json",
+  "resume_fingerprint",
+  "fingerprint_differences",
+  "check_resume_config",
+  "label_problem",
+  "objective_group",
 ]
 
 
@@ -48,14 +49,17 @@ def objective_group(name: str, **overrides) -> ml_collections.ConfigDict:
   """``config.objective`` for objective ``name``: its factory's keywords with their defaults,
   then ``overrides``; an unknown name or keyword raises :class:`ConfigError`."""
   from diffjax import objectives  # pylint: disable=import-outside-toplevel
+
   if name not in objectives.OBJECTIVES:
-    raise ConfigError(f"objective.name={name!r}: unknown; choose one of "
-                      f"{sorted(objectives.OBJECTIVES)}")
+    raise ConfigError(
+      f"objective.name={name!r}: unknown; choose one of {sorted(objectives.OBJECTIVES)}"
+    )
   group = {"name": name, **objectives.defaults(objectives.OBJECTIVES[name].build)}
   unknown = sorted(set(overrides) - set(group))
   if unknown:
-    raise ConfigError(f"objective {name!r} takes no {unknown}; its keywords are "
-                      f"{sorted(set(group) - {'name'})}")
+    raise ConfigError(
+      f"objective {name!r} takes no {unknown}; its keywords are {sorted(set(group) - {'name'})}"
+    )
   group.update(overrides)
   return ml_collections.ConfigDict(group)
 
@@ -66,78 +70,90 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Data. kind "toy2d": generated on device (fused multi-step training); kind "images": grain.
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       kind="toy2d",
-      source="normal",          # toy2d source distribution (flow matching) or "normal"
-      target="8gaussians",      # toy2d target, or image dataset name: digits | npz | folder | tfds
-      path="",                  # npz file or image folder for kind="images"
-      tfds_name="",             # e.g. "cifar10" when data.target == "tfds"
-      shape=(2,),               # data shape without batch: (2,) or (H, W, C)
-      num_classes=0,            # > 0: class-conditional model and label-aware couplings
+      source="normal",  # toy2d source distribution (flow matching) or "normal"
+      target="8gaussians",  # toy2d target, or image dataset name: digits | npz | folder | tfds
+      path="",  # npz file or image folder for kind="images"
+      tfds_name="",  # e.g. "cifar10" when data.target == "tfds"
+      shape=(2,),  # data shape without batch: (2,) or (H, W, C)
+      num_classes=0,  # > 0: class-conditional model and label-aware couplings
       augment_flip=False,
-  ))
+    )
+  )
 
   # The keywords of diffjax.models.create_model for this model; an experiment may replace the
   # whole group for another model (e.g. dict(name="unet", ch=32, ...)).
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       name="mlp",
       width=64,
       depth=3,
       activation="selu",
-  ))
+    )
+  )
 
   # The objective: a name in diffjax.objectives.OBJECTIVES plus exactly its factory's keywords
   # (experiments of another objective replace the whole group: objective_group(name)).
   c.objective = objective_group("icfm")
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam",              # adam | adamw
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="adam",  # adam | adamw
       learning_rate=1e-3,
       b1=0.9,
       b2=0.999,
       eps=1e-8,
       weight_decay=0.0,
       warmup_steps=0,
-      decay="constant",         # constant | cosine
-      grad_clip_norm=0.0,       # 0 disables clipping
-  ))
+      decay="constant",  # constant | cosine
+      grad_clip_norm=0.0,  # 0 disables clipping
+    )
+  )
 
-  c.train = ml_collections.ConfigDict(dict(
+  c.train = ml_collections.ConfigDict(
+    dict(
       steps=1000,
-      batch_size=256,           # global batch per optimizer update
-      accumulate_steps=1,       # micro-batches per update (gradient accumulation)
+      batch_size=256,  # global batch per optimizer update
+      accumulate_steps=1,  # micro-batches per update (gradient accumulation)
       ema_decay=0.999,
       compute_dtype="float32",  # float32 | bfloat16 (parameters stay float32)
-      fused_steps=100,          # on-device data: steps per jitted lax.scan
+      fused_steps=100,  # on-device data: steps per jitted lax.scan
       log_every=100,
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpoint=True,
-      plot_every=0,             # 0: plot only at the end
+      plot_every=0,  # 0: plot only at the end
       progress_bar=True,
-      max_nonfinite_steps=3,    # consecutive non-finite steps skipped before the run halts
-      step_timeout_s=0.0,       # > 0: a step (chunk) slower than this dumps stacks and exits
-      save_timeout_s=600.0,     # with step_timeout_s > 0: the same for a checkpoint save
-      num_seeds=1,              # > 1: train seeds seed, seed + 1, ... at once (state vmapped)
-  ))
+      max_nonfinite_steps=3,  # consecutive non-finite steps skipped before the run halts
+      step_timeout_s=0.0,  # > 0: a step (chunk) slower than this dumps stacks and exits
+      save_timeout_s=600.0,  # with step_timeout_s > 0: the same for a checkpoint save
+      num_seeds=1,  # > 1: train seeds seed, seed + 1, ... at once (state vmapped)
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-  c.distributed = ml_collections.ConfigDict(dict(
+  c.distributed = ml_collections.ConfigDict(
+    dict(
       enabled=False,
       coordinator_address="",
       num_processes=1,
       process_id=0,
-      local_device_ids="",      # e.g. "0,1"; empty: all local devices
-      heartbeat_timeout_s=10,   # a dead peer is detected after about this long
-      barrier_timeout_s=120,    # every barrier diffjax itself waits at gives up after this
-  ))
+      local_device_ids="",  # e.g. "0,1"; empty: all local devices
+      heartbeat_timeout_s=10,  # a dead peer is detected after about this long
+      barrier_timeout_s=120,  # every barrier diffjax itself waits at gives up after this
+    )
+  )
 
-  c.sample = ml_collections.ConfigDict(dict(
+  c.sample = ml_collections.ConfigDict(
+    dict(
       num=2000,
       steps=100,
       num_trajectories=32,
-  ))
+    )
+  )
   return c
 
 
@@ -168,11 +184,14 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   try:
     config = module.get_config(variant) if variant else module.get_config()
   except Exception as e:  # noqa: BLE001 -- a user's file: report it in one line
-    raise ConfigError(f"get_config({variant!r}) in {path!r} failed: {type(e).__name__}: "
-                      f"{' '.join(str(e).split())}") from None
+    raise ConfigError(
+      f"get_config({variant!r}) in {path!r} failed: {type(e).__name__}: {' '.join(str(e).split())}"
+    ) from None
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"get_config() in {path!r} returned {type(config).__name__}, expected "
-                      "an ml_collections.ConfigDict (start from diffjax.train.config.base_config)")
+    raise ConfigError(
+      f"get_config() in {path!r} returned {type(config).__name__}, expected "
+      "an ml_collections.ConfigDict (start from diffjax.train.config.base_config)"
+    )
   config.lock()
   return config
 
@@ -183,17 +202,21 @@ def _check_variant(path: str, variant: str, declared: Any) -> None:
   if declared is None or not variant:
     return
   if not (isinstance(declared, (tuple, list)) and all(isinstance(v, str) for v in declared)):
-    raise ConfigError(f"VARIANTS in {path!r} is {declared!r}; declare a tuple of variant "
-                      "names, e.g. VARIANTS = ('small',)")
+    raise ConfigError(
+      f"VARIANTS in {path!r} is {declared!r}; declare a tuple of variant "
+      "names, e.g. VARIANTS = ('small',)"
+    )
   unknown = [name for name in variant.split(",") if name not in declared]
   if not unknown:
     return
   close = difflib.get_close_matches(unknown[0], declared, n=1)
   hint = f" (did you mean {close[0]!r}?)" if close else ""
   known = ", ".join(repr(v) for v in declared) or "none"
-  raise ConfigError(f"--config {path}:{variant}: unknown variant {unknown[0]!r}{hint}; the "
-                    f"file's VARIANTS are {known} (join several with ','), or drop "
-                    f"':{variant}' for the full experiment")
+  raise ConfigError(
+    f"--config {path}:{variant}: unknown variant {unknown[0]!r}{hint}; the "
+    f"file's VARIANTS are {known} (join several with ','), or drop "
+    f"':{variant}' for the full experiment"
+  )
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
@@ -231,8 +254,9 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
   return text
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
   """Applies ``--config.a.b=value`` overrides, each parsed by the type of the field it replaces.
 
   ``--config.objective.name=NAME`` first replaces the objective group by NAME's (the keys differ
@@ -249,8 +273,11 @@ def apply_overrides(config: ml_collections.ConfigDict,
       if name != config.objective.name:
         try:
           before = objective_group(config.objective.name)
-          shared = {key: value for key, value in config.objective.items()
-                    if key in objective_group(name) and key != "name" and value != before[key]}
+          shared = {
+            key: value
+            for key, value in config.objective.items()
+            if key in objective_group(name) and key != "name" and value != before[key]
+          }
           with config.unlocked():
             config.objective = objective_group(name, **shared)
         except ConfigError as e:
@@ -259,7 +286,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if not item.startswith("--config.") or "=" not in item:
       problems.append(f"{item}: expected --config.<key>=<value>")
       continue
-    key, text = item[len("--config."):].split("=", 1)
+    key, text = item[len("--config.") :].split("=", 1)
     node = config
     parts = key.split(".")
     try:
@@ -267,12 +294,13 @@ def apply_overrides(config: ml_collections.ConfigDict,
         node = node[part]
       current = node[parts[-1]]
     except (KeyError, AttributeError, TypeError):
-      problems.append(f"--config.{key}: unknown key; valid keys here are "
-                      f"{sorted(node.keys()) if hasattr(node, 'keys') else '(none)'}")
+      problems.append(
+        f"--config.{key}: unknown key; valid keys here are "
+        f"{sorted(node.keys()) if hasattr(node, 'keys') else '(none)'}"
+      )
       continue
     if isinstance(current, ml_collections.ConfigDict):
-      problems.append(f"--config.{key}: is a group; set one of its fields "
-                      f"{sorted(current.keys())}")
+      problems.append(f"--config.{key}: is a group; set one of its fields {sorted(current.keys())}")
       continue
     try:
       with node.unlocked():
@@ -308,8 +336,10 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   def merge(node, values, prefix):
     for key, value in values.items():
       if key not in node:
-        raise ConfigError(f"config.json: unknown key {prefix}{key}; the workdir was written by "
-                          "an incompatible diffjax version")
+        raise ConfigError(
+          f"config.json: unknown key {prefix}{key}; the workdir was written by "
+          "an incompatible diffjax version"
+        )
       if isinstance(node[key], ml_collections.ConfigDict):
         merge(node[key], value, f"{prefix}{key}.")
       else:
@@ -320,8 +350,10 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(loaded.pop("model"))
   objective = dict(loaded.pop("objective", {}))
   if "name" not in objective:
-    raise ConfigError("config.json: the objective group has no name; the workdir was written by "
-                      "an incompatible diffjax version (train it again in a new --workdir)")
+    raise ConfigError(
+      "config.json: the objective group has no name; the workdir was written by "
+      "an incompatible diffjax version (train it again in a new --workdir)"
+    )
   config.objective = objective_group(objective.pop("name"))
   merge(config.objective, objective, "objective.")
   merge(config, loaded, "")
@@ -331,14 +363,18 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 # ---- semantic validation ---------------------------------------------------------------------
 
-_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-          tuple: "a tuple"}
+_TYPES = {
+  bool: "a boolean",
+  int: "an integer",
+  float: "a number",
+  str: "a string",
+  tuple: "a tuple",
+}
 
 
 def _check_types(config, defaults, prefix, problems):
   for key in sorted(set(config.keys()) - set(defaults.keys())):
-    problems.append(f"{prefix}{key}: unknown key; valid keys here are "
-                    f"{sorted(defaults.keys())}")
+    problems.append(f"{prefix}{key}: unknown key; valid keys here are {sorted(defaults.keys())}")
   for key in defaults.keys():
     if key not in config:
       problems.append(f"{prefix}{key}: missing; keep every key of base_config()")
@@ -373,21 +409,26 @@ def _objective_defaults(group, problems) -> ml_collections.ConfigDict | None:
   """The defaults of the objective ``group`` names, restricted to the keys it holds (so only
   their types are compared here); ``None`` after reporting an unusable group."""
   from diffjax import objectives  # pylint: disable=import-outside-toplevel
+
   if not isinstance(group, ml_collections.ConfigDict) or "name" not in group:
-    problems.append(f"objective={group!r}: expected a group with a name, one of "
-                    f"{sorted(objectives.OBJECTIVES)}")
+    problems.append(
+      f"objective={group!r}: expected a group with a name, one of {sorted(objectives.OBJECTIVES)}"
+    )
     return None
   name = group["name"]
   if name not in objectives.OBJECTIVES:
-    problems.append(f"objective.name={name!r}: unknown; choose one of "
-                    f"{sorted(objectives.OBJECTIVES)}")
+    problems.append(
+      f"objective.name={name!r}: unknown; choose one of {sorted(objectives.OBJECTIVES)}"
+    )
     return None
   defaults = {"name": name, **objectives.defaults(objectives.OBJECTIVES[name].build)}
   unknown = [key for key in group.keys() if key not in defaults]
   for key in unknown:
-    problems.append(f"objective.{key}: objective {name!r} does not take it (its keywords: "
-                    f"{sorted(set(defaults) - {'name'})}); drop it, or start from a config of "
-                    "an objective that does")
+    problems.append(
+      f"objective.{key}: objective {name!r} does not take it (its keywords: "
+      f"{sorted(set(defaults) - {'name'})}); drop it, or start from a config of "
+      "an objective that does"
+    )
   return ml_collections.ConfigDict({k: v for k, v in defaults.items() if k in group})
 
 
@@ -403,8 +444,7 @@ def _positive(config, names, problems, allow_zero=False):
       problems.append(f"{name}={node!r}: must be {bound}")
 
 
-def label_problem(labels, *, num_classes: int, origin: str, complete: bool = True
-                  ) -> str | None:
+def label_problem(labels, *, num_classes: int, origin: str, complete: bool = True) -> str | None:
   """One line when ``labels`` do not all lie in ``0 .. num_classes - 1``, else ``None``.
 
   A conditional model's label table has ``num_classes + 1`` rows, the last one the null label of
@@ -423,8 +463,10 @@ def label_problem(labels, *, num_classes: int, origin: str, complete: bool = Tru
   if low < 0:
     return f"{found}; relabel the data to 0 .. N-1, or set data.num_classes=0 (unconditional)"
   count = f"data.num_classes={high + 1}" if complete else f"data.num_classes >= {high + 1}"
-  return (f"{found} (label {num_classes} is the null label, larger ones lie outside the label "
-          f"table); set {count}, or 0 to train unconditionally")
+  return (
+    f"{found} (label {num_classes} is the null label, larger ones lie outside the label "
+    f"table); set {count}, or 0 to train unconditionally"
+  )
 
 
 def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -438,8 +480,10 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
   if target == "digits" and not config.data.num_classes:
     return []
   from diffjax.data import images  # pylint: disable=import-outside-toplevel
-  kwargs = {"npz": {"path": config.data.path}, "folder": {"root": config.data.path},
-            "digits": {}}[target]
+
+  kwargs = {"npz": {"path": config.data.path}, "folder": {"root": config.data.path}, "digits": {}}[
+    target
+  ]
   origin = repr(config.data.path) if kwargs else repr(target)
   try:
     arrays, labels = images.load_arrays(target, **kwargs)
@@ -448,8 +492,10 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
     return [f"{key}={origin}: {' '.join(str(e).split())}"]
   shape = tuple(arrays.shape[1:])
   if kwargs and shape != tuple(config.data.shape):
-    return [f"data.shape={tuple(config.data.shape)} but {origin} holds images of shape {shape}; "
-            f"set data.shape={shape}"]
+    return [
+      f"data.shape={tuple(config.data.shape)} but {origin} holds images of shape {shape}; "
+      f"set data.shape={shape}"
+    ]
   problem = label_problem(labels, num_classes=config.data.num_classes, origin=origin)
   return [problem] if problem else []
 
@@ -470,17 +516,41 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   _check_types(config, base_config(), "", problems)
   if problems:  # later checks assume the types are right
     raise ConfigError("\n".join(problems))
-  _positive(config, ["train.steps", "train.batch_size", "train.fused_steps", "train.log_every",
-                     "train.checkpoint_every", "train.keep_checkpoints",
-                     "optimizer.learning_rate", "train.accumulate_steps", "sample.num",
-                     "sample.steps",
-                     "distributed.heartbeat_timeout_s", "distributed.barrier_timeout_s",
-                     "optimizer.eps", "train.save_timeout_s", "train.num_seeds"], problems)
-  _positive(config, ["optimizer.warmup_steps", "optimizer.weight_decay",
-                     "optimizer.grad_clip_norm", "train.plot_every",
-                     "sample.num_trajectories",
-                     "train.max_nonfinite_steps", "train.step_timeout_s"], problems,
-            allow_zero=True)
+  _positive(
+    config,
+    [
+      "train.steps",
+      "train.batch_size",
+      "train.fused_steps",
+      "train.log_every",
+      "train.checkpoint_every",
+      "train.keep_checkpoints",
+      "optimizer.learning_rate",
+      "train.accumulate_steps",
+      "sample.num",
+      "sample.steps",
+      "distributed.heartbeat_timeout_s",
+      "distributed.barrier_timeout_s",
+      "optimizer.eps",
+      "train.save_timeout_s",
+      "train.num_seeds",
+    ],
+    problems,
+  )
+  _positive(
+    config,
+    [
+      "optimizer.warmup_steps",
+      "optimizer.weight_decay",
+      "optimizer.grad_clip_norm",
+      "train.plot_every",
+      "sample.num_trajectories",
+      "train.max_nonfinite_steps",
+      "train.step_timeout_s",
+    ],
+    problems,
+    allow_zero=True,
+  )
   for name in ("optimizer.b1", "optimizer.b2"):
     value = config.optimizer[name.split(".")[1]]
     if not 0.0 <= value < 1.0:
@@ -498,21 +568,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   if num_devices is None:
     pass
   elif fsdp_axis < 1 or (data_axis < 1 and data_axis != -1):
-    problems.append(f"mesh=({data_axis}, {fsdp_axis}): mesh.fsdp must be >= 1 and mesh.data "
-                    ">= 1 or -1 (all remaining devices)")
+    problems.append(
+      f"mesh=({data_axis}, {fsdp_axis}): mesh.fsdp must be >= 1 and mesh.data "
+      ">= 1 or -1 (all remaining devices)"
+    )
   else:
     if data_axis == -1:
       data_axis = num_devices // fsdp_axis
     if data_axis * fsdp_axis != num_devices:
-      problems.append(f"mesh.data x mesh.fsdp = {data_axis} x {fsdp_axis} does not use the "
-                      f"{num_devices} devices; set mesh.data=-1 or make the product "
-                      f"{num_devices}")
+      problems.append(
+        f"mesh.data x mesh.fsdp = {data_axis} x {fsdp_axis} does not use the "
+        f"{num_devices} devices; set mesh.data=-1 or make the product "
+        f"{num_devices}"
+      )
     else:
       shards = data_axis * fsdp_axis * config.train.accumulate_steps
       if config.train.batch_size % shards:
         problems.append(
-            f"train.batch_size={config.train.batch_size} is not divisible by "
-            f"data x fsdp x accumulate_steps = {shards}; use a multiple of {shards}")
+          f"train.batch_size={config.train.batch_size} is not divisible by "
+          f"data x fsdp x accumulate_steps = {shards}; use a multiple of {shards}"
+        )
   if num_devices is not None:  # builds the model abstractly, which starts the JAX backend
     problems += registry.shape_problems(config)
   if problems:
@@ -534,10 +609,22 @@ def _one_per_key(problems: list[str]) -> list[str]:
 
 # Keys that may change when a workdir is resumed: they steer the loop, not the state nor the
 # trajectory it follows (the mesh does not change the math; `sample.*` is read at inference).
-_FREE_ON_RESUME = ("train.steps", "train.log_every", "train.checkpoint_every",
-                   "train.keep_checkpoints", "train.async_checkpoint", "train.plot_every",
-                   "train.progress_bar", "train.max_nonfinite_steps", "train.step_timeout_s",
-                   "train.save_timeout_s", "train.fused_steps", "mesh.", "distributed.", "sample.")
+_FREE_ON_RESUME = (
+  "train.steps",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoint",
+  "train.plot_every",
+  "train.progress_bar",
+  "train.max_nonfinite_steps",
+  "train.step_timeout_s",
+  "train.save_timeout_s",
+  "train.fused_steps",
+  "mesh.",
+  "distributed.",
+  "sample.",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -555,10 +642,16 @@ def resume_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   ``{"a.b": value}``; with a decaying learning rate ``train.steps`` shapes the schedule and
   counts too."""
   flat = _flatten(json.loads(config_to_json(config)))
-  free = [k for k in _FREE_ON_RESUME
-          if not (k == "train.steps" and flat.get("optimizer.decay") != "constant")]
-  return {k: v for k, v in flat.items()
-          if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}
+  free = [
+    k
+    for k in _FREE_ON_RESUME
+    if not (k == "train.steps" and flat.get("optimizer.decay") != "constant")
+  ]
+  return {
+    k: v
+    for k, v in flat.items()
+    if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)
+  }
 
 
 def fingerprint_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -581,11 +674,13 @@ def check_resume_config(workdir: str | pathlib.Path, config: ml_collections.Conf
   try:
     saved = config_from_json(path.read_text())
   except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {e}); restore it or start "
-                      "a new --workdir") from None
+    raise ConfigError(
+      f"{path} is unreadable ({type(e).__name__}: {e}); restore it or start a new --workdir"
+    ) from None
   differences = fingerprint_differences(resume_fingerprint(saved), resume_fingerprint(config))
   if differences:
     raise ConfigError(
-        f"--workdir {workdir} was trained with a different config; resuming would mix two "
-        f"runs. Differing keys: {'; '.join(differences)}. Start a new --workdir or restore "
-        "these values")
+      f"--workdir {workdir} was trained with a different config; resuming would mix two "
+      f"runs. Differing keys: {'; '.join(differences)}. Start a new --workdir or restore "
+      "these values"
+    )

@@ -8,7 +8,8 @@ hooks. Nothing below this point looks at a config string again.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +76,13 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 def create_model(config):
   return models_lib.create_model(
-      config.model.name, data_shape=tuple(config.data.shape),
-      num_classes=config.data.num_classes, dtype=compute_dtype(config),
-      param_dtype=jnp.float32, **model_kwargs(config))
+    config.model.name,
+    data_shape=tuple(config.data.shape),
+    num_classes=config.data.num_classes,
+    dtype=compute_dtype(config),
+    param_dtype=jnp.float32,
+    **model_kwargs(config),
+  )
 
 
 def _source_sampler(config) -> Callable:
@@ -88,6 +93,7 @@ def _source_sampler(config) -> Callable:
 
   def normal(key, num):
     return jax.random.normal(key, (num,) + shape, jnp.float32)
+
   return normal
 
 
@@ -97,14 +103,17 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
   source = _source_sampler(config)
   batch_size = config.train.batch_size
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  target_sampler = (toy2d.get_toy2d(config.data.target) if config.data.kind == "toy2d"
-                    else None)
+  target_sampler = toy2d.get_toy2d(config.data.target) if config.data.kind == "toy2d" else None
   context = objectives_lib.ObjectiveContext(
-      apply=model.apply, source=source, data_shape=tuple(config.data.shape),
-      num_classes=config.data.num_classes,
-      num_batch_shards=sharding_lib.num_batch_shards(mesh),
-      source_is_normal=config.data.kind == "images" or config.data.source == "normal",
-      target_sampler=target_sampler, seed=config.seed)
+    apply=model.apply,
+    source=source,
+    data_shape=tuple(config.data.shape),
+    num_classes=config.data.num_classes,
+    num_batch_shards=sharding_lib.num_batch_shards(mesh),
+    source_is_normal=config.data.kind == "images" or config.data.source == "normal",
+    target_sampler=target_sampler,
+    seed=config.seed,
+  )
   keywords = {k: v for k, v in config.objective.items() if k != "name"}
   try:
     objective = objectives_lib.get_objective(config.objective.name, context, **keywords)
@@ -113,26 +122,43 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
 
   sample_batch = make_iterator = next_batch = iterator_state = None
   if config.data.kind == "toy2d":
+
     def sample_batch(key):
       x = target_sampler(key, batch_size)
       return {"x": jax.lax.with_sharding_constraint(x, batch_sharding)}
   else:
     from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
+
     make_iterator, next_batch, iterator_state = image_input.make_input_hooks(config, mesh)
 
   plot = None
   if tuple(config.data.shape) == (2,) or len(config.data.shape) == 3:
     from diffjax import plots  # pylint: disable=import-outside-toplevel
-    plot = functools.partial(plots.plot_experiment, generate=objective.generate,
-                             target_sampler=target_sampler,
-                             data_shape=tuple(config.data.shape), seed=config.seed,
-                             num=config.sample.num, steps=config.sample.steps,
-                             num_trajectories=config.sample.num_trajectories,
-                             title=f"{config.objective.name}: {config.model.name}")
 
-  return Experiment(model=model, pair_fn=objective.pair_fn,
-                    host_pairing=objective.host_pairing, loss_fn=objective.loss_fn,
-                    sample_batch=sample_batch, make_iterator=make_iterator, next_batch=next_batch,
-                    iterator_state=iterator_state, generate=objective.generate, plot=plot,
-                    target_sampler=target_sampler, source_sampler=source,
-                    log_likelihood=objective.log_likelihood)
+    plot = functools.partial(
+      plots.plot_experiment,
+      generate=objective.generate,
+      target_sampler=target_sampler,
+      data_shape=tuple(config.data.shape),
+      seed=config.seed,
+      num=config.sample.num,
+      steps=config.sample.steps,
+      num_trajectories=config.sample.num_trajectories,
+      title=f"{config.objective.name}: {config.model.name}",
+    )
+
+  return Experiment(
+    model=model,
+    pair_fn=objective.pair_fn,
+    host_pairing=objective.host_pairing,
+    loss_fn=objective.loss_fn,
+    sample_batch=sample_batch,
+    make_iterator=make_iterator,
+    next_batch=next_batch,
+    iterator_state=iterator_state,
+    generate=objective.generate,
+    plot=plot,
+    target_sampler=target_sampler,
+    source_sampler=source,
+    log_likelihood=objective.log_likelihood,
+  )

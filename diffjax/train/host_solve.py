@@ -10,13 +10,19 @@ loop waits (the step watchdog).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["solve_on_host"]
 
 
-def solve_on_host(solve: Callable[[Any], Any], problem: Any, *,
-                  stop_requested: Callable[[], bool], poll_s: float = 0.05) -> Any | None:
+def solve_on_host(
+  solve: Callable[[Any], Any],
+  problem: Any,
+  *,
+  stop_requested: Callable[[], bool],
+  poll_s: float = 0.05,
+) -> Any | None:
   """``solve(problem)`` on a daemon thread; the solution, or ``None`` if ``stop_requested()``
   turned true first. An exception in ``solve`` is raised here."""
   outcome: dict[str, Any] = {}

@@ -35,10 +35,14 @@ def make_input_hooks(config, mesh):
   """
   process_count = jax.process_count()
   loader = images.make_loader(
-      source=config.data.target, source_kwargs=dataset_kwargs(config),
-      batch_size=config.train.batch_size // process_count, seed=config.seed,
-      process_index=jax.process_index(), process_count=process_count,
-      augment=config.data.augment_flip)
+    source=config.data.target,
+    source_kwargs=dataset_kwargs(config),
+    batch_size=config.train.batch_size // process_count,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=process_count,
+    augment=config.data.augment_flip,
+  )
 
   def make_iterator(data_state: dict):
     if data_state.get("grain"):
@@ -50,10 +54,13 @@ def make_input_hooks(config, mesh):
 
   def next_batch(iterator):
     batch = next(iterator)
-    local = {"x": np.asarray(batch["image"], np.float32),
-             "label": np.asarray(batch["label"], np.int32)}
-    problem = config_lib.label_problem(local["label"], num_classes=num_classes, origin=origin,
-                                       complete=False)
+    local = {
+      "x": np.asarray(batch["image"], np.float32),
+      "label": np.asarray(batch["label"], np.int32),
+    }
+    problem = config_lib.label_problem(
+      local["label"], num_classes=num_classes, origin=origin, complete=False
+    )
     if problem:
       raise config_lib.ConfigError(problem)
     return sharding_lib.global_batch_from_local(local, mesh)

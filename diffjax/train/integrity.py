@@ -28,9 +28,21 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["COMMIT_FILE", "TMP_MARKER", "array_digests", "state_digest", "array_spec",
-           "spec_differences", "file_digests", "write_commit", "read_commit", "verify_files",
-           "step_dirs", "remove_tmp_dirs", "quarantine"]
+__all__ = [
+  "COMMIT_FILE",
+  "TMP_MARKER",
+  "array_digests",
+  "state_digest",
+  "array_spec",
+  "spec_differences",
+  "file_digests",
+  "write_commit",
+  "read_commit",
+  "verify_files",
+  "step_dirs",
+  "remove_tmp_dirs",
+  "quarantine",
+]
 
 COMMIT_FILE = "diffjax_commit.json"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -41,6 +53,7 @@ def _host_array(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     # Another process holds part of it; every process takes part in this gather.
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -69,15 +82,20 @@ def state_digest(tree: Any) -> str:
 
 def array_spec(tree: Any) -> dict[str, str]:
   """``{path: "dtype shape"}`` of an abstract or concrete state (what a restore must match)."""
-  return {jax.tree_util.keystr(path): f"{np.dtype(leaf.dtype).name} {list(leaf.shape)}"
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path): f"{np.dtype(leaf.dtype).name} {list(leaf.shape)}"
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def spec_differences(saved: dict[str, str], new: dict[str, str]) -> list[str]:
   """``path: saved -> new`` for every array whose dtype or shape differs, or that exists in
   one state only."""
-  return [f"{k}: {saved.get(k, '<absent>')} -> {new.get(k, '<absent>')}"
-          for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
+  return [
+    f"{k}: {saved.get(k, '<absent>')} -> {new.get(k, '<absent>')}"
+    for k in sorted(set(saved) | set(new))
+    if saved.get(k) != new.get(k)
+  ]
 
 
 def _sha256_file(path: pathlib.Path) -> str:
@@ -105,12 +123,18 @@ def _fsync_dir(path: pathlib.Path) -> None:
     os.close(fd)
 
 
-def write_commit(step_dir: pathlib.Path, *, step: int, arrays: dict[str, str],
-                 config: dict[str, Any]) -> None:
+def write_commit(
+  step_dir: pathlib.Path, *, step: int, arrays: dict[str, str], config: dict[str, Any]
+) -> None:
   """Writes the marker last, atomically (tmp file, fsync, rename, fsync of the folder): a kill
   leaves either no marker (the step is not trusted) or a whole one."""
-  record = {"format": 1, "step": int(step), "files": file_digests(step_dir), "arrays": arrays,
-            "config": config}
+  record = {
+    "format": 1,
+    "step": int(step),
+    "files": file_digests(step_dir),
+    "arrays": arrays,
+    "config": config,
+  }
   tmp = step_dir / (COMMIT_FILE + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(record, f, sort_keys=True, default=list)
@@ -131,9 +155,13 @@ def read_commit(step_dir: pathlib.Path) -> tuple[dict | None, str | None]:
     record = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     return None, f"unreadable commit marker ({type(e).__name__})"
-  if not (isinstance(record, dict) and isinstance(record.get("files"), dict)
-          and isinstance(record.get("arrays"), dict) and isinstance(record.get("config"), dict)
-          and isinstance(record.get("step"), int)):
+  if not (
+    isinstance(record, dict)
+    and isinstance(record.get("files"), dict)
+    and isinstance(record.get("arrays"), dict)
+    and isinstance(record.get("config"), dict)
+    and isinstance(record.get("step"), int)
+  ):
     return None, "malformed commit marker"
   return record, None
 
@@ -144,8 +172,11 @@ def verify_files(step_dir: pathlib.Path, record: dict) -> str | None:
   if record["step"] != int(step_dir.name):
     return f"commit marker is for step {record['step']}"
   try:
-    present = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-               if p.is_file() and p.name != COMMIT_FILE}
+    present = {
+      p.relative_to(step_dir).as_posix()
+      for p in step_dir.rglob("*")
+      if p.is_file() and p.name != COMMIT_FILE
+    }
     for name, expected in sorted(record["files"].items()):
       path = step_dir / name
       if not path.is_file():
@@ -169,8 +200,9 @@ def step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
   """The entries of ``directory`` named by a step number, newest first."""
   if not directory.is_dir():
     return []
-  return sorted((p for p in directory.iterdir() if p.name.isdigit()),
-                key=lambda p: int(p.name), reverse=True)
+  return sorted(
+    (p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name), reverse=True
+  )
 
 
 def remove_tmp_dirs(directory: pathlib.Path) -> list[str]:

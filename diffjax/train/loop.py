@@ -52,8 +52,9 @@ class TrainResult(dict):
   ``start_step`` and ``preempted`` (the signal's name when a signal stopped the run)."""
 
 
-def first_nonfinite_excess(streaks, losses, *, first_step: int, max_steps: int,
-                           last_step: int | None = None) -> tuple[int, float, int] | None:
+def first_nonfinite_excess(
+  streaks, losses, *, first_step: int, max_steps: int, last_step: int | None = None
+) -> tuple[int, float, int] | None:
   """``(step, loss, streak)`` of the first step whose consecutive non-finite count exceeds
   ``max_steps`` among steps ``first_step, first_step + 1, ...``; ``None`` when none does.
 
@@ -131,8 +132,9 @@ def _crosses(step: int, every: int, num_steps: int) -> bool:
   return step % every < num_steps
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          devices=None) -> TrainResult:
+def train(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, devices=None
+) -> TrainResult:
   """Trains (or resumes) the experiment ``config`` in ``workdir``.
 
   Args:
@@ -153,8 +155,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   def host_solve(solve, problem):
     # Bounded by train.step_timeout_s from the first chunk on (compilation is not inside).
-    with watchdog.allow(config.train.step_timeout_s, "host coupling solve",
-                        setting="train.step_timeout_s"):
+    with watchdog.allow(
+      config.train.step_timeout_s, "host coupling solve", setting="train.step_timeout_s"
+    ):
       return solve_on_host(solve, problem, stop_requested=preemption.stop_requested_here)
 
   trainer = make_trainer(config, mesh, host_solve=host_solve)
@@ -163,47 +166,83 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if is_lead:
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(workdir, config)
-    ckpt.prepare_directory(checkpoints, config=fingerprint,
-                           config_differences=config_lib.fingerprint_differences)
+    ckpt.prepare_directory(
+      checkpoints, config=fingerprint, config_differences=config_lib.fingerprint_differences
+    )
   watchdog_lib.barrier("diffjax_prepare_workdir", timeout_s=config.distributed.barrier_timeout_s)
 
   with contextlib.ExitStack() as stack:
     # Installed until the function returns: a signal during the final plot finishes the plot.
     stack.enter_context(preemption)
-    manager = ckpt.make_checkpoint_manager(checkpoints, keep=config.train.keep_checkpoints,
-                                           async_save=config.train.async_checkpoint)
+    manager = ckpt.make_checkpoint_manager(
+      checkpoints, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
+    )
     with contextlib.closing(manager):
       restored = ckpt.restore_verified(
-          manager, ckpt.abstract_with_shardings(trainer.abstract_state, trainer.shardings),
-          config=fingerprint, move_bad=is_lead and jax.process_count() == 1,
-          config_differences=config_lib.fingerprint_differences)
+        manager,
+        ckpt.abstract_with_shardings(trainer.abstract_state, trainer.shardings),
+        config=fingerprint,
+        move_bad=is_lead and jax.process_count() == 1,
+        config_differences=config_lib.fingerprint_differences,
+      )
       if restored is None:
         start, state, data_state = 0, trainer.create_state(), {}
       else:
         start, state, data_state = restored
         log.info("resumed from step %d in %s", start, workdir)
-      run = _Run(config, trainer, manager, watchdog, preemption, checkpoints=checkpoints,
-                 fingerprint=fingerprint, is_lead=is_lead, start=start,
-                 resumed=restored is not None)
+      run = _Run(
+        config,
+        trainer,
+        manager,
+        watchdog,
+        preemption,
+        checkpoints=checkpoints,
+        fingerprint=fingerprint,
+        is_lead=is_lead,
+        start=start,
+        resumed=restored is not None,
+      )
       with run:
         state = run.loop(state, data_state)
     if run.preempted:
-      log.warning("%s: checkpointed step %d in %s; run the same command to resume",
-                  run.preempted, run.step, checkpoints)
+      log.warning(
+        "%s: checkpointed step %d in %s; run the same command to resume",
+        run.preempted,
+        run.step,
+        checkpoints,
+      )
     elif is_lead and trainer.experiment.plot is not None:
       first_seed = state if trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
       trainer.experiment.plot(first_seed, workdir)
-  return TrainResult(state=state, losses=run.losses, trace_count=trainer.trace_count[0],
-                     mesh=mesh, experiment=trainer.experiment, start_step=start,
-                     preempted=run.preempted)
+  return TrainResult(
+    state=state,
+    losses=run.losses,
+    trace_count=trainer.trace_count[0],
+    mesh=mesh,
+    experiment=trainer.experiment,
+    start_step=start,
+    preempted=run.preempted,
+  )
 
 
 class _Run:
   """The state of one training run between resume and return: the step, the pending save, the
   logs; :meth:`loop` is the training loop, one body for both kinds of data."""
 
-  def __init__(self, config, trainer: Trainer, manager, watchdog, preemption, *, checkpoints,
-               fingerprint, is_lead: bool, start: int, resumed: bool):
+  def __init__(
+    self,
+    config,
+    trainer: Trainer,
+    manager,
+    watchdog,
+    preemption,
+    *,
+    checkpoints,
+    fingerprint,
+    is_lead: bool,
+    start: int,
+    resumed: bool,
+  ):
     self.config, self.trainer, self.manager = config, trainer, manager
     self.watchdog, self.preemption = watchdog, preemption
     self.checkpoints, self.fingerprint, self.is_lead = checkpoints, fingerprint, is_lead
@@ -217,8 +256,9 @@ class _Run:
 
   def __enter__(self):
     workdir = self.checkpoints.parent
-    self.metrics = self._stack.enter_context(contextlib.closing(
-        MetricsWriter(workdir, resume_step=self.step, enabled=self.is_lead)))
+    self.metrics = self._stack.enter_context(
+      contextlib.closing(MetricsWriter(workdir, resume_step=self.step, enabled=self.is_lead))
+    )
     self.progress = _progress_bar(self.config, self.step, self.config.train.steps, self.is_lead)
     if self.progress is not None:
       self._stack.enter_context(contextlib.closing(self.progress))
@@ -232,8 +272,11 @@ class _Run:
   def loop(self, state, data_state):
     train = self.config.train
     total = train.steps
-    data = (_DeviceData(train.fused_steps, total) if self.trainer.experiment.sample_batch
-            is not None else _HostData(self.trainer.experiment, data_state))
+    data = (
+      _DeviceData(train.fused_steps, total)
+      if self.trainer.experiment.sample_batch is not None
+      else _HostData(self.trainer.experiment, data_state)
+    )
     while self.step < total:
       num_steps, batch = data.take(self.step)
       advanced = self.trainer.advance(state, num_steps, batch)  # dispatched asynchronously
@@ -244,14 +287,14 @@ class _Run:
       state, metrics = advanced
       self.step += num_steps
       stop = self.step < total and self.preemption.should_stop(self.step)
-      save = (stop or _crosses(self.step, train.checkpoint_every, num_steps)
-              or self.step == total)
+      save = stop or _crosses(self.step, train.checkpoint_every, num_steps) or self.step == total
       # Overlaps the step: the next batch is read while the device computes.
       data.advanced(self.step, more=self.step < total and not stop, keep_state=save)
       self._check_finite(metrics, self.step - num_steps + 1)  # waits for the step
       self.watchdog.beat(self.step)
-      self.pending = ckpt.commit_if_done(self.manager, self.pending, config=self.fingerprint,
-                                         is_lead=self.is_lead)
+      self.pending = ckpt.commit_if_done(
+        self.manager, self.pending, config=self.fingerprint, is_lead=self.is_lead
+      )
       if self.progress is not None:
         self.progress.update(num_steps)
       if _crosses(self.step, train.log_every, num_steps) or self.step == total:
@@ -267,8 +310,9 @@ class _Run:
     return state
 
   def _save_allowance(self):
-    return self.watchdog.allow(self.config.train.save_timeout_s, "checkpoint save",
-                               setting="train.save_timeout_s")
+    return self.watchdog.allow(
+      self.config.train.save_timeout_s, "checkpoint save", setting="train.save_timeout_s"
+    )
 
   def _save(self, state, data_state) -> None:
     if self.step == self.saved_step:
@@ -276,8 +320,9 @@ class _Run:
     with self._save_allowance():
       ckpt.commit_step(self.manager, self.pending, config=self.fingerprint, is_lead=self.is_lead)
       self.pending = ckpt.save_step(self.manager, self.step, state, data_state)
-      self.pending = ckpt.commit_if_done(self.manager, self.pending, config=self.fingerprint,
-                                         is_lead=self.is_lead)
+      self.pending = ckpt.commit_if_done(
+        self.manager, self.pending, config=self.fingerprint, is_lead=self.is_lead
+      )
     self.saved_step = self.step
 
   def _finish_pending(self) -> None:
@@ -301,8 +346,11 @@ class _Run:
     rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, self.step
     self.losses.append((self.step, loss))
-    row = {"loss": loss, "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
-           "steps_per_second": rate}
+    row = {
+      "loss": loss,
+      "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
+      "steps_per_second": rate,
+    }
     if self.trainer.num_seeds > 1:
       row["loss_per_seed"] = [float(x) for x in per_seed]
     self.metrics.write(self.step, row)
@@ -315,25 +363,32 @@ class _Run:
     streaks = self._per_seed(metrics["nonfinite_streak"])
     worst = np.argmax(streaks, axis=0)
     losses = np.take_along_axis(self._per_seed(metrics["loss"]), worst[None], axis=0)[0]
-    excess = first_nonfinite_excess(streaks.max(axis=0), losses,
-                                    first_step=first_step, max_steps=limit,
-                                    last_step=self.config.train.steps)
+    excess = first_nonfinite_excess(
+      streaks.max(axis=0),
+      losses,
+      first_step=first_step,
+      max_steps=limit,
+      last_step=self.config.train.steps,
+    )
     if excess is None:
       return
     bad_step, loss, streak = excess
     if streak >= bad_step:  # not one finite step since initialisation: data or config
       raise NonFiniteLossError(
-          f"loss or gradient non-finite at every step of the run, 1 to {bad_step} (loss {loss}):"
-          " nothing was trained; check the data and the config (NaN pixels, labels >= "
-          "data.num_classes, optimizer.learning_rate)")
+        f"loss or gradient non-finite at every step of the run, 1 to {bad_step} (loss {loss}):"
+        " nothing was trained; check the data and the config (NaN pixels, labels >= "
+        "data.num_classes, optimizer.learning_rate)"
+      )
     raise NonFiniteLossError(
-        f"loss or gradient non-finite for {streak} consecutive steps up to step {bad_step} "
-        f"(loss {loss}; train.max_nonfinite_steps={limit}); lower optimizer.learning_rate or "
-        f"set optimizer.grad_clip_norm; the last good checkpoint in {self.checkpoints} is kept")
+      f"loss or gradient non-finite for {streak} consecutive steps up to step {bad_step} "
+      f"(loss {loss}; train.max_nonfinite_steps={limit}); lower optimizer.learning_rate or "
+      f"set optimizer.grad_clip_norm; the last good checkpoint in {self.checkpoints} is kept"
+    )
 
 
 def _progress_bar(config, start, total, enabled):
   if not (enabled and config.train.progress_bar):
     return None
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
   return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -23,8 +23,14 @@ class MetricsWriter:
   holds a step twice nor loses one.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int, enabled: bool = True,
-               tensorboard: bool = True):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    *,
+    resume_step: int,
+    enabled: bool = True,
+    tensorboard: bool = True,
+  ):
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tb = None
@@ -42,6 +48,7 @@ class MetricsWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float | list[float]]) -> None:
@@ -50,8 +57,12 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": int(step)}
-    row.update({k: ([_json_number(x) for x in v] if isinstance(v, (list, tuple))
-                    else _json_number(v)) for k, v in metrics.items()})
+    row.update(
+      {
+        k: ([_json_number(x) for x in v] if isinstance(v, (list, tuple)) else _json_number(v))
+        for k, v in metrics.items()
+      }
+    )
     # One write call per line: a kill leaves at most a truncated last line, which readers skip
     # and a resume removes.
     self._file.write(json.dumps(row) + "\n")

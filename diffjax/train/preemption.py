@@ -44,7 +44,7 @@ class PreemptionWatcher:
     else:
       self._flag.set()
 
-  def __enter__(self) -> "PreemptionWatcher":
+  def __enter__(self) -> PreemptionWatcher:
     if threading.current_thread() is not threading.main_thread():
       return self  # signal handlers can only be installed from the main thread
     names = [signal.SIGINT] + ([] if self._multi else [signal.SIGTERM])
@@ -72,6 +72,7 @@ class PreemptionWatcher:
     if not self._multi:
       return self._flag.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     # The agreed point is (largest id any process has reported) + 1, so ids must go up by one
     # per call; train steps go up by the fused chunk length and would never meet it.
     self._calls += 1

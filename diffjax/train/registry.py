@@ -33,26 +33,34 @@ def name_problems(config: ml_collections.ConfigDict) -> list[str]:
   elif config.data.kind == "images":
     _choice(problems, "data.target", config.data.target, images.DATASETS)
     if config.data.source != "normal":
-      problems.append(f"data.source={config.data.source!r}: image experiments start from "
-                      "noise; set data.source='normal'")
+      problems.append(
+        f"data.source={config.data.source!r}: image experiments start from "
+        "noise; set data.source='normal'"
+      )
   _choice(problems, "model.name", config.model.name, models.MODELS)
   problems += objectives.objective_problems(config.objective.to_dict())
   spec = objectives.OBJECTIVES.get(config.objective.name)
   if spec is not None and not spec.any_source and config.data.source != "normal":
-    problems.append(f"data.source={config.data.source!r}: objective "
-                    f"{config.objective.name!r} starts from N(0, I); set data.source='normal' "
-                    "(a flow-matching objective transports any source)")
+    problems.append(
+      f"data.source={config.data.source!r}: objective "
+      f"{config.objective.name!r} starts from N(0, I); set data.source='normal' "
+      "(a flow-matching objective transports any source)"
+    )
   _choice(problems, "train.compute_dtype", config.train.compute_dtype, _COMPUTE_DTYPES)
   _choice(problems, "optimizer.name", config.optimizer.name, ("adam", "adamw"))
   _choice(problems, "optimizer.decay", config.optimizer.decay, ("constant", "cosine"))
   if config.data.kind == "images" and config.data.target in ("npz", "folder"):
     import pathlib  # pylint: disable=import-outside-toplevel
+
     if not config.data.path:
-      problems.append(f"data.path is empty; data.target={config.data.target!r} needs the path "
-                      "of the npz file or image folder")
+      problems.append(
+        f"data.path is empty; data.target={config.data.target!r} needs the path "
+        "of the npz file or image folder"
+      )
     elif not pathlib.Path(config.data.path).exists():
-      problems.append(f"data.path={config.data.path!r} does not exist; pass an existing "
-                      f"{config.data.target} path")
+      problems.append(
+        f"data.path={config.data.path!r} does not exist; pass an existing {config.data.target} path"
+      )
   return problems
 
 
@@ -60,6 +68,7 @@ def shape_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The data shape against the dataset and the model, and the model's keywords, checked by
   building the model abstractly (``jax.eval_shape``: shapes only, nothing compiled)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from diffjax.train import experiment  # pylint: disable=import-outside-toplevel
 
   problems: list[str] = []
@@ -72,8 +81,9 @@ def shape_problems(config: ml_collections.ConfigDict) -> list[str]:
       problems.append(f"data.shape={shape}: images need (height, width, channels)")
       return problems
     if config.data.target == "digits" and shape != (8, 8, 1):
-      problems.append(f"data.shape={shape}: scikit-learn digits are (8, 8, 1); set "
-                      "data.shape=(8, 8, 1)")
+      problems.append(
+        f"data.shape={shape}: scikit-learn digits are (8, 8, 1); set data.shape=(8, 8, 1)"
+      )
       return problems
   try:
     model = experiment.create_model(config)

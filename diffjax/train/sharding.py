@@ -9,26 +9,27 @@ With ``fsdp = 1`` this is plain data parallelism.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax import couplings as couplings_lib
 
 __all__ = [
-    "BATCH_AXES",
-    "make_mesh",
-    "batch_sharding",
-    "replicated",
-    "fsdp_spec",
-    "state_shardings",
-    "num_batch_shards",
-    "per_device_coupling",
-    "to_host",
-    "put_replicated",
-    "global_batch_from_local",
+  "BATCH_AXES",
+  "make_mesh",
+  "batch_sharding",
+  "replicated",
+  "fsdp_spec",
+  "state_shardings",
+  "num_batch_shards",
+  "per_device_coupling",
+  "to_host",
+  "put_replicated",
+  "global_batch_from_local",
 ]
 
 BATCH_AXES = ("data", "fsdp")
@@ -41,8 +42,10 @@ def make_mesh(*, data: int, fsdp: int, devices=None) -> Mesh:
   if data == -1:
     data = devices.size // fsdp
   if data * fsdp != devices.size:
-    raise ValueError(f"mesh data x fsdp = {data} x {fsdp} does not match the {devices.size} "
-                     "devices; set mesh.data=-1 or make the product equal the device count")
+    raise ValueError(
+      f"mesh data x fsdp = {data} x {fsdp} does not match the {devices.size} "
+      "devices; set mesh.data=-1 or make the product equal the device count"
+    )
   return Mesh(devices.reshape(data, fsdp), BATCH_AXES)
 
 
@@ -75,8 +78,9 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
 def state_shardings(abstract_tree, mesh: Mesh):
   """NamedShardings for every leaf of an abstract pytree (``jax.eval_shape`` output)."""
   fsdp_size = mesh.shape["fsdp"]
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size)),
-                      abstract_tree)
+  return jax.tree.map(
+    lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size)), abstract_tree
+  )
 
 
 def num_batch_shards(mesh: Mesh) -> int:
@@ -100,6 +104,7 @@ def to_host(tree):
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, jax.device_get(tree))
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return multihost_utils.process_allgather(tree, tiled=True)
 
 

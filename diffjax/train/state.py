@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -31,17 +32,21 @@ class TrainState:
   nonfinite_streak: jax.Array
 
 
-def init_train_state(*, key: jax.Array, init_params: Callable[[jax.Array], Any],
-                     optimizer: optax.GradientTransformation) -> TrainState:
+def init_train_state(
+  *,
+  key: jax.Array,
+  init_params: Callable[[jax.Array], Any],
+  optimizer: optax.GradientTransformation,
+) -> TrainState:
   """Creates the state from a base key: ``split(key)`` gives the initialisation key and the
   run's base key, two separate branches, so no step key repeats the initialisation's."""
   init_key, base_key = jax.random.split(key)
   params = init_params(init_key)
   return TrainState(
-      params=params,
-      opt_state=optimizer.init(params),
-      ema_params=jax.tree.map(jnp.copy, params),
-      step=jnp.zeros((), jnp.int32),
-      key=base_key,
-      nonfinite_streak=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    ema_params=jax.tree.map(jnp.copy, params),
+    step=jnp.zeros((), jnp.int32),
+    key=base_key,
+    nonfinite_streak=jnp.zeros((), jnp.int32),
   )

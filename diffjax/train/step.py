@@ -17,7 +17,8 @@ host call, on threads. Why not one program with a callback: see
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +27,19 @@ import optax
 from diffjax.objectives import HostPairing
 from diffjax.train.state import TrainState
 
-__all__ = ["LossFn", "PairFn", "HostPairing", "step_keys", "update_step", "train_step",
-           "fused_train_steps", "propose_pairs", "finish_step", "propose_fused_pairs",
-           "finish_fused_steps"]
+__all__ = [
+  "LossFn",
+  "PairFn",
+  "HostPairing",
+  "step_keys",
+  "update_step",
+  "train_step",
+  "fused_train_steps",
+  "propose_pairs",
+  "finish_step",
+  "propose_fused_pairs",
+  "finish_fused_steps",
+]
 
 # loss_fn(params, key, batch) -> scalar loss; built by diffjax.train.experiment from the model's
 # apply function and the objective's regression loss.
@@ -72,9 +83,15 @@ def _loss_and_grads(params, key, batch, *, loss_fn: LossFn, accumulate_steps: in
   return loss_sum / accumulate_steps, jax.tree.map(lambda g: g / accumulate_steps, grad_sum)
 
 
-def update_step(state: TrainState, batch, *, loss_fn: LossFn,
-                optimizer: optax.GradientTransformation, ema_decay: float,
-                accumulate_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+def update_step(
+  state: TrainState,
+  batch,
+  *,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  ema_decay: float,
+  accumulate_steps: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients, optax update and EMA ``ema <- d ema + (1 - d) params`` on a paired batch.
 
   ``d = min(ema_decay, (1 + step) / (10 + step))`` warms the average up (TensorFlow's
@@ -88,8 +105,9 @@ def update_step(state: TrainState, batch, *, loss_fn: LossFn,
   ``max_consecutive_errors``, the update is never applied: halting is the loop's job.
   """
   _, _, key = step_keys(state.key, state.step)
-  loss, grads = _loss_and_grads(state.params, key, batch, loss_fn=loss_fn,
-                                accumulate_steps=accumulate_steps)
+  loss, grads = _loss_and_grads(
+    state.params, key, batch, loss_fn=loss_fn, accumulate_steps=accumulate_steps
+  )
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -102,17 +120,18 @@ def update_step(state: TrainState, batch, *, loss_fn: LossFn,
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema_params, state.ema_params),
-      step=state.step + 1,
-      nonfinite_streak=streak,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    ema_params=keep(ema_params, state.ema_params),
+    step=state.step + 1,
+    nonfinite_streak=streak,
   )
   return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_streak": streak}
 
 
-def train_step(state: TrainState, batch, *, pair_fn: PairFn | None = None,
-               **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState, batch, *, pair_fn: PairFn | None = None, **update_kwargs
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step: ``pair_fn`` with the step's pair key (if given), then :func:`update_step`."""
   if pair_fn is not None:
     _, pair_key, _ = step_keys(state.key, state.step)
@@ -130,9 +149,14 @@ def _scan_update_steps(state: TrainState, batches, **update_kwargs):
   return jax.lax.scan(lambda s, batch: update_step(s, batch, **update_kwargs), state, batches)
 
 
-def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callable,
-                      pair_fn: PairFn | None = None,
-                      **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+def fused_train_steps(
+  state: TrainState,
+  *,
+  num_steps: int,
+  sample_batch: Callable,
+  pair_fn: PairFn | None = None,
+  **update_kwargs,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """``num_steps`` train steps in one ``lax.scan`` for data generated on device.
 
   Step ``s``'s batch is ``sample_batch(data_key)`` and its pairing ``pair_fn(pair_key, batch)``
@@ -148,16 +172,23 @@ def fused_train_steps(state: TrainState, *, num_steps: int, sample_batch: Callab
   return _scan_update_steps(state, batches, **update_kwargs)
 
 
-def propose_fused_pairs(key: jax.Array, first_step: jax.Array, *, num_steps: int,
-                        sample_batch: Callable, propose: Callable):
+def propose_fused_pairs(
+  key: jax.Array,
+  first_step: jax.Array,
+  *,
+  num_steps: int,
+  sample_batch: Callable,
+  propose: Callable,
+):
   """The batches of steps ``first_step ... first_step + num_steps - 1`` with their source draws
   and coupling problems, stacked on a leading step axis (the keys of :func:`step_keys`)."""
   data_keys, pair_keys = _chunk_keys(key, first_step, num_steps)
   return jax.vmap(propose)(pair_keys, jax.vmap(sample_batch)(data_keys))
 
 
-def finish_fused_steps(state: TrainState, batches, solutions, *, finish: Callable,
-                       **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+def finish_fused_steps(
+  state: TrainState, batches, solutions, *, finish: Callable, **update_kwargs
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """The pairs of :func:`propose_fused_pairs`'s batches from the host's ``solutions``, then one
   :func:`update_step` per batch in a ``lax.scan``; equal to :func:`fused_train_steps`."""
   return _scan_update_steps(state, jax.vmap(finish)(batches, solutions), **update_kwargs)
@@ -169,8 +200,9 @@ def propose_pairs(key: jax.Array, step: jax.Array, batch, *, propose: Callable):
   return propose(pair_key, batch)
 
 
-def finish_step(state: TrainState, batch, solution, *, finish: Callable,
-                **update_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
+def finish_step(
+  state: TrainState, batch, solution, *, finish: Callable, **update_kwargs
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """``finish`` the pairs of :func:`propose_pairs` with the host's ``solution``, then
   :func:`update_step`; equal to :func:`train_step` with the composed ``pair_fn``."""
   return update_step(state, finish(batch, solution), **update_kwargs)

@@ -15,23 +15,37 @@ each seed's key; a host batch is shared by the seeds.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.experiment import Experiment, build_experiment
 from diffjax.train.host_solve import solve_on_host
 from diffjax.train.optim import make_optimizer
 from diffjax.train.state import TrainState, init_train_state
-from diffjax.train.step import (finish_fused_steps, finish_step, fused_train_steps,
-                                propose_fused_pairs, propose_pairs, train_step)
+from diffjax.train.step import (
+  finish_fused_steps,
+  finish_step,
+  fused_train_steps,
+  propose_fused_pairs,
+  propose_pairs,
+  train_step,
+)
 
-__all__ = ["Trainer", "make_trainer", "state_shardings_for", "make_initial_state",
-           "chunk_advancer", "step_advancer"]
+__all__ = [
+  "Trainer",
+  "make_trainer",
+  "state_shardings_for",
+  "make_initial_state",
+  "chunk_advancer",
+  "step_advancer",
+]
 
 
 class Trainer(NamedTuple):
@@ -61,8 +75,9 @@ class Trainer(NamedTuple):
   num_seeds: int = 1
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh, *,
-                 host_solve: Callable | None = None) -> Trainer:
+def make_trainer(
+  config: ml_collections.ConfigDict, mesh, *, host_solve: Callable | None = None
+) -> Trainer:
   """The trainer of ``config`` on ``mesh``.
 
   Args:
@@ -74,23 +89,42 @@ def make_trainer(config: ml_collections.ConfigDict, mesh, *,
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
   num_seeds = config.train.num_seeds
-  abstract, shardings, create = make_initial_state(experiment, optimizer, seed=config.seed,
-                                                   mesh=mesh, num_seeds=num_seeds)
+  abstract, shardings, create = make_initial_state(
+    experiment, optimizer, seed=config.seed, mesh=mesh, num_seeds=num_seeds
+  )
   trace_count = [0]
-  step_kwargs = dict(pair_fn=experiment.pair_fn, loss_fn=experiment.loss_fn, optimizer=optimizer,
-                     ema_decay=config.train.ema_decay,
-                     accumulate_steps=config.train.accumulate_steps)
-  kwargs = dict(step_kwargs=step_kwargs, shardings=shardings, mesh=mesh, trace_count=trace_count,
-                host_solve=host_solve, num_seeds=num_seeds)
+  step_kwargs = dict(
+    pair_fn=experiment.pair_fn,
+    loss_fn=experiment.loss_fn,
+    optimizer=optimizer,
+    ema_decay=config.train.ema_decay,
+    accumulate_steps=config.train.accumulate_steps,
+  )
+  kwargs = dict(
+    step_kwargs=step_kwargs,
+    shardings=shardings,
+    mesh=mesh,
+    trace_count=trace_count,
+    host_solve=host_solve,
+    num_seeds=num_seeds,
+  )
   if experiment.sample_batch is not None:
     chunk = chunk_advancer(experiment, **kwargs)
     advance = lambda state, num_steps, batch=None: chunk(state, num_steps)
   else:
     one = step_advancer(experiment, **kwargs)
     advance = lambda state, num_steps, batch: one(state, batch)
-  return Trainer(experiment=experiment, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
-                 shardings=shardings, create_state=create, advance=advance,
-                 trace_count=trace_count, num_seeds=num_seeds)
+  return Trainer(
+    experiment=experiment,
+    optimizer=optimizer,
+    mesh=mesh,
+    abstract_state=abstract,
+    shardings=shardings,
+    create_state=create,
+    advance=advance,
+    trace_count=trace_count,
+    num_seeds=num_seeds,
+  )
 
 
 def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
@@ -98,19 +132,20 @@ def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
   replicated."""
   replicated = sharding_lib.replicated(mesh)
   return TrainState(
-      params=sharding_lib.state_shardings(abstract_state.params, mesh),
-      opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh),
-      ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh),
-      step=replicated, key=replicated, nonfinite_streak=replicated)
+    params=sharding_lib.state_shardings(abstract_state.params, mesh),
+    opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh),
+    ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh),
+    step=replicated,
+    key=replicated,
+    nonfinite_streak=replicated,
+  )
 
 
-def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh,
-                       num_seeds: int = 1):
+def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh, num_seeds: int = 1):
   """Abstract state, its shardings, and a function creating the state born sharded
   (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy); with
   ``num_seeds > 1`` the states of seeds ``seed, seed + 1, ...`` stacked on a leading axis."""
-  init = functools.partial(init_train_state, init_params=experiment.model.init,
-                           optimizer=optimizer)
+  init = functools.partial(init_train_state, init_params=experiment.model.init, optimizer=optimizer)
   key = jax.random.PRNGKey(seed)
   per_seed = state_shardings_for(jax.eval_shape(lambda k: init(key=k), key), mesh)
   if num_seeds > 1:
@@ -134,11 +169,13 @@ def _solve_without_stop(solve, problem):
   return solve_on_host(solve, problem, stop_requested=lambda: False)
 
 
-def _solved_between(propose: Callable, finish: Callable, solve: Callable, *,
-                    host_solve: Callable, mesh) -> Callable:
+def _solved_between(
+  propose: Callable, finish: Callable, solve: Callable, *, host_solve: Callable, mesh
+) -> Callable:
   """``advance(state, *args, **kwargs)``: ``propose(state.key, state.step, ...)`` gives the
   batches and their coupling problems, the host solves them, ``finish`` updates the state with
   the solutions replicated over the mesh; ``None`` when ``host_solve`` returned ``None``."""
+
   def advance(state, *args, **kwargs):
     batches, problems = propose(state.key, state.step, *args, **kwargs)
     solutions = host_solve(solve, sharding_lib.to_host(problems))
@@ -149,8 +186,16 @@ def _solved_between(propose: Callable, finish: Callable, solve: Callable, *,
   return advance
 
 
-def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
-                   trace_count: list, host_solve=None, num_seeds: int = 1) -> Callable:
+def chunk_advancer(
+  experiment: Experiment,
+  step_kwargs: dict,
+  *,
+  shardings,
+  mesh,
+  trace_count: list,
+  host_solve=None,
+  num_seeds: int = 1,
+) -> Callable:
   """``advance(state, num_steps) -> (state, metrics)`` for on-device data: ``num_steps`` fused
   steps, or ``None`` when ``host_solve(solve, problem)`` (default: :func:`solve_on_host` with
   no stop) returned ``None``, a stop requested while the host solved the chunk's couplings
@@ -164,12 +209,15 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
   replicated = sharding_lib.replicated(mesh)
   pairing = experiment.host_pairing
   if pairing is None:
-    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0,
-                       out_shardings=(shardings, replicated))
+
+    @functools.partial(
+      jax.jit, static_argnames="num_steps", donate_argnums=0, out_shardings=(shardings, replicated)
+    )
     def run_chunk(state, num_steps):
       trace_count[0] += 1
-      chunk = lambda s: fused_train_steps(s, num_steps=num_steps,
-                                          sample_batch=experiment.sample_batch, **step_kwargs)
+      chunk = lambda s: fused_train_steps(
+        s, num_steps=num_steps, sample_batch=experiment.sample_batch, **step_kwargs
+      )
       return _over_seeds(chunk, num_seeds, 0)(state)
 
     return lambda state, num_steps: run_chunk(state, num_steps=num_steps)
@@ -179,9 +227,9 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
 
   @functools.partial(jax.jit, static_argnames="num_steps")
   def propose(key, first_step, num_steps):
-    one = lambda k, s: propose_fused_pairs(k, s, num_steps=num_steps,
-                                           sample_batch=experiment.sample_batch,
-                                           propose=pairing.propose)
+    one = lambda k, s: propose_fused_pairs(
+      k, s, num_steps=num_steps, sample_batch=experiment.sample_batch, propose=pairing.propose
+    )
     return _over_seeds(one, num_seeds, (0, 0))(key, first_step)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
@@ -194,8 +242,16 @@ def chunk_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh
   return lambda state, num_steps: advance(state, num_steps=num_steps)
 
 
-def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
-                  trace_count: list, host_solve=None, num_seeds: int = 1) -> Callable:
+def step_advancer(
+  experiment: Experiment,
+  step_kwargs: dict,
+  *,
+  shardings,
+  mesh,
+  trace_count: list,
+  host_solve=None,
+  num_seeds: int = 1,
+) -> Callable:
   """``advance(state, batch) -> (state, metrics)`` for host data, one step per call (``None``
   when a stop request ended the wait for a host solve), in the two stages of
   :func:`chunk_advancer` when the coupling is solved on the host."""
@@ -203,8 +259,13 @@ def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
   batch_sharding = sharding_lib.batch_sharding(mesh)
   pairing = experiment.host_pairing
   if pairing is None:
-    @functools.partial(jax.jit, donate_argnums=0, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, replicated))
+
+    @functools.partial(
+      jax.jit,
+      donate_argnums=0,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, replicated),
+    )
     def run_step(state, batch):
       trace_count[0] += 1
       one = lambda s, b: train_step(s, b, **step_kwargs)
@@ -227,5 +288,3 @@ def step_advancer(experiment: Experiment, step_kwargs: dict, *, shardings, mesh,
     return _over_seeds(one, num_seeds, 0)(state, batch, solution)
 
   return _solved_between(propose, finish, pairing.solve, host_solve=host_solve, mesh=mesh)
-
-

@@ -71,16 +71,18 @@ class StepWatchdog:
       waited = time.monotonic() - last
       after = "the start" if self._step is None else f"step {self._step}"
       if waited > limit:
-        message = (f"diffjax: error: no {what} finished for {waited:.0f} s after "
-                   f"{after} ({setting}={limit:g}); a process is "
-                   "stuck. Stacks follow; the last committed checkpoint is kept, restart all "
-                   "processes to resume")
+        message = (
+          f"diffjax: error: no {what} finished for {waited:.0f} s after "
+          f"{after} ({setting}={limit:g}); a process is "
+          "stuck. Stacks follow; the last committed checkpoint is kept, restart all "
+          "processes to resume"
+        )
         print(message, file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(EXIT_CODE)  # pylint: disable=protected-access -- a stuck main thread
 
-  def __enter__(self) -> "StepWatchdog":
+  def __enter__(self) -> StepWatchdog:
     if self.timeout_s > 0:
       self._thread = threading.Thread(target=self._run, name="diffjax-watchdog", daemon=True)
       self._thread.start()
@@ -96,15 +98,18 @@ def barrier(name: str, *, timeout_s: float) -> None:
   """Waits until every process reaches ``name``; after ``timeout_s`` raises one error naming
   the processes that did not arrive (a no-op with one process)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.process_count() == 1:
     return
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
   client = distributed.global_state.client
   try:
     client.wait_at_barrier(name, int(timeout_s * 1000))
   except Exception as e:  # noqa: BLE001 -- the runtime's error names the missing tasks
     first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
     raise RuntimeError(
-        f"barrier {name!r}: not every process arrived within {timeout_s:g} s "
-        f"(distributed.barrier_timeout_s); this is process {jax.process_index()} of "
-        f"{jax.process_count()}; runtime says: {first}") from None
+      f"barrier {name!r}: not every process arrived within {timeout_s:g} s "
+      f"(distributed.barrier_timeout_s); this is process {jax.process_index()} of "
+      f"{jax.process_count()}; runtime says: {first}"
+    ) from None
