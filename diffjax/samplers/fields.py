@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from diffjax._jax_compat import is_tracer
 from diffjax.parameterization import Coefficients, PredictionTarget, velocity_from_x0_eps
 from diffjax.shapes import broadcast_to_data, compute_dtype, in_compute_dtype
 
@@ -178,7 +179,7 @@ def time_of_log_snr(
   """
   target = in_compute_dtype(log_snr)
   args = (coefficients_fn, float(t_min), float(t_max), int(num_iters))
-  if isinstance(target, jax.core.Tracer):  # already inside a trace: nothing to cache
+  if is_tracer(target):  # already inside a trace: a per-trace closure would fill jit's cache
     return _bisect_log_snr(target, *args)
   try:
     hash(args)

@@ -101,11 +101,10 @@ def barrier(name: str, *, timeout_s: float) -> None:
 
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  from diffjax._jax_compat import wait_at_barrier  # pylint: disable=import-outside-toplevel
 
-  client = distributed.global_state.client
   try:
-    client.wait_at_barrier(name, int(timeout_s * 1000))
+    wait_at_barrier(name, timeout_ms=int(timeout_s * 1000))
   except Exception as e:  # noqa: BLE001 -- the runtime's error names the missing tasks
     first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
     raise RuntimeError(
