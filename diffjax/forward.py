@@ -20,36 +20,13 @@ The isotropic shortcut, and exactly where it survives (``abar_t = prod_{s <= t} 
 :func:`q_sample_sequential` runs the Markov chain itself with ``jax.lax.scan``; it is the reference
 every closed form is tested against (tests/test_forward.py).
 
-Noise generation. On CPU, drawing the noise costs 10-20 times more than the affine op, and the
-threefry hash is most of it. :func:`standard_normal` (every noise model's sampler) uses both 32-bit
-words of each threefry call, JAX's original layout: bit-for-bit ``jax.random.normal(key, shape)``
-under ``jax.threefry_partitionable(False)`` (tested), half the hashing of JAX's current default
-layout, which spends a call per element (``x0 ^ x1``). The hash is written out as elementwise ops
-(bit-for-bit JAX's primitive, tested), so the isotropic and diagonal closed forms compute hash,
-normal transform and affine op in one fused loop per half of the batch, the layout's two halves,
-which XLA:CPU vectorises; the draw alone is written to memory by a short loop first, so that no
-consumer (often an op on ``[batch, H, W, 3]``, which XLA:CPU does not vectorise) pulls the hash
-into its own loop. The other key implementations are no help: ``rbg`` and ``unsafe_rbg`` use
-XLA's Philox bit generator, slower here than threefry; a bfloat16 draw is no faster and has an
-8-bit uniform with truncated tails, so low-precision noise is drawn in float32 and rounded.
-Recommended: the default ``jax.random.key(seed)``.
-
-Figures (``python scripts/bench_forward.py`` in a venv with torch 2.14.1 and diffusers 0.42.1;
-2-core CPU, idle; batch 64x32x32x3 float32; ms, median of 20). Head to head (ten alternating
-segments): the closed form 0.55 against diffusers' ``DDPMScheduler.add_noise`` +
-``torch.randn_like`` 0.80, ratio 0.69; pinned to one core (``taskset -c 0``) 1.12 against 1.29,
-ratio 0.87. Timed apart, the closed form's median moved between 0.57 and 1.2 from run to run (the
-second core is not always free), the minimum stayed 0.47-0.64. Noise alone:
-:func:`standard_normal` 0.92-1.09, ``jax.random.normal`` 2.9 in the default layout and 1.05-1.1 in
-the original one; ``q_sample`` of noise drawn first 1.06-1.28, ``q_sample`` alone 0.06-0.12,
-bfloat16 data (drawn first, then the affine op) 1.0-1.17. ``lax.scan`` chain / closed form:
-80-95x (T = 100), 424-475x (T = 500), 990-1600x (T = 1000).
+Noise is ``jax.random.normal`` in float32 (:func:`standard_normal`), the draw training and the
+samplers make; low-precision noise is rounded from it so that it keeps its tails.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
@@ -99,173 +76,34 @@ __all__ = [
 # Standard normal noise.
 # --------------------------------------------------------------------------------------------
 
-# Threefry-2x32's rotation constants, rounds 1-4 and 5-8 (Salmon et al. 2011, table 4).
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = np.uint32(0x1BD11BDA)
-# JAX's original layout hashes counters below 2^32 - 1 in one block; larger draws go to JAX.
-_MAX_FAST_SIZE = 2**32 - 2
-
-
-def _threefry2x32(key_data: Array, first: Array, second: Array) -> tuple[Array, Array]:
-  """Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2,
-  3", https://doi.org/10.1145/2063384.2063405): both output words for counter pairs
-  ``(first, second)``, bit-for-bit JAX's ``threefry2x32`` primitive (tested).
-
-  Written out as elementwise ``uint32`` ops because JAX lowers its primitive on CPU to a rolled
-  loop that stores the state to memory every four rounds; these ops fuse with their consumer into
-  one loop that XLA vectorises.
-  """
-  key_0, key_1 = key_data[0], key_data[1]
-  keys = (key_0, key_1, key_0 ^ key_1 ^ _THREEFRY_PARITY)
-  word_0, word_1 = first + keys[0], second + keys[1]
-  for block in range(5):
-    for rotation in _THREEFRY_ROTATIONS[block % 2]:
-      word_0 = word_0 + word_1
-      word_1 = word_0 ^ ((word_1 << np.uint32(rotation)) | (word_1 >> np.uint32(32 - rotation)))
-    word_0 = word_0 + keys[(block + 1) % 3]
-    word_1 = word_1 + keys[(block + 2) % 3] + np.uint32(block + 1)
-  return word_0, word_1
-
-
-def _normal_from_bits(bits: Array) -> Array:
-  """``z = sqrt(2) erfinv(u)`` with ``u`` uniform on ``[-1 + ulp, 1)`` from the top 23 bits, the
-  inverse-CDF transform of ``jax.random.normal`` (float32)."""
-  one_to_two = jax.lax.bitcast_convert_type(
-    (bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32
-  )
-  low = np.nextafter(np.float32(-1.0), np.float32(0.0))
-  uniform = jnp.maximum(low, (one_to_two - 1.0) * (np.float32(1.0) - low) + low)
-  return np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(uniform)
-
-
-def _normal_pair(key_data: Array, counter: Array, size: int) -> tuple[Array, Array]:
-  """Normals from both words of the threefry calls ``counter`` in JAX's original layout.
-
-  With ``m = ceil(size / 2)``, call ``i < m`` hashes the counters ``(i, m + i)`` (``(m - 1, 0)``
-  for the last call when ``size`` is odd); its first word gives element ``i`` and its second
-  element ``m + i``. Returns float32 normals of ``counter``'s shape, one per word.
-  """
-  half = (size + 1) // 2
-  second = counter + np.uint32(half)
-  if size % 2:
-    second = jnp.where(counter == half - 1, np.uint32(0), second)
-  word_0, word_1 = _threefry2x32(key_data, counter, second)
-  return _normal_from_bits(word_0), _normal_from_bits(word_1)
-
-
-def _normal_halves(key_data: Array, size: int) -> tuple[Array, Array]:
-  """All ``size`` normals as the layout's two halves, ``[ceil(size / 2)]`` and the rest."""
-  half = (size + 1) // 2
-  first, second = _normal_pair(key_data, jax.lax.iota(jnp.uint32, half), size)
-  return first, second[: size - half]
-
-
-def _threefry_key_data(key: Array, size: int) -> Array | None:
-  """The ``uint32[2]`` data of a threefry key that the fast path serves, else ``None``."""
-  if size == 0 or size > _MAX_FAST_SIZE:
-    return None
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if str(jax.random.key_impl(key)) != "threefry2x32":
-      return None
-    return jax.random.key_data(key)
-  if key.dtype == jnp.uint32 and key.shape == (2,):
-    return key
-  return None
-
 
 def standard_normal(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-  """``eps ~ N(0, I)`` of ``shape``, about 3x faster than ``jax.random.normal`` on CPU.
+  """``eps ~ N(0, I)`` of ``shape``: ``jax.random.normal(key, shape)`` in float32, then cast.
 
-  For a threefry key (the default of ``jax.random.key``) this is bit-for-bit
-  ``jax.random.normal(key, shape)`` under JAX's original threefry layout
-  (``jax.threefry_partitionable(False)``, JAX's default before 0.5; tested): with
-  ``n = prod(shape)`` and ``m = ceil(n / 2)``, threefry-2x32 call ``i`` hashes the counters
-  ``(i, m + i)`` (Salmon et al. 2011, https://doi.org/10.1145/2063384.2063405) and both of its
-  32-bit words are used, for elements ``i`` and ``m + i`` (row-major); each word becomes
-  ``sqrt(2) erfinv(u)`` with ``u`` uniform on ``[-1 + ulp, 1)`` from its top 23 bits. JAX's
-  current default layout spends one call per element (``x0 ^ x1``), twice the hashing; here the
-  hash is plain elementwise ops that XLA fuses with the normal transform, and the isotropic and
-  diagonal closed forms fuse it with their affine op as well (measurements in the module
-  docstring). Any other key implementation, an empty draw or ``2^32 - 1`` elements or more go to
-  ``jax.random.normal`` unchanged.
+  Drawing in float32 and rounding keeps the tails of low-precision noise: ``jax.random.normal``
+  in bfloat16 transforms a uniform of bfloat16's 8-bit mantissa, 128 distinct values none beyond
+  2.9 sigma (tested).
 
   Args:
     key: a ``jax.random.key`` (or legacy ``uint32[2]``) key.
     shape: output shape.
-    dtype: output floating dtype; the draw is always made in float32 and rounded, so bfloat16 noise
-      keeps its tails (``jax.random.normal(key, shape, bfloat16)`` does not).
+    dtype: output floating dtype.
 
   Returns:
     ``[*shape]`` array of ``dtype``.
   """
-  shape = tuple(int(d) for d in shape)
-  key_data = _threefry_key_data(key, math.prod(shape))
-  if key_data is None:
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-  return _threefry_normal(key_data, shape).astype(dtype)
-
-
-# The draw is written in this many chunks by a loop: a loop's output is stored to memory, so the
-# consumer of the noise (often an op on [batch, H, W, 3]) cannot pull the hash into its own loop,
-# which XLA:CPU does not vectorise when the minor axis is short (measured 4x slower).
-_NOISE_CHUNKS = 4
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _threefry_normal(key_data: Array, shape: tuple[int, ...]) -> Array:
-  size = math.prod(shape)
-  half = (size + 1) // 2
-  if half < 2 * _NOISE_CHUNKS:
-    first, second = _normal_halves(key_data, size)
-    return jnp.concatenate([first, second]).reshape(shape)
-  chunk = -(-half // _NOISE_CHUNKS)
-
-  def write_chunk(index, halves):
-    start = index * chunk
-    counter = jax.lax.iota(jnp.uint32, chunk) + start.astype(jnp.uint32)
-    return jax.lax.dynamic_update_slice(
-      halves, jnp.stack(_normal_pair(key_data, counter, size)), (0, start)
-    )
-
-  halves = jax.lax.fori_loop(
-    0, _NOISE_CHUNKS, write_chunk, jnp.zeros((2, _NOISE_CHUNKS * chunk), jnp.float32)
-  )
-  if _NOISE_CHUNKS * chunk == half and size % 2 == 0:
-    return halves.reshape(shape)
-  return jnp.concatenate([halves[0, :half], halves[1, : size - half]]).reshape(shape)
+  return jax.random.normal(key, tuple(int(d) for d in shape), jnp.float32).astype(dtype)
 
 
 def _scale_and_add_noise(
   *, key: Array, data: Array, signal_scale: Array, noise_scale: Array
 ) -> Array:
-  """``signal_scale * data + noise_scale * eps`` with ``eps`` exactly
-  ``standard_normal(key, data.shape)``; the scales broadcast against ``data``, the math runs in at
-  least float32 and the result has ``data``'s dtype.
-
-  For float32 data whose batch (leading) axis is even, each half of the batch is one half of the
-  threefry layout, so the hash, the normal transform and the affine op run as one fused,
-  vectorised loop per half, joined by a final concatenate. Otherwise ``eps`` is drawn first (a
-  16-bit input in that loop stops XLA:CPU from vectorising it: measured 6x slower in bfloat16).
-  """
+  """``signal_scale * data + noise_scale * eps`` with ``eps = standard_normal(key, data.shape)``;
+  the scales broadcast against ``data``, the math runs in at least float32 and the result has
+  ``data``'s dtype."""
   dtype = compute_dtype(data)
-  size = data.size
-  key_data = _threefry_key_data(key, size)
-  if key_data is None or data.dtype != jnp.float32 or data.ndim == 0 or data.shape[0] % 2:
-    eps = standard_normal(key, data.shape, dtype)
-    return (signal_scale * data.astype(dtype) + noise_scale * eps).astype(data.dtype)
-  rows, half = data.shape[0], data.shape[0] // 2
-  row_size = size // rows
-
-  def as_rows(values):
-    return jnp.broadcast_to(values, data.shape).reshape(rows, row_size).astype(dtype)
-
-  signal, noise, x = as_rows(signal_scale), as_rows(noise_scale), as_rows(data)
-  first, second = (eps.reshape(half, row_size) for eps in _normal_halves(key_data, size))
-  top = signal[:half] * x[:half] + noise[:half] * first.astype(dtype)
-  bottom = signal[half:] * x[half:] + noise[half:] * second.astype(dtype)
-  # Nothing after the concatenate but the (free) reshape: with any op there, even a cast, XLA:CPU
-  # emits one loop that picks a half per element, several times slower.
-  return jnp.concatenate([top.astype(data.dtype), bottom.astype(data.dtype)]).reshape(data.shape)
+  eps = standard_normal(key, data.shape, dtype)
+  return (signal_scale * data.astype(dtype) + noise_scale * eps).astype(data.dtype)
 
 
 # --------------------------------------------------------------------------------------------

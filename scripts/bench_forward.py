@@ -3,14 +3,16 @@
 Prints one JSON object to stdout. For each number of steps T it times (median of ``--reps`` runs
 after one compiling run, ``block_until_ready`` on every output):
 
-* ``closed``: ``jit(q_sample_closed_form)``, noise generation included (the draw fused into the
-  affine op; see :mod:`diffjax.forward` on noise generation);
+* ``closed``: ``jit(q_sample_closed_form)``, the ``jax.random.normal`` draw included (the noise
+  training draws);
 * ``sequential``: ``jit(q_sample_sequential)``, the ``lax.scan`` Markov chain over all T steps;
 * ``loop``: a Python loop of T calls to one jitted chain step;
 
 and their ratios, plus the closed form's throughput (bytes of ``data`` read and ``x_t`` written per
-second). It also times the noise options (``jax.random.normal`` with each key implementation and
-dtype, :func:`diffjax.forward.standard_normal`) and, when torch is importable, a peer: diffusers'
+second). ``closed_form_variants`` splits the closed form into the draw and the affine op;
+``noise_share_of_training`` times one training step of configs/digits_ddpm.py against the noise
+draw of its batch (the most a faster generator could save in training: docs/benchmarks.md says why
+diffjax has none of its own). When torch is importable it times a peer: diffusers'
 ``DDPMScheduler.add_noise`` with ``torch.randn_like`` if diffusers is installed, otherwise a
 faithful torch re-implementation of it (labelled as such). Without torch, ``"peer": null``. The
 peer is timed alone first, before JAX starts its CPU thread pool; the ratio of record
@@ -28,8 +30,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import pathlib
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -43,6 +48,8 @@ from diffjax import forward
 from diffjax.schedules import get_discrete_schedule
 
 __all__ = ["main", "parse_args", "run_benchmark"]
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SHAPE = (64, 32, 32, 3)
 
@@ -73,70 +80,55 @@ def _ms(seconds: float) -> float:
   return round(seconds * 1e3, 4)
 
 
-def _time_noise_options(reps: int) -> dict[str, dict[str, float]]:
-  """Median and minimum ms to draw ``SHAPE`` standard normals with each generator and dtype."""
-  results = {}
-  for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-    key = jax.random.key(0, impl=impl)
-    for dtype in (jnp.float32, jnp.bfloat16):
-      fn = jax.jit(lambda k, dtype=dtype: jax.random.normal(k, SHAPE, dtype))
-      name = f"jax.random.normal[{impl},{jnp.dtype(dtype).name}]"
-      results[name] = _timed(lambda fn=fn, key=key: fn(key), reps)
-  key = jax.random.key(0)
-  # The layout standard_normal reproduces: both words of each threefry call (JAX's original).
-  with jax.threefry_partitionable(False):
-    fn = jax.jit(lambda k: jax.random.normal(k, SHAPE))
-    results["jax.random.normal[threefry2x32 original layout,float32]"] = _timed(
-      lambda: fn(key), reps
-    )
-  for dtype in (jnp.float32, jnp.bfloat16):
-    fn = jax.jit(lambda k, dtype=dtype: forward.standard_normal(k, SHAPE, dtype))
-    name = f"diffjax.standard_normal[threefry2x32,{jnp.dtype(dtype).name}]"
-    results[name] = _timed(lambda fn=fn, key=key: fn(key), reps)
-  return results
-
-
 def _time_closed_form_variants(schedule, data, t, reps: int) -> dict[str, dict[str, float]]:
-  """The closed form with each noise source, and the elementwise op alone (noise given)."""
+  """The closed form as users run it, its parts, and bfloat16 data."""
   key = jax.random.key(0)
   noise = jax.random.normal(key, SHAPE)
-
-  def with_jax_normal(k, x, steps):
-    return forward.q_sample(data=x, t=steps, noise=jax.random.normal(k, x.shape), schedule=schedule)
-
-  def with_standard_normal(k, x, steps):
-    return forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
-
-  def returning_noise(k, x, steps):
-    eps = forward.standard_normal(k, x.shape)
-    return forward.q_sample(data=x, t=steps, noise=eps, schedule=schedule), eps
-
+  closed = jax.jit(
+    lambda k, x, steps: forward.q_sample_closed_form(data=x, t=steps, key=k, schedule=schedule)
+  )
   elementwise = jax.jit(
     lambda x, steps, eps: forward.q_sample(data=x, t=steps, noise=eps, schedule=schedule)
   )
-
-  def noise_first(k, x, steps):
-    return forward.q_sample(
-      data=x, t=steps, noise=forward.standard_normal(k, x.shape), schedule=schedule
-    )
-
-  fns = {
-    "q_sample_closed_form (diffjax.standard_normal)": jax.jit(with_standard_normal),
-    "q_sample + diffjax.standard_normal (drawn first)": jax.jit(noise_first),
-    "q_sample + jax.random.normal[threefry2x32]": jax.jit(with_jax_normal),
-    "q_sample_closed_form returning (x_t, noise)": jax.jit(returning_noise),
-  }
-  out = {name: _timed(lambda fn=fn: fn(key, data, t), reps) for name, fn in fns.items()}
-  out["q_sample alone (noise given)"] = _timed(lambda: elementwise(data, t, noise), reps)
+  draw = jax.jit(lambda k: jax.random.normal(k, SHAPE))
   low = data.astype(jnp.bfloat16)
-  out["q_sample_closed_form (bfloat16 data)"] = _timed(
-    lambda: fns["q_sample_closed_form (diffjax.standard_normal)"](key, low, t), reps
-  )
-  rbg_key = jax.random.key(0, impl="rbg")
-  out["q_sample + jax.random.normal[rbg]"] = _timed(
-    lambda: fns["q_sample + jax.random.normal[threefry2x32]"](rbg_key, data, t), reps
-  )
-  return out
+  return {
+    "q_sample_closed_form": _timed(lambda: closed(key, data, t), reps),
+    "jax.random.normal alone": _timed(lambda: draw(key), reps),
+    "q_sample alone (noise given)": _timed(lambda: elementwise(data, t, noise), reps),
+    "q_sample_closed_form (bfloat16 data)": _timed(lambda: closed(key, low, t), reps),
+  }
+
+
+def _time_noise_share_of_training(reps: int) -> dict[str, Any]:
+  """One training step of configs/digits_ddpm.py (the path ``diffjax train`` runs) against the
+  noise draw of its batch: the most a faster generator could save in training."""
+  from diffjax.train import config as config_lib  # noqa: PLC0415 - only this figure needs it
+  from diffjax.train import sharding as sharding_lib  # noqa: PLC0415
+  from diffjax.train.trainer import make_trainer  # noqa: PLC0415
+
+  config = config_lib.load_config_file(str(ROOT / "configs" / "digits_ddpm.py"))
+  config_lib.validate(config, num_devices=1)
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  trainer = make_trainer(config, mesh)
+  shape = (config.train.batch_size, *config.data.shape)
+  batch = {"x": jnp.zeros(shape), "label": jnp.zeros(shape[:1], jnp.int32)}
+  state = [trainer.create_state()]
+
+  def step():
+    state[0], metrics = trainer.advance(state[0], 1, batch)
+    return metrics["loss"]
+
+  key = jax.random.key(0)
+  draw = jax.jit(lambda k: jax.random.normal(k, shape))
+  step_ms, noise_ms = _timed(step, reps), _timed(lambda: draw(key), reps)
+  return {
+    "config": "configs/digits_ddpm.py",
+    "batch_shape": list(shape),
+    "train_step": step_ms,
+    "noise_draw": noise_ms,
+    "noise_share_of_step": round(noise_ms["median_ms"] / step_ms["median_ms"], 5),
+  }
 
 
 def _time_process(num_steps: int, reps: int, loop_reps: int) -> dict[str, Any]:
@@ -155,7 +147,7 @@ def _time_process(num_steps: int, reps: int, loop_reps: int) -> dict[str, Any]:
 
   @jax.jit
   def one_step(x, step_key, step, steps):
-    noise = forward.standard_normal(step_key, x.shape, x.dtype)
+    noise = jax.random.normal(step_key, x.shape, x.dtype)
     x_next = jnp.sqrt(schedule.alphas[step]) * x + jnp.sqrt(schedule.betas[step]) * noise
     return jnp.where((step <= steps)[:, None, None, None], x_next, x)
 
@@ -304,7 +296,7 @@ def run_benchmark(*, sizes: list[int], reps: int, loop_reps: int) -> dict[str, A
   data = jax.random.uniform(jax.random.key(1), SHAPE, minval=-1.0, maxval=1.0)
   t = jax.random.randint(jax.random.key(2), (SHAPE[0],), 0, max(sizes))
   results["closed_form_variants"] = _time_closed_form_variants(schedule, data, t, reps)
-  results["noise_options"] = _time_noise_options(reps)
+  results["noise_share_of_training"] = _time_noise_share_of_training(reps)
   if timed_peer is None:
     results["peer"] = None
     results["peer_note"] = (
@@ -363,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     reps=args.reps,
     loop_reps=min(args.reps, 3) if args.quick else max(5, args.reps // 4),
   )
+  results = {
+    "benchmark": "forward",
+    "date": datetime.date.today().isoformat(),
+    "command": shlex.join(["python", "scripts/bench_forward.py", *sys.argv[1:]]),
+    **results,
+  }
   json.dump(results, sys.stdout, indent=2)
   sys.stdout.write("\n")
 
