@@ -9,14 +9,81 @@ preempted run (SIGTERM/SIGINT) checkpoints and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import os
 import sys
 
 __all__ = ["main"]
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+# How libraries that wrap the error in their own (orbax, tensorstore: a ValueError) spell it.
+_DISK_MESSAGES = tuple(os.strerror(code) for code in _DISK_ERRORS)
+
+
+def _is_disk_error(exc: BaseException | None) -> bool:
+  """``exc``, or an exception it was raised from or while handling, is a disk error."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+      return True
+    if any(message in str(exc) for message in _DISK_MESSAGES):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+class _HeldBack(logging.Filter):
+  """Holds back, while a command runs, the reports a failing disk sets off around the error
+  that ends the command: error records that mention it (orbax's save threads, each with its
+  traceback) and exceptions that C extensions report through ``sys.excepthook`` (tensorstore's
+  callbacks into closed event loops). If the command ends on that disk error, its one line
+  replaces them; otherwise they are written when the command ends."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+    self.reports: list[tuple] = []
+    self.drop = False  # set when the command ends on the disk error: discard what is held
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.levelno >= logging.ERROR and (
+      _is_disk_error(exc) or any(m in record.getMessage() for m in _DISK_MESSAGES)
+    ):
+      if not any(held is record for held in self.records):  # each handler asks once
+        self.records.append(record)
+      return False
+    return True
+
+  def excepthook(self, *exc_info) -> None:
+    self.reports.append(exc_info)
+
+
+@contextlib.contextmanager
+def _holding_back_disk_reports():
+  """Yields a :class:`_HeldBack`; set its ``drop`` to discard what it held."""
+  held = _HeldBack()
+  handlers = logging.getLogger().handlers
+  for handler in handlers:
+    handler.addFilter(held)
+  previous_hook, sys.excepthook = sys.excepthook, held.excepthook
+  try:
+    yield held
+  finally:
+    sys.excepthook = previous_hook
+    for handler in handlers:
+      handler.removeFilter(held)
+    if not held.drop:
+      for record in held.records:
+        for handler in handlers:
+          if record.levelno >= handler.level:
+            handler.handle(record)
+      for exc_info in held.reports:
+        previous_hook(*exc_info)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,8 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     "--guidance",
     type=float,
     default=None,
-    help="classifier-free guidance scale (conditional models)",
+    help="classifier-free guidance scale in [0, 100] (conditional models)",
   )
+  _chunk_size_argument(sample)
 
   evaluate = sub.add_parser("evaluate", help="print JSON metrics of a trained workdir")
   evaluate.add_argument("--workdir", required=True)
@@ -60,7 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     help="with train.num_seeds > 1: the trained seed to evaluate (default: "
     "each, with mean and std)",
   )
+  _chunk_size_argument(evaluate)
   return parser
+
+
+def _chunk_size_argument(parser: argparse.ArgumentParser) -> None:
+  from diffjax.run import DEFAULT_CHUNK_SIZE  # pylint: disable=import-outside-toplevel
+
+  parser.add_argument(
+    "--chunk-size",
+    type=int,
+    default=DEFAULT_CHUNK_SIZE,
+    help="samples drawn per compiled batch; the samples do not depend on it, memory grows "
+    f"with it (default {DEFAULT_CHUNK_SIZE})",
+  )
 
 
 def _fail(message: str) -> int:
@@ -69,6 +150,7 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv_is_program = argv is None  # run as the `diffjax` command, not called from Python
   argv = sys.argv[1:] if argv is None else argv
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
@@ -78,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
   from diffjax import run  # pylint: disable=import-outside-toplevel
   from diffjax.train import config as config_lib  # light: no JAX compile
 
+  with _holding_back_disk_reports() as held:
+    code = _run(args, extra, run, config_lib, held)
+  if held.drop and argv_is_program:
+    # The disk is full or read-only: skip the exit handlers of writers that would fail on it
+    # again (tensorboardX's flush prints two more tracebacks); the one line is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
+
+
+def _run(args, extra, run, config_lib, held) -> int:
+  """The subcommand; its exit status."""
   try:
     if args.command == "train":
       config = config_lib.load_config_file(args.config)
@@ -98,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         seed_index=args.seed_index,
         guidance=args.guidance,
+        chunk_size=args.chunk_size,
       )
       print(json.dumps(out))
       return 0
@@ -111,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler=args.sampler,
             seed=args.seed,
             seed_index=args.seed_index,
+            chunk_size=args.chunk_size,
           )
         )
       )
@@ -123,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
   except OSError as e:  # a full disk, a read-only or vanished workdir: one line, no traceback
     if e.errno not in _DISK_ERRORS:
       raise
+    held.drop = True
+    where = e.filename or (args.out if args.command == "sample" else args.workdir)
+    kept = "; the last committed checkpoint is kept" if args.command == "train" else ""
     print(
-      f"diffjax: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); free space "
-      "or fix the workdir's permissions, then run the same command: the last committed "
-      "checkpoint is kept",
+      f"diffjax: error: {e.strerror or e} (writing {where}); free space or fix its "
+      f"permissions, then run the same command{kept}",
       file=sys.stderr,
     )
     return 3

@@ -7,10 +7,13 @@ from WORKDIR/config.json (never from a Python file in a workdir) and restore the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
 import shutil
+import sys
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -88,11 +91,14 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   config_lib.validate(config, num_devices=None)
   _check_workdir_writable(workdir)
+  if (workdir / "config.json").is_file():  # a damaged one fails here in one line
+    _parse_workdir_config(workdir / "config.json", fix=_TRAIN_FIX)
   config_lib.check_resume_config(workdir, config)
   _initialize_distributed(config)
   import jax  # pylint: disable=import-outside-toplevel
 
   config_lib.validate(config, num_devices=jax.device_count())
+  from diffjax.data import images  # pylint: disable=import-outside-toplevel
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
 
@@ -100,22 +106,91 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return loop.train(config, workdir)
   except (loop.NonFiniteLossError, ckpt.CheckpointMismatchError) as e:
     raise RunFailed(str(e)) from None
+  except images.DatasetTooSmallError as e:  # raised while the input pipeline is built
+    per_process = "" if jax.process_count() == 1 else f" ({e.records} on each process)"
+    raise UsageError(
+      f"the data set {config.data.target!r} holds {e.total} records{per_process}, fewer than "
+      f"train.batch_size={config.train.batch_size}; set --config.train.batch_size to at most "
+      f"{e.records * jax.process_count()}, or use a larger data set"
+    ) from None
+
+
+_TRAIN_FIX = "restore it from a copy of the workdir, or train in a new --workdir"
+_READ_FIX = (
+  "restore it from a copy of the workdir (it is written by `diffjax train`), or train again "
+  "in a new --workdir"
+)
+
+
+def _json_problem(data: bytes) -> str | None:
+  """Why ``data`` is not a JSON object (the shape config.json always has), or ``None``."""
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+  if not text.strip():
+    return "is empty"
+  try:
+    loaded = json.loads(text)
+  except json.JSONDecodeError as e:
+    return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?)"
+  if not isinstance(loaded, dict):
+    kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+      type(loaded), "number"
+    )
+    return f"holds a JSON {kind}, not an object of config groups"
+  groups = config_lib.base_config()
+  for key, value in loaded.items():
+    if key in groups and isinstance(groups[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        return f"has {key}={json.dumps(value)} where the group of {key} keys belongs"
+  return None
+
+
+def _parse_workdir_config(path: pathlib.Path, *, fix: str) -> ml_collections.ConfigDict:
+  """``path`` (a WORKDIR/config.json) as a config; a damaged or hand-broken file raises one
+  :class:`UsageError` naming the file, what is wrong and ``fix``."""
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise UsageError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+  problem = _json_problem(data)
+  if problem is None:
+    try:
+      return config_lib.config_from_json(data.decode("utf-8"))
+    except KeyError as e:
+      problem = f"has no {e.args[0]!r} group"
+    except (ValueError, TypeError, AttributeError) as e:  # a null group, a string for a number
+      problem = f"does not match the config schema ({type(e).__name__}: {' '.join(str(e).split())})"
+  raise UsageError(f"{path} {problem}; {fix}")
 
 
 def _load_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json, parsed and validated (types, ranges, names): a damaged file fails in
+  one line naming it. The data files are not required (sampling does not read them)."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise UsageError(f"{path} not found; --workdir must be a directory written by `diffjax train`")
-  return config_lib.config_from_json(path.read_text())
+  config = _parse_workdir_config(path, fix=_READ_FIX)
+  try:
+    config_lib.validate(config, num_devices=None)
+  except config_lib.ConfigError as e:
+    # A data set moved away after training does not stop sampling (evaluate reads it later).
+    problems = [line for line in str(e).splitlines() if not line.startswith("data.path=")]
+    if problems:
+      more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+      raise UsageError(
+        f"{path}: {problems[0]}{more}; correct the value in the file, or {_READ_FIX}"
+      ) from None
+  return config
 
 
-def _check_sampler(workdir, sampler: str | None) -> None:
+def _check_sampler(config, sampler: str | None) -> None:
   """An unknown ``--sampler`` fails before anything is restored or compiled."""
   if sampler is None:
     return
   from diffjax import objectives  # pylint: disable=import-outside-toplevel
 
-  config = _load_workdir_config(workdir)
   spec = objectives.OBJECTIVES[config.objective.name]
   if sampler not in spec.samplers:
     raise UsageError(
@@ -125,14 +200,11 @@ def _check_sampler(workdir, sampler: str | None) -> None:
     )
 
 
-def _check_guidance(workdir, guidance: float | None) -> None:
+def _check_guidance(workdir, config, guidance: float | None) -> None:
   """``--guidance`` needs a class-conditional model trained with label dropout: guidance mixes
   the conditional prediction with the null label's, which only label dropout trains."""
   if guidance is None:
     return
-  if not math.isfinite(guidance):
-    raise UsageError(f"--guidance {guidance}: must be a finite number")
-  config = _load_workdir_config(workdir)
   if not config.data.num_classes:
     raise UsageError(
       f"--guidance {guidance}: the model in {workdir} is unconditional "
@@ -146,6 +218,115 @@ def _check_guidance(workdir, guidance: float | None) -> None:
       "prediction is untrained; drop --guidance, or train with "
       "--config.objective.label_dropout=0.1"
     )
+
+
+MAX_STEPS = 100_000
+MAX_GUIDANCE = 100.0
+MAX_NUM = 2**31 - 1  # example indices are int32 on the device
+DEFAULT_CHUNK_SIZE = 1000
+"""Samples drawn per compiled batch by `sample` and `evaluate` (memory is flat in ``--num``)."""
+
+
+def _check_numbers(
+  *,
+  num: int,
+  min_num: int,
+  steps: int | None,
+  seed: int,
+  seed_index: int | None,
+  chunk_size: int,
+  guidance: float | None = None,
+) -> None:
+  """Every numeric argument of `sample` and `evaluate`, before anything is read or compiled."""
+
+  def within(flag: str, value, low: int, high: int, why: str = "") -> None:
+    if isinstance(value, bool) or int(value) != value or not low <= value <= high:
+      raise UsageError(f"{flag} {value}: must be an integer in {low} .. {high}{why}")
+
+  within("--num", num, min_num, MAX_NUM)
+  if steps is not None:
+    within("--steps", steps, 1, MAX_STEPS)
+  within("--seed", seed, 0, 2**32 - 1, " (JAX keys take 32-bit seeds)")
+  if seed_index is not None:
+    within("--seed-index", seed_index, 0, MAX_NUM)
+  within("--chunk-size", chunk_size, 1, MAX_NUM)
+  if guidance is not None and not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+    raise UsageError(
+      f"--guidance {guidance}: must be a finite number in [0, {MAX_GUIDANCE:g}] (0 is the "
+      "unconditional model, 1 the conditional one, larger values guide harder; 1 to 10 is usual)"
+    )
+
+
+def _check_seed_index(config, seed_index: int | None) -> None:
+  count = config.train.num_seeds
+  if seed_index is None or (count == 1 and seed_index == 0):
+    return
+  if count == 1:
+    raise UsageError(
+      f"--seed-index {seed_index}: the run in the workdir trained one seed; drop --seed-index"
+    )
+  if not seed_index < count:
+    raise UsageError(
+      f"--seed-index {seed_index}: the run trained train.num_seeds={count} "
+      f"seeds; choose 0 .. {count - 1}, or drop it for all"
+    )
+
+
+def _check_out(out: str) -> pathlib.Path:
+  """``--out``: an .npz file path whose folder exists or can be created and is writable."""
+  path = pathlib.Path(out)
+  if path.is_dir():
+    raise UsageError(f"--out {out} is a directory; pass a file path such as {path / 'samples.npz'}")
+  if path.suffix != ".npz":
+    raise UsageError(f"--out {out}: the output must be an .npz file")
+  parent = path.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"--out {out}: {parent} is not writable; choose a folder you can write")
+  return path
+
+
+def _write_npz(path: pathlib.Path, arrays: dict) -> None:
+  """Writes ``arrays`` to ``path`` atomically: a temporary file created exclusively in the same
+  folder (a planted symlink is never followed), flushed to disk, then renamed over ``path``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _progress_bar(total: int, desc: str):
+  """A tqdm bar on stderr; silent when stderr is not a terminal."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=total, desc=desc, unit="sample", disable=None, leave=False, file=sys.stderr)
+
+
+def _check_finite(samples, *, total: int, out: str, step: int, settings: str) -> None:
+  """Fails, writing nothing, when any of the ``total`` samples holds a NaN or an infinity."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  finite = np.isfinite(samples)
+  if finite.all():
+    return
+  bad = int((~finite.reshape(total, -1)).any(axis=1).sum())
+  raise RunFailed(
+    f"{bad} of {total} samples are not finite (NaN or inf); nothing was written to {out}. "
+    f"The checkpoint of step {step} diverges with {settings}: try a smaller --guidance, more "
+    "--steps or another --sampler, and check metrics.jsonl for a diverged run"
+  )
 
 
 def _check_config_matches_checkpoints(
@@ -169,8 +350,15 @@ def _check_config_matches_checkpoints(
   )
 
 
+_READ_ATTEMPTS = 5
+
+
 def restore_for_inference(workdir: str | pathlib.Path):
-  """The experiment and the EMA parameters of the newest checkpoint in ``workdir``."""
+  """The experiment and the EMA parameters of the newest checkpoint in ``workdir``.
+
+  Read-only: it creates, deletes, moves and writes nothing in ``checkpoints/`` (a trainer may
+  be saving there), and skips a damaged or unfinished step with a warning instead of moving it.
+  """
   import jax  # pylint: disable=import-outside-toplevel
 
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
@@ -181,6 +369,7 @@ def restore_for_inference(workdir: str | pathlib.Path):
   config = _load_workdir_config(workdir)
   fingerprint = config_lib.resume_fingerprint(config)
   checkpoints = pathlib.Path(workdir) / "checkpoints"
+  ckpt.check_directory(checkpoints)
   _check_config_matches_checkpoints(workdir, checkpoints, fingerprint)
   # Inference runs on the local devices with data parallelism only.
   devices = jax.local_devices()
@@ -190,20 +379,33 @@ def restore_for_inference(workdir: str | pathlib.Path):
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=devices)
   trainer = make_trainer(config, mesh)
   experiment, abstract, shardings = (trainer.experiment, trainer.abstract_state, trainer.shardings)
-  manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False)
-  try:
-    # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
-    restored = ckpt.restore_verified(
-      manager,
-      ckpt.abstract_with_shardings(abstract, shardings),
-      config=fingerprint,
-      move_bad=False,
-      config_differences=config_lib.fingerprint_differences,
-    )
-  except ckpt.CheckpointMismatchError as e:
-    raise UsageError(str(e)) from None
-  finally:
-    manager.close()
+  if not checkpoints.is_dir():
+    raise UsageError(f"no checkpoint in {checkpoints}; train first")
+  # A trainer may delete old steps (train.keep_checkpoints) while they are read; the newest
+  # step is then a newer one, so the read starts over.
+  for attempt in range(_READ_ATTEMPTS):
+    manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False, read_only=True)
+    try:
+      # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
+      restored = ckpt.restore_verified(
+        manager,
+        ckpt.abstract_with_shardings(abstract, shardings),
+        config=fingerprint,
+        move_bad=False,
+        config_differences=config_lib.fingerprint_differences,
+      )
+      break
+    except ckpt.CheckpointMismatchError as e:
+      raise UsageError(str(e)) from None
+    except FileNotFoundError as e:
+      if attempt == _READ_ATTEMPTS - 1:
+        raise UsageError(
+          f"the checkpoints in {checkpoints} kept vanishing while being read ({e.filename}); "
+          "a trainer is rotating them faster than they can be read: try again, or raise "
+          "train.keep_checkpoints"
+        ) from None
+    finally:
+      manager.close()
   if restored is None:
     found = len(integrity.step_dirs(checkpoints))
     if found:
@@ -247,45 +449,57 @@ def sample_from_workdir(
   seed: int = 0,
   guidance: float | None = None,
   seed_index: int | None = None,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict:
-  """Draws ``num`` samples with the EMA parameters and writes them to ``out`` (.npz); for a run
-  of several seeds, of seed ``seed_index`` or of each (``samples`` then has a leading seed axis,
-  and ``seed_index`` lists the seeds)."""
+  """Draws ``num`` samples with the EMA parameters, ``chunk_size`` at a time, and writes them to
+  ``out`` (.npz) if all are finite; for a run of several seeds, of seed ``seed_index`` or of
+  each (``samples`` then has a leading seed axis, and ``seed_index`` lists the seeds). Sample
+  ``i`` depends on ``seed`` and ``i`` only, not on ``chunk_size``."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  if num <= 0:
-    raise UsageError(f"--num {num}: must be > 0")
-  if steps is not None and steps <= 0:
-    raise UsageError(f"--steps {steps}: must be > 0")
-  out_path = pathlib.Path(out)
-  if out_path.suffix != ".npz":
-    raise UsageError(f"--out {out}: the output must be an .npz file")
-  _check_sampler(workdir, sampler)
-  _check_guidance(workdir, guidance)
+  _check_numbers(
+    num=num,
+    min_num=1,
+    steps=steps,
+    seed=seed,
+    seed_index=seed_index,
+    chunk_size=chunk_size,
+    guidance=guidance,
+  )
+  out_path = _check_out(out)
+  config = _load_workdir_config(workdir)
+  _check_sampler(config, sampler)
+  _check_guidance(workdir, config, guidance)
+  _check_seed_index(config, seed_index)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
-  results = [
-    experiment.generate(
-      member,
-      jax.random.PRNGKey(seed),
-      num,
-      steps=steps or config.sample.steps,
-      sampler=sampler,
-      guidance=guidance,
-    )
-    for _, member in members
-  ]
+  steps = steps or config.sample.steps
+  with _progress_bar(len(members) * num, "sample") as bar:
+    results = [
+      experiment.generate(
+        member,
+        jax.random.PRNGKey(seed),
+        num,
+        steps=steps,
+        sampler=sampler,
+        guidance=guidance,
+        chunk_size=chunk_size,
+        on_chunk=bar.update,
+      )
+      for _, member in members
+    ]
   arrays = {"samples": np.asarray(results[0]["samples"])}
   if members[0][0] is not None:
     arrays = {
       "samples": np.stack([np.asarray(r["samples"]) for r in results]),
       "seed_index": np.array([k for k, _ in members]),
     }
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.with_name(out_path.stem + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, out_path)
+  settings = f"--steps {steps}, --sampler {sampler or 'default'}, --guidance {guidance}"
+  _check_finite(
+    arrays["samples"], total=len(members) * num, out=out, step=int(step), settings=settings
+  )
+  _write_npz(out_path, arrays)
   return {
     "out": str(out_path),
     "num": num,
@@ -341,6 +555,7 @@ def evaluate_workdir(
   sampler: str | None = None,
   seed: int = 0,
   seed_index: int | None = None,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict:
   """JSON metrics of the EMA model: for 2D targets the exact 2-Wasserstein distance (POT)
   between ``num`` generated samples and ``num`` fresh target samples; for digits the Frechet
@@ -350,16 +565,25 @@ def evaluate_workdir(
   with the mean and standard deviation over seeds."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  if num <= 1:
-    raise UsageError(f"--num {num}: must be > 1")
-  if steps is not None and steps <= 0:
-    raise UsageError(f"--steps {steps}: must be > 0")
-  _check_sampler(workdir, sampler)
+  _check_numbers(
+    num=num, min_num=2, steps=steps, seed=seed, seed_index=seed_index, chunk_size=chunk_size
+  )
+  config = _load_workdir_config(workdir)
+  _check_sampler(config, sampler)
+  _check_seed_index(config, seed_index)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
   reports = [
     _evaluate_params(
-      config, experiment, member, step=step, num=num, steps=steps, sampler=sampler, seed=seed
+      config,
+      experiment,
+      member,
+      step=step,
+      num=num,
+      steps=steps,
+      sampler=sampler,
+      seed=seed,
+      chunk_size=chunk_size,
     )
     for _, member in members
   ]
@@ -391,6 +615,7 @@ def _evaluate_params(
   steps: int | None,
   sampler: str | None,
   seed: int,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict:
   """The metrics of :func:`evaluate_workdir` for one set of parameters."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -400,7 +625,12 @@ def _evaluate_params(
 
   key_samples, key_target = jax.random.split(jax.random.PRNGKey(seed))
   result = experiment.generate(
-    params, key_samples, num, steps=steps or config.sample.steps, sampler=sampler
+    params,
+    key_samples,
+    num,
+    steps=steps or config.sample.steps,
+    sampler=sampler,
+    chunk_size=chunk_size,
   )
   samples = np.asarray(result["samples"])
   metrics = {"step": int(step), "num": num, "nfe": int(result.get("nfe", 0))}

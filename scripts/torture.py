@@ -16,6 +16,13 @@ must resume at exactly the step it checkpointed.
 This file is also the experiment config the chains train (``--config scripts/torture.py:digits``
 or ``:toy``): 8x8 digits through grain (an epoch is 28 steps of 64, so kills fall mid-epoch and
 two resumes fall within one epoch) with a small MLP, or a 2D toy with fused steps.
+
+``--concurrency N``: N trials of a second trainer started on the workdir of a running one (it
+must exit 2 in one line naming the holder), a reader (`evaluate`) beside it, then a SIGKILL or
+SIGTERM of the first and a resume through the lock file it left. ``--side-files N``: N resumes of
+a workdir whose metrics.jsonl, its ``.tmp`` or tensorboard/ were damaged, replaced by a link, a
+folder or a file (tolerated, or one line and exit 2), plus metrics.jsonl and tensorboard/ deleted
+during a run (recreated, one warning).
 """
 
 from __future__ import annotations
@@ -533,6 +540,519 @@ def _fuzz_main(args) -> int:
   return 0 if report["counts"]["wrong"] == 0 else 1
 
 
+# ---- concurrent trainers and readers (processes) ------------------------------------------------
+
+_TOY_LONG = [  # a toy run that trains until it is stopped, logging and saving often
+  "--config.train.steps=1000000",
+  "--config.train.fused_steps=20",
+  "--config.train.log_every=20",
+  "--config.train.checkpoint_every=100",
+]
+
+
+def _popen(workdir, extra, log_path, cache, *, command=None):
+  log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 -- closed by the caller
+  proc = subprocess.Popen(
+    command or _command(workdir, "toy", extra),
+    env=_env(1, cache),
+    cwd=ROOT,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+  return proc, log
+
+
+def _wait_for_step(proc, workdir: pathlib.Path, step: int, timeout: float = 300) -> bool:
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None and time.monotonic() < deadline:
+    if _last_step(workdir) >= step:
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def _error_lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.startswith("diffjax: error:")]
+
+
+def concurrency_trial(workdir: pathlib.Path, *, index: int, cache, rng: random.Random) -> dict:
+  """A trainer A runs; a second trainer on the workdir (same config, or another model) must exit
+  2 at once in one line, without disturbing A; a reader (`evaluate`) runs beside A; A is then
+  killed (SIGKILL) or preempted (SIGTERM) and the same command must resume from its last
+  checkpoint, the lock file left behind notwithstanding."""
+  trial = {"trial": index, "second": "same config" if index % 2 == 0 else "other model"}
+  logs = workdir.parent / f"{workdir.name}.logs"
+  logs.mkdir(parents=True, exist_ok=True)
+  first, first_log = _popen(workdir, _TOY_LONG, logs / "a.log", cache)
+  try:
+    trial["a_started"] = _wait_for_step(first, workdir, 120)
+    extra = _TOY_LONG if index % 2 == 0 else [*_TOY_LONG, "--config.model.width=48"]
+    started = time.monotonic()
+    second = subprocess.run(
+      _command(workdir, "toy", extra),
+      env=_env(1, cache),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    trial["b_seconds"] = round(time.monotonic() - started, 2)
+    lines = _error_lines(second.stderr)
+    trial["b_refused"] = second.returncode == 2 and len(lines) == 1
+    trial["b_no_traceback"] = "Traceback" not in second.stderr
+    trial["b_named_holder"] = bool(lines) and f"pid {first.pid}," in lines[0]
+    trial["b_line"] = lines[0][:300] if lines else second.stderr[-300:]
+    reader = subprocess.run(
+      [sys.executable, "-m", "diffjax.cli", "evaluate", "--workdir", str(workdir), "--num", "64"],
+      env=_env(1, cache),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    trial["reader_ok"] = reader.returncode == 0
+    if reader.returncode:
+      trial["reader_tail"] = reader.stderr[-500:]
+    trial["a_alive_after"] = first.poll() is None
+    stop = "SIGKILL" if rng.random() < 0.5 else "SIGTERM"
+    trial["stop"] = stop
+    if first.poll() is None:
+      os.kill(first.pid, getattr(signal, stop))
+  finally:
+    if first.poll() is None:
+      try:
+        first.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        first.kill()
+        first.wait()
+    first_log.close()
+  trial["a_returncode"] = first.returncode
+  ckdir = workdir / "checkpoints"
+  committed = [
+    int(p.name)
+    for p in ckdir.iterdir()
+    if p.name.isdigit() and (p / "diffjax_commit.json").exists()
+  ]
+  last = max(committed, default=0)
+  resumed = subprocess.run(
+    _command(workdir, "toy", [*_TOY_LONG[1:], f"--config.train.steps={last + 40}"]),
+    env=_env(1, cache),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  match = re.search(r"resumed from step (\d+)", resumed.stderr)
+  trial["resumed_from"] = int(match.group(1)) if match else None
+  trial["resume_ok"] = resumed.returncode == 0 and trial["resumed_from"] == last and last > 0
+  if not trial["resume_ok"]:
+    trial["resume_tail"] = resumed.stderr[-800:]
+  trial["ok"] = (
+    trial["a_started"]
+    and trial["b_refused"]
+    and trial["b_no_traceback"]
+    and (trial["b_named_holder"] or trial["second"] == "other model")
+    and trial["a_alive_after"]
+    and trial["a_returncode"] in ((0,) if stop == "SIGTERM" else (-9,))
+    and trial["resume_ok"]
+  )
+  return trial
+
+
+def _concurrency_main(args) -> int:
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(args.root)
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  rng = random.Random(args.seed)
+  started = time.monotonic()
+  trials = [
+    concurrency_trial(root / f"wd{i}", index=i, cache=root / "jax_cache", rng=rng)
+    for i in range(args.concurrency)
+  ]
+  summary = {
+    "trials": len(trials),
+    "second_trainers_refused": sum(t["b_refused"] and t["b_no_traceback"] for t in trials),
+    "refusals_naming_the_holder": sum(t["b_named_holder"] for t in trials),
+    "slowest_refusal_s": max(t["b_seconds"] for t in trials),
+    "readers_ok": sum(t["reader_ok"] for t in trials),
+    "first_trainer_undisturbed": sum(t["a_alive_after"] for t in trials),
+    "resumed_after_kill_or_sigterm": sum(t["resume_ok"] for t in trials),
+    "all_ok": all(t["ok"] and t["reader_ok"] for t in trials),
+    "seconds": round(time.monotonic() - started, 1),
+  }
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1))
+  print(json.dumps(summary))
+  return 0 if summary["all_ok"] else 1
+
+
+# ---- damaged, vanished and misplaced side files (processes) ----------------------------------
+
+
+def _plant_outside(root: pathlib.Path) -> pathlib.Path:
+  root.mkdir(parents=True, exist_ok=True)
+  outside = root / "outside.txt"
+  outside.write_text("not diffjax's\n")
+  return outside
+
+
+def _damage_line(path: pathlib.Path, rng: random.Random, bad: bytes) -> None:
+  lines = path.read_bytes().split(b"\n")
+  lines[rng.randrange(len(lines) - 1)] = bad
+  path.write_bytes(b"\n".join(lines))
+
+
+# name -> (damage(workdir, outside, rng), expected outcome: "resume" or "refuse"); the helpers
+# they call are defined below, before any of them runs.
+_SIDE_DAMAGE = {
+  "non_utf8_byte": (
+    lambda w, o, r: _damage_line(w / "metrics.jsonl", r, b'{"step": 3, "loss": \xff}'),
+    "resume",
+  ),
+  "garbage_line": (
+    lambda w, o, r: _damage_line(w / "metrics.jsonl", r, b"\x00\x01garbage{{"),
+    "resume",
+  ),
+  "binary_appended": (
+    lambda w, o, r: _append(w / "metrics.jsonl", bytes(r.randrange(256) for _ in range(64))),
+    "resume",
+  ),
+  "empty_file": (lambda w, o, r: (w / "metrics.jsonl").write_bytes(b""), "resume"),
+  "not_a_row": (lambda w, o, r: _damage_line(w / "metrics.jsonl", r, b'[{"step": 2}]'), "resume"),
+  "tmp_symlink": (lambda w, o, r: (w / "metrics.jsonl.tmp").symlink_to(o), "resume"),
+  "tmp_stale_file": (lambda w, o, r: (w / "metrics.jsonl.tmp").write_text("stale"), "resume"),
+  "metrics_symlink": (
+    lambda w, o, r: ((w / "metrics.jsonl").unlink(), (w / "metrics.jsonl").symlink_to(o)),
+    "resume",
+  ),
+  "metrics_deleted": (lambda w, o, r: (w / "metrics.jsonl").unlink(), "resume"),
+  "metrics_is_a_directory": (
+    lambda w, o, r: ((w / "metrics.jsonl").unlink(), (w / "metrics.jsonl").mkdir()),
+    "refuse",
+  ),
+  "tensorboard_is_a_file": (
+    lambda w, o, r: (_rmtree(w / "tensorboard"), (w / "tensorboard").write_text("x")),
+    "refuse",
+  ),
+}
+
+
+def _rmtree(path) -> None:
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  shutil.rmtree(path)
+
+
+def _append(path: pathlib.Path, data: bytes) -> None:
+  with open(path, "ab") as f:
+    f.write(data)
+
+
+def side_file_trial(base: pathlib.Path, root: pathlib.Path, name: str, *, cache, rng) -> dict:
+  """Copies the 8-step base workdir, applies damage ``name``, resumes to step 12: a damage to
+  tolerate must resume (exit 0, the undamaged rows kept, steps 9 to 12 appended, nothing outside
+  the workdir written), one to refuse must exit 2 with one line and no traceback."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  workdir = root / name
+  shutil.copytree(base, workdir, symlinks=True)
+  outside = _plant_outside(root / f"{name}.outside")
+  before_rows = {row["step"] for row in _rows_of(workdir / "metrics.jsonl")}
+  damage, expected = _SIDE_DAMAGE[name]
+  damage(workdir, outside, rng)
+  survivors = {row["step"] for row in _rows_of(workdir / "metrics.jsonl")} & before_rows
+  proc = subprocess.run(
+    _command(workdir, "toy", ["--config.train.steps=12"]),
+    env=_env(1, cache),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  trial = {"damage": name, "expected": expected, "returncode": proc.returncode}
+  trial["outside_untouched"] = outside.read_text() == "not diffjax's\n"
+  if expected == "refuse":
+    lines = _error_lines(proc.stderr)
+    trial["line"] = lines[0][:300] if lines else None
+    trial["ok"] = proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
+  else:
+    steps = [row["step"] for row in _rows_of(workdir / "metrics.jsonl")]
+    trial["ok"] = (
+      proc.returncode == 0
+      and steps == sorted(set(steps))
+      and survivors <= set(steps)
+      and set(range(9, 13)) <= set(steps)
+      and not list(workdir.glob("metrics.jsonl*.tmp"))
+    )
+  trial["ok"] = trial["ok"] and trial["outside_untouched"]
+  if not trial["ok"]:
+    trial["stderr_tail"] = proc.stderr[-800:]
+  return trial
+
+
+def _rows_of(path: pathlib.Path) -> list[dict]:
+  """The rows diffjax's own reader keeps (never through a symlink, never a directory)."""
+  if path.is_symlink() or not path.is_file():
+    return []
+  from diffjax.train.metrics_log import read_metrics  # pylint: disable=import-outside-toplevel
+
+  return read_metrics(path)
+
+
+def vanish_trial(root: pathlib.Path, what: str, *, cache) -> dict:
+  """metrics.jsonl or tensorboard/ deleted while a run trains: the run recreates it, says so,
+  keeps logging, and a SIGTERM still ends it with exit 0."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  workdir = root / f"vanish_{what}"
+  proc, log = _popen(workdir, _TOY_LONG, root / f"vanish_{what}.log", cache)
+  trial = {"damage": f"{what}_deleted_mid_run"}
+  try:
+    trial["started"] = _wait_for_step(proc, workdir, 100)
+    deleted_at = _last_step(workdir)
+    if what == "metrics":
+      (workdir / "metrics.jsonl").unlink()
+    else:
+      shutil.rmtree(workdir / "tensorboard")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+      rows = _rows_of(workdir / "metrics.jsonl")
+      tb = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+      if rows and rows[-1]["step"] >= deleted_at + 100 and (what == "metrics" or tb):
+        break
+      time.sleep(0.1)
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    log.close()
+  text = (root / f"vanish_{what}.log").read_text(errors="replace")
+  rows = _rows_of(workdir / "metrics.jsonl")
+  trial["returncode"] = proc.returncode
+  trial["warned"] = text.count("vanished during the run") == 1
+  trial["logging_went_on"] = bool(rows) and rows[-1]["step"] >= deleted_at + 100
+  trial["recreated"] = (workdir / "metrics.jsonl").is_file() and bool(
+    list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  )
+  trial["ok"] = (
+    trial["started"]
+    and proc.returncode == 0
+    and trial["warned"]
+    and trial["logging_went_on"]
+    and trial["recreated"]
+  )
+  if not trial["ok"]:
+    trial["log_tail"] = text[-800:]
+  return trial
+
+
+def _side_files_main(args) -> int:
+  import logging  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  logging.getLogger("diffjax").setLevel(logging.ERROR)  # damaged rows read back by this script
+  root = pathlib.Path(args.root)
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  cache = root / "jax_cache"
+  started = time.monotonic()
+  base = root / "base"
+  subprocess.run(
+    _command(base, "toy", ["--config.train.steps=8", "--config.train.checkpoint_every=4"]),
+    env=_env(1, cache),
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  rng = random.Random(args.seed)
+  names = sorted(_SIDE_DAMAGE)
+  trials = [
+    side_file_trial(base, root / f"round{i}", names[i % len(names)], cache=cache, rng=rng)
+    for i in range(args.side_files)
+  ]
+  trials += [vanish_trial(root, what, cache=cache) for what in ("metrics", "tensorboard")]
+  summary = {
+    "trials": len(trials),
+    "kinds": len(names) + 2,
+    "tolerated": sum(t["ok"] for t in trials if t.get("expected") != "refuse"),
+    "refused_in_one_line": sum(t["ok"] for t in trials if t.get("expected") == "refuse"),
+    "failed": [t["damage"] for t in trials if not t["ok"]],
+    "all_ok": all(t["ok"] for t in trials),
+    "seconds": round(time.monotonic() - started, 1),
+  }
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps({"summary": summary, "trials": trials}, indent=1))
+  print(json.dumps(summary))
+  return 0 if summary["all_ok"] else 1
+
+
+# Workdir name characters tried by --paths (issue 19.1): each either saves and restores, or is
+# refused before training with one line.
+PATH_CHARACTERS = [" ", "[", "]", "[x]", "\\", "*", "?", "%", "%20", "#", "=", ",", "é", "日本"]
+PATH_CHARACTERS += ["'", '"', ":", ";", "&", "$", "!", "{}", "~", "@", "+", "^", "|", "\t", ".."]
+
+
+def path_trial(root: pathlib.Path, chars: str) -> dict:
+  """A workdir named with ``chars``: refused in one line, or a step saved, committed and
+  restored bit-equal (through the library's save, commit and verified restore)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+
+  directory = root / f"w{chars}x" / "checkpoints"
+  try:
+    ckpt.check_directory(directory)
+  except ckpt.CheckpointPathError as e:
+    return {"chars": chars, "result": "refused", "one_line": "\n" not in str(e)}
+  state = {"w": jnp.arange(12.0).reshape(4, 3), "k": jnp.arange(3, dtype=jnp.uint32)}
+  target = {k: jax_shape(v) for k, v in state.items()}
+  manager = ckpt.make_checkpoint_manager(directory, keep=2, async_save=True)
+  try:
+    pending = ckpt.save_step(manager, 1, state, {"step": 1})
+    ckpt.commit_step(manager, pending, config={}, is_lead=True)
+    restored = ckpt.restore_verified(
+      manager, target, config={}, move_bad=False, config_differences=lambda a, b: []
+    )
+  except Exception as e:  # noqa: BLE001 -- reported as a failure of this character
+    return {"chars": chars, "result": f"failed: {type(e).__name__}: {str(e)[:120]}"}
+  finally:
+    manager.close()
+  ok = restored is not None and all(np.array_equal(restored[1][k], state[k]) for k in state)
+  return {"chars": chars, "result": "restored" if ok else "not restored"}
+
+
+def jax_shape(x):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _paths_main(args) -> int:
+  import logging  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  root = pathlib.Path(args.root) / "paths"
+  shutil.rmtree(root, ignore_errors=True)
+  trials = [path_trial(root, c) for c in PATH_CHARACTERS]
+  report = {
+    "tried": len(trials),
+    "restored": [t["chars"] for t in trials if t["result"] == "restored"],
+    "refused_in_one_line": [t["chars"] for t in trials if t.get("one_line")],
+    "failed": [t for t in trials if t["result"] not in ("restored", "refused")],
+  }
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+  print(json.dumps(report, ensure_ascii=False))
+  return 0 if not report["failed"] else 1
+
+
+def symlink_trials(root: pathlib.Path) -> list[dict]:
+  """Links planted where diffjax writes or moves checkpoint files (issue 19.7); each must be
+  refused in one line or ignored, and the file outside the workdir must stay unchanged."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from diffjax.train import atomic_write, integrity  # pylint: disable=import-outside-toplevel
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+
+  state = {"w": jnp.arange(6.0)}
+  results = []
+
+  def fresh(name):
+    workdir = root / name
+    victim = root / f"{name}.victim"
+    victim.write_text("outside")
+    outside = root / f"{name}.outside"
+    outside.mkdir()
+    manager = ckpt.make_checkpoint_manager(workdir / "checkpoints", keep=5, async_save=False)
+    pending = ckpt.save_step(manager, 1, state, {"step": 1})
+    ckpt.commit_step(manager, pending, config={}, is_lead=True)
+    return workdir, victim, outside, manager
+
+  def intact(victim, outside):
+    return victim.read_text() == "outside" and not any(outside.iterdir())
+
+  def attempt(name, plant, act):
+    workdir, victim, outside, manager = fresh(name)
+    try:
+      plant(workdir, victim, outside)
+      try:
+        act(workdir, manager)
+        outcome = "ignored"
+      except (ckpt.CheckpointPathError, OSError) as e:
+        outcome = "refused" if "\n" not in str(e) else "refused, several lines"
+    finally:
+      manager.close()
+    results.append({"plant": name, "outcome": outcome, "outside_intact": intact(victim, outside)})
+
+  def prepare(workdir, manager):
+    del manager
+    ckpt.prepare_directory(workdir / "checkpoints", config={}, config_differences=None)
+
+  attempt(
+    "step_named_link",
+    lambda w, v, o: (w / "checkpoints" / "9").symlink_to(o),
+    prepare,
+  )
+  attempt(
+    "tmp_named_link",
+    lambda w, v, o: (w / "checkpoints" / "9.orbax-checkpoint-tmp-1").symlink_to(o),
+    prepare,
+  )
+
+  def quarantine_link(w, v, o):
+    (w / ckpt.QUARANTINE).symlink_to(o)
+    (w / "checkpoints" / "1" / integrity.COMMIT_FILE).unlink()  # a step to move aside
+
+  attempt("quarantine_link", quarantine_link, prepare)
+  attempt(
+    "commit_tmp_link",
+    lambda w, v, o: (w / "checkpoints" / "1" / (integrity.COMMIT_FILE + ".tmp")).symlink_to(v),
+    lambda w, m: integrity.write_commit(w / "checkpoints" / "1", step=1, arrays={}, config={}),
+  )
+  attempt(
+    "config_json_tmp_link",
+    lambda w, v, o: (w / "config.json.tmp").symlink_to(v),
+    lambda w, m: atomic_write.write_atomic(w / "config.json", "{}"),
+  )
+  attempt(
+    "link_inside_step",
+    lambda w, v, o: (w / "checkpoints" / "1" / "state" / "extra").symlink_to(v),
+    prepare,
+  )
+  return results
+
+
+def _symlinks_main(args) -> int:
+  import logging  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  logging.getLogger("diffjax").setLevel(logging.ERROR)
+  root = pathlib.Path(args.root) / "symlinks"
+  shutil.rmtree(root, ignore_errors=True)
+  root.mkdir(parents=True)
+  trials = symlink_trials(root)
+  report = {
+    "planted": len(trials),
+    "outside_intact": sum(t["outside_intact"] for t in trials),
+    "refused_in_one_line": sum(t["outcome"] == "refused" for t in trials),
+    "trials": trials,
+  }
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+  print(json.dumps(report))
+  return 0 if report["outside_intact"] == len(trials) else 1
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--kills", type=int, default=50, help="SIGKILLs in all")
@@ -546,9 +1066,40 @@ def main() -> int:
   parser.add_argument(
     "--fuzz", type=int, default=0, help="instead of kills: this many fuzzed checkpoint directories"
   )
+  parser.add_argument(
+    "--concurrency",
+    type=int,
+    default=0,
+    help="instead of kills: this many trials of a second trainer and a reader beside a running "
+    "trainer, then a kill and a resume",
+  )
+  parser.add_argument(
+    "--side-files",
+    type=int,
+    default=0,
+    help="instead of kills: this many damaged side-file resumes (plus two deleted mid-run)",
+  )
+  parser.add_argument(
+    "--paths",
+    action="store_true",
+    help="instead of kills: save and restore in workdirs named with PATH_CHARACTERS",
+  )
+  parser.add_argument(
+    "--symlinks",
+    action="store_true",
+    help="instead of kills: plant symbolic links where checkpoints are written or moved",
+  )
   args = parser.parse_args()
+  if args.paths:
+    return _paths_main(args)
+  if args.symlinks:
+    return _symlinks_main(args)
   if args.fuzz:
     return _fuzz_main(args)
+  if args.concurrency:
+    return _concurrency_main(args)
+  if args.side_files:
+    return _side_files_main(args)
 
   root = pathlib.Path(args.root)
   if root.exists():

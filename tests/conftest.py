@@ -1,6 +1,8 @@
-"""Test session setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Test session setup: 8 simulated CPU devices, set before JAX is imported anywhere, and JAX's
+persistent compilation cache."""
 
 import os
+import pathlib
 
 # Multi-device code is tested on 8 fake CPU devices; the flag must be set before `import jax`.
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -8,3 +10,14 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# Compiling is most of the suite's time, and many tests (and the processes they start, which
+# inherit these variables) compile the same small programs: the persistent cache shares them
+# across tests, xdist workers and runs. Its key covers the program, JAX version, flags and
+# devices, so a hit is the program that would have been compiled. Bounded; delete the folder
+# to start cold.
+_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))

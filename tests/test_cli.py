@@ -39,6 +39,7 @@ def test_train_writes_workdir(trained_workdir):
     assert (trained_workdir / name).exists(), name
 
 
+@pytest.mark.slow
 def test_sample_every_flow_sampler(trained_workdir, tmp_path, capsys):
   for sampler in ("euler", "heun", "rk4", "dopri5"):
     out = tmp_path / f"{sampler}.npz"
@@ -105,6 +106,7 @@ def test_bad_config_fails_in_one_line(tmp_path, capsys, override, fragment):
   assert not workdir.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_errors_before_any_compile_in_a_fresh_process(tmp_path):
   """A config typo exits 2 with one line and no traceback, also as a real process."""
   proc = subprocess.run(

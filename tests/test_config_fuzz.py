@@ -438,6 +438,7 @@ SUBPROCESS_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_real_processes_fail_fast_without_traceback(tmp_path):
   """Wall time from process start to exit, one line, no traceback, nothing written. The claim
   is 5 s (docs/reliability.md has the figures); the bounds here leave room for a CI host

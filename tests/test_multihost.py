@@ -79,6 +79,7 @@ def _two_processes_match_single_process(tmp_path, overrides):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
   _two_processes_match_single_process(tmp_path, OVERRIDES)
 

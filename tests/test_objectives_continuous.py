@@ -267,6 +267,7 @@ def _assert_gaussian_samples(samples, *, mean_bias):
   assert np.all(std_err < 4.0 * STD / math.sqrt(2 * n) + 0.01), std_err
 
 
+@pytest.mark.slow
 def test_continuous_diffusion_every_listed_sampler_samples_gaussian_data():
   process = _process("vp")
   objective = objectives.get_objective(
@@ -357,6 +358,7 @@ def test_edm_default_sampler_follows_the_exact_flow():
   assert 3.0 < errors[0] / errors[1] < 5.5, errors
 
 
+@pytest.mark.slow
 def test_edm_every_listed_sampler_samples_gaussian_data():
   spec = objectives.OBJECTIVES["edm"]
   assert set(spec.samplers) == set(_STEPS)

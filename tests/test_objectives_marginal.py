@@ -300,6 +300,7 @@ def test_check_knows_where_the_kernel_width_vanishes(name, sigma):
   assert rejected == (width == 0.0), (name, sigma, width)
 
 
+@pytest.mark.slow
 def test_check_starts_no_jax_backend():
   """Validation runs check() before jax.distributed.initialize, which fails once a backend
   exists; so check() must not create an array (a fresh process, every kind of problem)."""

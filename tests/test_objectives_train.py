@@ -26,11 +26,18 @@ TINY = [
   "--config.sample.num=64",
   "--config.sample.steps=4",
 ]
-# The fast suite trains the EDM config (its own preconditioned model and sampler) through the
-# CLI; the others' objectives have their own tests and CLI runs in test_cli / test_train.
-TOY = ["toy2d_edm"] + [
+# Every config trains, samples and evaluates through the CLI in the slow suite; the fast suite's
+# CLI run is test_cli's, and each objective has its own fast tests.
+TOY = [
   pytest.param(name, marks=pytest.mark.slow)
-  for name in ("toy2d_icfm", "toy2d_otcfm", "toy2d_ddpm", "toy2d_vp", "toy2d_marginal_fm")
+  for name in (
+    "toy2d_edm",
+    "toy2d_icfm",
+    "toy2d_otcfm",
+    "toy2d_ddpm",
+    "toy2d_vp",
+    "toy2d_marginal_fm",
+  )
 ]
 DIGITS = ["digits_fm", "digits_ddpm", "digits_edm"]
 
@@ -82,11 +89,12 @@ _COUPLINGS = ["independent", "exact_ot", "sinkhorn"]
 _TIMES = sorted(losses.TIME_SAMPLERS)
 _RECIPES = ["icfm", "otcfm", "sbcfm", "fm"]
 COMBINATIONS = [
-  (
+  pytest.param(
     _RECIPES[i % 4],
     _PATHS[i % len(_PATHS)],
     _COUPLINGS[i % len(_COUPLINGS)],
     _TIMES[i % len(_TIMES)],
+    marks=() if i == 0 else pytest.mark.slow,  # one combination in the fast suite
   )
   for i in range(max(len(_PATHS), len(_COUPLINGS), len(_TIMES), 4))
 ]

@@ -64,6 +64,7 @@ def _check_report(report: dict, *, steps: int) -> None:
     assert report["solution_shape"][-2:] == [devices, report["batch"] // devices], report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4])
 def test_ot_cfm_protocol_trains_and_resumes_on_a_mesh(tmp_path, devices):
   """configs/toy2d_otcfm.py at batch 256 and 100 fused steps on 4 devices, FSDP 2 with the
@@ -157,7 +158,7 @@ def _wait_for_line(process, text: str, timeout: float) -> list[str]:
 
 @pytest.mark.parametrize(
   "signum",
-  [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+  [pytest.param(s, marks=pytest.mark.slow) for s in (signal.SIGTERM, signal.SIGINT)],
   ids=["SIGTERM", "SIGINT"],
 )
 def test_signal_while_waiting_on_a_stuck_solve_checkpoints_and_exits(tmp_path, signum):
@@ -180,6 +181,7 @@ def test_signal_while_waiting_on_a_stuck_solve_checkpoints_and_exits(tmp_path, s
   assert steps == [100]
 
 
+@pytest.mark.slow
 def test_step_timeout_catches_a_solve_that_never_returns(tmp_path):
   """train.step_timeout_s bounds the wait for a host solve, the first chunk's included: the
   watchdog names the phase, dumps stacks and exits 75 (restartable) shortly after the limit."""

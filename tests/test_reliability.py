@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import CONFIG, TINY, tiny_config  # pylint: disable=wrong-import-order
 
 from diffjax import cli
 from diffjax.train import checkpoint as ckpt
@@ -26,27 +27,6 @@ from diffjax.train import trainer as trainer_lib
 from diffjax.train.metrics_log import MetricsWriter, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "toy2d_icfm.py")
-TINY = [
-  "--config.train.steps=12",
-  "--config.train.fused_steps=2",
-  "--config.train.log_every=2",
-  "--config.train.checkpoint_every=4",
-  "--config.train.batch_size=32",
-  "--config.model.width=16",
-  "--config.model.depth=2",
-  "--config.train.progress_bar=false",
-  "--config.train.async_checkpoint=false",
-  "--config.sample.num=16",
-  "--config.sample.steps=2",
-  "--config.train.keep_checkpoints=5",
-]
-
-
-def tiny_config(*overrides: str):
-  config = config_lib.load_config_file(CONFIG)
-  config_lib.apply_overrides(config, [*TINY, *overrides])
-  return config
 
 
 def _step_key_matches(key, base_key, steps, *, data: bool):
@@ -500,6 +480,7 @@ def test_sample_reads_json_never_python(clean_run, tmp_path, capsys):
 # ---- 10. fuzzed checkpoint directories ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzzed_checkpoint_directories(clean_run, tmp_path):
   """200 random damages (1 to 3 each of: flipped, truncated, deleted, zeroed, extended or
   added files, garbage or foreign markers, stray steps, tmp folders, copies under a newer

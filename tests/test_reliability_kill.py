@@ -62,6 +62,7 @@ def _chain(tmp_path, *, devices, kills, signals, seed):
   assert report["arrays_equal"], report
 
 
+@pytest.mark.slow
 def test_kills_and_preemptions_resume_bit_equal_one_device(tmp_path):
   """5 SIGKILLs and 5 SIGTERM/SIGINTs at random steps of one 40-step digits run (grain data,
   sync and async checkpoints): the end state equals the uninterrupted run's bit for bit."""

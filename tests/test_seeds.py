@@ -15,6 +15,9 @@ from diffjax.train import config as config_lib
 from diffjax.train import loop
 from diffjax.train.metrics_log import read_metrics
 
+# Each test trains K seeds and K single-seed references: the slow suite.
+pytestmark = pytest.mark.slow
+
 
 def _run(config, workdir):
   config_lib.validate(config, num_devices=1)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny  # pylint: disable=wrong-import-order
 
 from diffjax.train import config as config_lib
 from diffjax.train import loop
@@ -20,30 +20,26 @@ from diffjax.train.optim import make_optimizer
 from diffjax.train.state import TrainState
 from diffjax.train.step import step_keys, train_step
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
 
 def tiny_config(recipe="otcfm", **overrides):
-  config = config_lib.load_config_file(str(CONFIGS / "toy2d_otcfm.py"))
-  config_lib.apply_overrides(
-    config,
-    [
-      f"--config.objective.name={recipe}",
-      "--config.train.steps=20",
-      "--config.train.fused_steps=5",
-      "--config.train.log_every=5",
-      "--config.train.checkpoint_every=10",
-      "--config.train.batch_size=64",
-      "--config.model.width=32",
-      "--config.train.progress_bar=false",
-      "--config.train.async_checkpoint=false",
-      "--config.sample.num=64",
-      "--config.sample.steps=4",
-      "--config.train.ema_decay=0.9",
-      *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ],
+  """tests/tiny.py's config on the OT-CFM protocol, with the fused chunks, batch and sample
+  size these tests compare across meshes and resumes."""
+  return tiny.tiny_config(
+    f"--config.objective.name={recipe}",
+    "--config.train.steps=20",
+    "--config.train.fused_steps=5",
+    "--config.train.log_every=5",
+    "--config.train.checkpoint_every=10",
+    "--config.train.batch_size=64",
+    "--config.model.width=32",
+    "--config.model.depth=3",
+    "--config.train.keep_checkpoints=3",
+    "--config.sample.num=64",
+    "--config.sample.steps=4",
+    "--config.train.ema_decay=0.9",
+    *[f"--config.{k}={v}" for k, v in overrides.items()],
+    base="toy2d_otcfm",
   )
-  return config
 
 
 def leaves(tree):
@@ -64,7 +60,11 @@ def single_device_run(tmp_path_factory):
   return result
 
 
-@pytest.mark.parametrize("mesh", [(8, 1), (4, 2)], ids=["data8", "data4_fsdp2"])
+@pytest.mark.parametrize(
+  "mesh",
+  [pytest.param((8, 1), marks=pytest.mark.slow), (4, 2)],
+  ids=["data8", "data4_fsdp2"],
+)
 def test_sharded_training_matches_one_device(single_device_run, tmp_path, mesh):
   """Same config on 8 simulated devices (pure data parallel, and data x FSDP) follows the
   single-device run: the OT coupling is solved on the global batch and the random draws do not
@@ -82,6 +82,7 @@ def test_sharded_training_matches_one_device(single_device_run, tmp_path, mesh):
     assert any("fsdp" in str(spec) for spec in specs)
 
 
+@pytest.mark.slow
 def test_per_device_coupling_pairs_within_shards_and_trains(single_device_run, tmp_path):
   """objective.coupling_scope=per_device (TorchCFM's behaviour under DDP): each of 8 devices
   solves OT on its own 2 points, which equals exact OT shard by shard (a float64 brute-force

@@ -174,7 +174,13 @@ def test_run_without_a_finite_step_halts(tmp_path):
   so the loop saved the untrained state and plotted. A run that never had a finite step halts."""
   config = config_lib.load_config_file(TOY)
   config_lib.apply_overrides(
-    config, [*TINY, "--config.train.steps=3", "--config.train.fused_steps=3"]
+    config,
+    [
+      *TINY,
+      "--config.train.steps=3",
+      "--config.train.fused_steps=3",
+      "--config.train.checkpoint_every=3",
+    ],
   )
   with pytest.raises(loop.NonFiniteLossError, match="every step"):
     nan_data_train(config, tmp_path / "w")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ import numpy as np
 from diffjax._lookup import lookup
 
 __all__ = [
+  "DatasetTooSmallError",
   "ImageSource",
   "TfdsImageSource",
   "load_digits",
@@ -268,6 +270,30 @@ def load_npz(
   return images, labels.astype(np.int32)
 
 
+def _open_image(path: str, *, origin: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+  """One image file as uint8 ``[H, W, C]`` (converted to ``mode``, resized to ``size``)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  fix = "remove or replace the file"
+  try:
+    # A header claiming more than Pillow's MAX_IMAGE_PIXELS (a decompression bomb: a few bytes
+    # that decode to gigabytes) is refused before its pixels are decoded.
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        img = img.convert(mode)
+        if size is not None and img.size != size:
+          img = img.resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    raise ValueError(
+      f"image {path!r} in {origin} is too large to decode safely (Pillow: "
+      f"{' '.join(str(error).split())}); {fix}, or shrink it"
+    ) from None
+  except OSError as error:
+    raise ValueError(f"cannot read image {path!r} in {origin} ({error}); {fix}") from error
+
+
 def load_folder(
   *, root: str, image_size: tuple[int, int] | None = None, channels: int = 3
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +311,6 @@ def load_folder(
   Returns:
     ``(images, labels)``: uint8 ``[N, H, W, channels]`` and int32 ``[N]``.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
   origin = f"image folder {root!r}"
   modes = {1: "L", 3: "RGB"}
   if channels not in modes:
@@ -310,16 +334,7 @@ def load_folder(
   size = None if image_size is None else (int(image_size[1]), int(image_size[0]))  # PIL: (W, H)
   images = []
   for path, _ in files:
-    try:
-      with Image.open(path) as img:
-        img = img.convert(modes[channels])
-        if size is not None and img.size != size:
-          img = img.resize(size, Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)
-    except OSError as error:
-      raise ValueError(
-        f"cannot read image {path!r} in {origin} ({error}); remove or replace the file"
-      ) from error
+    array = _open_image(path, origin=origin, mode=modes[channels], size=size)
     if images and array.shape != images[0].shape:
       raise ValueError(
         f"image {path!r} has size {array.shape[:2]} but {files[0][0]!r} has "
@@ -540,6 +555,14 @@ class _ShardSource(grain.sources.RandomAccessDataSource):
     return f"{self.parent!r}[{self.start}:{self.stop}]"
 
 
+class DatasetTooSmallError(ValueError):
+  """A process's shard of the data set holds fewer records than one batch."""
+
+  def __init__(self, message: str, *, records: int, total: int):
+    super().__init__(message)
+    self.records, self.total = records, total
+
+
 def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
   if (
     isinstance(value, bool)
@@ -619,10 +642,12 @@ def make_loader(
   )
   start, stop = _shard_bounds(len(source), shard_options=shard_options)
   if stop == start or (drop_remainder and stop - start < batch_size):
-    raise ValueError(
+    raise DatasetTooSmallError(
       f"process {process_index} of {process_count} gets {stop - start} of the "
       f"{len(source)} records of {source!r}, fewer than batch_size={batch_size}; use a "
-      "smaller per-process batch_size or drop_remainder=False"
+      "smaller per-process batch_size or drop_remainder=False",
+      records=stop - start,
+      total=len(source),
     )
   shard = source if (start, stop) == (0, len(source)) else _ShardSource(source, start, stop)
   process_seed = int(

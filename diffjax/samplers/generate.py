@@ -6,11 +6,19 @@ schedule), :func:`continuous_diffusion_generator` (a model trained on a continuo
 :func:`edm_generator` (EDM's denoiser ``D(x; sigma)``) return
 
     generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
-             return_trajectories=False) -> dict(samples=..., trajectories=..., nfe=...)
+             return_trajectories=False, chunk_size=None, on_chunk=None)
+      -> dict(samples=..., trajectories=..., nfe=...)
 
 with ``apply(params, x_t, t, cond) -> prediction`` (``cond=None`` is the null label of a
 class-conditional model). The sampler name is resolved once per distinct call (and the jitted
-program cached); ``guidance`` is the classifier-free guidance weight ``w`` (None: no guidance).
+program kept in a cache of :data:`JIT_CACHE_SIZE` programs); ``guidance`` is the
+classifier-free guidance weight ``w`` (None: no guidance).
+
+``chunk_size=None`` draws the ``num`` samples as one batch from one key. With ``chunk_size``
+they are drawn ``chunk_size`` at a time (memory flat in ``num``) and returned as NumPy arrays;
+example ``i`` is sampled alone (``vmap``) from ``fold_in(key, i)``, so the samples do not
+depend on the chunk size, and ``nfe`` is the largest over the examples (an adaptive solver
+then controls each example's error on its own). ``on_chunk(count)`` is called after each chunk.
 """
 
 from __future__ import annotations
@@ -58,6 +66,18 @@ _SIGMA_SAMPLERS = ("edm", "euler_ancestral")
 Generate = Callable[..., dict]
 
 
+# Compiled programs kept per generator: one per distinct (sampler, steps, batch, guidance, labels,
+# trajectories, chunked) combination, least recently used dropped first. Sweeps over steps or
+# batch sizes would otherwise keep every program alive.
+JIT_CACHE_SIZE = 16
+
+
+def _per_example_keys(key: Array, start: Array, count: int) -> Array:
+  """``fold_in(key, i)`` for ``i = start .. start + count - 1``: example ``i``'s key depends on
+  ``key`` and ``i`` only, so a chunked draw equals the one-batch draw whatever the chunk size."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, start + jnp.arange(count))
+
+
 def _make_generate(
   build: Callable[[str, int], Sampler],
   *,
@@ -66,7 +86,46 @@ def _make_generate(
   default: str,
   num_classes: int,
 ) -> Generate:
-  cache: dict[tuple, Callable] = {}
+  def draw(params, key, num, labels, scale, *, sample_fn, guided, trajectories):
+    """``num`` samples from one key (the whole batch shares the key of the source, the labels
+    and the sampler)."""
+    key_source, key_labels, key_sampler = jax.random.split(key, 3)
+    if labels is None and guided:
+      labels = jax.random.randint(key_labels, (num,), 0, num_classes)
+    noise = source(key_source, num)
+    predict = lambda x, t: apply(params, x, t, labels)
+    uncond = (lambda x, t: apply(params, x, t, None)) if guided else None
+    out = sample_fn(
+      key_sampler,
+      predict,
+      noise,
+      predict_uncond=uncond,
+      guidance_scale=scale,
+      return_trajectory=trajectories,
+    )
+    return dict(samples=out.samples, trajectories=out.trajectory, nfe=jnp.asarray(out.nfe))
+
+  @functools.lru_cache(maxsize=JIT_CACHE_SIZE)
+  def compiled(name, steps, num, guided, trajectories, chunked) -> Callable:
+    sample_fn = build(name, steps)
+    options = dict(sample_fn=sample_fn, guided=guided, trajectories=trajectories)
+    if not chunked:
+      return jax.jit(
+        lambda params, key, labels, scale: draw(params, key, num, labels, scale, **options)
+      )
+
+    def one(params, key, label, scale):
+      labels = None if label is None else label[None]
+      out = draw(params, key, 1, labels, scale, **options)
+      trajectory = None if out["trajectories"] is None else out["trajectories"][:, 0]
+      return dict(samples=out["samples"][0], trajectories=trajectory, nfe=out["nfe"])
+
+    def chunk(params, key, start, labels, scale):
+      keys = _per_example_keys(key, start, num)
+      label_axis = None if labels is None else 0
+      return jax.vmap(one, in_axes=(None, 0, label_axis, None))(params, keys, labels, scale)
+
+    return jax.jit(chunk)
 
   def generate(
     params: Any,
@@ -78,6 +137,8 @@ def _make_generate(
     labels: Array | None = None,
     guidance: float | None = None,
     return_trajectories: bool = False,
+    chunk_size: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
   ) -> dict:
     name = default if sampler is None else sampler
     if int(steps) != steps or steps < 1:
@@ -87,41 +148,57 @@ def _make_generate(
         "guidance needs a class-conditional model: pass labels, or build the "
         "generator with num_classes > 0 to draw them"
       )
-    signature = (
-      name,
-      int(steps),
-      int(num),
-      guidance is not None,
-      labels is None,
-      bool(return_trajectories),
-    )
-    if signature not in cache:
-      sample_fn = build(name, int(steps))
-
-      def run(params, key, labels, scale):
-        key_source, key_labels, key_sampler = jax.random.split(key, 3)
-        if labels is None and guidance is not None:
-          labels = jax.random.randint(key_labels, (num,), 0, num_classes)
-        noise = source(key_source, num)
-        predict = lambda x, t: apply(params, x, t, labels)
-        uncond = None
-        if guidance is not None:
-          uncond = lambda x, t: apply(params, x, t, None)
-        out = sample_fn(
-          key_sampler,
-          predict,
-          noise,
-          predict_uncond=uncond,
-          guidance_scale=scale,
-          return_trajectory=return_trajectories,
-        )
-        return dict(samples=out.samples, trajectories=out.trajectory, nfe=out.nfe)
-
-      cache[signature] = jax.jit(run)
     scale = jnp.asarray(1.0 if guidance is None else guidance, jnp.float32)
-    return cache[signature](params, key, labels, scale)
+    guided = guidance is not None
+    if chunk_size is None:
+      run = compiled(name, int(steps), int(num), guided, bool(return_trajectories), False)
+      return run(params, key, labels, scale)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+      raise ValueError(f"chunk_size={chunk_size!r}: must be a positive integer")
+    chunk = min(int(chunk_size), int(num))
+    run = compiled(name, int(steps), chunk, guided, bool(return_trajectories), True)
+    return _draw_in_chunks(
+      run, params, key, int(num), chunk=chunk, labels=labels, scale=scale, on_chunk=on_chunk
+    )
 
+  generate.cache_info = compiled.cache_info
   return generate
+
+
+def _draw_in_chunks(run, params, key, num, *, chunk, labels, scale, on_chunk) -> dict:
+  """``num`` samples drawn ``chunk`` at a time by ``run``, gathered on the host (NumPy). One
+  compiled shape: the last chunk is padded and cut. Example ``i`` uses ``fold_in(key, i)``, so
+  the result does not depend on ``chunk``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (num,):
+      raise ValueError(f"labels of shape {labels.shape}: expected ({num},)")
+  samples = trajectories = None
+  nfe = 0
+  for start in range(0, num, chunk):
+    count = min(chunk, num - start)
+    chunk_labels = None
+    if labels is not None:
+      chunk_labels = np.zeros((chunk,), labels.dtype)
+      chunk_labels[:count] = labels[start : start + count]
+    out = run(params, key, jnp.int32(start), chunk_labels, scale)
+    part = np.asarray(out["samples"])[:count]
+    if samples is None:
+      samples = np.empty((num,) + part.shape[1:], part.dtype)
+    samples[start : start + count] = part
+    if out["trajectories"] is not None:
+      path = np.asarray(out["trajectories"])[:count]  # [count, steps + 1, *event]
+      if trajectories is None:
+        trajectories = np.empty((num,) + path.shape[1:], path.dtype)
+      trajectories[start : start + count] = path
+    nfe = max(nfe, int(np.max(np.asarray(out["nfe"])[:count])))
+    if on_chunk is not None:
+      on_chunk(count)
+  if trajectories is not None:
+    trajectories = np.moveaxis(trajectories, 0, 1)  # [steps + 1, num, *event], as unchunked
+  return dict(samples=samples, trajectories=trajectories, nfe=nfe)
 
 
 def flow_generator(

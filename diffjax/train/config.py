@@ -672,12 +672,13 @@ def check_resume_config(workdir: str | pathlib.Path, config: ml_collections.Conf
   if not path.is_file():
     return
   try:
-    saved = config_from_json(path.read_text())
-  except (ValueError, KeyError, TypeError) as e:
+    saved = resume_fingerprint(config_from_json(path.read_text(encoding="utf-8")))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError included
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     raise ConfigError(
-      f"{path} is unreadable ({type(e).__name__}: {e}); restore it or start a new --workdir"
+      f"{path} is unreadable ({type(e).__name__}: {first}); restore it or start a new --workdir"
     ) from None
-  differences = fingerprint_differences(resume_fingerprint(saved), resume_fingerprint(config))
+  differences = fingerprint_differences(saved, resume_fingerprint(config))
   if differences:
     raise ConfigError(
       f"--workdir {workdir} was trained with a different config; resuming would mix two "

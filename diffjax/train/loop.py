@@ -2,8 +2,9 @@
 
 Two ways to feed the step, chosen by where the data comes from:
 
-* data generated on device (2D toys): ``train.fused_steps`` steps run in one jitted
-  ``lax.scan`` and the host only wakes up between chunks;
+* data generated on device (2D toys): up to ``train.fused_steps`` steps run in one jitted
+  ``lax.scan`` and the host only wakes up between chunks, which end exactly on every logging
+  and checkpoint step (:class:`ChunkPlan`);
 * data from a grain loader (images): one jitted step per batch, the next batch fetched and put
   on the devices while the current step runs (JAX's asynchronous dispatch).
 
@@ -13,13 +14,14 @@ Reliability (docs/reliability.md): a resume refuses a workdir trained with anoth
 restores the newest checkpoint whose digests verify (moving bad ones aside), a streak of more
 than ``train.max_nonfinite_steps`` non-finite steps halts the run without saving, SIGTERM/SIGINT
 checkpoint at one step agreed by all processes and return, and a step watchdog ends a stuck run.
+One trainer at a time per workdir (:class:`~diffjax.train.workdir_lock.WorkdirLock`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import math
 import pathlib
 import time
 from typing import Any
@@ -32,13 +34,15 @@ from diffjax.train import checkpoint as ckpt
 from diffjax.train import config as config_lib
 from diffjax.train import sharding as sharding_lib
 from diffjax.train import watchdog as watchdog_lib
+from diffjax.train.atomic_write import write_atomic
 from diffjax.train.experiment import Experiment
 from diffjax.train.host_solve import solve_on_host
-from diffjax.train.metrics_log import MetricsWriter
+from diffjax.train.metrics_log import MetricsWriter, check_side_files
 from diffjax.train.preemption import PreemptionWatcher
 from diffjax.train.trainer import Trainer, make_trainer
+from diffjax.train.workdir_lock import WorkdirLock
 
-__all__ = ["TrainResult", "train", "NonFiniteLossError", "first_nonfinite_excess"]
+__all__ = ["TrainResult", "train", "NonFiniteLossError", "first_nonfinite_excess", "ChunkPlan"]
 
 log = logging.getLogger("diffjax")
 
@@ -74,21 +78,71 @@ def first_nonfinite_excess(
 
 def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json, written atomically; ``sample`` and ``evaluate`` read it."""
-  path = workdir / "config.json"
-  tmp = workdir / "config.json.tmp"
-  tmp.write_text(config_lib.config_to_json(config))
-  os.replace(tmp, path)
+  write_atomic(workdir / "config.json", config_lib.config_to_json(config))
+
+
+# Distinct chunk remainders a schedule may compile as they are (see ChunkPlan).
+_MAX_REMAINDERS = 8
+# Above this many logging/checkpoint steps per period, the remainders are not enumerated.
+_MAX_ENUMERATED = 100_000
+
+
+def _next_multiple(step: int, every: int) -> int:
+  return (step // every + 1) * every
+
+
+def _periodic_remainders(fused: int, log_every: int, checkpoint_every: int) -> set[int] | None:
+  """``d % fused`` for every gap ``d`` between consecutive multiples of ``log_every`` or
+  ``checkpoint_every`` (one period, ``lcm`` of the two, covers them all); ``None`` when that
+  period holds more than ``_MAX_ENUMERATED`` of them."""
+  period = math.lcm(log_every, checkpoint_every)
+  if period // log_every + period // checkpoint_every > _MAX_ENUMERATED:
+    return None
+  ends = sorted(set(range(0, period + 1, log_every)) | set(range(0, period + 1, checkpoint_every)))
+  return {(b - a) % fused for a, b in zip(ends, ends[1:])} - {0}
+
+
+class ChunkPlan:
+  """Where the fused chunks of on-device data end: on every multiple of ``log_every`` and of
+  ``checkpoint_every`` and at ``total``, at most ``fused`` steps apart.
+
+  Each chunk length is a program of its own (the scan length is static). Between two such steps
+  ``d`` apart the run takes chunks of ``fused`` steps, then one of ``d % fused``. When the
+  settings make more than ``_MAX_REMAINDERS`` distinct remainders (``log_every=13`` with
+  ``checkpoint_every=1000`` makes thirteen), each remainder is cut into powers of two instead,
+  so no setting compiles more than ``2 + log2(fused)`` programs. The length is a function of
+  the settings and the step alone: a resumed run cuts its chunks where the uninterrupted run
+  did.
+  """
+
+  def __init__(self, *, fused: int, log_every: int, checkpoint_every: int, total: int):
+    self.fused, self.log_every, self.checkpoint_every = fused, log_every, checkpoint_every
+    self.total = total
+    remainders = _periodic_remainders(fused, log_every, checkpoint_every)
+    self.powers_of_two = remainders is None or len(remainders) > _MAX_REMAINDERS
+
+  def length(self, step: int) -> int:
+    """The steps of the chunk that starts after ``step``."""
+    end = min(
+      _next_multiple(step, self.log_every),
+      _next_multiple(step, self.checkpoint_every),
+      self.total,
+    )
+    distance = end - step
+    if distance >= self.fused or not self.powers_of_two:
+      return min(distance, self.fused)
+    return 1 << (distance.bit_length() - 1)  # the largest power of two <= distance
 
 
 class _DeviceData:
-  """On-device data (2D toys): chunks of ``train.fused_steps`` steps, the batches drawn inside
-  the step from the step's key, so the data state is the step alone."""
+  """On-device data (2D toys): chunks of the :class:`ChunkPlan`'s lengths, the batches drawn
+  inside the step from the step's key, so the data state is the step alone."""
 
-  def __init__(self, fused_steps: int, total: int):
-    self._fused, self._total = fused_steps, total
+  def __init__(self, plan: ChunkPlan):
+    self._plan = plan
 
   def take(self, step: int) -> tuple[int, None]:
-    return min(self._fused, self._total - step), None
+    return self._plan.length(step), None
 
   def advanced(self, step: int, *, more: bool, keep_state: bool) -> None:
     del step, more, keep_state
@@ -127,11 +181,6 @@ class _HostData:
     return self._state
 
 
-def _crosses(step: int, every: int, num_steps: int) -> bool:
-  """Whether the last ``num_steps`` steps, ending at ``step``, passed a multiple of ``every``."""
-  return step % every < num_steps
-
-
 def train(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, devices=None
 ) -> TrainResult:
@@ -144,10 +193,22 @@ def train(
 
   Returns:
     A :class:`TrainResult` with the final state, the logged losses and the step's trace count.
+
+  Raises:
+    WorkdirError: another live run holds ``workdir`` (its lock names host, pid and start).
   """
   workdir = pathlib.Path(workdir)
-  is_lead = jax.process_index() == 0
   config_lib.check_resume_config(workdir, config)  # before anything is written
+  ckpt.check_directory(workdir / "checkpoints")  # a path orbax cannot restore from, links
+  # Held until the run returns; the kernel drops it when a killed run's process ends.
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train_locked(config, workdir, devices=devices)
+
+
+def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
+  is_lead = jax.process_index() == 0
+  if is_lead:
+    check_side_files(workdir)  # a folder named metrics.jsonl fails here, before any compile
   devices = jax.devices() if devices is None else devices
   mesh = sharding_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
@@ -273,7 +334,14 @@ class _Run:
     train = self.config.train
     total = train.steps
     data = (
-      _DeviceData(train.fused_steps, total)
+      _DeviceData(
+        ChunkPlan(
+          fused=train.fused_steps,
+          log_every=train.log_every,
+          checkpoint_every=train.checkpoint_every,
+          total=total,
+        )
+      )
       if self.trainer.experiment.sample_batch is not None
       else _HostData(self.trainer.experiment, data_state)
     )
@@ -287,7 +355,8 @@ class _Run:
       state, metrics = advanced
       self.step += num_steps
       stop = self.step < total and self.preemption.should_stop(self.step)
-      save = stop or _crosses(self.step, train.checkpoint_every, num_steps) or self.step == total
+      # Chunks end on every checkpoint and logging step (ChunkPlan); host data goes one by one.
+      save = stop or self.step % train.checkpoint_every == 0 or self.step == total
       # Overlaps the step: the next batch is read while the device computes.
       data.advanced(self.step, more=self.step < total and not stop, keep_state=save)
       self._check_finite(metrics, self.step - num_steps + 1)  # waits for the step
@@ -297,7 +366,7 @@ class _Run:
       )
       if self.progress is not None:
         self.progress.update(num_steps)
-      if _crosses(self.step, train.log_every, num_steps) or self.step == total:
+      if self.step % train.log_every == 0 or self.step == total:
         self._record(metrics)
       if save:
         self._save(state, data.state(self.step))

@@ -1,0 +1,180 @@
+"""docs/benchmarks.md from the benchmark scripts' JSON in docs/: every measured figure in one page.
+
+Each benchmark writes its JSON with the command and date that produced it
+(``python scripts/bench_forward.py > docs/forward_bench.json``, ...); this script renders the page
+from those files only, so a figure in docs/benchmarks.md is always one a script printed.
+tests/test_docs.py checks the page is current.
+
+Usage::
+
+  python scripts/render_benchmarks.py            # rewrites docs/benchmarks.md
+  python scripts/render_benchmarks.py --check    # exit 1 if docs/benchmarks.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+__all__ = ["render", "main"]
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+PAGE = DOCS / "benchmarks.md"
+
+
+def _load(name: str) -> dict | None:
+  path = DOCS / name
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _provenance(data: dict, default_command: str) -> str:
+  command = data.get("command", default_command)
+  return f"`{command}`, {data.get('date', 'date not recorded')}"
+
+
+def _forward(data: dict) -> list[str]:
+  lines = [
+    "## Forward process (`scripts/bench_forward.py`, `docs/forward_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_forward.py')}; batch "
+    f"{'x'.join(map(str, data['shape']))} {data['dtype']}, jax {data['jax_version']} "
+    f"({data['backend']}), median of {data['reps']} runs after compilation.",
+    "",
+    "| T | closed form ms | `lax.scan` chain ms | Python loop ms | chain / closed "
+    "| loop / closed |",
+    "|---:|---:|---:|---:|---:|---:|",
+  ]
+  for p in data["processes"]:
+    lines.append(
+      f"| {p['T']} | {p['closed_ms']:.3g} | {p['sequential_ms']:.4g} | {p['loop_ms']:.4g} "
+      f"| {p['sequential_over_closed']:g} | {p['loop_over_closed']:g} |"
+    )
+  lines += ["", "| part of the closed form | median ms | min ms |", "|---|---:|---:|"]
+  for name, t in data["closed_form_variants"].items():
+    lines.append(f"| {name} | {t['median_ms']:.3g} | {t['min_ms']:.3g} |")
+  share = data.get("noise_share_of_training")
+  if share:
+    lines += [
+      "",
+      f"Noise in training: one step of `{share['config']}` (batch "
+      f"{'x'.join(map(str, share['batch_shape']))}) takes {share['train_step']['median_ms']:.4g} "
+      f"ms, the draw of its noise {share['noise_draw']['median_ms']:.3g} ms "
+      f"({100 * share['noise_share_of_step']:.3g}% of the step).",
+    ]
+  peer = data.get("peer")
+  if peer:
+    h2h = peer["head_to_head"]
+    lines += [
+      "",
+      f"Peer, head to head ({h2h['rounds']} alternating segments): {peer['what']} "
+      f"{h2h['peer_median_ms']:.3g} ms against the closed form {h2h['closed_median_ms']:.3g} ms, "
+      f"ratio {h2h['closed_over_peer']:g} (torch {peer['torch_version']}).",
+    ]
+  else:
+    lines += ["", f"Peer: not measured in this run ({data.get('peer_note', 'torch missing')})."]
+  return lines
+
+
+def _noise_decision(data: dict) -> list[str]:
+  rows = data["results"]
+  lines = [
+    "## Decision: no noise generator of our own (`docs/noise_generator_decision.json`)",
+    "",
+    data["question"],
+    "",
+    f"{_provenance(data, '')}; {data['setup']}",
+    "",
+    "| config, batch | train step ms | `jax.random.normal` ms | hand-written threefry ms "
+    "| saving, % of a step |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    saving = (r["jax_random_normal_ms"] - r["hand_written_ms"]) / r["train_step_ms"]
+    lines.append(
+      f"| {r['config']}, {'x'.join(map(str, r['batch_shape']))} | {r['train_step_ms']:.0f} "
+      f"| {r['jax_random_normal_ms']:.3g} | {r['hand_written_ms']:.3g} | {100 * saving:.2g} |"
+    )
+  lines += ["", data["decision"]]
+  return lines
+
+
+def _seeds(data: dict) -> list[str]:
+  s = data["seconds"]
+  median = lambda xs: sorted(xs)[len(xs) // 2]
+  return [
+    "## Several seeds in one run (`scripts/bench_seeds.py`, `docs/seeds_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_seeds.py')}; `{data['protocol']['config']}`, "
+    f"{data['protocol']['seeds']} seeds, {data['protocol']['steps']} steps. Details: "
+    "docs/seeds.md.",
+    "",
+    "| run | seconds |",
+    "|---|---:|",
+    f"| {data['protocol']['seeds']} seeds together | {median(s['seeds_together']):.3g} |",
+    f"| the same seeds one after another | {median(s['seeds_sequential']):.3g} |",
+    f"| one seed | {median(s['one_seed']):.3g} |",
+    "",
+    f"Together / one seed: {data['ratio_together_over_one_seed']:g} (target: {data['target']}; "
+    f"{'met' if data['target_met'] else 'not met'}).",
+  ]
+
+
+def _marginal_fm(data: dict) -> list[str]:
+  lines = [
+    "## Marginal against conditional flow matching (`scripts/bench_marginal_fm.py`, "
+    "`docs/marginal_fm_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_marginal_fm.py > docs/marginal_fm_bench.json')}; "
+    f"{data['protocol']['steps']} steps per objective and N. Details: docs/marginal_fm.md.",
+    "",
+    "| N | marginal_fm us/step | icfm us/step | ratio |",
+    "|---:|---:|---:|---:|",
+  ]
+  for r in data["results"]:
+    m, c = r["marginal_fm"]["us_per_step_median"], r["icfm"]["us_per_step_median"]
+    lines.append(f"| {r['num_points']} | {m:.0f} | {c:.0f} | {m / c:.1f} |")
+  return lines
+
+
+SECTIONS = (
+  ("forward_bench.json", _forward),
+  ("noise_generator_decision.json", _noise_decision),
+  ("seeds_bench.json", _seeds),
+  ("marginal_fm_bench.json", _marginal_fm),
+)
+
+
+def render() -> str:
+  lines = [
+    "# Benchmarks",
+    "",
+    "Generated by `python scripts/render_benchmarks.py` from the JSON the benchmark scripts "
+    "wrote; each section names the command and date of its figures. All figures are from the "
+    "2-core CPU these scripts were developed on unless a section says otherwise; medians after "
+    "compilation.",
+  ]
+  for name, section in SECTIONS:
+    data = _load(name)
+    if data is not None:
+      lines += [""] + section(data)
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
+  args = parser.parse_args(argv)
+  text = render()
+  if args.check:
+    if not PAGE.exists() or PAGE.read_text() != text:
+      print(f"{PAGE} is stale: run python scripts/render_benchmarks.py", file=sys.stderr)
+      return 1
+    return 0
+  PAGE.write_text(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
