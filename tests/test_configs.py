@@ -12,7 +12,12 @@ from diffjax.train import config as config_lib
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+# The CIFAR-10 configs build 35M-parameter UNets to validate: the slow suite.
+@pytest.mark.parametrize(
+  "path",
+  [pytest.param(p, marks=pytest.mark.slow) if "cifar" in p.stem else p for p in CONFIGS],
+  ids=lambda p: p.stem,
+)
 def test_config_validates(path):
   config = config_lib.load_config_file(str(path))
   config_lib.validate(config, num_devices=8)

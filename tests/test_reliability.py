@@ -243,6 +243,7 @@ def restore_step(workdir, config, step):
     manager.close()
 
 
+@pytest.mark.slow  # fast: test_user_errors.py::test_run_without_a_finite_step_halts
 def test_nonfinite_halts_keeping_last_good_checkpoint_across_resume(clean_run, tmp_path):
   """NaN in the data of steps 7..10 (the default limit is 3), checkpoints every 4, a first run
   stopped at 8: steps 7, 8 are skipped and the checkpoint at 8 carries a streak of 2; the

@@ -121,6 +121,7 @@ def test_step_compiles_once(single_device_run):
   assert single_device_run["trace_count"] == 1
 
 
+@pytest.mark.slow  # fast: test_reliability.py::test_resume_after_corruption_matches_uninterrupted
 def test_resume_matches_uninterrupted(single_device_run, tmp_path):
   """Stop after 10 steps, start again from the workdir: the final state equals the
   uninterrupted run's bit for bit (one base key, step folded in, data drawn from the step)."""
