@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny  # pylint: disable=wrong-import-order
 
 from diffjax import cli
 from diffjax.train import config as config_lib
@@ -23,19 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 TOY = str(ROOT / "configs" / "toy2d_icfm.py")
 DIGITS = str(ROOT / "configs" / "digits_fm.py")
-TINY = [
-  "--config.train.steps=4",
-  "--config.train.fused_steps=2",
-  "--config.train.log_every=2",
-  "--config.train.checkpoint_every=2",
-  "--config.train.batch_size=32",
-  "--config.model.width=16",
-  "--config.model.depth=2",
-  "--config.train.progress_bar=false",
-  "--config.train.async_checkpoint=false",
-  "--config.sample.num=16",
-  "--config.sample.steps=2",
-]
+# tests/tiny.py's run, four steps with a checkpoint every two.
+TINY = [*tiny.TINY, "--config.train.steps=4", "--config.train.checkpoint_every=2"]
 
 
 @pytest.fixture()
