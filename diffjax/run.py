@@ -362,7 +362,6 @@ def restore_for_inference(workdir: str | pathlib.Path):
   import jax  # pylint: disable=import-outside-toplevel
 
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-  from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
   from diffjax.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from diffjax.train.trainer import make_trainer  # pylint: disable=import-outside-toplevel
 
@@ -378,18 +377,27 @@ def restore_for_inference(workdir: str | pathlib.Path):
     config.train.batch_size = len(devices)
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=devices)
   trainer = make_trainer(config, mesh)
-  experiment, abstract, shardings = (trainer.experiment, trainer.abstract_state, trainer.shardings)
   if not checkpoints.is_dir():
     raise UsageError(f"no checkpoint in {checkpoints}; train first")
+  target = ckpt.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
+  step, state = _read_newest_step(checkpoints, target, fingerprint)
+  return config, trainer.experiment, state.ema_params, step
+
+
+def _read_newest_step(checkpoints: pathlib.Path, target, fingerprint: dict):
+  """``(step, state)`` of the newest step in ``checkpoints`` whose digests verify, read without
+  changing anything there (a damaged step is reported, not moved)."""
+  from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
+
   # A trainer may delete old steps (train.keep_checkpoints) while they are read; the newest
   # step is then a newer one, so the read starts over.
   for attempt in range(_READ_ATTEMPTS):
     manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False, read_only=True)
     try:
-      # The newest step whose digests verify; a damaged one is reported, not moved (read-only).
       restored = ckpt.restore_verified(
         manager,
-        ckpt.abstract_with_shardings(abstract, shardings),
+        target,
         config=fingerprint,
         move_bad=False,
         config_differences=config_lib.fingerprint_differences,
@@ -415,7 +423,7 @@ def restore_for_inference(workdir: str | pathlib.Path):
       )
     raise UsageError(f"no checkpoint in {checkpoints}; train first")
   step, state, _ = restored
-  return config, experiment, state.ema_params, step
+  return step, state
 
 
 def _seed_members(config, params, seed_index: int | None) -> list[tuple[int | None, Any]]:
