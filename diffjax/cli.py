@@ -162,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 
   with _holding_back_disk_reports() as held:
     code = _run(args, extra, run, config_lib, held)
-  if held.drop and argv_is_program:
-    # The disk is full or read-only: skip the exit handlers of writers that would fail on it
-    # again (tensorboardX's flush prints two more tracebacks); the one line is written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if held.drop and argv_is_program:
+      # The disk is full or read-only: skip the exit handlers of writers that would fail on it
+      # again (tensorboardX's flush prints two more tracebacks); the one line is written. Still
+      # inside the block, so a late report of a writer's thread (tensorstore's callback into a
+      # closed event loop) is held back too.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
   return code
 
 
