@@ -14,7 +14,8 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -27,6 +28,7 @@ __all__ = [
   "restore_for_inference",
   "sample_from_workdir",
   "evaluate_workdir",
+  "evaluation_table",
 ]
 
 
@@ -87,7 +89,8 @@ def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validates, initialises multi-host if configured, validates the mesh, trains."""
+  """Validates, initialises multi-host if configured, validates the mesh, trains, and prints
+  the run's summary on stdout (process 0)."""
   workdir = pathlib.Path(workdir)
   config_lib.validate(config, num_devices=None)
   _check_workdir_writable(workdir)
@@ -103,7 +106,7 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from diffjax.train import loop  # pylint: disable=import-outside-toplevel
 
   try:
-    return loop.train(config, workdir)
+    result = loop.train(config, workdir)
   except (loop.NonFiniteLossError, ckpt.CheckpointMismatchError) as e:
     raise RunFailed(str(e)) from None
   except images.DatasetTooSmallError as e:  # raised while the input pipeline is built
@@ -113,6 +116,9 @@ def train_from_cli(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"train.batch_size={config.train.batch_size}; set --config.train.batch_size to at most "
       f"{e.records * jax.process_count()}, or use a larger data set"
     ) from None
+  if jax.process_index() == 0:
+    print(result.summary(), flush=True)
+  return result
 
 
 _TRAIN_FIX = "restore it from a copy of the workdir, or train in a new --workdir"
@@ -227,6 +233,12 @@ DEFAULT_CHUNK_SIZE = 1000
 """Samples drawn per compiled batch by `sample` and `evaluate` (memory is flat in ``--num``)."""
 
 
+def _within(flag: str, value, low: int, high: int, why: str = "") -> None:
+  """``value`` is an integer in ``low .. high``; else one :class:`UsageError` naming ``flag``."""
+  if isinstance(value, bool) or int(value) != value or not low <= value <= high:
+    raise UsageError(f"{flag} {value}: must be an integer in {low} .. {high}{why}")
+
+
 def _check_numbers(
   *,
   num: int,
@@ -238,18 +250,13 @@ def _check_numbers(
   guidance: float | None = None,
 ) -> None:
   """Every numeric argument of `sample` and `evaluate`, before anything is read or compiled."""
-
-  def within(flag: str, value, low: int, high: int, why: str = "") -> None:
-    if isinstance(value, bool) or int(value) != value or not low <= value <= high:
-      raise UsageError(f"{flag} {value}: must be an integer in {low} .. {high}{why}")
-
-  within("--num", num, min_num, MAX_NUM)
+  _within("--num", num, min_num, MAX_NUM)
   if steps is not None:
-    within("--steps", steps, 1, MAX_STEPS)
-  within("--seed", seed, 0, 2**32 - 1, " (JAX keys take 32-bit seeds)")
+    _within("--steps", steps, 1, MAX_STEPS)
+  _within("--seed", seed, 0, 2**32 - 1, " (JAX keys take 32-bit seeds)")
   if seed_index is not None:
-    within("--seed-index", seed_index, 0, MAX_NUM)
-  within("--chunk-size", chunk_size, 1, MAX_NUM)
+    _within("--seed-index", seed_index, 0, MAX_NUM)
+  _within("--chunk-size", chunk_size, 1, MAX_NUM)
   if guidance is not None and not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
     raise UsageError(
       f"--guidance {guidance}: must be a finite number in [0, {MAX_GUIDANCE:g}] (0 is the "
@@ -388,42 +395,17 @@ def _read_newest_step(checkpoints: pathlib.Path, target, fingerprint: dict):
   """``(step, state)`` of the newest step in ``checkpoints`` whose digests verify, read without
   changing anything there (a damaged step is reported, not moved)."""
   from diffjax.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-  from diffjax.train import integrity  # pylint: disable=import-outside-toplevel
 
-  # A trainer may delete old steps (train.keep_checkpoints) while they are read; the newest
-  # step is then a newer one, so the read starts over.
-  for attempt in range(_READ_ATTEMPTS):
-    manager = ckpt.make_checkpoint_manager(checkpoints, keep=1000, async_save=False, read_only=True)
-    try:
-      restored = ckpt.restore_verified(
-        manager,
-        target,
-        config=fingerprint,
-        move_bad=False,
-        config_differences=config_lib.fingerprint_differences,
-      )
-      break
-    except ckpt.CheckpointMismatchError as e:
-      raise UsageError(str(e)) from None
-    except FileNotFoundError as e:
-      if attempt == _READ_ATTEMPTS - 1:
-        raise UsageError(
-          f"the checkpoints in {checkpoints} kept vanishing while being read ({e.filename}); "
-          "a trainer is rotating them faster than they can be read: try again, or raise "
-          "train.keep_checkpoints"
-        ) from None
-    finally:
-      manager.close()
-  if restored is None:
-    found = len(integrity.step_dirs(checkpoints))
-    if found:
-      raise UsageError(
-        f"none of the {found} checkpoint steps in {checkpoints} is usable (see "
-        "the warnings above); train again to write a new one"
-      )
-    raise UsageError(f"no checkpoint in {checkpoints}; train first")
-  step, state, _ = restored
-  return step, state
+  try:
+    return ckpt.read_newest_step(
+      checkpoints,
+      target,
+      config=fingerprint,
+      config_differences=config_lib.fingerprint_differences,
+      attempts=_READ_ATTEMPTS,
+    )
+  except (ckpt.CheckpointMismatchError, ckpt.NoUsableCheckpointError) as e:
+    raise UsageError(str(e)) from None
 
 
 def _seed_members(config, params, seed_index: int | None) -> list[tuple[int | None, Any]]:
@@ -447,6 +429,100 @@ def _seed_members(config, params, seed_index: int | None) -> list[tuple[int | No
   return [(k, jax.tree.map(lambda x, k=k: x[k], params)) for k in indices]
 
 
+def _check_labels(
+  workdir, config, labels: Sequence[int] | None, *, num: int, flag: str = "--labels"
+) -> None:
+  """``--labels``: only for a class-conditional model, each in ``0 .. num_classes - 1``, at most
+  ``num`` of them; checked before anything is restored or compiled."""
+  if labels is None:
+    return
+  shown = ",".join(str(label) for label in labels)
+  count = config.data.num_classes
+  if not count:
+    raise UsageError(
+      f"{flag} {shown}: the model in {workdir} is unconditional (data.num_classes=0), so it "
+      "takes no labels; drop it, or train a class-conditional model (e.g. "
+      "configs/digits_fm.py:cond)"
+    )
+  if not labels:
+    raise UsageError(f"{flag}: no label given; pass labels in 0 .. {count - 1}, e.g. 0,3,7")
+  bad = [label for label in labels if isinstance(label, bool) or not 0 <= label < count]
+  if bad:
+    raise UsageError(
+      f"{flag} {shown}: label {bad[0]} is out of range; this model's labels are "
+      f"0 .. {count - 1} (data.num_classes={count})"
+    )
+  if len(labels) > num:
+    raise UsageError(
+      f"{flag} {shown}: {len(labels)} labels for --num {num}; give at most --num labels "
+      "(they repeat in turn to fill --num)"
+    )
+
+
+def _sample_labels(config, labels: Sequence[int] | None, num: int):
+  """The ``[num]`` int32 labels to sample: ``labels`` repeated in turn to fill ``num``; for a
+  class-conditional model without ``labels``, every class in turn (0, 1, ..., C - 1, 0, ...);
+  ``None`` for an unconditional model."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  if not config.data.num_classes:
+    return None
+  cycle = np.arange(config.data.num_classes) if labels is None else np.asarray(labels)
+  return np.resize(cycle, num).astype(np.int32)
+
+
+def _reference_points(config, experiment, key, num: int):
+  """``num`` points of the data distribution to draw under generated 2D samples: the toy's own
+  sampler, or examples of a data file; ``None`` where neither exists."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  if experiment.target_sampler is not None:
+    return np.asarray(experiment.target_sampler(key, num))
+  if config.data.kind == "toy2d":
+    return None
+  from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
+
+  return image_input.make_reference_points(config)(key, num)
+
+
+def _plot_samples(
+  path: pathlib.Path,
+  config,
+  experiment,
+  *,
+  samples,
+  labels,
+  trajectories,
+  key,
+  title: str,
+) -> str | None:
+  """The picture beside the samples: 2D points over the data, with trajectories; a grid of
+  images with their labels. Vectors of another length: the first two coordinates; scalars: no
+  picture (``None``)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from diffjax import plots  # pylint: disable=import-outside-toplevel
+
+  shape = tuple(config.data.shape)
+  if len(shape) == 3:
+    plots.plot_image_grid(path, images=samples, title=title, labels=labels)
+    return str(path)
+  if len(shape) != 1 or shape[0] < 2:
+    return None
+  target = _reference_points(config, experiment, key, min(len(samples), plots.MAX_POINTS))
+  if shape[0] > 2:
+    title = f"{title} (coordinates 0 and 1 of {shape[0]})"
+  plots.plot_2d(
+    path,
+    samples=np.asarray(samples)[:, :2],
+    target=None if target is None else np.asarray(target)[:, :2],
+    trajectories=None if trajectories is None else np.asarray(trajectories)[..., :2],
+    title=title,
+    labels=labels,
+  )
+  return str(path)
+
+
 def sample_from_workdir(
   workdir: str,
   *,
@@ -458,11 +534,22 @@ def sample_from_workdir(
   guidance: float | None = None,
   seed_index: int | None = None,
   chunk_size: int = DEFAULT_CHUNK_SIZE,
+  labels: Sequence[int] | None = None,
+  labels_flag: str = "--labels",
+  trajectories: int = 0,
 ) -> dict:
   """Draws ``num`` samples with the EMA parameters, ``chunk_size`` at a time, and writes them to
-  ``out`` (.npz) if all are finite; for a run of several seeds, of seed ``seed_index`` or of
-  each (``samples`` then has a leading seed axis, and ``seed_index`` lists the seeds). Sample
-  ``i`` depends on ``seed`` and ``i`` only, not on ``chunk_size``."""
+  ``out`` (.npz) if all are finite, with a picture beside it (same name, ``.png``): 2D samples
+  over the data (and the trajectories), or a grid of the first images with their labels.
+
+  ``labels`` (class-conditional models) repeat in turn to fill ``num``; without them a
+  conditional model samples every class in turn. The labels are saved as ``label``.
+  ``trajectories = K > 0`` also saves the paths of the first ``K`` samples as ``trajectories
+  [steps + 1, K, *shape]`` (the source draw first; the last state is the sample, up to float
+  rounding, as they are drawn by a second program). For a run of several seeds: of seed
+  ``seed_index`` or of each (``samples`` and ``trajectories`` then have a leading seed axis,
+  ``seed_index`` lists the seeds; the picture shows the first). Sample ``i`` depends on
+  ``seed``, ``i`` and its label only, not on ``chunk_size``."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -475,46 +562,94 @@ def sample_from_workdir(
     chunk_size=chunk_size,
     guidance=guidance,
   )
+  _within("--trajectories", trajectories, 0, num, " (at most --num)")
   out_path = _check_out(out)
   config = _load_workdir_config(workdir)
   _check_sampler(config, sampler)
   _check_guidance(workdir, config, guidance)
   _check_seed_index(config, seed_index)
+  _check_labels(workdir, config, labels, num=num, flag=labels_flag)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
   steps = steps or config.sample.steps
+  label_array = _sample_labels(config, labels, num)
+  key = jax.random.PRNGKey(seed)
+  options = dict(steps=steps, sampler=sampler, guidance=guidance)
+  results, paths = [], []
   with _progress_bar(len(members) * num, "sample") as bar:
-    results = [
-      experiment.generate(
-        member,
-        jax.random.PRNGKey(seed),
-        num,
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        chunk_size=chunk_size,
-        on_chunk=bar.update,
+    for _, member in members:
+      results.append(
+        experiment.generate(
+          member,
+          key,
+          num,
+          labels=label_array,
+          chunk_size=chunk_size,
+          on_chunk=bar.update,
+          **options,
+        )
       )
-      for _, member in members
-    ]
+      if trajectories:
+        # The same keys fold_in(key, i) and labels as the first K samples: their paths.
+        drawn = experiment.generate(
+          member,
+          key,
+          trajectories,
+          labels=None if label_array is None else label_array[:trajectories],
+          return_trajectories=True,
+          chunk_size=min(chunk_size, trajectories),
+          **options,
+        )
+        paths.append(np.asarray(drawn["trajectories"]))
   arrays = {"samples": np.asarray(results[0]["samples"])}
+  if trajectories:
+    arrays["trajectories"] = paths[0]
   if members[0][0] is not None:
-    arrays = {
-      "samples": np.stack([np.asarray(r["samples"]) for r in results]),
-      "seed_index": np.array([k for k, _ in members]),
-    }
+    arrays = {"samples": np.stack([np.asarray(r["samples"]) for r in results])}
+    if trajectories:
+      arrays["trajectories"] = np.stack(paths)
+    arrays["seed_index"] = np.array([k for k, _ in members])
+  if label_array is not None:
+    arrays["label"] = label_array
   settings = f"--steps {steps}, --sampler {sampler or 'default'}, --guidance {guidance}"
   _check_finite(
     arrays["samples"], total=len(members) * num, out=out, step=int(step), settings=settings
   )
   _write_npz(out_path, arrays)
+  nfe = int(results[0].get("nfe", 0))
+  name = sampler or _default_sampler(config)
+  title = f"{config.objective.name}, step {int(step)}: {name}, {steps} steps, NFE {nfe}"
+  if guidance is not None:
+    title += f", guidance {guidance:g}"
+  if members[0][0] is not None:
+    title += f", seed {members[0][0]} of {config.train.num_seeds}"
+  png = _plot_samples(
+    out_path.with_suffix(".png"),
+    config,
+    experiment,
+    samples=np.asarray(results[0]["samples"]),
+    labels=label_array,
+    trajectories=paths[0] if trajectories else None,
+    key=jax.random.fold_in(key, 1),
+    title=title,
+  )
   return {
     "out": str(out_path),
+    "png": png,
     "num": num,
     "shape": list(arrays["samples"].shape),
     "step": int(step),
-    "nfe": int(results[0].get("nfe", 0)),
+    "nfe": nfe,
+    "sampler": name,
+    "steps": steps,
   }
+
+
+def _default_sampler(config) -> str:
+  """The sampler a model's objective uses when none is named."""
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
+
+  return objectives.OBJECTIVES[config.objective.name].default_sampler
 
 
 def _held_out_images(config, num: int):
@@ -522,17 +657,18 @@ def _held_out_images(config, num: int):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from diffjax.data import images  # pylint: disable=import-outside-toplevel
-  from diffjax.train.image_input import dataset_kwargs  # pylint: disable=import-outside-toplevel
+  from diffjax.train.image_input import host_source  # pylint: disable=import-outside-toplevel
 
-  source = images.get_dataset(config.data.target, **dataset_kwargs(config))
+  source = host_source(config)
   count = min(num, len(source))
   batch = [source[i]["image"] for i in range(count)]
   return images.to_model_range(np.stack(batch)) if batch[0].dtype == np.uint8 else np.stack(batch)
 
 
-def _likelihood_metrics(config, experiment, params, data, *, seed: int, steps: int) -> dict:
-  """Negative log-likelihood in nats per example (2D) or bits per dimension (images, uniformly
-  dequantised), through the probability-flow ODE."""
+def _likelihood_metrics(config, experiment, params, data, *, key, steps: int) -> dict:
+  """Negative log-likelihood of ``data`` through the probability-flow ODE (RK4, ``steps``
+  steps): nats per example; for images (uniformly dequantised 8-bit pixels) also nats and bits
+  per dimension. It depends on the model only, not on a sampler."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -540,118 +676,458 @@ def _likelihood_metrics(config, experiment, params, data, *, seed: int, steps: i
 
   if experiment.log_likelihood is None:
     return {"nll": None, "nll_note": "the source is not N(0, I): its density is not known"}
-  key_dequantize, key_probes = jax.random.split(jax.random.PRNGKey(seed + 1))
+  key_dequantize, key_probes = jax.random.split(key)
   data = jax.numpy.asarray(data, jax.numpy.float32)
-  if config.data.kind == "images":
+  pixels = config.data.kind == "images"
+  if pixels:
     data = samplers.dequantize(key_dequantize, data)
   log_prob = np.asarray(experiment.log_likelihood(params, key_probes, data, steps=steps))
   metrics = {
     "nll": float(-log_prob.mean()),
     "nll_stderr": float(log_prob.std() / np.sqrt(log_prob.size)),
+    "nll_units": "nats per example",
+    "nll_count": int(log_prob.size),
+    "likelihood_steps": int(steps),
   }
-  if config.data.kind == "images":
+  if pixels:
     dims = int(np.prod(config.data.shape))
-    metrics["bits_per_dim"] = float(np.mean(samplers.bits_per_dim(log_prob, num_dims=dims)))
+    bits = np.asarray(samplers.bits_per_dim(log_prob, num_dims=dims))
+    metrics["bits_per_dim"] = float(np.mean(bits))
+    metrics["nats_per_dim"] = float(np.mean(bits) * math.log(2.0))
   return metrics
+
+
+class _Scoring(NamedTuple):
+  """How each row's samples are scored, fixed once for every sampler.
+
+  Attributes:
+    labels: metric key -> its column label, in column order.
+    score: ``samples [count, *shape] -> {key: float}``.
+    count: the number of samples scored per row (the first ones).
+    floor: each metric of ``count`` real examples drawn apart from the reference.
+    floor_note: what the floor is, in words.
+    target: the reference examples the metrics compare with (2D toys: whose NLL is reported).
+  """
+
+  labels: dict
+  score: Callable
+  count: int
+  floor: dict
+  floor_note: str
+  target: Any
+
+
+def _toy_scoring(experiment, *, num: int, key_target, key_floor) -> _Scoring:
+  """2D toys: exact W2 and MMD^2 against ``num`` target samples; the floor scores ``num``
+  other target samples (another key) the same way."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from diffjax import evaluate  # pylint: disable=import-outside-toplevel
+
+  target = np.asarray(experiment.target_sampler(key_target, num))
+  fresh = np.asarray(experiment.target_sampler(key_floor, num))
+
+  def score(samples) -> dict:
+    return {
+      "w2": evaluate.wasserstein2(samples, target),
+      "mmd": float(evaluate.mmd_rbf(samples, target)),
+    }
+
+  return _Scoring(
+    labels={"w2": "W2", "mmd": "MMD^2"},
+    score=score,
+    count=num,
+    floor=score(fresh),
+    floor_note=f"{num} other target samples (another key) against the same {num} target samples",
+    target=target,
+  )
+
+
+_MMD_SCALES = (0.5, 1.0, 2.0)
+"""Length scales of the MMD kernel on data files and images, in units of the reference
+examples' median pairwise distance."""
+
+
+def _data_scoring(config, *, num: int, key_target) -> _Scoring:
+  """Data read from files (images, arrays): two disjoint random sets of the data set, the
+  reference and the floor's, each of ``min(num, N // 2)`` examples. Vectors: W2 and MMD^2;
+  images: MMD^2 in pixels and, for digits, the Frechet distance in a digits classifier's
+  features. MMD's length scales are ``_MMD_SCALES`` times the reference's median distance."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from diffjax import evaluate  # pylint: disable=import-outside-toplevel
+  from diffjax.data import images  # pylint: disable=import-outside-toplevel
+  from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
+
+  source = image_input.host_source(config)
+  total = len(source)
+  count = min(num, total // 2)
+  if count < 2:
+    raise UsageError(
+      f"the data set of {config.data.target!r} holds {total} examples; evaluation compares "
+      "samples with two disjoint sets of real examples: it needs at least 4"
+    )
+  order = np.asarray(jax.random.permutation(key_target, total))
+  target = images.take(source, order[:count])
+  floor_set = images.take(source, order[count : 2 * count])
+  median = evaluate.median_pairwise_distance(target)
+  bandwidths = tuple(scale * median for scale in _MMD_SCALES)
+  vectors = len(config.data.shape) == 1
+  digits = config.data.kind == "images" and config.data.target == "digits"
+  labels = {"w2": "W2"} if vectors else {}
+  if digits:
+    labels["digits_frechet_distance"] = "FD (digits features)"
+  labels["mmd"] = "MMD^2"
+
+  def score(samples) -> dict:
+    metrics = {}
+    if vectors:
+      metrics["w2"] = evaluate.wasserstein2(samples, target)
+    if digits:
+      metrics["digits_frechet_distance"] = evaluate.digits_frechet_distance(samples, target)
+    metrics["mmd"] = float(evaluate.mmd_rbf(samples, target, bandwidths=bandwidths))
+    return metrics
+
+  note = (
+    f"{count} other examples of the data set against the {count} reference examples "
+    "(two disjoint random sets)"
+  )
+  if count < num:
+    note += (
+      f"; the data set holds {total} examples, so each set holds {count} and each row "
+      f"scores its first {count} samples (same size as the floor)"
+    )
+  return _Scoring(
+    labels=labels, score=score, count=count, floor=score(floor_set), floor_note=note, target=None
+  )
+
+
+def _evaluation_plan(
+  samplers: Sequence[str], steps: Sequence[int], *, steps_given: bool
+) -> tuple[list[tuple[str, int | None]], list[str]]:
+  """``[(sampler, steps)]``, each sampler with each number of steps, an adaptive solver once
+  (``steps`` ``None``: its error control chooses its steps), and the notes to print."""
+  from diffjax.samplers import ADAPTIVE_SOLVERS  # pylint: disable=import-outside-toplevel
+
+  plan: list[tuple[str, int | None]] = []
+  adaptive = [name for name in samplers if name in ADAPTIVE_SOLVERS]
+  for name in samplers:
+    plan.extend([(name, None)] if name in adaptive else [(name, n) for n in steps])
+  notes = []
+  if adaptive and steps_given:
+    notes.append(
+      f"{', '.join(adaptive)}: adaptive (its error control chooses the step sizes), so --steps "
+      "does not apply: one row, with the NFE it used"
+    )
+  return plan, notes
+
+
+def _evaluate_row(
+  experiment,
+  params,
+  *,
+  key,
+  num: int,
+  sampler: str,
+  steps: int | None,
+  default_steps: int,
+  chunk_size: int,
+  scoring: _Scoring,
+) -> tuple[dict, str | None]:
+  """One row of the table: ``num`` samples of ``sampler`` (the same key for every row, so rows
+  differ by the sampler only) scored by ``scoring``; a note when some are not finite."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  result = experiment.generate(
+    params, key, num, steps=steps or default_steps, sampler=sampler, chunk_size=chunk_size
+  )
+  samples = np.asarray(result["samples"])[: scoring.count]
+  row = {"sampler": sampler, "steps": steps, "nfe": int(result.get("nfe", 0))}
+  finite = np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1)
+  if finite.all():
+    row.update(scoring.score(samples))
+    return row, None
+  row.update({name: None for name in scoring.labels})
+  with_steps = "" if steps is None else f" with {steps} steps"
+  return row, (
+    f"{sampler}{with_steps}: {int((~finite).sum())} of {samples.shape[0]} samples are not "
+    "finite; its metrics are left out"
+  )
+
+
+def _check_eval_out(workdir, out: str | None) -> pathlib.Path:
+  """``--out`` (a .png file) or, without it, the folder WORKDIR/eval, where the plot and the
+  table go: checked before anything is computed."""
+  if out is None:
+    path = folder = pathlib.Path(workdir) / "eval"
+    if path.exists() and not path.is_dir():
+      raise UsageError(
+        f"{path} is a file where `diffjax evaluate` writes its plot and table; move it, or "
+        "pass --out PATH.png"
+      )
+  else:
+    path = pathlib.Path(out)
+    if path.is_dir():
+      raise UsageError(f"--out {out} is a directory; pass a file path such as {path / 'eval.png'}")
+    if path.suffix != ".png":
+      raise UsageError(f"--out {out}: the plot must be a .png file (the table goes beside it)")
+    folder = path.parent
+  parent = folder
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise UsageError(f"{folder}: {parent} is a file, not a folder; pass --out PATH.png elsewhere")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"{folder} is not writable; pass --out PATH.png in a folder you can write")
+  return path
+
+
+def _as_tuple(value) -> tuple:
+  """``None`` -> ``()``; one value -> ``(value,)``; a sequence -> a tuple, repeats dropped."""
+  if value is None:
+    return ()
+  if isinstance(value, (str, int)):
+    return (value,)
+  return tuple(dict.fromkeys(value))
 
 
 def evaluate_workdir(
   workdir: str,
   *,
   num: int = 2000,
-  steps: int | None = None,
-  sampler: str | None = None,
+  steps: int | Sequence[int] | None = None,
+  sampler: str | Sequence[str] | None = None,
   seed: int = 0,
   seed_index: int | None = None,
   chunk_size: int = DEFAULT_CHUNK_SIZE,
+  likelihood: bool | None = None,
+  likelihood_steps: int | None = None,
+  out: str | None = None,
 ) -> dict:
-  """JSON metrics of the EMA model: for 2D targets the exact 2-Wasserstein distance (POT)
-  between ``num`` generated samples and ``num`` fresh target samples; for digits the Frechet
-  distance in a digits classifier's features (not FID); the negative log-likelihood of ``num``
-  target points (nats; bits/dim for images) through the probability-flow ODE when the source
-  is N(0, I). For a run of several seeds: of seed ``seed_index``, or of each, reported per seed
-  with the mean and standard deviation over seeds."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  """Sample metrics of the EMA model for each sampler in ``sampler`` with each number of
+  steps in ``steps`` (an adaptive solver once), beside their two-sample noise floor, and the
+  likelihood once; the table is written as JSON and plotted against NFE.
 
+  Rows (``rows``, one per pair, in order): ``sampler``, ``steps`` (``None`` for an adaptive
+  solver), ``nfe`` (network evaluations used; the largest over the samples) and the metrics
+  of ``num`` generated samples, all drawn from one key: for 2D toys the exact 2-Wasserstein
+  distance (POT) and the unbiased MMD^2 (Gaussian kernels) against ``num`` fresh target
+  samples; for data files, against a random set of the data (see :func:`_data_scoring`;
+  digits add the Frechet distance in a digits classifier's features, which is not FID).
+  ``floor``: the same metrics of real examples in place of the samples (2D: ``num`` other
+  target samples), what a perfect model scores at this sample size.
+
+  ``likelihood`` (default: on for vector data, off for images): the negative log-likelihood
+  of ``num`` data points through the probability-flow ODE (RK4, ``likelihood_steps``,
+  default ``sample.steps``; nats per example, and per dimension and bits per dimension for
+  images), computed once per model. Files: ``out`` (a .png; the JSON beside it) or
+  WORKDIR/eval/step_<step>_<samplers>[_steps_<steps>].png and .json. A single pair also has
+  its row's keys at the top level. For a run of several seeds: of seed ``seed_index``, or of
+  each, with the mean and standard deviation over seeds."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  samplers, steps_list = _as_tuple(sampler), _as_tuple(steps)
   _check_numbers(
-    num=num, min_num=2, steps=steps, seed=seed, seed_index=seed_index, chunk_size=chunk_size
+    num=num, min_num=2, steps=None, seed=seed, seed_index=seed_index, chunk_size=chunk_size
   )
+  for value in steps_list:
+    _within("--steps", value, 1, MAX_STEPS)
+  if likelihood_steps is not None:
+    _within("--likelihood-steps", likelihood_steps, 1, MAX_STEPS)
   config = _load_workdir_config(workdir)
-  _check_sampler(config, sampler)
+  for name in samplers:
+    _check_sampler(config, name)
   _check_seed_index(config, seed_index)
+  out_path = _check_eval_out(workdir, out)
   config, experiment, params, step = restore_for_inference(workdir)
   members = _seed_members(config, params, seed_index)
-  reports = [
-    _evaluate_params(
-      config,
-      experiment,
-      member,
-      step=step,
-      num=num,
-      steps=steps,
-      sampler=sampler,
-      seed=seed,
-      chunk_size=chunk_size,
-    )
-    for _, member in members
-  ]
-  if members[0][0] is None:
-    return reports[0]
+  plan, notes = _evaluation_plan(
+    samplers or (_default_sampler(config),),
+    steps_list or (config.sample.steps,),
+    steps_given=bool(steps_list),
+  )
+  key_samples, key_target, key_floor, key_likelihood = jax.random.split(jax.random.PRNGKey(seed), 4)
+  if experiment.target_sampler is not None:
+    scoring = _toy_scoring(experiment, num=num, key_target=key_target, key_floor=key_floor)
+  else:
+    scoring = _data_scoring(config, num=num, key_target=key_target)
+  if likelihood is None:
+    likelihood = len(config.data.shape) == 1
+  reports = []
+  for _, member in members:
+    rows, row_notes = [], []
+    for name, n in plan:
+      row, note = _evaluate_row(
+        experiment,
+        member,
+        key=key_samples,
+        num=num,
+        sampler=name,
+        steps=n,
+        default_steps=config.sample.steps,
+        chunk_size=chunk_size,
+        scoring=scoring,
+      )
+      rows.append(row)
+      row_notes += [note] if note else []
+    report = {
+      "step": int(step),
+      "num": num,
+      "seed": seed,
+      "scored": scoring.count,
+      "metrics": scoring.labels,
+      "rows": rows,
+      "floor": scoring.floor,
+      "floor_note": scoring.floor_note,
+      "notes": notes + row_notes,
+    }
+    if likelihood:
+      data = scoring.target if scoring.target is not None else _held_out_images(config, num)
+      report.update(
+        _likelihood_metrics(
+          config,
+          experiment,
+          member,
+          data,
+          key=key_likelihood,
+          steps=likelihood_steps or config.sample.steps,
+        )
+      )
+    else:
+      report.update({"nll": None, "nll_note": "not computed (--no-likelihood)"})
+    if len(rows) == 1:
+      report.update(rows[0])
+    reports.append(report)
+  summary = reports[0] if members[0][0] is None else _seed_summary(reports, members)
+  _write_evaluation(out_path, summary, config=config, plan=plan)
+  return summary
+
+
+def _seed_summary(reports: list[dict], members) -> dict:
+  """Reports of several seeds: each, the mean and std over seeds of every number, and the rows
+  with each metric's mean (``key``) and std (``key_std``)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  first = reports[0]
   numbers = [
     k
-    for k, v in reports[0].items()
+    for k, v in first.items()
     if isinstance(v, float) and all(isinstance(r.get(k), float) for r in reports)
   ]
-  summary = {
-    "step": int(step),
-    "num": num,
+  rows = []
+  for i, row in enumerate(first["rows"]):
+    merged = {
+      "sampler": row["sampler"],
+      "steps": row["steps"],
+      "nfe": max(r["rows"][i]["nfe"] for r in reports),
+    }
+    for name in first["metrics"]:
+      values = [r["rows"][i][name] for r in reports]
+      known = None not in values
+      merged[name] = float(np.mean(values)) if known else None
+      merged[f"{name}_std"] = float(np.std(values)) if known else None
+    rows.append(merged)
+  return {
+    "step": first["step"],
+    "num": first["num"],
+    "seed": first["seed"],
+    "scored": first["scored"],
     "seeds": [k for k, _ in members],
+    "metrics": first["metrics"],
+    "rows": rows,
+    "floor": first["floor"],
+    "floor_note": first["floor_note"],
+    "notes": list(dict.fromkeys(note for r in reports for note in r["notes"])),
     "per_seed": reports,
     "mean": {k: float(np.mean([r[k] for r in reports])) for k in numbers},
     "std": {k: float(np.std([r[k] for r in reports])) for k in numbers},
   }
-  return summary
 
 
-def _evaluate_params(
-  config,
-  experiment,
-  params,
-  *,
-  step: int,
-  num: int,
-  steps: int | None,
-  sampler: str | None,
-  seed: int,
-  chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> dict:
-  """The metrics of :func:`evaluate_workdir` for one set of parameters."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+def _write_evaluation(path: pathlib.Path, report: dict, *, config, plan) -> None:
+  """The table as JSON and its plot (each metric against NFE), at ``path`` (a .png) or, for a
+  folder, under a name made of the step, the samplers and the numbers of steps. Adds their
+  paths to ``report`` as ``plot`` and ``table``."""
+  from diffjax import plots  # pylint: disable=import-outside-toplevel
+  from diffjax.train.atomic_write import write_atomic  # pylint: disable=import-outside-toplevel
 
-  from diffjax import evaluate  # pylint: disable=import-outside-toplevel
-
-  key_samples, key_target = jax.random.split(jax.random.PRNGKey(seed))
-  result = experiment.generate(
-    params,
-    key_samples,
-    num,
-    steps=steps or config.sample.steps,
-    sampler=sampler,
-    chunk_size=chunk_size,
+  if path.suffix != ".png":
+    samplers = "_".join(dict.fromkeys(name for name, _ in plan))
+    counts = "-".join(str(n) for n in dict.fromkeys(n for _, n in plan if n is not None))
+    path = path / (f"step_{report['step']}_{samplers}" + (f"_steps_{counts}" if counts else ""))
+    path = path.with_name(path.name + ".png")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  report["plot"], report["table"] = str(path), str(path.with_suffix(".json"))
+  write_atomic(path.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+  plots.plot_metric_vs_nfe(
+    path,
+    rows=report["rows"],
+    metrics=report["metrics"],
+    floor=report["floor"],
+    title=f"{config.objective.name}, step {report['step']}: {report['scored']} samples per row",
   )
-  samples = np.asarray(result["samples"])
-  metrics = {"step": int(step), "num": num, "nfe": int(result.get("nfe", 0))}
-  if experiment.target_sampler is not None:
-    target = np.asarray(experiment.target_sampler(key_target, num))
-    metrics["w2"] = float(evaluate.wasserstein2(samples, target))
-  else:
-    target = _held_out_images(config, num)
-    if config.data.target == "digits":
-      metrics["digits_frechet_distance"] = float(evaluate.digits_frechet_distance(samples))
-  metrics.update(
-    _likelihood_metrics(
-      config, experiment, params, target, seed=seed, steps=steps or config.sample.steps
+
+
+def _number(value) -> str:
+  return "n/a" if value is None else f"{value:.4g}"
+
+
+def evaluation_table(report: dict) -> str:
+  """The report of :func:`evaluate_workdir` as text: one table (sampler, steps, NFE, each
+  metric; several seeds: mean +- std), its last line the two-sample floor, then the notes,
+  the likelihood and the files written."""
+  names = list(report["metrics"])
+  seeds = report.get("seeds")
+  header = ["sampler", "steps", "NFE", *report["metrics"].values()]
+  lines = []
+  for row in report["rows"]:
+    cells = [row["sampler"], "adaptive" if row["steps"] is None else str(row["steps"])]
+    cells.append(str(row["nfe"]))
+    for name in names:
+      cell = _number(row.get(name))
+      if seeds and row.get(f"{name}_std") is not None:
+        cell += f" +- {row[f'{name}_std']:.2g}"
+      cells.append(cell)
+    lines.append(cells)
+  lines.append(["floor", "-", "-", *(_number(report["floor"].get(name)) for name in names)])
+  widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+
+  def format_row(cells) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+  over = f", seeds {seeds} (mean +- std over seeds)" if seeds else ""
+  text = [
+    f"step {report['step']}: {report['scored']} samples per row, seed {report['seed']}{over}",
+    format_row(header),
+    *(format_row(cells) for cells in lines),
+    f"floor: {report['floor_note']}",
+    *(f"note: {note}" for note in report["notes"]),
+    _likelihood_line(report),
+  ]
+  if report.get("plot"):
+    text.append(f"wrote {report['plot']} and {report['table']}")
+  return "\n".join(text)
+
+
+def _likelihood_line(report: dict) -> str:
+  """The likelihood in one line, with its units (sampler-independent)."""
+  source = report["per_seed"][0] if "per_seed" in report else report
+  if source.get("nll") is None:
+    return f"likelihood: {source.get('nll_note', 'not computed')}"
+  values = report.get("mean", source)
+  spread = (
+    f" +- {report['std']['nll']:.2g} over seeds"
+    if "std" in report
+    else f" +- {source['nll_stderr']:.2g} (standard error)"
+  )
+  line = f"likelihood: NLL {values['nll']:.4g}{spread} nats per example"
+  if "bits_per_dim" in source:
+    line += (
+      f" = {values['nats_per_dim']:.4g} nats per dim = {values['bits_per_dim']:.4g} bits per "
+      "dim (uniformly dequantised pixels)"
     )
+  return (
+    f"{line}; {source['nll_count']} data points, probability-flow ODE (RK4, "
+    f"{source['likelihood_steps']} steps); the same for every sampler"
   )
-  return metrics

@@ -95,7 +95,8 @@ def fake_restore(monkeypatch, workdir):
       source=lambda key, n: jax.random.normal(key, (n, 2)),
       data_shape=(2,),
     )
-    return config, types.SimpleNamespace(generate=generate), PARAMS, 7
+    experiment = types.SimpleNamespace(generate=generate, target_sampler=None, log_likelihood=None)
+    return config, experiment, PARAMS, 7
 
   monkeypatch.setattr(run_lib, "restore_for_inference", restore)
   return holder
@@ -376,7 +377,12 @@ def test_planted_tmp_symlink_is_not_followed(workdir, tmp_path, capsys, fake_res
   assert _sample(workdir, out, "--num", "5") == 0
   assert victim.read_text() == "outside the output folder"
   assert not out.is_symlink() and np.load(out)["samples"].shape == (5, 2)
-  assert sorted(p.name for p in folder.iterdir()) == [".s.npz.tmp", "s.npz", "s.tmp.npz"]
+  # The picture beside the samples is written the same way.
+  (folder / "s.tmp.png").symlink_to(victim)
+  assert _sample(workdir, out, "--num", "5") == 0
+  assert victim.read_text() == "outside the output folder"
+  listing = [".s.npz.tmp", "s.npz", "s.png", "s.tmp.npz", "s.tmp.png"]
+  assert sorted(p.name for p in folder.iterdir()) == listing
   # An output that is itself a link is replaced, its target left alone.
   out.unlink()
   out.symlink_to(victim)
@@ -466,6 +472,17 @@ def test_held_back_reports_are_written_when_the_run_goes_on(tmp_path, capsys, ca
   def train(config, path):
     logging.getLogger("absl").error("a save failed: No space left on device")
     sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    return loop.TrainResult(  # what the CLI's summary reads
+      workdir=str(path),
+      step=0,
+      total=0,
+      start_step=0,
+      wall_s=0.0,
+      final_losses=None,
+      logged_step=None,
+      preempted=None,
+      plot_files=[],
+    )
 
   monkeypatch.setattr(loop, "train", train)
   assert cli.main(["train", "--config", TOY, "--workdir", str(tmp_path / "w")]) == 0

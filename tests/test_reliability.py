@@ -182,7 +182,8 @@ def test_metrics_truncated_line_and_duplicates(tmp_path):
   writer.close()
   rows = read_metrics(path)
   assert [r["step"] for r in rows] == [2, 4, 6, 8]
-  assert rows[1]["loss"] == 0.25 and rows[2]["loss"] == 0.125 and rows[3]["loss"] == "nan"
+  assert rows[1]["loss"] == 0.25 and rows[2]["loss"] == 0.125
+  assert rows[3]["loss"] is None and rows[3]["nonfinite"] == ["loss"]  # strict JSON, flagged
   assert path.read_text().endswith("\n") and path.read_text().count("\n") == 4
 
 

@@ -156,11 +156,14 @@ def test_real_second_trainer_is_refused_then_resumes_after_the_first(tmp_path):
   ]
   command = [sys.executable, "-m", "diffjax.cli", "train", "--config", tiny.CONFIG]
   command += ["--workdir", str(workdir)]
-  first = subprocess.Popen([*command, *args], env=_env(), stderr=subprocess.PIPE, text=True)
+  # A file, not a pipe nobody reads: the progress lines of a long run would fill a pipe.
+  log_path = tmp_path / "first.log"
+  first_log = open(log_path, "w")  # noqa: SIM115 -- closed when the run ends
+  first = subprocess.Popen([*command, *args], env=_env(), stderr=first_log, text=True)
   try:
     deadline = time.monotonic() + 120
     while not (workdir / "metrics.jsonl").is_file() or not read_metrics(workdir / "metrics.jsonl"):
-      assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+      assert first.poll() is None and time.monotonic() < deadline, log_path.read_text()
       time.sleep(0.2)
     started = time.monotonic()
     second = subprocess.run([*command, *args], env=_env(), capture_output=True, text=True)
@@ -173,6 +176,7 @@ def test_real_second_trainer_is_refused_then_resumes_after_the_first(tmp_path):
   finally:
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 0
+    first_log.close()
   stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   resumed = subprocess.run(
     [*command, *args[1:], f"--config.train.steps={stopped + 50}"],

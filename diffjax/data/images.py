@@ -1,16 +1,19 @@
-"""Image datasets and a grain input pipeline: shuffled, sharded per process, checkpointable.
+"""Image and array datasets and a grain input pipeline: shuffled, sharded per process,
+checkpointable.
 
-Every pipeline yields batches ``{"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]}``,
-``B`` being the per-process batch size. Pixels are mapped to the model range by
-``x = 2 u / 255 - 1`` for ``uint8`` data (the DDPM convention, Ho et al. 2020,
+Every pipeline yields batches ``{"image": float32 [B, *shape], "label": int32 [B]}``, ``B`` being
+the per-process batch size and ``shape`` that of one example: ``(H, W, C)`` for images, ``(d,)``
+for vectors (2D points are ``(2,)``); the key is ``"image"`` for both. Pixels are mapped to the
+model range by ``x = 2 u / 255 - 1`` for ``uint8`` data (the DDPM convention, Ho et al. 2020,
 https://arxiv.org/abs/2006.11239, Sec. 3.3); float data are mapped affinely from a stated
-``value_range`` when loaded.
+``value_range`` when loaded, or kept as they are (``keep_values``; the default for vectors).
 
 Sources (names resolved once, by :func:`get_dataset` / :func:`load_arrays`):
 
 * ``"digits"``: scikit-learn's 8x8 handwritten digits (1797 images, values 0..16, shipped with
   scikit-learn, no download), as ``[1797, 8, 8, 1]``.
-* ``"npz"``: arrays in a NumPy ``.npz`` file (read with ``allow_pickle=False``, always).
+* ``"npz"``: arrays in a NumPy ``.npz`` file (read with ``allow_pickle=False``, always): images
+  ``[N, H, W, C]`` / ``[N, C, H, W]`` or vectors ``[N, d]``.
 * ``"folder"``: ``root/<class_name>/*.png|jpg|jpeg``, read with PIL; labels index the sorted
   class directory names.
 * ``"tfds"``: a TensorFlow Datasets random-access source (``tfds.data_source``), when
@@ -61,6 +64,7 @@ __all__ = [
   "get_dataset",
   "to_model_range",
   "from_model_range",
+  "take",
   "make_loader",
   "iterator_state",
   "restore_iterator",
@@ -74,14 +78,21 @@ _LAYOUT_TO_NHWC = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
 # Validation shared by every in-memory source.
 
 
+def _wrong_rank(shape: tuple[int, ...], *, origin: str) -> str:
+  return (
+    f"arrays from {origin} have shape {shape}; expected 4-D images [N, H, W, C] or 2-D "
+    "vectors [N, d]. Add a channel axis to grayscale images (images[..., None]), reshape "
+    "scalars to [N, 1], or pass layout='NCHW' for channel-first images"
+  )
+
+
 def _validate_arrays(images: np.ndarray, labels: np.ndarray, *, origin: str) -> None:
-  """Raises one clear ValueError for arrays a pipeline cannot use; ``origin`` names the data."""
-  if images.ndim != 4:
-    raise ValueError(
-      f"images from {origin} have shape {images.shape}; expected 4-D [N, H, W, C]. Add a "
-      "channel axis to grayscale data (images[..., None]) or pass layout='NCHW' for "
-      "channel-first arrays"
-    )
+  """Raises one clear ValueError for arrays a pipeline cannot use; ``origin`` names the data.
+
+  ``images`` are 4-D images ``[N, H, W, C]`` or 2-D vectors ``[N, d]``.
+  """
+  if images.ndim not in (2, 4):
+    raise ValueError(_wrong_rank(images.shape, origin=origin))
   if images.shape[0] == 0:
     raise ValueError(f"{origin} holds no images (shape {images.shape}); it must not be empty")
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
@@ -105,13 +116,17 @@ def _validate_arrays(images: np.ndarray, labels: np.ndarray, *, origin: str) -> 
 
 
 def _to_nhwc(images: np.ndarray, *, layout: str, origin: str) -> np.ndarray:
+  """Images ``[N, H, W, C]`` from ``layout``; vectors ``[N, d]`` unchanged (layout NHWC)."""
   axes = lookup(_LAYOUT_TO_NHWC, layout, "layout", hint=f" (images from {origin})")
+  if images.ndim == 2:
+    if layout != "NHWC":
+      raise ValueError(
+        f"layout={layout!r} but {origin} holds vectors of shape {images.shape}, not images; "
+        "the layout applies to 4-D images only: keep the default 'NHWC'"
+      )
+    return images
   if images.ndim != 4:
-    raise ValueError(
-      f"images from {origin} have shape {images.shape}; expected 4-D "
-      f"[N, H, W, C] or [N, C, H, W] (layout={layout!r}). Add a channel axis to "
-      "grayscale data (images[..., None])"
-    )
+    raise ValueError(_wrong_rank(images.shape, origin=origin))
   # A channel-first array read as channel-last is the commonest npz mistake: catch it by shape.
   if layout == "NHWC" and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
     raise ValueError(
@@ -121,14 +136,41 @@ def _to_nhwc(images: np.ndarray, *, layout: str, origin: str) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(images, axes))
 
 
+def _finite_float32(images: np.ndarray, *, origin: str) -> np.ndarray:
+  images = images.astype(np.float32)
+  finite = np.isfinite(images)
+  if not finite.all():
+    raise ValueError(
+      f"arrays from {origin} contain {int(finite.size - finite.sum())} NaN or "
+      "infinite values; clean the data before training"
+    )
+  return images
+
+
 def _scale_images(
-  images: np.ndarray, *, value_range: tuple[float, float] | None, origin: str
+  images: np.ndarray,
+  *,
+  value_range: tuple[float, float] | None,
+  origin: str,
+  keep_values: bool = False,
 ) -> np.ndarray:
-  """Returns uint8 images in [0, 255] unchanged, or float32 images mapped to [-1, 1].
+  """Returns uint8 images in [0, 255] unchanged, or float32 arrays mapped to [-1, 1].
 
   ``x = 2 (u - lo) / (hi - lo) - 1`` for ``value_range = (lo, hi)``. Without a range, integer
-  data must already lie in [0, 255] (kept as uint8) and float data in [0, 1].
+  images must already lie in [0, 255] (kept as uint8) and float images in [0, 1]; vectors
+  (``[N, d]``) are kept as they are. ``keep_values`` keeps any data as it is (float32).
   """
+  if keep_values or (value_range is None and images.ndim == 2):
+    if value_range is not None:
+      raise ValueError(
+        f"value_range={value_range!r} and keep_values=True for {origin}: choose one (a range "
+        "maps the data to [-1, 1], keep_values uses it as it is)"
+      )
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+      raise ValueError(
+        f"arrays from {origin} have dtype {images.dtype}; expected integers or floats"
+      )
+    return _finite_float32(images, origin=origin)
   if value_range is None:
     if np.issubdtype(images.dtype, np.integer):
       if images.size and (images.min() < 0 or images.max() > 255):
@@ -145,21 +187,15 @@ def _scale_images(
   lo, hi = (float(v) for v in value_range)
   if not hi > lo:
     raise ValueError(f"value_range={value_range!r} for {origin} must be (lo, hi) with hi > lo")
-  images = images.astype(np.float32)
-  finite = np.isfinite(images)
-  if not finite.all():
-    raise ValueError(
-      f"images from {origin} contain {int(finite.size - finite.sum())} NaN or "
-      "infinite values; clean the data before training"
-    )
+  images = _finite_float32(images, origin=origin)
   mn, mx = float(images.min()), float(images.max())
   # Data outside the stated range would leave [-1, 1] silently; a small slack absorbs rounding.
   slack = 1e-6 * (hi - lo)
   if mn < lo - slack or mx > hi + slack:
     raise ValueError(
-      f"images from {origin} span [{mn:g}, {mx:g}], outside value_range=({lo:g}, {hi:g}); "
+      f"arrays from {origin} span [{mn:g}, {mx:g}], outside value_range=({lo:g}, {hi:g}); "
       "pass the range of the raw values, e.g. value_range=(-1.0, 1.0) for data already in "
-      "the model range"
+      "the model range, or keep the values as they are"
     )
   return ((images - lo) * np.float32(2.0 / (hi - lo)) - 1.0).astype(np.float32)
 
@@ -197,24 +233,34 @@ def load_npz(
   label_key: str | None = None,
   layout: str = "NHWC",
   value_range: tuple[float, float] | None = None,
+  keep_values: bool = False,
   require_labels: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Images and labels from a ``.npz`` file, read with ``np.load(path, allow_pickle=False)``.
+  """Images or vectors and their labels from a ``.npz`` file, read with
+  ``np.load(path, allow_pickle=False)``.
 
-  Pixel values: integer arrays in ``[0, 255]`` stay uint8; float arrays are mapped to
-  ``[-1, 1]`` by ``x = 2 (u - lo) / (hi - lo) - 1`` with ``value_range = (lo, hi)``
-  (default ``(0, 1)``), and must lie inside it.
+  The examples are images ``[N, H, W, C]`` (``[N, C, H, W]`` with ``layout="NCHW"``) or vectors
+  ``[N, d]`` (2D points: ``d = 2``). Values: with ``value_range = (lo, hi)`` they are mapped to
+  ``[-1, 1]`` by ``x = 2 (u - lo) / (hi - lo) - 1`` and must lie inside the range; without one,
+  integer images in ``[0, 255]`` stay uint8 (mapped per batch by :func:`to_model_range`), float
+  images must lie in ``[0, 1]`` (the range then is ``(0, 1)``), and vectors are kept as they are
+  (float32). ``keep_values`` keeps images as they are too.
 
   Args:
     path: the ``.npz`` file.
-    image_key: array name of the images; default ``"image"``, else ``"x"``.
-    label_key: array name of the labels; default ``"label"``, else ``"y"``.
-    layout: ``"NHWC"`` (channel-last) or ``"NCHW"`` (channel-first, transposed on load).
-    value_range: range of the raw values; required for integers outside ``[0, 255]``.
-    require_labels: if False and no label array is found, every label is 0 (unconditional data).
+    image_key: array name of the examples; default ``"image"``, else ``"x"``.
+    label_key: array name of the labels; default ``"label"``, else ``"y"``; ``""`` reads no
+      labels (every label is 0: unconditional data).
+    layout: ``"NHWC"`` (channel-last) or ``"NCHW"`` (channel-first, transposed on load); images
+      only.
+    value_range: range of the raw values; required for integer images outside ``[0, 255]``.
+    keep_values: use the values as they are (float32), without mapping them to ``[-1, 1]``.
+    require_labels: if False and the label array is absent, every label is 0 (unconditional
+      data); if True, a missing label array is an error (except with ``label_key=""``).
 
   Returns:
-    ``(images, labels)``: uint8 or float32 ``[N, H, W, C]`` and int32 ``[N]``.
+    ``(examples, labels)``: uint8 or float32 ``[N, H, W, C]`` or float32 ``[N, d]``, and int32
+    ``[N]``.
   """
   origin = f"npz file {path!r}"
   if not os.path.isfile(path):
@@ -229,15 +275,20 @@ def load_npz(
     with np.load(path, allow_pickle=False) as archive:
       keys = sorted(archive.files)
       image_name = image_key or _first_key(keys, ("image", "x"))
-      label_name = label_key or _first_key(keys, ("label", "y"))
+      label_name = _first_key(keys, ("label", "y")) if label_key is None else label_key or None
       if image_name not in keys:
         raise KeyError(
-          f"{origin} has no image array {image_name or 'image/x'!r}; it holds "
-          f"{keys}. Pass image_key= naming the images"
+          f"{origin} has no array {image_name or 'image/x'!r}; it holds "
+          f"{keys}. Pass image_key= naming the examples"
         )
-      if label_key is not None and label_key not in keys:
-        raise KeyError(f"{origin} has no label array {label_key!r}; it holds {keys}")
-      if label_name is None and require_labels:
+      if label_name is not None and label_name not in keys:
+        if require_labels:
+          raise KeyError(
+            f"{origin} has no label array {label_key!r}; it holds {keys}. Pass label_key= "
+            "naming the labels, or label_key='' for unlabelled data"
+          )
+        label_name = None
+      if label_name is None and require_labels and label_key is None:
         raise KeyError(
           f"{origin} has no label array ('label' or 'y'); it holds {keys}. "
           "Pass label_key= naming the labels, or require_labels=False for "
@@ -265,7 +316,7 @@ def load_npz(
   if labels is None:
     labels = np.zeros((images.shape[0] if images.ndim else 0,), np.int32)
   images = _to_nhwc(images, layout=layout, origin=origin)
-  images = _scale_images(images, value_range=value_range, origin=origin)
+  images = _scale_images(images, value_range=value_range, origin=origin, keep_values=keep_values)
   _validate_arrays(images, labels, origin=origin)
   return images, labels.astype(np.int32)
 
@@ -378,7 +429,8 @@ def load_arrays(source: str, /, **kwargs) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageSource(grain.sources.RandomAccessDataSource):
-  """A grain random-access source over in-memory ``images`` and ``labels``.
+  """A grain random-access source over in-memory ``images`` (or vectors ``[N, d]``) and
+  ``labels``.
 
   Element ``i`` is ``{"image": images[i], "label": labels[i]}``. ``repr`` names the source, its
   shape, dtype and a CRC32 fingerprint of the data, because grain compares it when restoring an
@@ -492,6 +544,15 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
   if images.dtype == np.uint8:
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
   return images.astype(np.float32)
+
+
+def take(source: grain.sources.RandomAccessDataSource, indices) -> np.ndarray:
+  """The examples ``source[i]["image"]`` for ``i`` in ``indices``, stacked, in the model range
+  (float32; uint8 through :func:`to_model_range`): ``[len(indices), *shape]``."""
+  indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+  if not indices:
+    raise ValueError(f"indices is empty; take at least one of the {len(source)} records")
+  return to_model_range(np.stack([np.asarray(source[i]["image"]) for i in indices]))
 
 
 def from_model_range(images: np.ndarray) -> np.ndarray:
@@ -672,12 +733,18 @@ def make_loader(
     grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
     _ToModelRange(),
   ]
+  # An in-memory record is read in microseconds; grain's prefetch threads poll every pending
+  # read per record, which costs more than the reads themselves, so memory is read in line.
+  read_options = None
+  if isinstance(source, ImageSource):
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain.DataLoader(
     data_source=shard,
     sampler=sampler,
     operations=operations,
     worker_count=worker_count,
     shard_options=grain.sharding.NoSharding(),
+    read_options=read_options,
   )
 
 

@@ -6,7 +6,8 @@ https://arxiv.org/abs/2212.09748 (facebookresearch/DiT ``models.py``):
   patchify: ``p x p`` patches -> linear -> ``hidden_size`` tokens, plus a 2D sin-cos position
     embedding (fixed, or learned and initialised at the sin-cos values);
   conditioning ``c = emb(t) + emb(label)``, with ``emb(t)`` the time MLP on the sinusoidal
-    features of ``1000 t`` (DiT's 256 frequencies);
+    features of ``1000 t`` (DiT's 256 frequencies); a model of several times (``time_inputs >
+    1``) gives each its own time MLP and sums them (:func:`summed_time_embedding`);
   ``depth`` blocks, each ``x += g_1 Attn(LN(x) (1 + s_1) + b_1); x += g_2 MLP(LN(x) (1 + s_2)
     + b_2)`` with ``(b_1, s_1, g_1, b_2, s_2, g_2) = W SiLU(c)``, ``W`` zero-initialised
     (adaLN-Zero: every block starts as the identity);
@@ -23,7 +24,12 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
-from diffjax.models.embeddings import LabelEmbedding, SinusoidalFeatures, TimeEmbedding
+from diffjax.models.embeddings import (
+  LabelEmbedding,
+  SinusoidalFeatures,
+  TimeEmbedding,
+  summed_time_embedding,
+)
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "patchify", "unpatchify", "check_config"]
 
@@ -162,6 +168,8 @@ class DiT(nnx.Module):
   Args:
     data_shape: ``(H, W, C)``, H and W divisible by ``patch_size``.
     num_classes: number of classes (0: unconditional).
+    time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``,
+      each time embedded on its own and the embeddings summed).
     patch_size: side ``p`` of the square patches.
     hidden_size: token width.
     depth: number of transformer blocks.
@@ -181,6 +189,7 @@ class DiT(nnx.Module):
     *,
     data_shape: tuple[int, int, int],
     num_classes: int = 0,
+    time_inputs: int = 1,
     patch_size: int = 2,
     hidden_size: int = 384,
     depth: int = 12,
@@ -224,12 +233,17 @@ class DiT(nnx.Module):
       None if not learn_pos_embed else nnx.Param(jnp.asarray(self._fixed_pos_embed(), param_dtype))
     )
     normal = nnx.initializers.normal(0.02)
-    self.time_embed = TimeEmbedding(
+    time_embed = lambda: TimeEmbedding(
       features=SinusoidalFeatures(dim=time_features_dim),
       features_dim=time_features_dim,
       out_dim=hidden_size,
       kernel_init=normal,
       **kw,
+    )
+    self.time_embed = time_embed()
+    # None for one time input, so its parameters are exactly those of the one-time model.
+    self.extra_time_embeds = (
+      None if time_inputs == 1 else nnx.List([time_embed() for _ in range(time_inputs - 1)])
     )
     self.label_embed = (
       None
@@ -272,7 +286,7 @@ class DiT(nnx.Module):
     pos = self._fixed_pos_embed() if self.pos_embed is None else self.pos_embed[...]
     # Keep the residual stream in the compute dtype (the float32 table would promote it).
     h = (tokens + jnp.asarray(pos)[None]).astype(tokens.dtype)
-    c = self.time_embed(t)
+    c = summed_time_embedding(t, [self.time_embed, *(self.extra_time_embeds or ())])
     if self.label_embed is not None:
       c = c + self.label_embed(cond)
     for block in self.blocks:

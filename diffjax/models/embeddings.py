@@ -14,7 +14,7 @@ training code uses to drop labels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ __all__ = [
   "TIME_FEATURES",
   "get_time_features",
   "TimeEmbedding",
+  "summed_time_embedding",
   "LabelEmbedding",
   "drop_labels",
 ]
@@ -178,6 +179,32 @@ class TimeEmbedding(nnx.Module):
 
   def __call__(self, t: Array) -> Array:
     return self.dense_2(jax.nn.silu(self.dense_1(self.features(t))))
+
+
+def summed_time_embedding(t: Array, embeddings: Sequence[Callable[[Array], Array]]) -> Array:
+  """``emb(t_1, ..., t_k) = sum_i emb_i(t_i)``: each time input through its own embedding.
+
+  MeanFlow conditions its network on two times, ``(t, t - r)``, each with its own positional
+  embedding, summed (Geng et al. 2025, the ablation of the time conditioning in Table 1,
+  https://arxiv.org/abs/2505.13447); shortcut models embed the time and the step size the same
+  way (Frans et al. 2024, https://arxiv.org/abs/2410.12557).
+
+  Args:
+    t: ``[batch]`` with one embedding, ``[batch, k]`` with ``k``.
+    embeddings: one ``[batch] -> [batch, dim]`` map per time input.
+
+  Returns:
+    ``[batch, dim]``.
+  """
+  if t.ndim == 1:
+    (embed,) = embeddings
+    return embed(t)
+  if t.shape[1] != len(embeddings):
+    raise ValueError(f"{t.shape[1]} time inputs for {len(embeddings)} time embeddings")
+  out = embeddings[0](t[:, 0])
+  for i, embed in enumerate(embeddings[1:], start=1):
+    out = out + embed(t[:, i])
+  return out
 
 
 class LabelEmbedding(nnx.Module):

@@ -35,7 +35,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
 }
 
 # Set by create_model itself, never through **kwargs.
-_RESERVED = ("data_shape", "num_classes", "dtype", "param_dtype", "rngs")
+_RESERVED = ("data_shape", "num_classes", "time_inputs", "dtype", "param_dtype", "rngs")
 
 
 def model_kwargs(name: str) -> dict[str, object]:
@@ -68,6 +68,7 @@ def create_model(
   *,
   data_shape: tuple[int, ...],
   num_classes: int = 0,
+  time_inputs: int = 1,
   dtype=jnp.float32,
   param_dtype=jnp.float32,
   **kwargs,
@@ -84,6 +85,8 @@ def create_model(
     num_classes: number of classes (0: unconditional). A conditional model embeds
       ``num_classes + 1`` labels; label ``num_classes`` is the null label of classifier-free
       guidance (see :func:`diffjax.models.drop_labels`).
+    time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``t`` is ``[batch,
+      time_inputs]``, as the objective that needs them says, e.g. MeanFlow's two times).
     dtype: compute dtype (e.g. ``jnp.bfloat16`` for mixed precision); the output is float32.
     param_dtype: stored parameter dtype (float32 master weights).
     **kwargs: the model's constructor keywords (:func:`model_kwargs` lists them).
@@ -106,13 +109,19 @@ def create_model(
     raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape}")
   if int(num_classes) != num_classes or num_classes < 0:
     raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-  _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape})
+  if isinstance(time_inputs, bool) or int(time_inputs) != time_inputs or time_inputs < 1:
+    raise ValueError(f"time_inputs must be an int >= 1, got {time_inputs!r}")
+  time_inputs = int(time_inputs)
+  _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape, "time_inputs": time_inputs})
   build = functools.partial(
     MODELS[name],
     data_shape=data_shape,
     num_classes=int(num_classes),
+    time_inputs=time_inputs,
     dtype=_float_dtype(dtype, "dtype"),
     param_dtype=_float_dtype(param_dtype, "param_dtype"),
     **kwargs,
   )
-  return functionalize(build, data_shape=data_shape, num_classes=int(num_classes))
+  return functionalize(
+    build, data_shape=data_shape, num_classes=int(num_classes), time_inputs=time_inputs
+  )

@@ -6,7 +6,9 @@ trains its 2D flows with::
   Linear(dim + 1, 64) SELU Linear(64, 64) SELU Linear(64, 64) SELU Linear(64, dim)
 
 on ``concat(x, t)``. ``MLP(data_shape=(2,))`` is exactly that network (8,706 parameters), with
-PyTorch's default ``nn.Linear`` initialisation. Data of any shape is flattened to a vector.
+PyTorch's default ``nn.Linear`` initialisation. Data of any shape is flattened to a vector. A model
+of several times (``time_inputs > 1``, e.g. MeanFlow's ``u(z, t, s)``) takes them the same way,
+``concat(x, t, s)``.
 """
 
 from __future__ import annotations
@@ -56,8 +58,15 @@ def _torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
   return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
 
 
-def check_config(*, width, depth, activation, time_varying, time_features, dropout, **_) -> None:
+def check_config(
+  *, width, depth, activation, time_varying, time_features, dropout, time_inputs=1, **_
+) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  if time_inputs > 1 and not time_varying:
+    raise ValueError(
+      f"time_varying=False, but the objective gives the model {time_inputs} times per "
+      "example (time_inputs); set time_varying=True"
+    )
   if width < 1 or depth < 1:
     raise ValueError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
   get_activation(activation)
@@ -76,13 +85,15 @@ class MLP(nnx.Module):
   """``f(x, t, c) = W_L a(... a(W_1 [x, tfeat(t), e(c)] + b_1) ...) + b_L``.
 
   Inputs are concatenated: the flattened data, then the time (``t`` itself when
-  ``time_features`` is None, as TorchCFM's ``time_varying=True``; else ``time_features(t)``),
-  then a learned class embedding when ``num_classes > 0``. ``depth`` hidden layers of ``width``
+  ``time_features`` is None, as TorchCFM's ``time_varying=True``; else ``time_features(t)``; with
+  ``time_inputs > 1`` each time in turn, ``t`` being ``[batch, time_inputs]``), then a learned
+  class embedding when ``num_classes > 0``. ``depth`` hidden layers of ``width``
   units, each followed by ``activation`` and dropout, then a linear output layer.
 
   Args:
     data_shape: shape of one example (flattened internally).
     num_classes: number of classes; 0 for an unconditional model.
+    time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``).
     width: hidden width (TorchCFM ``w``).
     depth: number of hidden layers.
     activation: a name in :data:`ACTIVATIONS`.
@@ -101,6 +112,7 @@ class MLP(nnx.Module):
     *,
     data_shape: tuple[int, ...],
     num_classes: int = 0,
+    time_inputs: int = 1,
     width: int = 64,
     depth: int = 3,
     activation: str = "selu",
@@ -121,6 +133,7 @@ class MLP(nnx.Module):
       time_varying=time_varying,
       time_features=time_features,
       dropout=dropout,
+      time_inputs=time_inputs,
     )
     self.data_shape = tuple(data_shape)
     self.activation = get_activation(activation)
@@ -130,7 +143,7 @@ class MLP(nnx.Module):
 
     in_dim = data_dim
     if time_varying:
-      in_dim += 1 if time_features is None else time_features_dim
+      in_dim += time_inputs * (1 if time_features is None else time_features_dim)
     self.time_features = (
       None
       if time_features is None or not time_varying
@@ -178,10 +191,14 @@ class MLP(nnx.Module):
     batch = x.shape[0]
     h = [x.reshape(batch, -1)]
     if self.time_varying:
-      if self.time_features is None:
-        h.append(t[:, None].astype(x.dtype))
-      else:
-        h.append(self.time_features(t).astype(x.dtype))
+      # [batch] for one time input, [batch, k] for k: one column per time either way.
+      times = t.reshape(batch, -1)
+      for i in range(times.shape[1]):
+        column = times[:, i]
+        if self.time_features is None:
+          h.append(column[:, None].astype(x.dtype))
+        else:
+          h.append(self.time_features(column).astype(x.dtype))
     if self.label_embed is not None:
       h.append(self.label_embed(cond).astype(x.dtype))
     h = jnp.concatenate(h, axis=-1)

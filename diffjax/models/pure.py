@@ -7,9 +7,10 @@ losses, samplers and the train step stay pure functions of pytrees. The module's
 (flax ``examples/nnx_toy_examples/01_functional_api.py``).
 
 Contract for a wrapped module: ``module(x, t, cond, *, rngs)`` with ``x`` ``[batch, *data_shape]``,
-``t`` float32 ``[batch]``, ``cond`` int ``[batch]`` (or None when ``num_classes == 0``), and
-``rngs`` an ``nnx.Rngs`` with a ``dropout`` stream or None (dropout off). All of its state must
-be ``nnx.Param``: no batch statistics, no RNG state.
+``t`` float32 ``[batch]`` (``[batch, time_inputs]`` for a model of several times, e.g. MeanFlow's
+``u(z, t, s)``), ``cond`` int ``[batch]`` (or None when ``num_classes == 0``), and ``rngs`` an
+``nnx.Rngs`` with a ``dropout`` stream or None (dropout off). All of its state must be
+``nnx.Param``: no batch statistics, no RNG state.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class ModelFns(NamedTuple):
       params born sharded).
     apply: ``apply(params, x_t, t, cond=None, *, dropout_key=None) -> output`` with ``x_t``'s
       shape, float32. ``x_t`` is ``[batch, *data_shape]`` (or one unbatched example), ``t`` is
-      ``[batch]`` or a scalar, ``cond`` int labels ``[batch]`` (None = the null label when the
-      model is class-conditional). Dropout is active iff ``dropout_key`` is given.
+      ``[batch]`` or a scalar (``[batch, time_inputs]``, or ``[time_inputs]`` for one unbatched
+      example, when the model takes several times), ``cond`` int labels ``[batch]`` (None = the
+      null label when the model is class-conditional). Dropout is active iff ``dropout_key`` is
+      given.
   """
 
   init: Callable[[Array], PyTree]
@@ -51,7 +54,11 @@ def num_params(params: PyTree) -> int:
 
 
 def functionalize(
-  build: Callable[..., nnx.Module], *, data_shape: tuple[int, ...], num_classes: int = 0
+  build: Callable[..., nnx.Module],
+  *,
+  data_shape: tuple[int, ...],
+  num_classes: int = 0,
+  time_inputs: int = 1,
 ) -> ModelFns:
   """Wraps ``build(rngs=nnx.Rngs(key))`` as ``(init, apply)``; see :class:`ModelFns`.
 
@@ -59,6 +66,8 @@ def functionalize(
     build: constructor taking only ``rngs``, e.g. ``functools.partial(MLP, data_shape=(2,))``.
     data_shape: shape of one example (no batch axis).
     num_classes: number of real classes (0: unconditional, ``cond`` must be None).
+    time_inputs: times per example the module takes (1: ``t`` is ``[batch]``; more: ``t`` is
+      ``[batch, time_inputs]``, e.g. MeanFlow's ``(t, s - t)``).
 
   Returns:
     :class:`ModelFns`.
@@ -98,15 +107,7 @@ def functionalize(
         f"{data_shape}; pass [batch, *{data_shape}] or rebuild the model"
       )
     batch = x_t.shape[0]
-    t = jnp.asarray(t, jnp.float32)
-    if unbatched and t.shape == (1,):
-      t = t[0]
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (batch,))
-    if t.shape != (batch,):
-      raise ValueError(
-        f"t has shape {t.shape}; pass a scalar or one time per example, shape ({batch},)"
-      )
+    t = _check_times(t, batch=batch, unbatched=unbatched, time_inputs=time_inputs)
     cond = _check_cond(cond, batch=batch, unbatched=unbatched, num_classes=num_classes)
     module = nnx.merge(graphdef, params)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
@@ -114,6 +115,30 @@ def functionalize(
     return out[0] if unbatched else out
 
   return ModelFns(init=init, apply=apply)
+
+
+def _check_times(t: Array, *, batch: int, unbatched: bool, time_inputs: int) -> Array:
+  """Validates the times: ``[batch]`` (a scalar is broadcast) for a model of one time,
+  ``[batch, time_inputs]`` (``[time_inputs]`` for one unbatched example) otherwise."""
+  t = jnp.asarray(t, jnp.float32)
+  if time_inputs > 1:
+    if unbatched and t.shape == (time_inputs,):
+      t = t[None]
+    if t.shape != (batch, time_inputs):
+      raise ValueError(
+        f"t has shape {t.shape} but the model takes {time_inputs} times per example; pass "
+        f"shape ({batch}, {time_inputs}) (or rebuild the model with time_inputs=1)"
+      )
+    return t
+  if unbatched and t.shape == (1,):
+    t = t[0]
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (batch,))
+  if t.shape != (batch,):
+    raise ValueError(
+      f"t has shape {t.shape}; pass a scalar or one time per example, shape ({batch},)"
+    )
+  return t
 
 
 def _check_cond(

@@ -15,7 +15,8 @@ Layout, for ``ch_mult = (m_0, ..., m_{L-1})`` and input resolution ``R``::
   GroupNorm, SiLU, conv 3x3 -> C (zero-initialised)
 
 The time embedding is ``TimeEmbedding`` of the sinusoidal features of ``1000 t`` (so a time in
-``[0, 1]`` is read like DDPM's step index in ``[0, 1000)``), width ``4 ch``.
+``[0, 1]`` is read like DDPM's step index in ``[0, 1000)``), width ``4 ch``; a model of several
+times (``time_inputs > 1``) gives each its own and sums them (:func:`summed_time_embedding`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-from diffjax.models.embeddings import LabelEmbedding, SinusoidalFeatures, TimeEmbedding
+from diffjax.models.embeddings import (
+  LabelEmbedding,
+  SinusoidalFeatures,
+  TimeEmbedding,
+  summed_time_embedding,
+)
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "num_groups", "check_config"]
 
@@ -238,6 +244,8 @@ class UNet(nnx.Module):
     data_shape: ``(H, W, C)``; H and W divisible by ``2 ** (len(ch_mult) - 1)``.
     num_classes: number of classes (0: unconditional); the label embedding is added to the time
       embedding (ADM).
+    time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``,
+      each time embedded on its own and the embeddings summed).
     ch: base channel count.
     ch_mult: channel multiplier per resolution level.
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
@@ -257,6 +265,7 @@ class UNet(nnx.Module):
     *,
     data_shape: tuple[int, int, int],
     num_classes: int = 0,
+    time_inputs: int = 1,
     ch: int = 128,
     ch_mult: tuple[int, ...] = (1, 2, 2, 2),
     num_res_blocks: int = 2,
@@ -286,8 +295,13 @@ class UNet(nnx.Module):
     attn_kw = dict(num_heads=num_heads, **kw)
     resample_kw = dict(with_conv=resample_with_conv, **kw)
 
-    self.time_embed = TimeEmbedding(
+    time_embed = lambda: TimeEmbedding(
       features=SinusoidalFeatures(dim=ch), features_dim=ch, out_dim=emb_dim, **kw
+    )
+    self.time_embed = time_embed()
+    # None for one time input, so its parameters are exactly those of the one-time model.
+    self.extra_time_embeds = (
+      None if time_inputs == 1 else nnx.List([time_embed() for _ in range(time_inputs - 1)])
     )
     self.label_embed = (
       None if num_classes == 0 else LabelEmbedding(num_classes=num_classes, features=emb_dim, **kw)
@@ -347,7 +361,7 @@ class UNet(nnx.Module):
   def __call__(
     self, x: Array, t: Array, cond: Array | None, *, rngs: nnx.Rngs | None = None
   ) -> Array:
-    emb = self.time_embed(t)
+    emb = summed_time_embedding(t, [self.time_embed, *(self.extra_time_embeds or ())])
     if self.label_embed is not None:
       emb = emb + self.label_embed(cond)
     h = self.conv_in(x)

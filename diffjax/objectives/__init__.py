@@ -10,16 +10,21 @@ below.
 
 from __future__ import annotations
 
+from diffjax.objectives import consistency as _consistency
 from diffjax.objectives import continuous_diffusion as _continuous_diffusion
 from diffjax.objectives import diffusion as _diffusion
 from diffjax.objectives import edm as _edm
 from diffjax.objectives import flow_matching as _flow_matching
 from diffjax.objectives import marginal_fm as _marginal_fm
+from diffjax.objectives import meanflow as _meanflow
+from diffjax.objectives import reflow as _reflow
+from diffjax.objectives import shortcut as _shortcut
 from diffjax.objectives.base import (
   HostPairing,
   Objective,
   ObjectiveContext,
   ObjectiveSpec,
+  Teacher,
   defaults,
   keywords,
 )
@@ -32,6 +37,7 @@ __all__ = [
   "ObjectiveContext",
   "ObjectiveSpec",
   "HostPairing",
+  "Teacher",
   "defaults",
   "keywords",
 ]
@@ -42,6 +48,10 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
   "continuous_diffusion": _continuous_diffusion.SPEC,
   "edm": _edm.SPEC,
   "marginal_fm": _marginal_fm.SPEC,
+  "meanflow": _meanflow.SPEC,
+  "shortcut": _shortcut.SPEC,
+  "reflow": _reflow.SPEC,
+  "consistency": _consistency.SPEC,
 }
 
 

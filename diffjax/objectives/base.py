@@ -22,6 +22,7 @@ from diffjax import models as models_lib
 from diffjax import samplers as samplers_lib
 
 __all__ = [
+  "Teacher",
   "ObjectiveContext",
   "Objective",
   "ObjectiveSpec",
@@ -32,6 +33,26 @@ __all__ = [
   "regression_loss_fn",
   "probability_flow_likelihood",
 ]
+
+
+class Teacher(NamedTuple):
+  """A trained velocity model read from another workdir (the edge reads it, read-only).
+
+  Attributes:
+    apply: ``apply(params, x_t, t, cond) -> velocity`` in flow time (source ``t = 0``, data
+      ``t = 1``).
+    params: its EMA parameters.
+    config: its experiment config (what it was trained with; for reports, not read below the
+      edge).
+    step: the checkpoint step the parameters come from.
+    workdir: where it was read.
+  """
+
+  apply: Callable
+  params: Any
+  config: Any
+  step: int
+  workdir: str
 
 
 class ObjectiveContext(NamedTuple):
@@ -47,6 +68,9 @@ class ObjectiveContext(NamedTuple):
     target_sampler: ``(key, num) -> samples`` of a data distribution generated on device
       (2D toys), else ``None``.
     seed: the experiment's seed (fixed draws an objective needs once, e.g. a finite data set).
+    load_workdir: ``workdir -> Teacher``, the trained velocity model of another workdir with
+      its data checked against this experiment's (raises ``ValueError`` in one line), or
+      ``None`` where the edge provides none.
   """
 
   apply: Callable
@@ -57,6 +81,7 @@ class ObjectiveContext(NamedTuple):
   source_is_normal: bool = True
   target_sampler: Callable | None = None
   seed: int = 0
+  load_workdir: Callable[[str], Teacher] | None = None
 
 
 class HostPairing(NamedTuple):
@@ -112,6 +137,9 @@ class ObjectiveSpec(NamedTuple):
     summary: one line for the README and ``--help``.
     any_source: the objective transports any source distribution (flow matching); otherwise
       its source is ``N(0, I)`` (``data.source='normal'``).
+    time_inputs: times per example its model takes (1: ``t`` is ``[batch]``; 2 for MeanFlow's
+      ``u(z, t, s)`` and the shortcut model's ``s(z, t, d)``: ``t`` is ``[batch, 2]``); the
+      edge builds the model with it.
   """
 
   build: Callable[..., Objective]
@@ -121,6 +149,7 @@ class ObjectiveSpec(NamedTuple):
   output: str
   summary: str
   any_source: bool = False
+  time_inputs: int = 1
 
 
 def keywords(build: Callable) -> dict[str, inspect.Parameter]:

@@ -11,6 +11,7 @@ Modules (private detail; import from here):
 * :mod:`~diffjax.samplers.adaptive`: Dopri5 / Tsit5 / Dopri8 through diffrax, with NFE.
 * :mod:`~diffjax.samplers.diffusion`: DDPM ancestral, DDIM, Euler-ancestral, DPM-Solver++ 2M/3M.
 * :mod:`~diffjax.samplers.edm`: EDM's stochastic sampler (Karras et al. 2022, Algorithm 2).
+* :mod:`~diffjax.samplers.consistency`: multistep consistency sampling (Song et al. 2023).
 * :mod:`~diffjax.samplers.guidance`: classifier-free guidance.
 * :mod:`~diffjax.samplers.likelihood`: log-likelihood through the probability-flow ODE, bits/dim.
 * :mod:`~diffjax.samplers.registry`: :func:`get_sampler`, every sampler by name behind one
@@ -24,6 +25,11 @@ from diffjax.samplers.adaptive import (
   evaluations_per_step,
   get_adaptive_solver,
   integrate_adaptive,
+)
+from diffjax.samplers.consistency import (
+  consistency_sampler,
+  multistep_consistency_sample,
+  multistep_times,
 )
 from diffjax.samplers.diffusion import (
   DDPM_VARIANCES,
@@ -54,8 +60,10 @@ from diffjax.samplers.fields import (
   velocity_field,
 )
 from diffjax.samplers.generate import (
+  CONSISTENCY_SAMPLERS,
   CONTINUOUS_SAMPLERS,
   FLOW_SAMPLERS,
+  consistency_generator,
   continuous_diffusion_generator,
   diffusion_generator,
   edm_generator,
@@ -184,6 +192,11 @@ __all__ = [
   "get_sampler",
   "FLOW_SAMPLERS",
   "flow_generator",
+  "CONSISTENCY_SAMPLERS",
+  "consistency_generator",
+  "multistep_times",
+  "multistep_consistency_sample",
+  "consistency_sampler",
   "diffusion_generator",
   "CONTINUOUS_SAMPLERS",
   "continuous_diffusion_generator",

@@ -38,7 +38,9 @@ from diffjax.parameterization import (
   get_prediction_target,
 )
 from diffjax.samplers import grids
+from diffjax.samplers.consistency import consistency_sampler, multistep_times
 from diffjax.samplers.diffusion import interpolated_coefficients_fn
+from diffjax.samplers.few_step import at_equal_times, few_step_sampler
 from diffjax.samplers.fields import CoefficientsFn
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
@@ -46,7 +48,10 @@ from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 __all__ = [
   "FLOW_SAMPLERS",
   "CONTINUOUS_SAMPLERS",
+  "CONSISTENCY_SAMPLERS",
   "flow_generator",
+  "few_step_generator",
+  "consistency_generator",
   "diffusion_generator",
   "continuous_diffusion_generator",
   "edm_generator",
@@ -235,6 +240,89 @@ def flow_generator(
   del data_shape
   return _make_generate(
     build, apply=apply, source=source, default=default_sampler, num_classes=num_classes
+  )
+
+
+CONSISTENCY_SAMPLERS = ("consistency",)
+"""Samplers of a consistency function ``f(x_t, t)`` in flow time (the data end of the ODE
+trajectory through ``x_t``)."""
+
+
+def consistency_generator(
+  *,
+  apply: Callable,
+  source: Callable[[Array, int], Array],
+  num_classes: int = 0,
+  default_sampler: str = "consistency",
+) -> Generate:
+  """Generator for a consistency model: ``apply(params, x_t, t, cond) -> f(x_t, t)`` in flow
+  time, sampled by "consistency", Song et al.'s multistep consistency sampling (2023, Algorithm
+  1, https://arxiv.org/abs/2303.01469) with ``steps`` network evaluations at the flow times
+  :func:`~diffjax.samplers.consistency.multistep_times` and fresh ``source`` draws for the
+  re-noising (:func:`~diffjax.samplers.consistency.multistep_consistency_sample`).
+
+  Args:
+    apply: ``apply(params, x_t, t, cond) -> f(x_t, t)``.
+    source: ``(key, num) -> [num, *data_shape]`` samples of the source.
+    num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
+    default_sampler: used when ``sampler`` is None.
+  """
+
+  def build(name: str, steps: int) -> Sampler:
+    if name not in CONSISTENCY_SAMPLERS:
+      raise ValueError(
+        f"sampler {name!r} cannot sample a consistency model; choose one of "
+        f"{list(CONSISTENCY_SAMPLERS)}"
+      )
+    return consistency_sampler(times=multistep_times(num_steps=steps), source=source)
+
+  return _make_generate(
+    build, apply=apply, source=source, default=default_sampler, num_classes=num_classes
+  )
+
+
+def few_step_generator(
+  *,
+  apply: Callable,
+  source: Callable[[Array, int], Array],
+  jump_sampler: str,
+  num_classes: int = 0,
+  default_sampler: str | None = None,
+) -> Generate:
+  """Generator for a mean-velocity model of two times, ``apply(params, x_t, ts, cond) -> F``
+  with ``ts = [batch, 2]`` rows ``(t, s)`` in flow time and ``x_s = x_t + (s - t) F``.
+
+  ``jump_sampler`` (the objective's name for it: "meanflow", "shortcut") jumps along a uniform
+  grid of ``steps`` steps from ``t = 0`` to ``t = 1``,
+  :func:`~diffjax.samplers.few_step.few_step_sampler`; the :data:`FLOW_SAMPLERS` integrate the
+  instantaneous velocity ``F(x, t, t)`` on the same grid
+  (:func:`~diffjax.samplers.few_step.at_equal_times`).
+
+  Args:
+    apply: ``apply(params, x_t, ts, cond) -> F``.
+    source: ``(key, num) -> [num, *data_shape]`` samples of the source.
+    jump_sampler: the name of the jumping sampler.
+    num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
+    default_sampler: used when ``sampler`` is None (None: ``jump_sampler``).
+  """
+
+  def build(name: str, steps: int) -> Sampler:
+    times = grids.uniform_grid(num_steps=steps, t_start=0.0, t_end=1.0)
+    if name == jump_sampler:
+      return few_step_sampler(times=times)
+    if name in FLOW_SAMPLERS:
+      return at_equal_times(get_sampler(name, target="velocity", times=times))
+    raise ValueError(
+      f"sampler {name!r} cannot sample a model of two times; choose one of "
+      f"{[jump_sampler, *FLOW_SAMPLERS]}"
+    )
+
+  return _make_generate(
+    build,
+    apply=apply,
+    source=source,
+    default=default_sampler or jump_sampler,
+    num_classes=num_classes,
   )
 
 

@@ -50,7 +50,7 @@ from jax import Array
 
 from diffjax._lookup import lookup
 from diffjax.parameterization import PredictionTarget, get_prediction_target
-from diffjax.samplers import adaptive, diffusion, edm, ode
+from diffjax.samplers import adaptive, diffusion, edm, grids, ode
 from diffjax.samplers.fields import (
   CoefficientsFn,
   Predictor,
@@ -114,6 +114,7 @@ def _ode_sampler(
 ) -> Sampler:
   """Probability-flow ODE samplers: integrate :func:`velocity_field` over ``times``."""
   ode.check_times(times)
+  grids.check_sampling_direction(times, coefficients_fn=coefficients_fn, name=f"sampler {name!r}")
   target = _target(target)
   if coefficients_fn is None and target.name != "velocity":
     raise ValueError(
@@ -187,6 +188,7 @@ def _dpmpp_factory(order: int):
     name = f"dpmpp_{order}m"
     _require(coefficients_fn, name)
     ode.check_times(times)
+    grids.check_sampling_direction(times, coefficients_fn=coefficients_fn, name=f"sampler {name!r}")
     resolved = _target(target)
 
     def sample(

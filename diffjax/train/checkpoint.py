@@ -46,6 +46,8 @@ __all__ = [
   "save_step",
   "commit_step",
   "restore_verified",
+  "NoUsableCheckpointError",
+  "read_newest_step",
   "prepare_directory",
   "commit_if_done",
   "config_mismatch",
@@ -376,6 +378,55 @@ def commit_if_done(
     return pending
   _write_marker(step_dir, pending["step"], arrays, config)
   return None
+
+
+class NoUsableCheckpointError(ValueError):
+  """A reader found no step it can use: none written, every one damaged, or each vanished
+  while it was read."""
+
+
+def read_newest_step(
+  checkpoints: pathlib.Path,
+  target: Any,
+  *,
+  config: dict,
+  config_differences: Callable[[dict, dict], list[str]],
+  attempts: int = 5,
+) -> tuple[int, Any]:
+  """``(step, state)`` of the newest step in ``checkpoints`` whose digests verify, read without
+  changing anything there (a damaged step is reported, not moved).
+
+  Raises :class:`CheckpointMismatchError` (a step of other arrays than ``target``) or
+  :class:`NoUsableCheckpointError`, each one line naming the folder and the fix.
+  """
+  # A trainer may delete old steps (train.keep_checkpoints) while they are read; the newest
+  # step is then a newer one, so the read starts over.
+  for attempt in range(attempts):
+    manager = make_checkpoint_manager(checkpoints, keep=1000, async_save=False, read_only=True)
+    try:
+      restored = restore_verified(
+        manager, target, config=config, move_bad=False, config_differences=config_differences
+      )
+      break
+    except FileNotFoundError as e:
+      if attempt == attempts - 1:
+        raise NoUsableCheckpointError(
+          f"the checkpoints in {checkpoints} kept vanishing while being read ({e.filename}); "
+          "a trainer is rotating them faster than they can be read: try again, or raise "
+          "train.keep_checkpoints"
+        ) from None
+    finally:
+      manager.close()
+  if restored is None:
+    found = len(integrity.step_dirs(checkpoints))
+    if found:
+      raise NoUsableCheckpointError(
+        f"none of the {found} checkpoint steps in {checkpoints} is usable (see "
+        "the warnings above); train again to write a new one"
+      )
+    raise NoUsableCheckpointError(f"no checkpoint in {checkpoints}; train first")
+  step, state, _ = restored
+  return step, state
 
 
 def _first_line(e: BaseException) -> str:

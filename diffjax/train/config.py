@@ -69,17 +69,25 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Data. kind "toy2d": generated on device (fused multi-step training); kind "images": grain.
+  # Data. kind "toy2d": generated on device (fused multi-step training); kind "images": an image
+  # dataset through grain; kind "npz": your own arrays in data.path (points (N, 2), vectors
+  # (N, d), images (N, H, W, C) or (N, C, H, W)) through the same grain pipeline.
   c.data = ml_collections.ConfigDict(
     dict(
       kind="toy2d",
-      source="normal",  # toy2d source distribution (flow matching) or "normal"
+      source="normal",  # toy2d source distribution (flow matching, 2D data) or "normal"
       target="8gaussians",  # toy2d target, or image dataset name: digits | npz | folder | tfds
-      path="",  # npz file or image folder for kind="images"
+      path="",  # the npz file (kind "npz", or "images" with target npz) or image folder
       tfds_name="",  # e.g. "cifar10" when data.target == "tfds"
-      shape=(2,),  # data shape without batch: (2,) or (H, W, C)
+      shape=(2,),  # data shape without batch: (2,), (d,) or (H, W, C)
       num_classes=0,  # > 0: class-conditional model and label-aware couplings
-      augment_flip=False,
+      augment_flip=False,  # random horizontal flips (images only)
+      key="",  # npz: array name of the examples ("": "image", else "x")
+      label_key="label",  # npz: array name of the labels, read when num_classes > 0 ("": none)
+      layout="nhwc",  # npz images: "nhwc" (channel-last) or "nchw" (channel-first)
+      # npz: the raw values' range "lo,hi" (mapped to [-1, 1]), "none" (used as they are) or
+      # "auto" (integer images in [0, 255], float images in [0, 1], vectors as they are).
+      value_range="auto",
     )
   )
 
@@ -124,11 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpoint=True,
-      plot_every=0,  # 0: plot only at the end
-      progress_bar=True,
+      plot_every=0,  # > 0: also WORKDIR/plots/step_XXXXXX.png every this many steps
+      progress_bar=True,  # a live bar on a terminal; else (and off) one line per log step
       max_nonfinite_steps=3,  # consecutive non-finite steps skipped before the run halts
       step_timeout_s=0.0,  # > 0: a step (chunk) slower than this dumps stacks and exits
-      save_timeout_s=600.0,  # with step_timeout_s > 0: the same for a checkpoint save
+      save_timeout_s=600.0,  # with step_timeout_s > 0: the same for a checkpoint save or plot
       num_seeds=1,  # > 1: train seeds seed, seed + 1, ... at once (state vmapped)
     )
   )
@@ -469,21 +477,49 @@ def label_problem(labels, *, num_classes: int, origin: str, complete: bool = Tru
   )
 
 
+def _npz_key_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The npz keys' spelling and combinations (no file is read)."""
+  from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
+
+  problems = []
+  try:
+    image_input.dataset_kwargs(config)
+  except ValueError as e:
+    problems.append(str(e))
+  if config.data.num_classes and not config.data.label_key:
+    problems.append(
+      f"data.label_key='' (no labels) but data.num_classes={config.data.num_classes}: a "
+      "class-conditional model needs labels; name the labels' array in the npz "
+      "(data.label_key='label'), or set data.num_classes=0"
+    )
+  shape = tuple(config.data.shape)
+  if len(shape) == 1 and config.data.layout.strip().lower() != "nhwc":
+    problems.append(
+      f"data.layout={config.data.layout!r} with data.shape={shape}: the layout orders image "
+      "axes; vectors have none, so keep data.layout='nhwc'"
+    )
+  return problems
+
+
 def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
   """An in-memory dataset (npz file, image folder, digits) is read here, so a corrupt,
   unreadable, mis-shaped or NaN-holding dataset, or labels outside ``data.num_classes``, fail
   before anything compiles (the loader's own checks, one line). Digits are read only when a
   conditional model needs their labels checked: their shape is fixed."""
-  target = config.data.target
-  if config.data.kind != "images" or target not in ("npz", "folder", "digits"):
+  from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
+
+  target = image_input.source_name(config)
+  if config.data.kind not in ("images", "npz") or target not in ("npz", "folder", "digits"):
     return []
+  if target == "npz":
+    problems = _npz_key_problems(config)
+    if problems:
+      return problems
   if target == "digits" and not config.data.num_classes:
     return []
   from diffjax.data import images  # pylint: disable=import-outside-toplevel
 
-  kwargs = {"npz": {"path": config.data.path}, "folder": {"root": config.data.path}, "digits": {}}[
-    target
-  ]
+  kwargs = image_input.dataset_kwargs(config)
   origin = repr(config.data.path) if kwargs else repr(target)
   try:
     arrays, labels = images.load_arrays(target, **kwargs)
@@ -492,12 +528,25 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
     return [f"{key}={origin}: {' '.join(str(e).split())}"]
   shape = tuple(arrays.shape[1:])
   if kwargs and shape != tuple(config.data.shape):
+    what = "vectors" if arrays.ndim == 2 else "images"
     return [
-      f"data.shape={tuple(config.data.shape)} but {origin} holds images of shape {shape}; "
+      f"data.shape={tuple(config.data.shape)} but {origin} holds {what} of shape {shape}; "
       f"set data.shape={shape}"
     ]
+  problems = []
+  if arrays.ndim == 2 and config.data.augment_flip:
+    problems.append(
+      f"data.augment_flip=True but {origin} holds vectors of shape {shape}: a horizontal flip "
+      "mirrors images; set data.augment_flip=false"
+    )
+  if arrays.shape[0] < config.train.batch_size:
+    problems.append(
+      f"train.batch_size={config.train.batch_size} but {origin} holds {arrays.shape[0]} "
+      f"examples, fewer than one batch; set train.batch_size <= {arrays.shape[0]}, or use "
+      "more data"
+    )
   problem = label_problem(labels, num_classes=config.data.num_classes, origin=origin)
-  return [problem] if problem else []
+  return problems + ([problem] if problem else [])
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> None:

@@ -42,10 +42,14 @@ class Experiment(NamedTuple):
     generate: ``generate(params, key, num, *, steps, sampler=None, labels=None,
       guidance=None) -> dict(samples=..., trajectories=...)``.
     plot: ``(state, workdir) -> None`` writing WORKDIR/samples.png, or ``None``.
-    target_sampler: ``(key, num) -> samples`` of the data distribution for 2D toys, else None.
+    target_sampler: ``(key, num) -> samples`` of the data distribution for vector data (2D
+      toys: ``num`` fresh draws; an npz of vectors: :attr:`reference_points`), else None.
     source_sampler: ``(key, num) -> samples`` of the source distribution.
     log_likelihood: ``(params, key, data, *, steps) -> [batch] log p(data)`` in nats through
       the probability-flow ODE, or ``None`` when the source density is not N(0, I).
+    reference_points: ``(key, num) -> [n, *data_shape]`` data to compare generated samples
+      with (2-Wasserstein, plots), in the model range: ``n = num`` fresh draws of a 2D toy, or
+      ``n = min(num, N)`` examples of a data set of ``N``, drawn without replacement.
   """
 
   model: Any
@@ -61,6 +65,7 @@ class Experiment(NamedTuple):
   target_sampler: Callable | None
   source_sampler: Callable
   log_likelihood: Callable | None
+  reference_points: Callable | None = None
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -75,10 +80,14 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def create_model(config):
+  """The model of ``config.model``, taking as many times per example as the objective needs
+  (an unknown objective name, reported by validation, gets one)."""
+  spec = objectives_lib.OBJECTIVES.get(config.objective.name)
   return models_lib.create_model(
     config.model.name,
     data_shape=tuple(config.data.shape),
     num_classes=config.data.num_classes,
+    time_inputs=1 if spec is None else spec.time_inputs,
     dtype=compute_dtype(config),
     param_dtype=jnp.float32,
     **model_kwargs(config),
@@ -88,13 +97,21 @@ def create_model(config):
 def _source_sampler(config) -> Callable:
   """The flow's source: a toy 2D distribution or a standard normal of the data's shape."""
   shape = tuple(config.data.shape)
-  if config.data.kind == "toy2d" and config.data.source != "normal":
-    return toy2d.get_toy2d(config.data.source)
+  if config.data.kind in ("toy2d", "npz") and config.data.source != "normal":
+    return toy2d.get_toy2d(config.data.source)  # validation: npz data are then 2D
 
   def normal(key, num):
     return jax.random.normal(key, (num,) + shape, jnp.float32)
 
   return normal
+
+
+def _load_teacher(workdir: str, *, data, mesh):
+  """Another workdir's trained velocity model (:func:`diffjax.train.teacher.load_teacher`,
+  which builds its model with :func:`create_model`: imported when called)."""
+  from diffjax.train import teacher  # pylint: disable=import-outside-toplevel
+
+  return teacher.load_teacher(workdir, data=data, mesh=mesh)
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
@@ -110,9 +127,10 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     data_shape=tuple(config.data.shape),
     num_classes=config.data.num_classes,
     num_batch_shards=sharding_lib.num_batch_shards(mesh),
-    source_is_normal=config.data.kind == "images" or config.data.source == "normal",
+    source_is_normal=config.data.source == "normal",
     target_sampler=target_sampler,
     seed=config.seed,
+    load_workdir=functools.partial(_load_teacher, data=config.data, mesh=mesh),
   )
   keywords = {k: v for k, v in config.objective.items() if k != "name"}
   try:
@@ -121,6 +139,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     raise config_lib.ConfigError(f"objective {config.objective.name!r}: {e}") from None
 
   sample_batch = make_iterator = next_batch = iterator_state = None
+  reference_points = target_sampler
   if config.data.kind == "toy2d":
 
     def sample_batch(key):
@@ -130,6 +149,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
 
     make_iterator, next_batch, iterator_state = image_input.make_input_hooks(config, mesh)
+    reference_points = image_input.make_reference_points(config)
+  vectors = len(config.data.shape) == 1
 
   plot = None
   if tuple(config.data.shape) == (2,) or len(config.data.shape) == 3:
@@ -138,7 +159,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     plot = functools.partial(
       plots.plot_experiment,
       generate=objective.generate,
-      target_sampler=target_sampler,
+      target_sampler=reference_points if vectors else None,
       data_shape=tuple(config.data.shape),
       seed=config.seed,
       num=config.sample.num,
@@ -158,7 +179,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     iterator_state=iterator_state,
     generate=objective.generate,
     plot=plot,
-    target_sampler=target_sampler,
+    target_sampler=reference_points if vectors else None,
     source_sampler=source,
     log_likelihood=objective.log_likelihood,
+    reference_points=reference_points,
   )

@@ -3,12 +3,19 @@
 Two ways to feed the step, chosen by where the data comes from:
 
 * data generated on device (2D toys): up to ``train.fused_steps`` steps run in one jitted
-  ``lax.scan`` and the host only wakes up between chunks, which end exactly on every logging
-  and checkpoint step (:class:`ChunkPlan`);
+  ``lax.scan`` and the host only wakes up between chunks, which end exactly on every logging,
+  checkpoint and plot step (:class:`ChunkPlan`);
 * data from a grain loader (images): one jitted step per batch, the next batch fetched and put
   on the devices while the current step runs (JAX's asynchronous dispatch).
 
 Everything stateful sits here; the math it calls is pure.
+
+What the run reports (process 0): each logging step a metrics.jsonl row and TensorBoard scalars
+(loss, gradient norm, steps/s, learning rate) and, without a live progress bar (stderr not a
+terminal, or ``train.progress_bar=false``), one plain progress line on the ``diffjax`` logger;
+every ``train.plot_every`` steps WORKDIR/plots/step_XXXXXX.png and its TensorBoard image; the
+config as TensorBoard text at the start; WORKDIR/samples.png at the end.
+:meth:`TrainResult.summary` is the block ``diffjax train`` prints when the run ends.
 
 Reliability (docs/reliability.md): a resume refuses a workdir trained with another config,
 restores the newest checkpoint whose digests verify (moving bad ones aside), a streak of more
@@ -22,7 +29,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import pathlib
+import shutil
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -37,8 +48,10 @@ from diffjax.train import watchdog as watchdog_lib
 from diffjax.train.atomic_write import write_atomic
 from diffjax.train.experiment import Experiment
 from diffjax.train.host_solve import solve_on_host
-from diffjax.train.metrics_log import MetricsWriter, check_side_files
+from diffjax.train.metrics_log import PLOTS_DIR, MetricsWriter, check_side_files
+from diffjax.train.optim import learning_rate_schedule
 from diffjax.train.preemption import PreemptionWatcher
+from diffjax.train.summary import format_summary, progress_line
 from diffjax.train.trainer import Trainer, make_trainer
 from diffjax.train.workdir_lock import WorkdirLock
 
@@ -53,7 +66,26 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainResult(dict):
   """What :func:`train` returns: final ``state``, ``losses`` per logged step, ``trace_count``,
-  ``start_step`` and ``preempted`` (the signal's name when a signal stopped the run)."""
+  ``start_step``, ``preempted`` (the signal's name when a signal stopped the run), and for the
+  summary ``workdir``, ``step`` (reached), ``total``, ``wall_s``, ``final_losses`` (per seed at
+  ``logged_step``, the last logged step) and ``plot_files`` (the pictures written)."""
+
+  def summary(self, *, program: str = "diffjax") -> str:
+    """The end-of-run block (:func:`~diffjax.train.summary.format_summary`), paths absolute."""
+    workdir, files = os.path.abspath(self["workdir"]), self["plot_files"]
+    return format_summary(
+      workdir=workdir,
+      step=self["step"],
+      total=self["total"],
+      start_step=self["start_step"],
+      wall_s=self["wall_s"],
+      final_losses=self["final_losses"],
+      logged_step=self["logged_step"],
+      preempted=self["preempted"],
+      samples=os.path.join(workdir, "samples.png") if "samples.png" in files else None,
+      plots=[os.path.join(workdir, f) for f in files if f.startswith(f"{PLOTS_DIR}/")],
+      program=program,
+    )
 
 
 def first_nonfinite_excess(
@@ -91,20 +123,21 @@ def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
 
 
-def _periodic_remainders(fused: int, log_every: int, checkpoint_every: int) -> set[int] | None:
-  """``d % fused`` for every gap ``d`` between consecutive multiples of ``log_every`` or
-  ``checkpoint_every`` (one period, ``lcm`` of the two, covers them all); ``None`` when that
-  period holds more than ``_MAX_ENUMERATED`` of them."""
-  period = math.lcm(log_every, checkpoint_every)
-  if period // log_every + period // checkpoint_every > _MAX_ENUMERATED:
+def _periodic_remainders(fused: int, *periods: int) -> set[int] | None:
+  """``d % fused`` for every gap ``d`` between consecutive multiples of any of ``periods`` (the
+  logging, checkpoint and plot periods; one period, their ``lcm``, covers them all); ``None``
+  when that period holds more than ``_MAX_ENUMERATED`` of them."""
+  period = math.lcm(*periods)
+  if sum(period // every for every in periods) > _MAX_ENUMERATED:
     return None
-  ends = sorted(set(range(0, period + 1, log_every)) | set(range(0, period + 1, checkpoint_every)))
+  ends = sorted(set().union(*(range(0, period + 1, every) for every in periods)))
   return {(b - a) % fused for a, b in zip(ends, ends[1:])} - {0}
 
 
 class ChunkPlan:
-  """Where the fused chunks of on-device data end: on every multiple of ``log_every`` and of
-  ``checkpoint_every`` and at ``total``, at most ``fused`` steps apart.
+  """Where the fused chunks of on-device data end: on every multiple of ``log_every``, of
+  ``checkpoint_every`` and of ``plot_every`` (0: no plots) and at ``total``, at most ``fused``
+  steps apart.
 
   Each chunk length is a program of its own (the scan length is static). Between two such steps
   ``d`` apart the run takes chunks of ``fused`` steps, then one of ``d % fused``. When the
@@ -115,19 +148,18 @@ class ChunkPlan:
   did.
   """
 
-  def __init__(self, *, fused: int, log_every: int, checkpoint_every: int, total: int):
+  def __init__(
+    self, *, fused: int, log_every: int, checkpoint_every: int, total: int, plot_every: int = 0
+  ):
     self.fused, self.log_every, self.checkpoint_every = fused, log_every, checkpoint_every
-    self.total = total
-    remainders = _periodic_remainders(fused, log_every, checkpoint_every)
+    self.plot_every, self.total = plot_every, total
+    self._periods = tuple(p for p in (log_every, checkpoint_every, plot_every) if p > 0)
+    remainders = _periodic_remainders(fused, *self._periods)
     self.powers_of_two = remainders is None or len(remainders) > _MAX_REMAINDERS
 
   def length(self, step: int) -> int:
     """The steps of the chunk that starts after ``step``."""
-    end = min(
-      _next_multiple(step, self.log_every),
-      _next_multiple(step, self.checkpoint_every),
-      self.total,
-    )
+    end = min(min(_next_multiple(step, every) for every in self._periods), self.total)
     distance = end - step
     if distance >= self.fused or not self.powers_of_two:
       return min(distance, self.fused)
@@ -188,27 +220,33 @@ def train(
 
   Args:
     config: a validated experiment config.
-    workdir: output folder: checkpoints/, metrics.jsonl, tensorboard/, config.json, samples.png.
+    workdir: output folder: checkpoints/, metrics.jsonl, tensorboard/, config.json, samples.png,
+      plots/ (with ``train.plot_every``).
     devices: the devices of the mesh (default: all).
 
   Returns:
-    A :class:`TrainResult` with the final state, the logged losses and the step's trace count.
+    A :class:`TrainResult` with the final state, the logged losses, the step's trace count and
+    what :meth:`TrainResult.summary` reports.
 
   Raises:
     WorkdirError: another live run holds ``workdir`` (its lock names host, pid and start).
   """
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   config_lib.check_resume_config(workdir, config)  # before anything is written
   ckpt.check_directory(workdir / "checkpoints")  # a path orbax cannot restore from, links
   # Held until the run returns; the kernel drops it when a killed run's process ends.
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train_locked(config, workdir, devices=devices)
+    result = _train_locked(config, workdir, devices=devices)
+  result["wall_s"] = time.perf_counter() - started
+  return result
 
 
 def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
   is_lead = jax.process_index() == 0
   if is_lead:
-    check_side_files(workdir)  # a folder named metrics.jsonl fails here, before any compile
+    # A folder named metrics.jsonl, a file named plots: fails here, before any compile.
+    check_side_files(workdir, plots=config.train.plot_every > 0)
   devices = jax.devices() if devices is None else devices
   mesh = sharding_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
@@ -265,6 +303,8 @@ def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
       )
       with run:
         state = run.loop(state, data_state)
+        if not run.preempted:
+          run.plot(state, final=True)
     if run.preempted:
       log.warning(
         "%s: checkpointed step %d in %s; run the same command to resume",
@@ -272,9 +312,6 @@ def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
         run.step,
         checkpoints,
       )
-    elif is_lead and trainer.experiment.plot is not None:
-      first_seed = state if trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
-      trainer.experiment.plot(first_seed, workdir)
   return TrainResult(
     state=state,
     losses=run.losses,
@@ -283,6 +320,12 @@ def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
     experiment=trainer.experiment,
     start_step=start,
     preempted=run.preempted,
+    workdir=str(workdir),
+    step=run.step,
+    total=config.train.steps,
+    final_losses=run.final_losses,
+    logged_step=run.logged_step,
+    plot_files=run.plot_files,
   )
 
 
@@ -312,6 +355,10 @@ class _Run:
     self.pending = None  # the save whose digest marker is still to be written
     self.preempted = None
     self.losses: list[tuple[int, float]] = []
+    self.final_losses: list[float] | None = None  # per seed, at logged_step
+    self.logged_step: int | None = None
+    self.plot_files: list[str] = []  # relative to the workdir, in the order written
+    self._learning_rate = None  # the optax schedule, jitted at the first logged step
     self._stack = contextlib.ExitStack()
     self._last_time, self._last_step = time.perf_counter(), start
 
@@ -320,6 +367,7 @@ class _Run:
     self.metrics = self._stack.enter_context(
       contextlib.closing(MetricsWriter(workdir, resume_step=self.step, enabled=self.is_lead))
     )
+    self.metrics.write_text("config", _config_text(self.config), self.step)
     self.progress = _progress_bar(self.config, self.step, self.config.train.steps, self.is_lead)
     if self.progress is not None:
       self._stack.enter_context(contextlib.closing(self.progress))
@@ -340,6 +388,7 @@ class _Run:
           log_every=train.log_every,
           checkpoint_every=train.checkpoint_every,
           total=total,
+          plot_every=train.plot_every,
         )
       )
       if self.trainer.experiment.sample_batch is not None
@@ -355,7 +404,8 @@ class _Run:
       state, metrics = advanced
       self.step += num_steps
       stop = self.step < total and self.preemption.should_stop(self.step)
-      # Chunks end on every checkpoint and logging step (ChunkPlan); host data goes one by one.
+      # Chunks end on every checkpoint, logging and plot step (ChunkPlan); host data goes one
+      # by one.
       save = stop or self.step % train.checkpoint_every == 0 or self.step == total
       # Overlaps the step: the next batch is read while the device computes.
       data.advanced(self.step, more=self.step < total and not stop, keep_state=save)
@@ -373,6 +423,8 @@ class _Run:
       if stop:
         self.preempted = self.preemption.signal_name
         break
+      if train.plot_every and self.step % train.plot_every == 0 and self.step < total:
+        self.plot(state)  # the last step's picture is the final one, after the loop
     with self._save_allowance():
       ckpt.commit_step(self.manager, self.pending, config=self.fingerprint, is_lead=self.is_lead)
       self.pending = None
@@ -404,6 +456,54 @@ class _Run:
     except Exception:  # noqa: BLE001 -- the original error matters more
       log.exception("could not finish the checkpoint of step %d", self.pending["step"])
 
+  def plot(self, state, *, final: bool = False) -> None:
+    """The picture of ``state`` (its first seed): WORKDIR/plots/step_XXXXXX.png, or at the end
+    WORKDIR/samples.png (with ``train.plot_every``, also copied to end the series in plots/),
+    and a TensorBoard image. Process 0 draws it, under the watchdog's save allowance; with
+    several processes the others wait for it at a barrier rather than in the next step, where
+    ``train.step_timeout_s`` would end them."""
+    experiment = self.trainer.experiment
+    if experiment.plot is None:
+      return
+    every = self.config.train.plot_every
+    workdir = self.checkpoints.parent
+    name = f"{PLOTS_DIR}/step_{self.step:06d}.png"
+    with self.watchdog.allow(
+      self.config.train.save_timeout_s, "plot", setting="train.save_timeout_s"
+    ):
+      if self.is_lead:
+        first = state if self.trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
+        if final:
+          experiment.plot(first, workdir)
+          png = (workdir / "samples.png").read_bytes()
+          self.plot_files.append("samples.png")
+        else:
+          png = _draw_png(experiment.plot, first, workdir / PLOTS_DIR)
+        if not final or every:  # the series in plots/ ends with the final picture
+          (workdir / PLOTS_DIR).mkdir(exist_ok=True)
+          write_atomic(workdir / name, png)
+          self.plot_files.append(name)
+        self.metrics.write_image("samples", png, self.step)
+      if not final:
+        watchdog_lib.barrier(
+          f"diffjax_plot_{self.step}", timeout_s=self.config.distributed.barrier_timeout_s
+        )
+
+  def _learning_rate_at(self, step: int) -> float:
+    """The rate of the update that made step ``step`` (optax counts updates from 0); a step
+    skipped as non-finite does not advance optax's count, so after one this reads ahead."""
+    if self._learning_rate is None:
+      optimizer = self.config.optimizer
+      self._learning_rate = jax.jit(
+        learning_rate_schedule(
+          learning_rate=optimizer.learning_rate,
+          warmup_steps=optimizer.warmup_steps,
+          decay=optimizer.decay,
+          total_steps=self.config.train.steps,
+        )
+      )
+    return float(self._learning_rate(max(step - 1, 0)))
+
   def _per_seed(self, values) -> np.ndarray:
     """``[seeds, steps]`` from a metric of the last chunk (``[steps]`` or ``[seeds, steps]``)."""
     return np.asarray(values).reshape(self.trainer.num_seeds, -1)
@@ -415,16 +515,21 @@ class _Run:
     rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, self.step
     self.losses.append((self.step, loss))
+    self.final_losses, self.logged_step = [float(x) for x in per_seed], self.step
     row = {
       "loss": loss,
       "grad_norm": float(np.mean(np.asarray(metrics["grad_norm"]))),
       "steps_per_second": rate,
+      "learning_rate": self._learning_rate_at(self.step),
     }
     if self.trainer.num_seeds > 1:
       row["loss_per_seed"] = [float(x) for x in per_seed]
     self.metrics.write(self.step, row)
     if self.progress is not None:
       self.progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.0f}")
+    elif self.is_lead:
+      total = self.config.train.steps
+      log.info(progress_line(step=self.step, total=total, loss=loss, steps_per_second=rate))
 
   def _check_finite(self, metrics, first_step: int) -> None:
     limit = self.config.train.max_nonfinite_steps
@@ -455,8 +560,40 @@ class _Run:
     )
 
 
+def _draw_png(plot, state, folder: pathlib.Path) -> bytes:
+  """The PNG ``plot(state, somewhere)`` draws as ``somewhere/samples.png``, drawn in a fresh
+  hidden folder inside ``folder`` (removed after), so WORKDIR/samples.png is left alone."""
+  folder.mkdir(exist_ok=True)
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix=".plot-", dir=folder))
+  try:
+    plot(state, scratch)
+    return (scratch / "samples.png").read_bytes()
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _config_text(config) -> str:
+  """The config as TensorBoard text: its JSON as a Markdown code block (indented 4 spaces)."""
+  json_text = config_lib.config_to_json(config)
+  return "\n".join("    " + line for line in json_text.splitlines())
+
+
+def _live_bar_possible(stream) -> bool:
+  """Whether a live progress bar can be drawn on ``stream``: a terminal, or a notebook where
+  tqdm.auto chose its widget. A log file or a cluster job's output gets plain lines instead."""
+  try:
+    if stream.isatty():
+      return True
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto in a notebook only
+  return notebook is not None and issubclass(tqdm, notebook.tqdm)
+
+
 def _progress_bar(config, start, total, enabled):
-  if not (enabled and config.train.progress_bar):
+  if not (enabled and config.train.progress_bar and _live_bar_possible(sys.stderr)):
     return None
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 

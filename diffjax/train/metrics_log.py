@@ -1,5 +1,10 @@
 """Metrics to WORKDIR/metrics.jsonl (append-only, one JSON object per line) and TensorBoard.
 
+The file is strict JSON (RFC 8259 has no NaN or Infinity): a non-finite value is written as
+``null`` and its name listed under ``"nonfinite"``, e.g. ``{"step": 8, "loss": null,
+"nonfinite": ["loss"]}``; TensorBoard gets the finite values only. Besides scalars, TensorBoard
+gets text (the config, once per run) and images (the sample plots).
+
 The side files are the user's to read, move and damage. A line that is not a UTF-8 JSON row (a
 flipped byte, garbage pasted in) is skipped with one warning and the good lines are kept; a
 metrics.jsonl or tensorboard/ deleted during the run is recreated at the next write, with a
@@ -17,30 +22,60 @@ import os
 import pathlib
 import stat
 
+import numpy as np
+
 from diffjax.train import atomic_write
 from diffjax.train.workdir_lock import WorkdirError
 
-__all__ = ["MetricsWriter", "read_metrics", "check_side_files"]
+__all__ = ["MetricsWriter", "read_metrics", "check_side_files", "strict_row"]
 
 log = logging.getLogger("diffjax")
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
 
 
-def _json_number(value) -> float | str:
-  value = float(value)
-  return value if math.isfinite(value) else str(value)
+def strict_row(row: dict) -> dict:
+  """``row`` with every non-finite number, alone or in a list, replaced by ``None`` and the
+  names holding one added to ``row["nonfinite"]`` (kept sorted); other values unchanged."""
+  earlier = row.get("nonfinite")  # a row read back: keep its flags (strings only, if damaged)
+  flagged = {x for x in earlier if isinstance(x, str)} if isinstance(earlier, list) else set()
+  out = {}
+  for name, value in row.items():
+    if name == "nonfinite":
+      continue
+    if isinstance(value, float) and not math.isfinite(value):
+      value = None
+      flagged.add(name)
+    elif isinstance(value, list) and any(
+      isinstance(x, float) and not math.isfinite(x) for x in value
+    ):
+      value = [None if isinstance(x, float) and not math.isfinite(x) else x for x in value]
+      flagged.add(name)
+    out[name] = value
+  if flagged:
+    out["nonfinite"] = sorted(flagged)
+  return out
+
+
+def _dumps(row: dict) -> str:
+  # allow_nan=False: a value strict_row missed fails here rather than as invalid JSON on disk.
+  return json.dumps(strict_row(row), allow_nan=False)
 
 
 def _move_away(path: pathlib.Path, what: str) -> WorkdirError:
   return WorkdirError(f"{path} is {what}; move it out of the workdir and run again")
 
 
-def check_side_files(workdir: str | pathlib.Path) -> None:
+def check_side_files(workdir: str | pathlib.Path, *, plots: bool = False) -> None:
   """Raises :class:`WorkdirError` when WORKDIR/metrics.jsonl exists but is not a file (or a
-  link, which the writer replaces) or WORKDIR/tensorboard exists but is not a folder."""
+  link, which the writer replaces), WORKDIR/tensorboard exists but is not a folder, or (with
+  ``plots``: the run writes intermediate plots) WORKDIR/plots exists but is not a folder."""
   workdir = pathlib.Path(workdir)
+  plots_dir = workdir / PLOTS_DIR
+  if plots and os.path.lexists(plots_dir) and not plots_dir.is_dir():
+    raise _move_away(plots_dir, "not a folder (the plots of train.plot_every go there)")
   path = workdir / METRICS_FILE
   try:
     mode = os.lstat(path).st_mode
@@ -110,7 +145,7 @@ class MetricsWriter:
       for row in read_metrics(self.path):
         if row["step"] <= resume_step:
           kept[row["step"]] = row
-      data = "".join(json.dumps(kept[s]) + "\n" for s in sorted(kept))
+      data = "".join(_dumps(kept[s]) + "\n" for s in sorted(kept))
       _replace_contents(self.path, data.encode("utf-8"))
     self._open_file()
     if tensorboard:
@@ -167,28 +202,54 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict[str, float | list[float]]) -> None:
     """One line ``{"step": ..., name: value}``; a list value (one per seed) is written as a list
-    and logged to TensorBoard as ``name/0``, ``name/1``, ..."""
+    and logged to TensorBoard as ``name/0``, ``name/1``, ...; a non-finite value is written as
+    ``null``, named in ``"nonfinite"``, and left out of TensorBoard."""
     if not self.enabled:
       return
     row = {"step": int(step)}
     row.update(
       {
-        k: ([_json_number(x) for x in v] if isinstance(v, (list, tuple)) else _json_number(v))
+        k: ([float(x) for x in v] if isinstance(v, (list, tuple)) else float(v))
         for k, v in metrics.items()
       }
     )
     self._reopen_if_gone()
     # One write call per line: a kill leaves at most a truncated last line, which readers skip
     # and a resume removes.
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write(_dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
+      # Finite values only (a chart has no point for NaN, and the writer warns at each one);
+      # the row above keeps the flag.
       for name, value in metrics.items():
         if isinstance(value, (list, tuple)):
           for i, x in enumerate(value):
-            self._tb.add_scalar(f"{name}/{i}", float(x), int(step))
-        else:
+            if math.isfinite(x):
+              self._tb.add_scalar(f"{name}/{i}", float(x), int(step))
+        elif math.isfinite(value):
           self._tb.add_scalar(name, float(value), int(step))
+
+  def write_text(self, tag: str, text: str, step: int) -> None:
+    """Text (Markdown) under ``tag`` in TensorBoard's text tab; nothing without TensorBoard."""
+    if not self.enabled or self._tb is None:
+      return
+    self._reopen_if_gone()
+    self._tb.add_text(tag, text, int(step))
+    self._tb.flush()
+
+  def write_image(self, tag: str, png: bytes, step: int) -> None:
+    """A PNG under ``tag`` in TensorBoard's image tab; nothing without TensorBoard."""
+    if not self.enabled or self._tb is None:
+      return
+    import io  # pylint: disable=import-outside-toplevel
+
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    with Image.open(io.BytesIO(png)) as image:
+      pixels = np.asarray(image.convert("RGB"))
+    self._reopen_if_gone()
+    self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
+    self._tb.flush()
 
   def close(self) -> None:
     if self._file is not None:

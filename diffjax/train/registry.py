@@ -10,7 +10,7 @@ import ml_collections
 
 __all__ = ["name_problems", "shape_problems"]
 
-_DATA_KINDS = ("toy2d", "images")
+_DATA_KINDS = ("toy2d", "images", "npz")
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -37,6 +37,15 @@ def name_problems(config: ml_collections.ConfigDict) -> list[str]:
         f"data.source={config.data.source!r}: image experiments start from "
         "noise; set data.source='normal'"
       )
+  elif config.data.kind == "npz" and config.data.source != "normal":
+    if tuple(config.data.shape) != (2,):
+      problems.append(
+        f"data.source={config.data.source!r} with data.shape={tuple(config.data.shape)}: a toy "
+        "source draws 2D points, so only 2D data (data.shape=(2,)) may start from one; set "
+        "data.source='normal'"
+      )
+    else:
+      _choice(problems, "data.source", config.data.source, toy2d.TOY2D)
   _choice(problems, "model.name", config.model.name, models.MODELS)
   problems += objectives.objective_problems(config.objective.to_dict())
   spec = objectives.OBJECTIVES.get(config.objective.name)
@@ -49,17 +58,18 @@ def name_problems(config: ml_collections.ConfigDict) -> list[str]:
   _choice(problems, "train.compute_dtype", config.train.compute_dtype, _COMPUTE_DTYPES)
   _choice(problems, "optimizer.name", config.optimizer.name, ("adam", "adamw"))
   _choice(problems, "optimizer.decay", config.optimizer.decay, ("constant", "cosine"))
-  if config.data.kind == "images" and config.data.target in ("npz", "folder"):
+  file_target = "npz" if config.data.kind == "npz" else config.data.target
+  if config.data.kind in ("images", "npz") and file_target in ("npz", "folder"):
     import pathlib  # pylint: disable=import-outside-toplevel
 
+    needs = f"data.kind={config.data.kind!r}"
+    if config.data.kind == "images":
+      needs = f"data.target={config.data.target!r}"
     if not config.data.path:
-      problems.append(
-        f"data.path is empty; data.target={config.data.target!r} needs the path "
-        "of the npz file or image folder"
-      )
+      problems.append(f"data.path is empty; {needs} needs the path of the npz file or image folder")
     elif not pathlib.Path(config.data.path).exists():
       problems.append(
-        f"data.path={config.data.path!r} does not exist; pass an existing {config.data.target} path"
+        f"data.path={config.data.path!r} does not exist; pass an existing {file_target} path"
       )
   return problems
 
@@ -75,6 +85,12 @@ def shape_problems(config: ml_collections.ConfigDict) -> list[str]:
   shape = tuple(config.data.shape)
   if config.data.kind == "toy2d" and shape != (2,):
     problems.append(f"data.shape={shape}: 2D toy data has shape (2,); set data.shape=(2,)")
+    return problems
+  if config.data.kind == "npz" and len(shape) not in (1, 3):
+    problems.append(
+      f"data.shape={shape}: npz data are vectors (d,) (2D points: (2,)) or images "
+      "(height, width, channels)"
+    )
     return problems
   if config.data.kind == "images":
     if len(shape) != 3:

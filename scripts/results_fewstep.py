@@ -1,0 +1,382 @@
+"""Few-step generation on equal terms: W2 against NFE for reflow, MeanFlow, shortcut and
+consistency models beside I-CFM and OT-CFM (the TorchCFM 2D protocol), and digits' Frechet
+distance at NFE 1, 2, 4.
+
+Protocol (Tong et al. 2024, https://arxiv.org/abs/2302.00482, as ``scripts/reproduce_2d.py``):
+tasks 8gaussians -> moons and N -> moons, seeds 42..46, the 3x64 SELU MLP, batch 256, Adam
+1e-3, each method's own config (``configs/toy2d_<method>.py``: steps and method settings stated
+there). Methods whose seeds train at once (``train.num_seeds``, the state vmapped) do; reflow
+trains one seed at a time, because the 2-RF student of seed ``s`` reads the 1-RF teacher of seed
+``s`` from its workdir (``objective.teacher_workdir``).
+
+Each trained model (its parameters, not the EMA) draws 2000 samples with its own sampler (the
+ODE methods: Euler) at each NFE, scored by the exact 2-Wasserstein distance
+(:func:`diffjax.evaluate.wasserstein2`) against 2000 fresh target samples; mean and standard
+deviation over seeds. The straightness of I-CFM, OT-CFM, 1-RF and 2-RF (Liu et al. 2022,
+https://arxiv.org/abs/2209.03003) is :func:`diffjax.evaluate.straightness` of each model's own
+ODE. Digits: ``configs/digits_meanflow.py`` against ``configs/digits_fm.py`` (the flow-matching
+teacher at 100 Euler steps), Frechet distance in the digits classifier's feature space.
+
+Writes ``--json`` after every trained cell (a long run leaves its finished part) and renders
+``--out`` from it.
+
+Usage::
+
+  python scripts/results_fewstep.py                       # full protocol
+  python scripts/results_fewstep.py --quick --out /tmp/f.md --json /tmp/f.json   # smoke run
+  python scripts/results_fewstep.py --render               # re-render --out from --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffjax import evaluate
+from diffjax.train import config as config_lib
+from diffjax.train import loop as loop_lib
+from diffjax.train import sharding as sharding_lib
+from diffjax.train.trainer import make_trainer
+
+__all__ = ["TASKS", "METHODS", "main", "run", "to_markdown"]
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TASKS: dict[str, tuple[str, str]] = {
+  "8gaussians->moons": ("8gaussians", "moons"),
+  "N->moons": ("normal", "moons"),
+}
+SEEDS = (42, 43, 44, 45, 46)
+NFES = (1, 2, 4, 8, 100)
+
+# method -> (display name, config file, overrides); "rf2" reads "rf1"'s workdirs.
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+  "icfm": ("I-CFM", "toy2d_otcfm", ("--config.objective.name=icfm",)),
+  "otcfm": ("OT-CFM", "toy2d_otcfm", ()),
+  "rf1": ("1-RF (I-CFM, sigma 0)", "toy2d_icfm", ("--config.objective.sigma=0.0",)),
+  "rf2": ("2-RF", "toy2d_reflow", ()),
+  "meanflow": ("MeanFlow", "toy2d_meanflow", ()),
+  "shortcut": ("Shortcut", "toy2d_shortcut", ()),
+  "consistency": ("Consistency", "toy2d_consistency", ()),
+}
+STRAIGHTNESS = ("icfm", "otcfm", "rf1", "rf2")
+ONE_SEED_AT_A_TIME = ("rf1", "rf2")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--steps", type=int, default=0, help="training steps (0: each config's own)")
+  p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+  p.add_argument("--tasks", default=",".join(TASKS))
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--nfe", default=",".join(map(str, NFES)))
+  p.add_argument("--eval-samples", type=int, default=2000)
+  p.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--digits-steps", type=int, default=0, help="0: the digits configs' own")
+  p.add_argument("--workroot", default="", help="where reflow's workdirs go (default: a tmp dir)")
+  p.add_argument("--quick", action="store_true", help="smoke run: 200 steps, 2 seeds, 200 samples")
+  p.add_argument("--render", action="store_true", help="only re-render --out from --json")
+  p.add_argument("--out", default=str(ROOT / "docs" / "results_fewstep.md"))
+  p.add_argument("--json", default=str(ROOT / "docs" / "results_fewstep.json"))
+  args = p.parse_args(argv)
+  args.seeds = tuple(int(s) for s in args.seeds.split(","))
+  args.nfe = tuple(int(s) for s in args.nfe.split(","))
+  args.tasks = tuple(args.tasks.split(","))
+  args.methods = tuple(args.methods.split(","))
+  for name, valid in (("--tasks", TASKS), ("--methods", METHODS)):
+    for value in getattr(args, name[2:]):
+      if value not in valid:
+        p.error(f"{name}: {value!r} is not one of {list(valid)}")
+  if "rf2" in args.methods and "rf1" not in args.methods:
+    p.error("--methods: rf2 is trained from rf1's workdirs; add rf1")
+  if args.quick:
+    args.steps, args.seeds, args.eval_samples = 200, args.seeds[:2], 200
+    args.digits_steps = 50
+  return args
+
+
+def make_config(method: str, task: str, *, steps: int, seed: int, num_seeds: int, extra=()):
+  """The method's config on this task, seed and step count, progress bar off."""
+  _, config_name, overrides = METHODS[method]
+  config = config_lib.load_config_file(str(CONFIGS / f"{config_name}.py"))
+  source, target = TASKS[task]
+  config_lib.apply_overrides(
+    config,
+    [
+      *overrides,
+      f"--config.seed={seed}",
+      f"--config.data.source={source}",
+      f"--config.data.target={target}",
+      f"--config.train.num_seeds={num_seeds}",
+      "--config.train.progress_bar=false",
+      *extra,
+    ],
+  )
+  if steps:
+    config.train.steps = steps
+  return config
+
+
+def _unstack(params, count: int) -> list:
+  if count == 1:
+    return [params]
+  return [jax.tree.map(lambda leaf, k=k: leaf[k], params) for k in range(count)]
+
+
+def train_together(method: str, task: str, args) -> tuple[Any, list, float]:
+  """Every seed of one (method, task) in one run (``train.num_seeds``): the trainer ``diffjax
+  train`` runs, on one device; returns the experiment, each seed's parameters and the wall
+  time of the whole run (compilation included) divided by the number of seeds."""
+  config = make_config(
+    method, task, steps=args.steps, seed=args.seeds[0], num_seeds=len(args.seeds)
+  )
+  config_lib.validate(config, num_devices=1)
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  start = time.perf_counter()
+  trainer = make_trainer(config, mesh)
+  state, done, chunk = trainer.create_state(), 0, config.train.fused_steps
+  while done < config.train.steps:
+    n = min(chunk, config.train.steps - done)
+    state, _ = trainer.advance(state, n, None)
+    done += n
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - start) / len(args.seeds)
+  return trainer.experiment, _unstack(state.params, len(args.seeds)), seconds
+
+
+def train_in_workdirs(method: str, task: str, args, workdirs: dict) -> tuple[Any, list, float]:
+  """One seed at a time, each in its own workdir (``workdirs[(method, task, seed)]``), through
+  :func:`diffjax.train.loop.train`; the 2-RF student of a seed reads its 1-RF teacher's."""
+  params, seconds, experiment = [], 0.0, None
+  for seed in args.seeds:
+    workdir = pathlib.Path(args.workroot) / f"{method}_{task.replace('->', '_to_')}_{seed}"
+    extra = ()
+    if method == "rf2":
+      extra = (f"--config.objective.teacher_workdir={workdirs[('rf1', task, seed)]}",)
+    config = make_config(method, task, steps=args.steps, seed=seed, num_seeds=1, extra=extra)
+    config.train.async_checkpoint = False
+    config_lib.validate(config, num_devices=1)
+    start = time.perf_counter()
+    result = loop_lib.train(config, workdir, devices=jax.devices()[:1])
+    seconds += time.perf_counter() - start
+    workdirs[(method, task, seed)] = str(workdir)
+    params.append(result["state"].params)
+    if experiment is None:
+      mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+      experiment = make_trainer(config, mesh).experiment
+  return experiment, params, seconds / len(args.seeds)
+
+
+def score(method: str, experiment, params: list, args) -> list[dict]:
+  """Per seed: W2 at each NFE with the method's own sampler, the NFE it used, and (for the ODE
+  methods) the straightness of its flow."""
+  per_seed = []
+  for seed, p in zip(args.seeds, params):
+    k_target, k_sample, k_straight = jax.random.split(jax.random.PRNGKey(seed + 10_000), 3)
+    target = np.asarray(experiment.target_sampler(k_target, args.eval_samples))
+    row: dict[str, Any] = {"seed": seed, "w2": {}, "nfe": {}}
+    for nfe in args.nfe:
+      out = experiment.generate(p, k_sample, args.eval_samples, steps=nfe)
+      row["w2"][str(nfe)] = evaluate.wasserstein2(np.asarray(out["samples"]), target)
+      row["nfe"][str(nfe)] = int(np.max(np.asarray(out["nfe"])))
+    if method in STRAIGHTNESS:
+      row["straightness"] = straightness_of(experiment, p, k_straight, args.eval_samples)
+    per_seed.append(row)
+  return per_seed
+
+
+def straightness_of(experiment, params, key, num: int) -> float:
+  """Straightness of the model's own ODE from ``num`` source draws (100 Euler steps)."""
+  velocity = lambda x, t: experiment.model.apply(params, x, t, None)
+  source = experiment.source_sampler(key, num)
+  return float(evaluate.straightness(velocity, source, steps=100))
+
+
+def _mean_std(values) -> dict:
+  values = [float(v) for v in values]
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarise(cell: dict, nfes) -> dict:
+  seeds = cell["seeds"]
+  summary = {"w2": {}, "nfe": {}}
+  for nfe in map(str, nfes):
+    summary["w2"][nfe] = _mean_std([s["w2"][nfe] for s in seeds])
+    summary["nfe"][nfe] = max(s["nfe"][nfe] for s in seeds)
+  if "straightness" in seeds[0]:
+    summary["straightness"] = _mean_std([s["straightness"] for s in seeds])
+  return summary
+
+
+def digits_part(args) -> dict:
+  """Digits: MeanFlow at NFE 1, 2, 4 beside the flow-matching teacher at 1, 2, 4 and 100."""
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
+  reference = None
+  rows = {}
+  for name, config_name, nfes in (
+    ("flow matching (I-CFM, sigma 0)", "digits_fm", (1, 2, 4, 100)),
+    ("MeanFlow", "digits_meanflow", (1, 2, 4)),
+  ):
+    config = config_lib.load_config_file(str(CONFIGS / f"{config_name}.py"))
+    config.train.progress_bar = False
+    if args.digits_steps:
+      config.train.steps = args.digits_steps
+    config_lib.validate(config, num_devices=1)
+    start = time.perf_counter()
+    trainer = make_trainer(config, mesh)
+    state, done = trainer.create_state(), 0
+    while done < config.train.steps:
+      n = min(config.train.fused_steps, config.train.steps - done)
+      state, _ = trainer.advance(state, n, None)
+      done += n
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    row = {"config": f"configs/{config_name}.py", "steps": config.train.steps, "train_s": seconds}
+    row["fd"], row["nfe"] = {}, {}
+    for nfe in nfes:
+      out = trainer.experiment.generate(
+        state.ema_params, jax.random.PRNGKey(7), args.eval_samples, steps=nfe
+      )
+      samples = np.asarray(out["samples"])
+      row["fd"][str(nfe)] = evaluate.digits_frechet_distance(samples, reference, seed=0)
+      row["nfe"][str(nfe)] = int(np.max(np.asarray(out["nfe"])))
+    rows[name] = row
+  return rows
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def run(args) -> dict:
+  report: dict[str, Any] = {
+    "command": "python scripts/results_fewstep.py " + " ".join(sys.argv[1:]),
+    "date": datetime.datetime.now().isoformat(timespec="minutes"),
+    "commit": _git_commit(),
+    "machine": f"{platform.machine()}, {len(jax.devices('cpu'))} CPU device(s), "
+    f"jax {jax.__version__}",
+    "steps": args.steps or "each config's own",
+    "seeds": list(args.seeds),
+    "nfe": list(args.nfe),
+    "eval_samples": args.eval_samples,
+    "cells": {},
+  }
+  if not args.workroot:
+    args.workroot = tempfile.mkdtemp(prefix="fewstep_")
+  workdirs: dict = {}
+  for task in args.tasks:
+    for method in args.methods:
+      train = train_in_workdirs if method in ONE_SEED_AT_A_TIME else train_together
+      if train is train_in_workdirs:
+        experiment, params, seconds = train(method, task, args, workdirs)
+      else:
+        experiment, params, seconds = train(method, task, args)
+      cell = {"method": method, "task": task, "train_s_per_seed": seconds}
+      cell["seeds"] = score(method, experiment, params, args)
+      cell["summary"] = summarise(cell, args.nfe)
+      report["cells"][f"{method}|{task}"] = cell
+      pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+      print(f"{method} {task}: {cell['summary']['w2']}", file=sys.stderr, flush=True)
+  if args.digits:
+    report["digits"] = digits_part(args)
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+  return report
+
+
+def _cell(stat: dict | None) -> str:
+  if stat is None:
+    return "-"
+  if stat["n"] > 1:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+  return f"{stat['mean']:.3f}"
+
+
+def to_markdown(report: dict) -> str:
+  nfes = [str(n) for n in report["nfe"]]
+  lines = [
+    "# Few-step generation: W2 against NFE (TorchCFM 2D protocol)",
+    "",
+    "Generated by `scripts/results_fewstep.py` from `docs/results_fewstep.json`; do not edit by "
+    "hand (rerun the script).",
+    "",
+    f"- command: `{report['command']}`",
+    f"- date {report['date']}, diffjax commit {report['commit']}; {report['machine']}",
+    f"- training steps: {report['steps']}; seeds {report['seeds']}; W2 exact (POT), "
+    f"{report['eval_samples']} samples against {report['eval_samples']} fresh target samples, "
+    "mean ± std over seeds; parameters, not the EMA.",
+    "- samplers: each method's own (I-CFM, OT-CFM, 1-RF, 2-RF: Euler on a uniform grid; "
+    "MeanFlow: average-velocity jumps; shortcut: step-size-conditioned jumps; consistency: "
+    "multistep consistency sampling). NFE = network evaluations per sample.",
+    "",
+  ]
+  tasks = sorted({c["task"] for c in report["cells"].values()}, key=list(TASKS).index)
+  for task in tasks:
+    lines += [f"## {task}", "", "| method | " + " | ".join(f"NFE {n}" for n in nfes)]
+    lines[-1] += " | train s/seed |"
+    lines.append("|---|" + "---:|" * (len(nfes) + 1))
+    for method in METHODS:
+      cell = report["cells"].get(f"{method}|{task}")
+      if cell is None:
+        continue
+      w2 = [_cell(cell["summary"]["w2"][n]) for n in nfes]
+      lines.append(
+        f"| {METHODS[method][0]} | " + " | ".join(w2) + f" | {cell['train_s_per_seed']:.1f} |"
+      )
+    lines.append("")
+    rows = [
+      (METHODS[m][0], report["cells"][f"{m}|{task}"]["summary"].get("straightness"))
+      for m in STRAIGHTNESS
+      if f"{m}|{task}" in report["cells"]
+    ]
+    if rows:
+      lines += ["Straightness S (lower is straighter; 0 for straight paths):", ""]
+      lines += ["| method | S |", "|---|---:|"]
+      lines += [f"| {name} | {_cell(stat)} |" for name, stat in rows]
+      lines.append("")
+  digits = report.get("digits")
+  if digits:
+    lines += ["## Digits (8x8): Frechet distance against NFE", ""]
+    lines += ["| model | config | steps | NFE 1 | NFE 2 | NFE 4 | NFE 100 | train s |"]
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, row in digits.items():
+      fd = [f"{row['fd'][n]:.2f}" if n in row["fd"] else "-" for n in ("1", "2", "4", "100")]
+      lines.append(
+        f"| {name} | `{row['config']}` | {row['steps']} | "
+        + " | ".join(fd)
+        + f" | {row['train_s']:.0f} |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.render:
+    report = json.loads(pathlib.Path(args.json).read_text())
+  else:
+    report = run(args)
+  pathlib.Path(args.out).write_text(to_markdown(report))
+  print(json.dumps({k: v for k, v in report.items() if k != "cells"}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
