@@ -159,21 +159,29 @@ def _auction(
 
   def bid_round(carry):
     prices, person, owner, rounds, eps = carry
-    rows = jnp.nonzero(person == none, size=bidders, fill_value=n)[0].astype(jnp.int32)
+    # The first `bidders` unassigned rows, found by one-hot comparisons rather than a scatter
+    # (scatters are slow on CPU, and worse vmapped).
+    unassigned = person == none
+    rank = jnp.cumsum(unassigned.astype(jnp.int32)) - 1
+    slots = jnp.arange(bidders, dtype=jnp.int32)
+    picked = unassigned[None, :] & (rank[None, :] == slots[:, None])
+    rows = jnp.min(jnp.where(picked, arange[None, :], none), axis=1)
     valid = rows < n
     best, target, second = _best_two(values_of(jnp.minimum(rows, n - 1), prices))
     # A row with a single allowed column (a class of one) meets no competition there.
     increment = jnp.where(second > -jnp.inf, best - second, 0.0)
     bid = jnp.where(valid, prices[target] + increment + eps, -jnp.inf)
-    target = jnp.where(valid, target, none)
-    top_bid = jnp.full((n,), -jnp.inf, dtype).at[target].max(bid, mode="drop")
+    bids_for = valid[:, None] & (target[:, None] == arange[None, :])  # [bidders, n]
+    top_bid = jnp.max(jnp.where(bids_for, bid[:, None], -jnp.inf), axis=0)
     # Among equal highest bids for an object, the lowest row index wins.
-    is_top = valid & (bid == top_bid[jnp.minimum(target, n - 1)])
-    winner = jnp.full((n,), none).at[target].min(jnp.where(is_top, rows, none), mode="drop")
+    is_top = bids_for & (bid[:, None] == top_bid[None, :])
+    winner = jnp.min(jnp.where(is_top, rows[:, None], none), axis=0)
     won = winner < n
     # The previous owners of the won objects lose them; then the winners take them.
-    person = person.at[jnp.where(won, owner, none)].set(none, mode="drop")
-    person = person.at[jnp.where(won, winner, none)].set(arange, mode="drop")
+    lost = (person < n) & won[jnp.minimum(person, n - 1)]
+    wins = valid & (winner[target] == rows)
+    person = jnp.where(lost, none, person)
+    person = person.at[jnp.where(wins, rows, none)].set(target, mode="drop")
     owner = jnp.where(won, winner, owner)
     prices = jnp.where(won, top_bid, prices)
     return prices, person, owner, rounds + 1, eps

@@ -6,9 +6,18 @@ integrates). A prediction target is a linear function of the pair ``(x_0, eps)``
 
 * ``eps``: the noise (Ho et al. 2020);
 * ``x0``: the data ("data prediction");
-* ``v = alpha eps - sigma x_0`` (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512, Sec. 4);
-* ``velocity = dx_t/dt = d_alpha x_0 + d_sigma eps`` (the flow-matching target; Lipman et al.
-  2023, https://arxiv.org/abs/2210.02747);
+* ``v = alpha eps - sigma x_0``, v-prediction (Salimans & Ho 2022,
+  https://arxiv.org/abs/2202.00512, Sec. 4): a fixed mix of noise and data, the same at every
+  clock and schedule speed, defined on discrete schedules too;
+* ``velocity = dx_t/dt = d_alpha x_0 + d_sigma eps``, the flow velocity (the flow-matching
+  target; Lipman et al. 2023, https://arxiv.org/abs/2210.02747): it depends on the clock's
+  direction and speed through ``d_alpha``, ``d_sigma``, and needs a continuous schedule.
+
+"v" and "velocity" are different targets. For a variance-preserving schedule with
+``alpha = cos phi``, ``sigma = sin phi``, ``v = d x / d phi``, so ``velocity = (d phi / dt) v``;
+on the linear flow path ``x_t = t x_1 + (1 - t) x_0`` (data ``x_1``, noise ``x_0``) the velocity
+is ``x_1 - x_0``. A flow-matching model predicts "velocity"; a diffusion model trained with
+v-prediction predicts "v".
 * ``score = grad log q(x_t) = -E[eps | x_t] / sigma`` (Tweedie; Song et al. 2021).
 
 Each :class:`PredictionTarget` converts a prediction to ``(x0, eps)`` and back. Names are resolved
@@ -231,10 +240,22 @@ PREDICTION_TARGETS: dict[str, PredictionTarget] = {
 }
 
 
+_TARGET_HINT = (
+  " ('v' is v-prediction alpha eps - sigma x0, Salimans & Ho 2022; 'velocity' is the flow "
+  "velocity dx_t/dt = d_alpha x0 + d_sigma eps, what a flow-matching model predicts)"
+)
+
+
 def get_prediction_target(name: str) -> PredictionTarget:
-  """Resolves a prediction target by name ("eps", "x0", "v", "velocity", "score"), once, at the
-  edge."""
-  return lookup(PREDICTION_TARGETS, name, "prediction target")
+  """Resolves a prediction target by name, once, at the edge.
+
+  Names: "eps" (the noise), "x0" (the data), "v" (v-prediction ``alpha eps - sigma x0``,
+  Salimans & Ho 2022, https://arxiv.org/abs/2202.00512), "velocity" (the flow velocity
+  ``dx_t/dt = d_alpha x0 + d_sigma eps``, Lipman et al. 2023,
+  https://arxiv.org/abs/2210.02747: what a flow-matching model predicts), "score"
+  (``-eps / sigma``). "v" and "velocity" differ: see the module docstring.
+  """
+  return lookup(PREDICTION_TARGETS, name, "prediction target", hint=_TARGET_HINT)
 
 
 def check_discrete_target(

@@ -227,6 +227,8 @@ def plot_metric_vs_nfe(
   dicts of ``diffjax evaluate``'s table (``sampler``, ``nfe`` and the metric keys); a row
   whose metric is ``None`` (non-finite samples) is left out."""
   plt = _pyplot()
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+
   names = list(metrics)
   fig, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 4.0), dpi=DPI, squeeze=False)
   samplers = list(dict.fromkeys(row["sampler"] for row in rows))
@@ -243,6 +245,7 @@ def plot_metric_vs_nfe(
     if floor.get(name) is not None:
       ax.axhline(floor[name], color="0.4", ls="--", lw=1.0, label="two-sample floor")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 10, 100: NFE counts
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel(metrics[name])
     ax.legend(fontsize=8)

@@ -198,11 +198,14 @@ def _check_sampler(config, sampler: str | None) -> None:
   from diffjax import objectives  # pylint: disable=import-outside-toplevel
 
   spec = objectives.OBJECTIVES[config.objective.name]
-  if sampler not in spec.samplers:
+  choices = objectives.accepted_samplers(
+    spec, dict(config.objective), source_is_normal=config.data.source == "normal"
+  )
+  if sampler not in choices:
     raise UsageError(
       f"--sampler {sampler!r}: cannot sample a {config.objective.name!r} "
       f"model (its output is {spec.output}); choose one of "
-      f"{sorted(spec.samplers)}"
+      f"{sorted(choices)}"
     )
 
 
@@ -954,6 +957,9 @@ def evaluate_workdir(
     scoring = _data_scoring(config, num=num, key_target=key_target)
   if likelihood is None:
     likelihood = len(config.data.shape) == 1
+    off = "off by default for images (slow: a trace estimate per ODE step); pass --likelihood"
+  else:
+    off = "not computed (--no-likelihood)"
   reports = []
   for _, member in members:
     rows, row_notes = [], []
@@ -995,7 +1001,7 @@ def evaluate_workdir(
         )
       )
     else:
-      report.update({"nll": None, "nll_note": "not computed (--no-likelihood)"})
+      report.update({"nll": None, "nll_note": off})
     if len(rows) == 1:
       report.update(rows[0])
     reports.append(report)
@@ -1094,7 +1100,12 @@ def evaluation_table(report: dict) -> str:
   widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
   def format_row(cells) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+    # Names left, numbers right.
+    padded = [
+      cell.ljust(width) if i == 0 else cell.rjust(width)
+      for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return "  ".join(padded)
 
   over = f", seeds {seeds} (mean +- std over seeds)" if seeds else ""
   text = [

@@ -73,4 +73,6 @@ GETTERS = [
 def test_every_getter_raises_the_one_message(get, table, what):
   with pytest.raises(ValueError) as info:
     get("nonesuch")
-  assert str(info.value) == f"unknown {what} 'nonesuch'; choose one of {sorted(table)}"
+  # The one message, optionally followed by a hint saying what the choices mean.
+  message = f"unknown {what} 'nonesuch'; choose one of {sorted(table)}"
+  assert str(info.value) == message or str(info.value).startswith(f"{message} (")

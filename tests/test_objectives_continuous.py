@@ -459,8 +459,9 @@ def test_defaults_and_good_combinations_have_no_problems():
   # t_min = 0 is fine where sigma(0) > 0; the ELBO is fine with stratified (uniform) times.
   assert cd_lib.check(schedule="ve", t_min=0.0) == []
   assert cd_lib.check(weighting="elbo", time_sampler="stratified") == []
-  # A schedule's keywords are checked only when that schedule is chosen.
-  assert cd_lib.check(schedule="vp", sigma_min=60.0) == []
+  # A schedule's keywords are read only by that schedule: set for another, they are refused.
+  (problem,) = cd_lib.check(schedule="vp", sigma_min=60.0)
+  assert problem.startswith("objective.sigma_min=60.0: only schedules ['ve'] read it")
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Contract for a wrapped module: ``module(x, t, cond, *, rngs)`` with ``x`` ``[bat
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -73,8 +74,16 @@ def functionalize(
     :class:`ModelFns`.
   """
   data_shape = tuple(data_shape)
+  _check_takes(build, "build", kwargs={"rngs": None}, expected=_BUILD_SIGNATURE)
   # Abstract construction: no FLOPs, no memory; yields the static structure once.
   abstract = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+  _check_takes(
+    abstract,
+    f"{type(abstract).__name__}.__call__",
+    args=(None, None, None),
+    kwargs={"rngs": None},
+    expected=_CALL_SIGNATURE,
+  )
   graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):
     paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
@@ -115,6 +124,32 @@ def functionalize(
     return out[0] if unbatched else out
 
   return ModelFns(init=init, apply=apply)
+
+
+_BUILD_SIGNATURE = (
+  "build(*, rngs: nnx.Rngs) -> nnx.Module, e.g. functools.partial(MyModel, width=64), whose "
+  "__init__ takes rngs"
+)
+_CALL_SIGNATURE = (
+  "__call__(self, x, t, cond, *, rngs): x [batch, *data_shape], t float32 [batch], cond int "
+  "labels [batch] or None (unconditional), rngs an nnx.Rngs with a 'dropout' stream or None; "
+  "e.g. def __call__(self, x, t, cond=None, *, rngs=None)"
+)
+
+
+def _check_takes(fn, name: str, *, expected: str, args: tuple = (), kwargs: dict) -> None:
+  """One ValueError, before anything is traced, when ``fn`` cannot be called as diffjax calls
+  it (``fn(*args, **kwargs)``); a callable whose signature Python cannot read is let through."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(*args, **kwargs)
+  except TypeError as e:
+    raise ValueError(
+      f"{name}{signature} cannot be called as diffjax calls it ({e}); diffjax expects {expected}"
+    ) from None
 
 
 def _check_times(t: Array, *, batch: int, unbatched: bool, time_inputs: int) -> Array:

@@ -25,6 +25,7 @@ from diffjax.objectives.base import (
   ObjectiveContext,
   ObjectiveSpec,
   Teacher,
+  accepted_samplers,
   defaults,
   keywords,
 )
@@ -40,6 +41,7 @@ __all__ = [
   "Teacher",
   "defaults",
   "keywords",
+  "accepted_samplers",
 ]
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {

@@ -29,6 +29,8 @@ __all__ = [
   "HostPairing",
   "keywords",
   "defaults",
+  "accepted_samplers",
+  "unread_problems",
   "drop_labels_for_guidance",
   "regression_loss_fn",
   "probability_flow_likelihood",
@@ -140,6 +142,10 @@ class ObjectiveSpec(NamedTuple):
     time_inputs: times per example its model takes (1: ``t`` is ``[batch]``; 2 for MeanFlow's
       ``u(z, t, s)`` and the shortcut model's ``s(z, t, d)``: ``t`` is ``[batch, 2]``); the
       edge builds the model with it.
+    sampler_choices: ``(*, source_is_normal, **keywords) -> names``, the samplers a configured
+      objective accepts where they depend on its configuration (a flow's score-based samplers
+      need an ``N(0, I)`` source and independent pairs), or None: always ``samplers``, which
+      lists every name its generator may accept (:func:`accepted_samplers`).
   """
 
   build: Callable[..., Objective]
@@ -150,6 +156,34 @@ class ObjectiveSpec(NamedTuple):
   summary: str
   any_source: bool = False
   time_inputs: int = 1
+  sampler_choices: Callable[..., tuple[str, ...]] | None = None
+
+
+def accepted_samplers(spec: ObjectiveSpec, group: dict, *, source_is_normal: bool) -> tuple:
+  """The sampler names a configured objective's generator accepts: ``spec.sampler_choices`` of
+  the ``config.objective`` group (its ``name`` dropped, defaults filled in) and the source, or
+  ``spec.samplers`` where the choice does not depend on them."""
+  if spec.sampler_choices is None:
+    return tuple(spec.samplers)
+  keywords_ = {**defaults(spec.build), **{k: v for k, v in group.items() if k != "name"}}
+  return tuple(spec.sampler_choices(source_is_normal=source_is_normal, **keywords_))
+
+
+def unread_problems(build: Callable, unread: dict[str, tuple[Any, str]]) -> list[str]:
+  """One line per keyword that the chosen combination does not read but that is set away from
+  its default in ``build`` (a value the run would silently ignore), with the reason.
+
+  Args:
+    build: the objective's factory (its keyword defaults).
+    unread: ``{key: (value, why it is not read)}`` for the keywords the combination ignores.
+  """
+  default = defaults(build)
+  return [
+    f"objective.{key}={value!r}: {why}, so this value would be ignored; choose what reads it, "
+    f"or leave objective.{key} at its default {default[key]!r}"
+    for key, (value, why) in unread.items()
+    if value != default[key]
+  ]
 
 
 def keywords(build: Callable) -> dict[str, inspect.Parameter]:

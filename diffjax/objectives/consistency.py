@@ -7,38 +7,43 @@ exactly for any network ``F``:
 
     f(x_t, t) = x_t + (1 - t) F(x_t, t),
 
-(the flow-time form of Song et al. 2023's ``c_skip = 1, c_out = sigma`` skip connection; ``F`` is
-then the average velocity from ``t`` to 1, the instantaneous one at ``t = 1``).
+(``c_skip = 1``, ``c_out = 1 - t`` in Song et al. 2023's ``f = c_skip x + c_out F``; ``F`` is
+then the average velocity from ``t`` to 1 along the trajectory, the instantaneous one at ``t =
+1``).
 
 Why continuous time. ECT (Geng et al. 2024, "Consistency Models Made Easy",
 https://arxiv.org/abs/2406.14548) compares ``f(x_t, t)`` with ``f(x_r, r)`` at a gap ``r - t``
 that shrinks over training, so its loss depends on the training step, which diffjax's
 ``loss_fn(params, key, batch)`` does not see. Its limit ``r -> t`` is the continuous-time
 consistency objective of sCM (Lu & Song 2024, "Simplifying, Stabilizing and Scaling
-Continuous-Time Consistency Models", https://arxiv.org/abs/2410.11081, eq. 8), which needs no
-step and no gap schedule: with ``f^-`` the model under stop-gradient, its gradient is
+Continuous-Time Consistency Models", https://arxiv.org/abs/2410.11081, Sec. 2-4), which needs
+no step and no gap schedule: with ``f^-`` the model under stop-gradient, its gradient is
 
     grad = -E[ w(t) (dF/dtheta)^T g ],   g = df^-/dt = v + (1 - t) dF^-/dt - F^-,
 
 the total derivative of ``f^-`` along the path, ``dF^-/dt = d_x F^- v + d_t F^-`` by one
-``jax.jvp``, with the conditional velocity ``v = x1 - x0`` of the pair. It is the gradient of
-``w ||F - sg(F^- + g)||^2 / 2``, the loss here. ``f^-`` is linear in ``v`` at fixed ``(x_t, t)``,
-so with the squared-L2 distance this gradient equals, in expectation, the one with the marginal
-velocity (sCM, Sec. 4; Song et al. 2023, Thm. 6): the source need not be Gaussian.
+``jax.jvp``, with the conditional velocity ``v = x1 - x0`` of the pair. The loss here, ``w 1/D
+||F - sg(F^- + g)||^2``, has the gradient ``-(2/D) w (dF/dtheta)^T g``: this one, scaled. ``g``
+is affine in ``v`` at fixed ``(x_t, t)``, so with the squared-L2 distance this gradient equals,
+in expectation, the one with the marginal velocity ``E[v | x_t]`` (the continuous-time
+consistency training of Song et al. 2023, Sec. 6, https://arxiv.org/abs/2303.01469): the source
+need not be Gaussian.
 
-Stability (sCM, Sec. 4.2). The "pseudo_huber" distance normalises the tangent, ``g <- g /
-sqrt(|g|^2 + c^2)`` (``|g|`` the root mean square over the features): the ``r -> t`` limit of
-ECT's pseudo-Huber distance ``sqrt(||a||^2 + c'^2) - c'`` with ``c' = (r - t) c``, and sCM's
-tangent normalisation ``g / (||g|| + c)`` in all but the form of the denominator. It bounds each
-example's gradient, at the price of the unbiasedness above. sCM's tangent warm-up (a ramp over
-training steps) and adaptive weighting (a second network output) are not used: one needs the
-step, the other another head.
+The distance. "l2" (the default) keeps that unbiasedness. "pseudo_huber" normalises the
+tangent, ``g <- g / sqrt(|g|^2 + c^2)`` (``|g|`` the root mean square over the features): the
+``r -> t`` limit of ECT's pseudo-Huber distance ``sqrt(||a||^2 + c'^2) - c'`` with ``c' = (r -
+t) c``, and sCM's tangent normalisation ``g / (||g|| + c)`` (Sec. 4) in all but the form of the
+denominator. It bounds each example's gradient, which sCM needs for stability at scale, but
+``E[g / |g|]`` is not ``E[g] / |E[g]|``: the expected gradient no longer vanishes at the exact
+``f`` in general, most visibly in low dimensions, where ``|g|`` varies most between pairs. sCM's
+tangent warm-up (a ramp over training steps) and adaptive weighting (a second network output)
+are not used: one needs the step, the other another head.
 
-A researcher tunes the time sampler (logit-normal by default: sCM's ``ln(sigma) ~ N(-1, 1.6^2)``
-in TrigFlow is ``logit(t) ~ N(1, 1.6^2)`` on this path, whose noise-to-signal ratio is ``(1 -
-t) / t``), the weighting, the distance and ``c``. Sampling is Song et al.'s multistep
-consistency sampling in flow time (:mod:`diffjax.samplers.consistency`), ``steps`` network
-evaluations.
+A researcher tunes the time sampler (logit-normal by default: sCM's CIFAR-10 proposal
+``ln(sigma / sigma_d) ~ N(-1, 1.4^2)`` is ``logit(t) ~ N(1, 1.4^2)`` on this path, whose
+noise-to-signal ratio is ``(1 - t) / t``), the weighting, the distance and ``c``. Sampling is
+Song et al.'s multistep consistency sampling in flow time (:mod:`diffjax.samplers.consistency`),
+``steps`` network evaluations.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ __all__ = [
 
 def consistency_function(raw: Array, *, x_t: Array, t: Array) -> Array:
   """``f(x_t, t) = x_t + (1 - t) F`` from the network's output ``F = raw``: exactly ``x_t`` at
-  the data end ``t = 1`` whatever ``F`` is (the boundary condition of Song et al. 2023, eq. 3,
+  the data end ``t = 1`` whatever ``F`` is (the boundary condition of Song et al. 2023, Sec. 3,
   https://arxiv.org/abs/2303.01469, in flow time). ``t`` is ``[batch]`` or a scalar."""
   return x_t + broadcast_to_data(1 - t, x_t).astype(x_t.dtype) * raw
 
@@ -100,7 +105,7 @@ def consistency_tangent(
       df/dt = velocity + (1 - t) (d_x F velocity + d_t F) - F,
 
   with ``d_x F velocity + d_t F`` from one ``jax.jvp`` with tangents ``(velocity, 1)`` (Lu &
-  Song 2024, eq. 8, https://arxiv.org/abs/2410.11081, on the linear path).
+  Song 2024, https://arxiv.org/abs/2410.11081, on the linear path instead of TrigFlow).
 
   Args:
     network: ``(x_t, t) -> F``, ``t`` ``[batch]``.
@@ -150,8 +155,8 @@ def squared_l2_tangent(tangent: Array, *, c: float = 0.0) -> Array:
 def pseudo_huber_tangent(tangent: Array, *, c: float) -> Array:
   """``g / sqrt(|g|^2 + c^2)``, ``|g|`` the root mean square of each example's features: the
   continuous-time limit of the pseudo-Huber distance ``sqrt(||a||^2 + c^2) - c`` (Song & Dhariwal
-  2023, https://arxiv.org/abs/2310.14189, Sec. 3.3; ECT), the form of sCM's tangent normalisation
-  ``g / (||g|| + c)`` (Lu & Song 2024, Sec. 4.2, https://arxiv.org/abs/2410.11081)."""
+  2023, https://arxiv.org/abs/2310.14189; ECT), the form of sCM's tangent normalisation ``g /
+  (||g|| + c)`` (Lu & Song 2024, Sec. 4, https://arxiv.org/abs/2410.11081)."""
   dtype = compute_dtype(tangent)
   g = tangent.astype(dtype)
   scale = jax.lax.rsqrt(jnp.square(_rms(g)) + c**2)
@@ -171,15 +176,15 @@ def check(
   *,
   time_sampler: str = "logit_normal",
   time_loc: float = 1.0,
-  time_scale: float = 1.6,
+  time_scale: float = 1.4,
   weighting: str = "uniform",
-  distance: str = "pseudo_huber",
+  distance: str = "l2",
   huber_c: float = 0.1,
   label_dropout: float = 0.0,
 ) -> list[str]:
-  """Unknown names and out-of-range values, one line each."""
-  del time_loc  # any mean of logit(t) is a distribution
-  problems = []
+  """Unknown names, out-of-range values and values the chosen distance or time sampler would
+  ignore, one line each."""
+  problems = []  # any time_loc is a distribution's mean
   for key, value, table in [
     ("time_sampler", time_sampler, losses_lib.TIME_SAMPLERS),
     ("weighting", weighting, WEIGHTINGS),
@@ -196,7 +201,13 @@ def check(
     )
   if not 0.0 <= label_dropout < 1.0:
     problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
-  return problems
+  unread = {}
+  if distance != "pseudo_huber":
+    unread["huber_c"] = (huber_c, f"distance={distance!r} does not normalise the tangent")
+  if time_sampler != "logit_normal":
+    why = f"time_sampler={time_sampler!r} is not 'logit_normal'"
+    unread.update(time_loc=(time_loc, why), time_scale=(time_scale, why))
+  return problems + base.unread_problems(consistency, unread)
 
 
 def _time_sampler(name: str, *, loc: float, scale: float) -> losses_lib.TimeSampler:
@@ -210,9 +221,9 @@ def consistency(
   *,
   time_sampler: str = "logit_normal",
   time_loc: float = 1.0,
-  time_scale: float = 1.6,
+  time_scale: float = 1.4,
   weighting: str = "uniform",
-  distance: str = "pseudo_huber",
+  distance: str = "l2",
   huber_c: float = 0.1,
   label_dropout: float = 0.0,
 ) -> base.Objective:
@@ -229,10 +240,12 @@ def consistency(
   Args:
     time_sampler: a name of :data:`~diffjax.losses.TIME_SAMPLERS`.
     time_loc, time_scale: ``logit(t) ~ N(time_loc, time_scale^2)`` for "logit_normal" (sCM's
-      ``P_mean = -1``, ``P_std = 1.6``); unused by the other samplers.
+      CIFAR-10 ``P_mean = -1``, ``P_std = 1.4``); unused by the other samplers.
     weighting: "uniform" (``w = 1``) or "endpoint" (``w = 1 - t``).
-    distance: "pseudo_huber" (tangent normalised with ``huber_c``) or "l2".
-    huber_c: the pseudo-Huber constant ``c`` in units of ``df/dt`` (sCM's 0.1).
+    distance: "l2" (unbiased) or "pseudo_huber" (the tangent normalised with ``huber_c``,
+      sCM's choice for images).
+    huber_c: the pseudo-Huber constant ``c``, in units of the tangent's root mean square
+      (sCM's 0.1; used by "pseudo_huber" only).
     label_dropout: the fraction of labels dropped for classifier-free guidance.
   """
   problems = check(

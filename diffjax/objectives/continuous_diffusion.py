@@ -129,7 +129,9 @@ def check(
       else ""
     )
     problems.append(
-      f"objective.prediction={prediction!r}: choose one of {list(PREDICTIONS)}{reason}"
+      f"objective.prediction={prediction!r}: choose one of {list(PREDICTIONS)}{reason} ('v' "
+      "is v-prediction alpha eps - sigma x0, Salimans & Ho 2022; 'velocity' is the flow "
+      "velocity dx_t/dt)"
     )
   if weighting not in WEIGHTINGS:
     reason = " (EDM's weighting: objective.name=edm)" if weighting == "edm" else ""
@@ -161,7 +163,37 @@ def check(
       "2021, eq. 17), so another time density makes the loss something else; use "
       f"time_sampler {' or '.join(map(repr, _UNIFORM_TIME_SAMPLERS))}"
     )
+  if not problems:
+    problems += _unread_problems(
+      schedule,
+      weighting,
+      beta_min=beta_min,
+      beta_max=beta_max,
+      sigma_min=sigma_min,
+      sigma_max=sigma_max,
+      log_snr_min=log_snr_min,
+      log_snr_max=log_snr_max,
+      resolution=resolution,
+      base_resolution=base_resolution,
+      min_snr_gamma=min_snr_gamma,
+    )
   return problems
+
+
+def _unread_problems(schedule: str, weighting: str, **values) -> list[str]:
+  """Keywords set away from their defaults that ``schedule`` and ``weighting`` do not read."""
+  unread = {}
+  for key, value in values.items():
+    if key == "min_snr_gamma":
+      if weighting != "min_snr":
+        unread[key] = (value, f"only weighting 'min_snr' reads it, and objective.weighting="
+                       f"{weighting!r}")
+      continue
+    if key not in SCHEDULE_KEYWORDS[schedule]:
+      readers = sorted(name for name, keys in SCHEDULE_KEYWORDS.items() if key in keys)
+      unread[key] = (value, f"only schedules {readers} read it, and objective.schedule="
+                     f"{schedule!r}")
+  return base.unread_problems(continuous_diffusion, unread)
 
 
 def _schedule(name: str, **keywords) -> schedules_lib.ContinuousSchedule:

@@ -45,7 +45,9 @@ def check(
       else ""
     )
     problems.append(
-      f"objective.prediction={prediction!r}: choose one of {list(PREDICTIONS)}{reason}"
+      f"objective.prediction={prediction!r}: choose one of {list(PREDICTIONS)}{reason} ('v' is "
+      "v-prediction alpha eps - sigma x0, Salimans & Ho 2022; 'velocity' is the flow velocity "
+      "dx_t/dt)"
     )
   if weighting not in losses_lib.WEIGHTINGS or weighting == "edm":
     problems.append(
@@ -71,6 +73,9 @@ def check(
       "weight is infinite at the last step (log-SNR -inf); use 'uniform' or "
       "'min_snr'"
     )
+  if not problems and weighting != "min_snr":
+    reason = f"only weighting 'min_snr' reads it, and objective.weighting={weighting!r}"
+    problems += base.unread_problems(diffusion, {"min_snr_gamma": (min_snr_gamma, reason)})
   return problems
 
 

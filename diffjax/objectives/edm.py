@@ -67,6 +67,12 @@ def check(
     )
   if not 0.0 <= label_dropout < 1.0:
     problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  if not problems and s_churn == 0:
+    why = "only churn reads it, and churn is off (objective.s_churn=0)"
+    problems += base.unread_problems(
+      edm, {key: (value, why) for key, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax),
+                                                    ("s_noise", s_noise))}
+    )
   return problems
 
 

@@ -9,6 +9,8 @@ runs from the source (``t = 0``) to the data (``t = 1``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from diffjax import couplings as couplings_lib
@@ -20,6 +22,9 @@ from diffjax.objectives import base
 __all__ = ["icfm", "otcfm", "sbcfm", "fm", "check", "noise_keywords", "COUPLING_SCOPES", "SPECS"]
 
 COUPLING_SCOPES = ("global", "per_device")
+
+SOLVED_COUPLINGS = ("exact_ot", "label_exact_ot")
+"""The couplings that solve an assignment with ``ot_solver``."""
 
 
 def noise_keywords(path_name: str, noise: dict) -> dict:
@@ -104,11 +109,15 @@ def _build(
 
   loss_fn = base.regression_loss_fn(context, make_example, label_dropout=label_dropout)
 
+  # The velocity gives the score only on the path's Gaussian kernel: an N(0, I) source drawn
+  # independently of the data (an OT coupling makes x0 depend on x1).
+  has_score = context.source_is_normal and (coupling or recipe.coupling) == "independent"
   generate = samplers_lib.flow_generator(
     apply=context.apply,
     source=context.source,
     data_shape=context.data_shape,
     num_classes=num_classes,
+    coefficients_fn=path_fn.gaussian_coefficients if has_score else None,
   )
   log_likelihood = None
   if context.source_is_normal:
@@ -136,9 +145,12 @@ def check(
   ot_solver: str = "emd",
   coupling_scope: str = "global",
   label_dropout: float = 0.0,
+  recipe: str = "",
   **noise,
 ) -> list[str]:
-  """Unknown names and out-of-range values, one line each."""
+  """Unknown names and out-of-range values, one line each; with ``recipe`` (bound per table
+  entry), also keywords set away from their defaults that the resolved path and coupling do
+  not read."""
   problems = []
   choices = [
     ("path", path, paths_lib.PATHS, True),
@@ -156,7 +168,35 @@ def check(
   for key, value in noise.items():
     if not value >= 0:
       problems.append(f"objective.{key}={value!r}: a noise level must be >= 0")
+  if recipe and not problems:
+    problems += _unread_problems(
+      recipe, noise, path=path, coupling=coupling, ot_solver=ot_solver, coupling_scope=coupling_scope
+    )
   return problems
+
+
+def _unread_problems(recipe_name: str, noise: dict, *, path, coupling, ot_solver, coupling_scope):
+  """Keywords the recipe's resolved path and coupling do not read, set away from defaults."""
+  factory = FACTORIES[recipe_name]
+  noise = noise or {k: v for k, v in base.defaults(factory).items() if k in ("sigma", "sigma_min")}
+  recipe = losses_lib.get_flow_matching_recipe(recipe_name, **noise)
+  path_name, coupling_name = path or recipe.path, coupling or recipe.coupling
+  unread = {}
+  if not noise_keywords(path_name, noise):
+    key, value = next(iter(noise.items()))
+    unread[key] = (value, f"the {path_name} path takes no noise level")
+  if coupling_name not in SOLVED_COUPLINGS:
+    unread["ot_solver"] = (
+      ot_solver,
+      f"only the couplings {list(SOLVED_COUPLINGS)} solve an assignment, and the coupling is "
+      f"{coupling_name!r}",
+    )
+  if coupling_name == "independent":
+    unread["coupling_scope"] = (
+      coupling_scope,
+      "independent pairs are the same drawn globally or per device",
+    )
+  return base.unread_problems(factory, unread)
 
 
 def icfm(
@@ -267,15 +307,28 @@ _SUMMARIES = {
   "fm": "Lipman's FM: linear path with sigma_min, independent pairs (Lipman et al. 2023)",
 }
 
+FACTORIES = {"icfm": icfm, "otcfm": otcfm, "sbcfm": sbcfm, "fm": fm}
+
+
+def sampler_choices(recipe_name: str, *, source_is_normal: bool, coupling: str = "", **_) -> tuple:
+  """:data:`~diffjax.samplers.GAUSSIAN_FLOW_SAMPLERS` for an ``N(0, I)`` source with independent
+  pairs (the velocity then gives the score), else :data:`~diffjax.samplers.FLOW_SAMPLERS`."""
+  recipe_coupling = losses_lib.FLOW_MATCHING_RECIPES[recipe_name]().coupling
+  if source_is_normal and (coupling or recipe_coupling) == "independent":
+    return samplers_lib.GAUSSIAN_FLOW_SAMPLERS
+  return samplers_lib.FLOW_SAMPLERS
+
+
 SPECS = {
   name: base.ObjectiveSpec(
     build=factory,
-    check=check,
-    samplers=samplers_lib.FLOW_SAMPLERS,
+    check=functools.partial(check, recipe=name),
+    samplers=samplers_lib.GAUSSIAN_FLOW_SAMPLERS,
     default_sampler="euler",
     output="velocity",
     summary=_SUMMARIES[name],
     any_source=True,
+    sampler_choices=functools.partial(sampler_choices, name),
   )
-  for name, factory in [("icfm", icfm), ("otcfm", otcfm), ("sbcfm", sbcfm), ("fm", fm)]
+  for name, factory in FACTORIES.items()
 }

@@ -83,6 +83,9 @@ def check(
       "the marginal field's posterior weights are 0 / 0; use path 'icfm' or "
       "'linear' with sigma > 0, or 'cosine'"
     )
+  if not problems and not flow_matching.noise_keywords(path, {"sigma": sigma}):
+    why = f"the {path} path takes no noise level"
+    problems += base.unread_problems(marginal_fm, {"sigma": (sigma, why)})
   return problems
 
 
@@ -169,8 +172,12 @@ def marginal_fm(
     )
     return losses_lib.marginal_fm_loss(prediction, example, data=points, path=path_fn)
 
+  # x0 ~ N(0, I) independent of x1: the velocity gives the score through the path's kernel.
   generate = samplers_lib.flow_generator(
-    apply=context.apply, source=context.source, data_shape=context.data_shape
+    apply=context.apply,
+    source=context.source,
+    data_shape=context.data_shape,
+    coefficients_fn=path_fn.gaussian_coefficients,
   )
   # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
   log_likelihood = base.probability_flow_likelihood(
@@ -191,7 +198,7 @@ def marginal_fm(
 SPEC = base.ObjectiveSpec(
   build=marginal_fm,
   check=check,
-  samplers=samplers_lib.FLOW_SAMPLERS,
+  samplers=samplers_lib.GAUSSIAN_FLOW_SAMPLERS,
   default_sampler="euler",
   output="velocity",
   summary="Marginal FM: the exact O(N) field of N toy points, no Dirac decoupling "

@@ -48,7 +48,6 @@ _PAIRS_BRANCH = 0x7265666C
 _SET_CHUNK = 4096
 
 
-
 def _train_teacher(workdir: str) -> str:
   """The fix of a missing teacher: which run to train first."""
   return (

@@ -11,6 +11,9 @@ Modules (private detail; import from here):
 * :mod:`~diffjax.samplers.adaptive`: Dopri5 / Tsit5 / Dopri8 through diffrax, with NFE.
 * :mod:`~diffjax.samplers.diffusion`: DDPM ancestral, DDIM, Euler-ancestral, DPM-Solver++ 2M/3M.
 * :mod:`~diffjax.samplers.edm`: EDM's stochastic sampler (Karras et al. 2022, Algorithm 2).
+* :mod:`~diffjax.samplers.multistep`: UniPC, DEIS, DPM-Solver++(2M) SDE.
+* :mod:`~diffjax.samplers.sde`: reverse-SDE samplers (Euler-Maruyama, stochastic Heun,
+  predictor-corrector) and the score of any prediction target.
 * :mod:`~diffjax.samplers.consistency`: multistep consistency sampling (Song et al. 2023).
 * :mod:`~diffjax.samplers.guidance`: classifier-free guidance.
 * :mod:`~diffjax.samplers.likelihood`: log-likelihood through the probability-flow ODE, bits/dim.
@@ -63,6 +66,8 @@ from diffjax.samplers.generate import (
   CONSISTENCY_SAMPLERS,
   CONTINUOUS_SAMPLERS,
   FLOW_SAMPLERS,
+  GAUSSIAN_FLOW_SAMPLERS,
+  GAUSSIAN_SAMPLERS,
   consistency_generator,
   continuous_diffusion_generator,
   diffusion_generator,
@@ -80,6 +85,8 @@ from diffjax.samplers.grids import (
   leading_steps,
   linspace_steps,
   log_snr_grid,
+  shift_times,
+  shifted_grid,
   trailing_steps,
   uniform_grid,
 )
@@ -100,6 +107,16 @@ from diffjax.samplers.likelihood import (
   rademacher_probes,
   standard_normal_log_prob,
 )
+from diffjax.samplers.multistep import (
+  DPMPP_SDE_SOLVER_TYPES,
+  UNIPC_VARIANTS,
+  deis_coefficients,
+  deis_sample,
+  dpmpp_2m_sde_sample,
+  get_dpmpp_sde_solver_type,
+  get_unipc_variant,
+  unipc_sample,
+)
 from diffjax.samplers.ode import (
   FIXED_STEP_METHODS,
   FixedStepMethod,
@@ -112,6 +129,13 @@ from diffjax.samplers.ode import (
   rk4_step,
 )
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
+from diffjax.samplers.sde import (
+  euler_maruyama_sample,
+  pc_sample,
+  reverse_sde,
+  score_field,
+  sde_heun_sample,
+)
 
 __all__ = [
   # fields
@@ -132,6 +156,8 @@ __all__ = [
   "edm_sigmas",
   "edm_grid",
   "log_snr_grid",
+  "shift_times",
+  "shifted_grid",
   "TIME_GRIDS",
   "get_time_grid",
   "linspace_steps",
@@ -168,6 +194,21 @@ __all__ = [
   "dpm_solver_pp_sample",
   # edm
   "edm_sample",
+  # multistep
+  "UNIPC_VARIANTS",
+  "get_unipc_variant",
+  "unipc_sample",
+  "deis_coefficients",
+  "deis_sample",
+  "DPMPP_SDE_SOLVER_TYPES",
+  "get_dpmpp_sde_solver_type",
+  "dpmpp_2m_sde_sample",
+  # sde
+  "score_field",
+  "reverse_sde",
+  "euler_maruyama_sample",
+  "sde_heun_sample",
+  "pc_sample",
   # guidance
   "classifier_free_guidance",
   "batched_classifier_free_guidance",
@@ -191,6 +232,8 @@ __all__ = [
   "SAMPLERS",
   "get_sampler",
   "FLOW_SAMPLERS",
+  "GAUSSIAN_SAMPLERS",
+  "GAUSSIAN_FLOW_SAMPLERS",
   "flow_generator",
   "CONSISTENCY_SAMPLERS",
   "consistency_generator",

@@ -24,6 +24,7 @@ then controls each example's error on its own). ``on_chunk(count)`` is called af
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from diffjax.samplers import grids
 from diffjax.samplers.consistency import consistency_sampler, multistep_times
 from diffjax.samplers.diffusion import interpolated_coefficients_fn
 from diffjax.samplers.few_step import at_equal_times, few_step_sampler
-from diffjax.samplers.fields import CoefficientsFn
+from diffjax.samplers.fields import CoefficientsFn, time_of_log_snr
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 
@@ -61,10 +62,38 @@ __all__ = [
 FLOW_SAMPLERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "tsit5")
 """Samplers that need only a velocity (any source distribution)."""
 
-CONTINUOUS_SAMPLERS = FLOW_SAMPLERS + ("dpmpp_2m", "dpmpp_3m", "edm", "euler_ancestral")
+GAUSSIAN_SAMPLERS = (
+  "dpmpp_2m",
+  "dpmpp_3m",
+  "unipc",
+  "deis",
+  "dpmpp_2m_sde",
+  "euler_maruyama",
+  "sde_heun",
+  "pc",
+)
+"""Samplers on a time grid that need the Gaussian process ``x_t = alpha x0 + sigma eps`` itself
+(``coefficients_fn``): the multistep exponential integrators (:mod:`~diffjax.samplers.diffusion`,
+:mod:`~diffjax.samplers.multistep`) and the reverse-SDE samplers (:mod:`~diffjax.samplers.sde`),
+which need the score."""
+
+GAUSSIAN_FLOW_SAMPLERS = FLOW_SAMPLERS + GAUSSIAN_SAMPLERS
+"""Samplers of a velocity model on a Gaussian path: an ``N(0, I)`` source drawn independently of
+the data, so that the path's :meth:`~diffjax.paths.Path.gaussian_coefficients` turn the velocity
+into ``x0_hat``, ``eps_hat`` and the score."""
+
+CONTINUOUS_SAMPLERS = FLOW_SAMPLERS + GAUSSIAN_SAMPLERS + ("edm", "euler_ancestral")
 """Samplers of a continuous Gaussian process whose ``coefficients_fn`` is known: the
-probability-flow ODE solvers on a time grid and the noise-level samplers ("edm",
-"euler_ancestral"). Not "ddpm" and "ddim", which step a discrete schedule."""
+probability-flow ODE solvers and :data:`GAUSSIAN_SAMPLERS` on a time grid and the noise-level
+samplers ("edm", "euler_ancestral"). Not "ddpm" and "ddim", which step a discrete schedule."""
+
+_SDE_SAMPLERS = ("euler_maruyama", "sde_heun", "pc")
+"""Samplers whose grid must keep ``alpha > 0`` (:func:`~diffjax.samplers.sde.check_sde_times`)."""
+
+FLOW_SDE_SIGMA_MAX = 80.0
+"""``sigma / alpha`` where the SDE samplers of a flow start (EDM's ``sigma_max``, Karras et al.
+2022, https://arxiv.org/abs/2206.00364): the linear path's reverse SDE is infinitely stiff at
+``alpha = 0``."""
 
 _SIGMA_SAMPLERS = ("edm", "euler_ancestral")
 
@@ -213,12 +242,23 @@ def flow_generator(
   data_shape: tuple[int, ...],
   num_classes: int = 0,
   default_sampler: str = "euler",
+  coefficients_fn: CoefficientsFn | None = None,
+  time_shift: float = 1.0,
 ) -> Generate:
   """Generator for a flow-matching model: ``apply`` predicts the velocity in flow time.
 
   Integrates ``dx/dt = apply(params, x, t, cond)`` from ``t = 0`` (``x ~ source``) to ``t = 1``
-  on a uniform grid of ``steps`` steps with one of :data:`FLOW_SAMPLERS` (for the adaptive ones
-  ``steps`` only sets where trajectories are saved).
+  on a uniform grid of ``steps`` steps, under SD3's ``time_shift``
+  (:func:`~diffjax.samplers.grids.shift_times`), with one of :data:`FLOW_SAMPLERS` (for the
+  adaptive ones ``steps`` only sets where trajectories are saved).
+
+  With ``coefficients_fn``, the path's Gaussian coefficients (an ``N(0, I)`` source drawn
+  independently of the data, :meth:`~diffjax.paths.Path.gaussian_coefficients`), the velocity
+  also gives ``x0_hat``, ``eps_hat`` and the score, and :data:`GAUSSIAN_SAMPLERS` sample it too:
+  on the same grid, except the reverse-SDE samplers ("euler_maruyama", "sde_heun", "pc"), which
+  run on EDM's time steps (:func:`~diffjax.samplers.grids.edm_grid`, ``rho = 7``, then the
+  shift) from ``sigma / alpha =`` :data:`FLOW_SDE_SIGMA_MAX` to ``t = 1``: their drift is
+  infinite at ``alpha = 0``. Every one of them starts from ``sigma(t_start) noise``.
 
   Args:
     apply: ``apply(params, x_t, t, cond) -> velocity``.
@@ -226,16 +266,45 @@ def flow_generator(
     data_shape: shape of one example (for error messages).
     num_classes: labels drawn uniformly for guidance when none are given (0: unconditional).
     default_sampler: used when ``sampler`` is None.
+    coefficients_fn: the Gaussian path's coefficients in flow time, or None (any source: only
+      :data:`FLOW_SAMPLERS`).
+    time_shift: SD3's shift of the grid toward the noise end (1: uniform; Esser et al. 2024,
+      https://arxiv.org/abs/2403.03206).
   """
+  choices = FLOW_SAMPLERS if coefficients_fn is None else GAUSSIAN_FLOW_SAMPLERS
+  if not time_shift > 0:
+    raise ValueError(f"time_shift={time_shift!r}: must be > 0 (1 leaves the grid uniform)")
+
+  def uniform(steps: int) -> Array:
+    times = grids.uniform_grid(num_steps=steps, t_start=0.0, t_end=1.0)
+    return grids.shift_times(times, shift=time_shift)
+
+  def sde_times(steps: int) -> Array:
+    t_noise = time_of_log_snr(
+      jnp.asarray(-2.0 * math.log(FLOW_SDE_SIGMA_MAX)), coefficients_fn=coefficients_fn
+    )
+    times = grids.edm_grid(
+      num_steps=steps, t_start=float(t_noise), t_end=1.0, coefficients_fn=coefficients_fn
+    )
+    return grids.shift_times(times, shift=time_shift)
 
   def build(name: str, steps: int) -> Sampler:
-    if name not in FLOW_SAMPLERS:
+    if name in FLOW_SAMPLERS:
+      return get_sampler(name, target="velocity", times=uniform(steps))
+    if name in choices:
+      times = sde_times(steps) if name in _SDE_SAMPLERS else uniform(steps)
+      return get_sampler(name, target="velocity", coefficients_fn=coefficients_fn, times=times)
+    if name in GAUSSIAN_SAMPLERS:
       raise ValueError(
-        f"sampler {name!r} cannot sample a velocity model of an arbitrary source; "
-        f"choose one of {list(FLOW_SAMPLERS)}"
+        f"sampler {name!r} needs the model's score, which a velocity model has only on a "
+        "Gaussian path from an N(0, I) source with independent pairs; choose one of "
+        f"{list(FLOW_SAMPLERS)}"
       )
-    times = grids.uniform_grid(num_steps=steps, t_start=0.0, t_end=1.0)
-    return get_sampler(name, target="velocity", times=times)
+    raise ValueError(
+      f"sampler {name!r} cannot sample a velocity model of "
+      f"{'an arbitrary source' if coefficients_fn is None else 'a Gaussian path'}; "
+      f"choose one of {list(choices)}"
+    )
 
   del data_shape
   return _make_generate(

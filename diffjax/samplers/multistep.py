@@ -43,6 +43,7 @@ __all__ = [
   "deis_coefficients",
   "deis_sample",
   "DPMPP_SDE_SOLVER_TYPES",
+  "get_dpmpp_sde_solver_type",
   "dpmpp_2m_sde_sample",
 ]
 
@@ -270,8 +271,15 @@ def unipc_sample(
       # UniC on the step last -> s, with m_s as the new evaluation.
       branches = [
         lambda _, c=c: c(
-          x_last, history[0], m_s, history[1:], lam_history[1:], lam_last, lam_s,
-          sigma_s / sigma_last, alpha_s,
+          x_last,
+          history[0],
+          m_s,
+          history[1:],
+          lam_history[1:],
+          lam_last,
+          lam_s,
+          sigma_s / sigma_last,
+          alpha_s,
         )
         for c in correctors
       ]
@@ -311,6 +319,256 @@ def unipc_sample(
   if path is not None:
     # path[i] is x_i after its correction (path[0] = x_init); the last state is predicted only.
     path = jnp.concatenate([path[1:], samples[None]])
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )
+
+
+# ---- DEIS ------------------------------------------------------------------------------------
+
+# Gauss-Legendre nodes and weights on [-1, 1]: exact for polynomials of degree 15, and the
+# integrands below are a polynomial of degree <= 1 times the smooth rho(t).
+_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(8)
+
+
+def _lagrange(tau: Array, nodes: list[Array], j: int) -> Array:
+  """``l_j(tau) = prod_{m != j} (tau - n_m) / (n_j - n_m)``."""
+  out = jnp.ones_like(tau)
+  for m, node in enumerate(nodes):
+    if m != j:
+      out = out * (tau - node) / (nodes[j] - node)
+  return out
+
+
+def deis_coefficients(times: Array, *, coefficients_fn: CoefficientsFn, order: int) -> Array:
+  """tAB-DEIS's weights ``C_ij = int_{t_i}^{t_{i+1}} l_j(tau) rho'(tau) dtau``, ``rho = sigma /
+  alpha``, for the Lagrange basis ``l_j`` in ``t`` through ``t_i, t_{i-1}, .., t_{i-order+1}``.
+
+  By parts, ``C_ij = l_j(t_{i+1}) rho_{i+1} - int l_j' rho dtau`` for ``j >= 1`` (``l_j(t_i) =
+  0``), the integral by 8-point Gauss-Legendre quadrature (Zhang & Chen 2022, eq. 14 and Sec.
+  4, https://arxiv.org/abs/2204.13902, who also integrate numerically). Where a step has fewer
+  than ``order`` past times, or a node has ``rho = inf``, the weights are 0 (never used).
+
+  Returns:
+    ``[N, order - 1]`` weights of ``j = 1 .. order - 1`` for ``[N + 1]`` ``times``.
+  """
+  times = jnp.asarray(times)
+  num_steps = times.shape[0] - 1
+  t_s, t_t = times[:-1], times[1:]
+  step = t_t - t_s
+  # Past nodes t_{i-j}; before the grid's start a fictitious node j steps back keeps the basis
+  # finite (those weights are zeroed below).
+  nodes = [t_s]
+  for j in range(1, order):
+    past = jnp.concatenate([jnp.full((j,), jnp.nan, times.dtype), times[: num_steps - j]])
+    nodes.append(jnp.where(jnp.isnan(past), t_s - j * step, past))
+  rho_t = _rho(coefficients_fn, t_t)
+  quad_t = t_s[:, None] + 0.5 * step[:, None] * (1.0 + jnp.asarray(_GAUSS_NODES, times.dtype))
+  rho_q = _rho(coefficients_fn, quad_t)
+  weights = 0.5 * step[:, None] * jnp.asarray(_GAUSS_WEIGHTS, times.dtype)
+  columns = []
+  for j in range(1, order):
+    node_q = [n[:, None] for n in nodes]
+    basis = lambda tau, j=j, node_q=node_q: _lagrange(tau, node_q, j)
+    _, derivative = jax.jvp(basis, (quad_t,), (jnp.ones_like(quad_t),))
+    end = _lagrange(t_t, nodes, j) * rho_t
+    column = end - jnp.sum(weights * derivative * rho_q, axis=-1)
+    has_past = jnp.arange(num_steps) >= order - 1
+    columns.append(jnp.where(has_past & jnp.isfinite(column), column, 0.0))
+  if not columns:
+    return jnp.zeros((num_steps, 0), times.dtype)
+  return jnp.stack(columns, axis=-1)
+
+
+def _rho(coefficients_fn: CoefficientsFn, t: Array) -> Array:
+  c = coefficients_fn(t)
+  return c.sigma / c.alpha
+
+
+def deis_sample(
+  denoise: Denoiser,
+  x_init: Array,
+  *,
+  times: Array,
+  coefficients_fn: CoefficientsFn,
+  order: int = 2,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
+  """tAB-DEIS: the exponential integrator with ``eps_hat`` extrapolated by a polynomial in ``t``.
+
+  In ``x_hat = x / alpha`` and ``rho = sigma / alpha`` the probability-flow ODE is ``d x_hat /
+  d rho = eps_hat`` (Song et al. 2021, DDIM eq. 14; Zhang & Chen 2022, eq. 11). With ``eps_hat``
+  on ``[t_i, t_{i+1}]`` the Lagrange polynomial through ``(t_{i-j}, eps_{i-j})``, ``j < k``:
+
+      x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i + alpha_{i+1} sum_{j=1}^{k-1} C_ij
+                (eps_{i-j} - eps_i),
+
+  ``C_ij`` from :func:`deis_coefficients`; ``k = 1`` is DDIM. Zhang & Chen (2022), "Fast
+  Sampling of Diffusion Models with Exponential Integrator", Sec. 4 (tAB-DEIS),
+  https://arxiv.org/abs/2204.13902. The first steps use the orders their history allows.
+
+  Args:
+    denoise: ``(x, t) -> (x0_hat, eps_hat)`` (:func:`~diffjax.samplers.fields.denoiser`).
+    x_init: ``[batch, *event]`` state at ``times[0]``.
+    times: ``[N + 1]`` model times from noise to data.
+    coefficients_fn: the process's ``alpha``, ``sigma``.
+    order: ``k``, 1, 2 or 3.
+    return_trajectory: also return the ``[N + 1, batch, ...]`` states.
+  """
+  check_times(times)
+  _check_order(order, (1, 2, 3), "DEIS")
+  times = jnp.asarray(times)
+  coefficients = coefficients_fn(times)
+  alphas, sigmas = coefficients.alpha, coefficients.sigma
+  num_steps = times.shape[0] - 1
+  orders = step_orders(_half_log_snr(alphas, sigmas), order=order)
+  weights = [
+    deis_coefficients(times, coefficients_fn=coefficients_fn, order=k) for k in range(2, order + 1)
+  ]
+
+  def body(carry, inputs):
+    x, history = carry
+    t, alpha_t, sigma_t, step_order, *step_weights = inputs
+    x0, eps = denoise(x, _full(t, x))
+    base = _ddim(x0, eps, alpha_t, sigma_t)
+
+    def at_order(k):
+      def update(_):
+        if k == 1:
+          return base
+        terms = [w * (history[j - 1] - eps) for j, w in enumerate(step_weights[k - 2], start=1)]
+        return base + alpha_t * sum(terms)
+
+      return update
+
+    x_next = jax.lax.switch(step_order - 1, [at_order(k) for k in range(1, order + 1)], x)
+    return (x_next, _shift_in(history, eps)), (x_next if return_trajectory else None)
+
+  history = jnp.zeros((max(order - 1, 1), *x_init.shape), x_init.dtype)
+  inputs = (times[:-1], alphas[1:], sigmas[1:], orders, *weights)
+  (samples, _), path = jax.lax.scan(body, (x_init, history), inputs)
+  return SamplerOutput(
+    samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
+  )
+
+
+# ---- DPM-Solver++(2M) SDE --------------------------------------------------------------------
+
+
+def _midpoint_weight(c: Array) -> Array:
+  """``(1 - e^-c) / 2``, the second-order weight of the "midpoint" form."""
+  return -0.5 * jnp.expm1(-c)
+
+
+def _heun_weight(c: Array) -> Array:
+  """``1 - (1 - e^-c) / c``, the second-order weight of the "heun" form."""
+  return 1.0 + jnp.expm1(-c) / c
+
+
+DPMPP_SDE_SOLVER_TYPES: dict[str, Callable[[Array], Array]] = {
+  "midpoint": _midpoint_weight,
+  "heun": _heun_weight,
+}
+
+
+def get_dpmpp_sde_solver_type(name: str) -> Callable[[Array], Array]:
+  """Resolves the second-order form of DPM-Solver++(2M) SDE, "midpoint" or "heun", once."""
+  return lookup(DPMPP_SDE_SOLVER_TYPES, name, "DPM-Solver++ SDE solver type")
+
+
+def dpmpp_2m_sde_sample(
+  key: Array,
+  denoise: Denoiser,
+  x_init: Array,
+  *,
+  times: Array,
+  coefficients_fn: CoefficientsFn,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+  solver_type: Callable[[Array], Array] = _midpoint_weight,
+  noises: Array | None = None,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
+  """DPM-Solver++(2M) SDE: the data-prediction multistep solver of the reverse SDE family.
+
+  With ``h = lambda_t - lambda_s``, ``c = (1 + eta) h``, ``D = x0_hat(x_s)``, ``D'`` the previous
+  evaluation and ``r = h_prev / h``:
+
+      x_t = sigma_t / sigma_s e^{-eta h} x_s + alpha_t (1 - e^{-c}) D
+            + alpha_t w(c) (D - D') / r + sigma_t sqrt(1 - e^{-2 eta h}) s_noise z,
+
+  ``w(c) = (1 - e^{-c}) / 2`` ("midpoint") or ``1 - (1 - e^{-c}) / c`` ("heun"); no history on the
+  first step; a step to ``sigma = 0`` returns ``alpha_t D``. ``eta = 0`` with "midpoint" is
+  DPM-Solver++(2M) (:func:`~diffjax.samplers.diffusion.dpm_solver_pp_sample`), ``eta = 1`` the
+  SDE-DPM-Solver++(2M) of Lu et al. (2022b), https://arxiv.org/abs/2211.01095, written as
+  Crowson's k-diffusion ``sample_dpmpp_2m_sde`` (in ``x_ve = x / alpha``, ``sigma_ve = e^-lambda``
+  there) for any ``alpha``, ``sigma``. A start at ``alpha = 0`` has ``h = inf``: with ``eta > 0``
+  the state is fully renoised, ``x_t = alpha_t D + sigma_t z``.
+
+  Args:
+    key: PRNG key for the noise (unused with ``noises`` or ``eta = 0``).
+    denoise: ``(x, t) -> (x0_hat, eps_hat)``.
+    x_init: ``[batch, *event]`` state at ``times[0]``.
+    times: ``[N + 1]`` model times from noise to data.
+    coefficients_fn: the process's ``alpha``, ``sigma``.
+    eta: the noise level of the SDE family (0: the probability-flow ODE).
+    s_noise: scale of the added noise.
+    solver_type: ``w(c)``, from :data:`DPMPP_SDE_SOLVER_TYPES`.
+    noises: ``[N, batch, *event]`` the standard normal ``z`` of each step, or None (from ``key``).
+    return_trajectory: also return the ``[N + 1, batch, ...]`` states.
+  """
+  check_times(times)
+  if isinstance(eta, (int, float)) and not eta >= 0:
+    raise ValueError(f"eta={eta!r}: must be >= 0 (0: probability-flow ODE, 1: reverse SDE)")
+  if isinstance(s_noise, (int, float)) and not s_noise >= 0:
+    raise ValueError(f"s_noise={s_noise!r}: must be >= 0")
+  times = jnp.asarray(times)
+  coefficients = coefficients_fn(times)
+  alphas, sigmas = coefficients.alpha, coefficients.sigma
+  lambdas = _half_log_snr(alphas, sigmas)
+  num_steps = times.shape[0] - 1
+  given = noises is not None
+  if given and noises.shape != (num_steps, *x_init.shape):
+    raise ValueError(
+      f"noises of shape {noises.shape}: expected [num_steps, *x.shape] = "
+      f"{(num_steps, *x_init.shape)}, one standard normal draw per step"
+    )
+  draws = noises if given else jax.random.split(key, num_steps)
+  # A finite stand-in for an infinite past step: it weighs that history by ~0, as h = inf would.
+  far = jnp.asarray(1e30, lambdas.dtype)
+
+  def body(carry, inputs):
+    x, d_prev, h_prev = carry
+    i, t, lam_s, lam_t, sigma_s, sigma_t, alpha_t, draw = inputs
+    d, _ = denoise(x, _full(t, x))
+    h = lam_t - lam_s
+    finite = jnp.isfinite(h)
+    hs = jnp.where(finite, h, 1.0)
+    eta_h = jnp.where(eta == 0, 0.0, eta * h)  # 0 * inf would be NaN
+    c = h + eta_h
+    x_next = (sigma_t / sigma_s) * jnp.exp(-eta_h) * x - alpha_t * jnp.expm1(-c) * d
+    cs = jnp.where(finite, c, 1.0)
+    second = alpha_t * solver_type(cs) * (hs / h_prev) * (d - d_prev)
+    x_next = x_next + jnp.where(finite & (i > 0), 1.0, 0.0) * second
+    z = draw.astype(x.dtype) if given else jax.random.normal(draw, x.shape, x.dtype)
+    noise_std = sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * eta_h)) * s_noise
+    x_next = x_next + jnp.where(sigma_t > 0, noise_std, 0.0) * z
+    x_next = jnp.where(sigma_t > 0, x_next, alpha_t * d)
+    h_keep = jnp.where(finite, h, far)
+    return (x_next, d, h_keep), (x_next if return_trajectory else None)
+
+  inputs = (
+    jnp.arange(num_steps),
+    times[:-1],
+    lambdas[:-1],
+    lambdas[1:],
+    sigmas[:-1],
+    sigmas[1:],
+    alphas[1:],
+    draws,
+  )
+  carry = (x_init, jnp.zeros_like(x_init), jnp.ones((), lambdas.dtype))
+  (samples, *_), path = jax.lax.scan(body, carry, inputs)
   return SamplerOutput(
     samples=samples, trajectory=prepend_initial(x_init, path), nfe=jnp.asarray(num_steps, jnp.int32)
   )

@@ -7,7 +7,8 @@ process, the grid, solver options); it returns a callable with one signature for
            return_trajectory=False) -> SamplerOutput
 
 * ``key``: PRNG key (used by the stochastic samplers: "ddpm", "ddim" with ``eta > 0``, "edm"
-  with ``s_churn > 0``, "euler_ancestral"; ignored by the others).
+  with ``s_churn > 0``, "euler_ancestral", "euler_maruyama", "sde_heun", "pc" and
+  "dpmpp_2m_sde" with ``eta > 0``; ignored by the others).
 * ``predict``: ``(x, t) -> prediction`` at model time ``t`` (``[batch]``).
 * ``noise``: ``[batch, *event]`` standard normal draws. The sampler scales them to its prior,
   ``N(0, sigma(t_start)^2 I)`` (the data's share ``alpha x0`` is dropped: ``alpha(t_start) ~ 0``):
@@ -25,6 +26,14 @@ Settings per family (all keyword-only; ``target`` is a PredictionTarget or its n
 * "euler", "heun", "midpoint", "rk4": ``target, times, coefficients_fn=None``;
 * "dopri5", "tsit5": the same plus ``rtol=1e-5, atol=1e-5, max_steps=4096``;
 * "dpmpp_2m", "dpmpp_3m": ``target, times, coefficients_fn``;
+* "unipc": the same plus ``order=2, variant="bh2", corrector=True, lower_order_final=True``
+  (:func:`~diffjax.samplers.multistep.unipc_sample`);
+* "deis": the same plus ``order=2`` (:func:`~diffjax.samplers.multistep.deis_sample`);
+* "dpmpp_2m_sde": the same plus ``eta=1, s_noise=1, solver_type="midpoint"``
+  (:func:`~diffjax.samplers.multistep.dpmpp_2m_sde_sample`);
+* "euler_maruyama", "sde_heun": ``target, times, coefficients_fn, eta=1`` (the reverse SDE of
+  :mod:`~diffjax.samplers.sde`; ``alpha > 0`` on the whole grid);
+* "pc": the same plus ``snr=0.16, corrector_steps=1`` (:func:`~diffjax.samplers.sde.pc_sample`);
 * "edm": ``target, coefficients_fn, sigmas, s_churn=0, s_tmin=0, s_tmax=inf, s_noise=1,
   time_of_sigma=None, t_min=0, t_max=1``;
 * "euler_ancestral": ``target, coefficients_fn, sigmas, eta=1, s_noise=1, time_of_sigma=None,
@@ -50,7 +59,7 @@ from jax import Array
 
 from diffjax._lookup import lookup
 from diffjax.parameterization import PredictionTarget, get_prediction_target
-from diffjax.samplers import adaptive, diffusion, edm, grids, ode
+from diffjax.samplers import adaptive, diffusion, edm, grids, multistep, ode, sde
 from diffjax.samplers.fields import (
   CoefficientsFn,
   Predictor,
@@ -214,6 +223,114 @@ def _dpmpp_factory(order: int):
   return factory
 
 
+def _process_factory(
+  name: str,
+  run: Callable[..., SamplerOutput],
+  defaults: dict,
+  *,
+  resolvers: dict[str, Callable] | None = None,
+  check: Callable[..., None] | None = None,
+):
+  """Samplers of a process on a time grid: ``run(key, denoise, x_init, times=,
+  coefficients_fn=, return_trajectory=, **options)`` with the denoiser of :func:`denoiser`.
+
+  ``options`` are checked against ``defaults``, named ones resolved by ``resolvers`` and the
+  settings checked by ``check(times, coefficients_fn, **options)``, all when the sampler is
+  built (before any tracing)."""
+  resolvers = resolvers or {}
+
+  def factory(*, target, times, coefficients_fn=None, **options) -> Sampler:
+    unknown = set(options) - set(defaults)
+    if unknown:
+      raise ValueError(
+        f"sampler {name!r} does not take {sorted(unknown)}; its options are {sorted(defaults)}"
+      )
+    options = {**defaults, **options}
+    _require(coefficients_fn, name)
+    ode.check_times(times)
+    grids.check_sampling_direction(times, coefficients_fn=coefficients_fn, name=f"sampler {name!r}")
+    if check is not None:
+      check(times, coefficients_fn, **options)
+    options = {k: resolvers[k](v) if k in resolvers else v for k, v in options.items()}
+    resolved = _target(target)
+
+    def sample(
+      key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+    ) -> SamplerOutput:
+      predict = _guided(predict, predict_uncond, guidance_scale)
+      denoise = denoiser(predict, target=resolved, coefficients_fn=coefficients_fn)
+      x_init = _sigma_at(coefficients_fn, times[0]).astype(noise.dtype) * noise
+      return run(
+        key,
+        denoise,
+        x_init,
+        times=times,
+        coefficients_fn=coefficients_fn,
+        return_trajectory=return_trajectory,
+        **options,
+      )
+
+    return sample
+
+  factory.__name__ = f"{name}_sampler"
+  factory.__doc__ = f"The {name!r} sampler over ``times``; options {defaults}."
+  return factory
+
+
+def _deterministic(run: Callable[..., SamplerOutput]) -> Callable[..., SamplerOutput]:
+  """``run`` without the key argument it does not use."""
+
+  def with_key(key, denoise, x_init, **kwargs):
+    del key
+    return run(denoise, x_init, **kwargs)
+
+  return with_key
+
+
+def _check_order(order) -> None:
+  if isinstance(order, bool) or order not in (1, 2, 3):
+    raise ValueError(f"order={order!r}: choose 1, 2 or 3")
+
+
+def _check_eta(eta) -> None:
+  if not eta >= 0:
+    raise ValueError(f"eta={eta!r}: must be >= 0 (0: probability-flow ODE, 1: reverse SDE)")
+
+
+def _check_deis(times, coefficients_fn, *, order):
+  del times, coefficients_fn
+  _check_order(order)
+
+
+def _check_unipc(times, coefficients_fn, *, order, variant, corrector, lower_order_final):
+  del times, coefficients_fn, corrector, lower_order_final
+  _check_order(order)
+  multistep.get_unipc_variant(variant)
+
+
+def _check_dpmpp_sde(times, coefficients_fn, *, eta, s_noise, solver_type):
+  del times, coefficients_fn
+  _check_eta(eta)
+  if not s_noise >= 0:
+    raise ValueError(f"s_noise={s_noise!r}: must be >= 0")
+  multistep.get_dpmpp_sde_solver_type(solver_type)
+
+
+def _check_sde(times, coefficients_fn, *, eta):
+  _check_eta(eta)
+  sde.check_sde_times(times, coefficients_fn)
+
+
+def _check_pc(times, coefficients_fn, *, eta, snr, corrector_steps):
+  _check_sde(times, coefficients_fn, eta=eta)
+  if not snr > 0:
+    raise ValueError(f"snr={snr!r}: the corrector's signal-to-noise ratio must be > 0")
+  if isinstance(corrector_steps, bool) or int(corrector_steps) != corrector_steps:
+    raise ValueError(f"corrector_steps={corrector_steps!r}: must be an integer >= 0")
+  if corrector_steps < 0:
+    raise ValueError(f"corrector_steps={corrector_steps!r}: must be an integer >= 0")
+
+
 def _sigma_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict):
   """EDM-style samplers: noise levels ``sigmas`` and the denoiser :func:`sigma_denoiser`."""
 
@@ -337,6 +454,30 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {
   ),
   "dopri5": _adaptive_factory("dopri5"),
   "tsit5": _adaptive_factory("tsit5"),
+  "unipc": _process_factory(
+    "unipc",
+    _deterministic(multistep.unipc_sample),
+    dict(order=2, variant="bh2", corrector=True, lower_order_final=True),
+    resolvers=dict(variant=multistep.get_unipc_variant),
+    check=_check_unipc,
+  ),
+  "deis": _process_factory(
+    "deis", _deterministic(multistep.deis_sample), dict(order=2), check=_check_deis
+  ),
+  "dpmpp_2m_sde": _process_factory(
+    "dpmpp_2m_sde",
+    multistep.dpmpp_2m_sde_sample,
+    dict(eta=1.0, s_noise=1.0, solver_type="midpoint"),
+    resolvers=dict(solver_type=multistep.get_dpmpp_sde_solver_type),
+    check=_check_dpmpp_sde,
+  ),
+  "euler_maruyama": _process_factory(
+    "euler_maruyama", sde.euler_maruyama_sample, dict(eta=1.0), check=_check_sde
+  ),
+  "sde_heun": _process_factory("sde_heun", sde.sde_heun_sample, dict(eta=1.0), check=_check_sde),
+  "pc": _process_factory(
+    "pc", sde.pc_sample, dict(eta=1.0, snr=0.16, corrector_steps=1), check=_check_pc
+  ),
 }
 
 
@@ -345,7 +486,8 @@ def get_sampler(name: str, **kwargs) -> Sampler:
 
   Args:
     name: one of ``SAMPLERS``: "ddpm", "ddim", "euler", "heun", "midpoint", "rk4", "edm",
-      "dpmpp_2m", "dpmpp_3m", "euler_ancestral", "dopri5", "tsit5".
+      "dpmpp_2m", "dpmpp_3m", "euler_ancestral", "dopri5", "tsit5", "unipc", "deis",
+      "dpmpp_2m_sde", "euler_maruyama", "sde_heun", "pc".
     **kwargs: the family's settings (module docstring).
 
   Returns:

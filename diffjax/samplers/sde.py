@@ -80,9 +80,7 @@ def score_field(predict: Predictor, *, target, coefficients_fn: CoefficientsFn):
   return score
 
 
-def reverse_sde(
-  denoise: Denoiser, *, coefficients_fn: CoefficientsFn, eta: float = 1.0
-):
+def reverse_sde(denoise: Denoiser, *, coefficients_fn: CoefficientsFn, eta: float = 1.0):
   """``(x, t) -> (drift, diffusion)`` of the reverse SDE family (module docstring).
 
   ``drift = d_alpha x0_hat + d_sigma eps_hat + eta^2 k eps_hat`` and ``diffusion = eta sqrt(2
@@ -243,8 +241,9 @@ def sde_heun_sample(
   )
 
 
-def _per_example_norm(v: Array) -> Array:
-  return jnp.sqrt(jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=-1))
+def _mean_norm(v: Array) -> Array:
+  """The per-example norm ``||v_b||`` averaged over the batch."""
+  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=-1)))
 
 
 def pc_sample(
@@ -262,13 +261,17 @@ def pc_sample(
   """Predictor-corrector sampling: an Euler-Maruyama step of the reverse SDE, then
   ``corrector_steps`` steps of Langevin dynamics at the time it lands on.
 
-  Corrector (Song et al. 2021, Algorithms 2 and 3, https://arxiv.org/abs/2011.13456), per
-  example with ``s = score(x, t) = -eps_hat / sigma`` and ``z ~ N(0, I)``:
-  ``e = 2 a (snr ||z|| / ||s||)^2``, ``x <- x + e s + sqrt(2 e) z``, where ``a = (alpha(t_i) /
-  alpha(t_{i+1}))^2`` (at most 1) is the step's ``abar`` ratio: Algorithm 3's ``alpha_i = 1 -
-  beta_i`` for VP, 1 for VE. No correction where ``sigma = 0`` (the score is infinite there).
-  The predictor is :func:`euler_maruyama_sample`'s step (the paper's reverse-diffusion predictor
-  differs from it by ``O(dt^2)`` per step). ``1 + corrector_steps`` network evaluations per step.
+  Corrector (Song et al. 2021, Algorithms 2 and 3, https://arxiv.org/abs/2011.13456), with
+  ``s = score(x, t) = -eps_hat / sigma`` and ``z ~ N(0, I)``: ``e = 2 a (snr ||z|| / ||s||)^2``,
+  ``x <- x + e s + sqrt(2 e) z``, where ``a = (alpha(t_i) / alpha(t_{i+1}))^2`` (at most 1) is
+  the step's ``abar`` ratio (Algorithm 3's ``alpha_i = 1 - beta_i`` for VP, 1 for VE). As in the
+  authors' code (``LangevinCorrector`` of yang-song/score_sde), ``||z||`` and ``||s||`` are
+  per-example norms averaged over the batch: per-example ratios blow up where ``||s|| ~ 0``,
+  which low-dimensional data reaches. So one example's step size depends on its batch (a
+  generator's chunked mode samples examples one at a time). No correction where ``sigma = 0``
+  (the score is infinite there). The predictor is :func:`euler_maruyama_sample`'s step (the
+  paper's reverse-diffusion predictor differs from it by ``O(dt^2)`` per step). ``1 +
+  corrector_steps`` network evaluations per step.
 
   Args:
     key: PRNG key for the predictor's and the corrector's noise.
@@ -296,8 +299,7 @@ def pc_sample(
     _, eps = denoise(x, _full(t, x))
     score = -eps / sigma
     z = jax.random.normal(inputs, x.shape, x.dtype)
-    e = 2.0 * a * (snr * _per_example_norm(z) / _per_example_norm(score)) ** 2
-    e = broadcast_to_data(e, x)
+    e = 2.0 * a * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
     return x + e * score + jnp.sqrt(2.0 * e) * z, None
 
   def body(x, inputs):

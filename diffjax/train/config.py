@@ -477,6 +477,26 @@ def label_problem(labels, *, num_classes: int, origin: str, complete: bool = Tru
   )
 
 
+def _unread_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Values of one group that another group makes the run ignore, one line each with the reason
+  (within the objective group, each objective's ``check`` reports its own)."""
+  problems = []
+  dropout = config.objective.get("label_dropout", 0.0)
+  if dropout and not config.data.num_classes:
+    problems.append(
+      f"objective.label_dropout={dropout!r} with data.num_classes=0: label dropout trains the "
+      "null label of a class-conditional model, and this model has no labels, so it would be "
+      "ignored; set data.num_classes (and labels in the data), or objective.label_dropout=0"
+    )
+  if config.data.augment_flip and len(config.data.shape) != 3:
+    problems.append(
+      f"data.augment_flip=True with data.shape={tuple(config.data.shape)}: a horizontal flip "
+      "mirrors images (height, width, channels), and these data are not images, so it would "
+      "be ignored; set data.augment_flip=false"
+    )
+  return problems
+
+
 def _npz_key_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The npz keys' spelling and combinations (no file is read)."""
   from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
@@ -534,11 +554,6 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
       f"set data.shape={shape}"
     ]
   problems = []
-  if arrays.ndim == 2 and config.data.augment_flip:
-    problems.append(
-      f"data.augment_flip=True but {origin} holds vectors of shape {shape}: a horizontal flip "
-      "mirrors images; set data.augment_flip=false"
-    )
   if arrays.shape[0] < config.train.batch_size:
     problems.append(
       f"train.batch_size={config.train.batch_size} but {origin} holds {arrays.shape[0]} "
@@ -609,6 +624,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
   if problems:  # before the name tables, whose imports take seconds
     raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)
+  if not problems:
+    problems += _unread_problems(config)
   if not problems:
     problems += _dataset_problems(config)
 
