@@ -11,6 +11,8 @@ def get_config(variant: str = ""):
   config = base_config()
   config.seed = 42
   config.data.target = "moons"
+  # prediction: "eps" | "x0" | "v" (v-prediction alpha eps - sigma x0, Salimans & Ho 2022);
+  # the flow velocity dx_t/dt needs a continuous schedule (objective continuous_diffusion).
   config.objective = objective_group(
     "diffusion", schedule="linear", num_diffusion_steps=1000, prediction="eps", weighting="uniform"
   )

@@ -13,6 +13,8 @@ def get_config(variant: str = ""):
   config.seed = 42
   config.data.source = "normal"  # diffusion: the prior is N(0, sigma(1)^2 I)
   config.data.target = "moons"
+  # prediction: "eps" | "x0" | "v" (v-prediction alpha eps - sigma x0, Salimans & Ho 2022) |
+  # "velocity" (the flow velocity dx_t/dt = d_alpha x0 + d_sigma eps, as flow matching predicts).
   config.objective = objective_group(
     "continuous_diffusion", schedule="vp", prediction="eps", weighting="uniform"
   )

@@ -1,57 +1,60 @@
 """Exact linear assignment inside the JAX graph: Bertsekas's auction with epsilon scaling.
 
-Solves ``min_{sigma in S_n} sum_i C_{i, sigma(i)}`` for one ``[n, n]`` cost matrix (vmap for a
+Solves ``min_{sigma in S_n} sum_i C_{i sigma(i)}`` for one ``[n, n]`` cost matrix (vmap for a
 stack) with ``lax.while_loop`` only: no host callback, fixed shapes, jittable, vmappable and
-shardable, so an exact OT coupling runs on the accelerator inside the training step.
+shardable, so an exact OT coupling can run on the accelerator inside the training step.
 
 The auction (Bertsekas 1988, "The auction algorithm: a distributed relaxation method for the
-assignment problem", https://doi.org/10.1007/BF02186476; Bertsekas & Castanon 1991, "A forward/
-reverse auction algorithm for asymmetric assignment problems"; survey: Bertsekas 1992,
+assignment problem", https://doi.org/10.1007/BF02186476; survey: Bertsekas 1992,
 https://web.mit.edu/dimitrib/www/Auction_Survey.pdf). Rows are persons, columns objects with
 prices ``p_j``; person ``i`` values object ``j`` at ``-(C_ij + p_j)``. An unassigned person bids
-for its best object ``j1`` and raises its price to the level at which the second best ``j2``
-would be as good, plus ``eps``::
+for its best object ``j1`` and raises its price to where the second best ``j2`` would be as good,
+plus ``eps``::
 
     p_j1 <- p_j1 + (C_ij2 + p_j2) - (C_ij1 + p_j1) + eps
 
 and the highest bidder takes the object (its previous owner becomes unassigned). Every assigned
-pair then satisfies eps-complementary slackness (eps-CS)::
-
-    C_{i sigma(i)} + p_{sigma(i)} <= min_j (C_ij + p_j) + eps,
-
-and with the potentials ``v_j = -p_j``, ``u_i = min_j (C_ij - v_j)`` (a feasible dual of the
-assignment LP, ``u_i + v_j <= C_ij``) the duality gap is at most ``n eps``::
+pair then satisfies eps-complementary slackness (eps-CS),
+``C_{i sigma(i)} + p_{sigma(i)} <= min_j (C_ij + p_j) + eps``. With ``v_j = -p_j`` and
+``u_i = min_j (C_ij - v_j)`` (a feasible dual of the assignment LP: ``u_i + v_j <= C_ij``), weak
+duality gives the certificate::
 
     sum_i C_{i sigma(i)} - OPT  <=  sum_i C_{i sigma(i)} - (sum_i u_i + sum_j v_j)  <=  n eps.
 
-Epsilon scaling runs phases with ``eps`` falling geometrically (by ``scaling``) from a fraction of
-the cost range to ``eps_final``, each phase starting from the last one's prices and keeping the
-pairs that still satisfy the new eps-CS; it bounds the number of bids per phase.
+Epsilon scaling (Bertsekas & Eckstein 1988, https://doi.org/10.1007/BF01589407) runs phases with
+``eps`` falling by ``scaling`` from a fraction of the cost range, each phase keeping the previous
+prices and the pairs that still satisfy eps-CS.
 
-The float32 guarantee. Let ``R = max_i (max_j C_ij - min_j C_ij)`` (the largest row range; only
-differences within a row matter, so each row is shifted by its minimum first) and ``u = 2^-23``
-(float32's unit roundoff ``finfo.eps``). Prices stay in ``[0, 2R + 2 eps_0]`` within a phase
-(a bid is at most the price of an object nobody has bid for yet plus ``R + eps``) and are shifted
-to a minimum of 0 between phases, so every value ``C_ij + p_j`` lies below ``4R``. With
-``eps_final = 8 u R >= 2 ulp(4R)`` each bid raises a price by at least one ulp (termination even on
-exactly tied rows, i.e. duplicate points), and the rounding of the values adds below ``ulp(4R)/2
-<= eps_final / 4`` per comparison, so the returned assignment and potentials satisfy::
+Float arithmetic, in two stages. Every bid must raise a price by at least one ulp (else tied rows,
+i.e. duplicate points, bid forever), so ``eps`` cannot go below the resolution of the prices,
+which span the cost range. Let ``u`` be the unit roundoff (``finfo.eps``: ``2^-23`` in float32).
 
-    sum_i C_{i sigma(i)} - OPT  <=  gap(sigma, u, v)  <=  2 n eps_final = 16 n u R,
+1. Each row is shifted to a minimum of 0; ``R`` is the largest row range. Prices stay in
+   ``[0, 2R + 2 eps_0]`` within a phase (a bid is at most the price of an object nobody has bid
+   for yet, plus ``R + eps``) and are shifted to a minimum of 0 between phases, so a phase down to
+   ``eps_1 = 8 u R >= 2 ulp(4R)`` terminates, with a certificate ``G_1 <= 2 n eps_1`` (``eps``
+   plus the rounding of the values).
+2. The reduced costs ``rho_ij = C_ij + p_j - w_i`` at stage 1's prices are formed exactly
+   (Knuth's two-sum) and rounded once, so entries near a row's minimum keep float32's *relative*
+   precision. An optimal assignment has ``sum_i rho_{i sigma(i)} - sum_i min_j rho_ij <= G_1``,
+   so no entry ``rho_ij - min_j rho_ij`` above ``G_1`` is in any optimal assignment: they are
+   clipped to ``T = 2 G_1``, and the auction continues from stage 1's assignment on costs of range
+   ``T`` down to ``eps = 8 u T``.
 
-where ``gap`` is the certificate computed from the returned potentials (exactly, in float64, by a
-test; ``Assignment.epsilon`` is ``eps_final``). Equivalently, scaling the costs to integers is
-the textbook form of the same condition: if every ``C_ij`` is a multiple of ``delta``, the result
-is exactly optimal whenever ``n eps < delta``; for float costs of resolution ``delta = 16 u R``
-per assignment entry (the float32 grid at the cost range) the gap is at most ``n delta``. In
-float64 (with x64) ``u = 2^-52`` and the same bound holds.
+The result: ``sum_i C_{i sigma(i)} - OPT <= 3 n eps`` with the returned ``epsilon`` (the
+certificate from the returned potentials, checked exactly in float64 by the tests), and a priori
+``3 n eps <= 48 n u G_1 <= 768 n^2 u^2 R``. Exactness condition: if every cost is a multiple of
+``delta`` (integer costs: ``delta = 1``; float costs scaled to integers), the assignment is
+optimal whenever ``3 n eps < delta``; for generic float costs it is optimal unless another
+assignment is within ``3 n eps`` of the optimum.
 
-Constraints (label-conditional OT): with ``row_labels`` and ``column_labels``, only pairs of equal
-labels are allowed (the cost is infinite across classes); forbidden pairs are left out of every
-maximum, not penalised by a large number, so the bound above holds with ``R`` taken over the
+Constraints (label-conditional OT): with ``row_labels`` and ``column_labels`` only pairs of equal
+labels are allowed (the cost across classes is infinite). Forbidden pairs are left out of every
+maximum rather than penalised by a large number, so the bounds above hold with ``R`` over the
 allowed entries. A perfect matching exists iff both label multisets are equal (checked in the
-graph); otherwise, or if ``max_rounds`` runs out, ``converged`` is False and the unassigned rows
-read ``n`` (an out-of-range index: a gather with it gives NaN, so a training step fails loudly).
+graph); otherwise, or if ``max_rounds`` runs out, ``converged`` is False and the rows left
+unassigned read ``n``, an out-of-range index (a gather with it gives NaN, so a training step that
+used it fails loudly).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class Assignment(NamedTuple):
     column_potential: ``[n]`` ``v`` rounded to the dtype.
     column_residual: ``[n]`` what the rounding left: ``v = column_potential + column_residual``
       exactly (the certificate needs ``v`` to better than float32's resolution).
-    epsilon: scalar, the final ``eps``: the duality gap is at most ``2 n epsilon``.
+    epsilon: scalar, the final ``eps``: ``sum_i C_{i sigma(i)} - OPT <= 3 n epsilon``.
     converged: scalar bool, every row is assigned.
     rounds: scalar int32, the number of bidding rounds taken (all phases).
   """
@@ -107,8 +110,8 @@ def _masked(values, allowed, fill):
 def _best_two(values):
   """Per row: the largest value, its first column, and the largest value of the other columns.
 
-  Written as three plain reductions: XLA's CPU argmax and top_k inside a while loop cost 7x and
-  100x more than this here.
+  Three plain reductions: XLA's argmax and top_k are much slower than this inside a while loop on
+  CPU.
   """
   columns = jnp.arange(values.shape[-1], dtype=jnp.int32)
   best = jnp.max(values, axis=-1)
@@ -145,12 +148,18 @@ def _auction(
   max_rounds: int,
 ) -> _Auction:
   """Epsilon-scaling phases of the forward auction on ``reduced`` (``>= 0`` where allowed), from a
-  partial assignment ``state.person`` (row -> column, ``n`` = none) that satisfies eps-CS for
-  ``eps_start`` at ``state.prices`` (the pairs that do not are dropped at each phase's start)."""
+  partial assignment ``state.person`` (row -> column, ``n`` = none); at each phase's start the
+  pairs that violate eps-CS for the phase's ``eps`` are dropped.
+
+  The unassigned rows wait in a ring buffer: a round pops up to ``bidders`` of them, and pushes
+  back the bidders that lost and the owners their winners displaced, so a round costs
+  ``O(bidders n)`` (the bidders' rows of the cost) and nothing of order ``n^2``.
+  """
   n = reduced.shape[0]
   dtype = reduced.dtype
   none = jnp.int32(n)  # "no partner": an out-of-range index
   arange = jnp.arange(n, dtype=jnp.int32)
+  slots = jnp.arange(bidders, dtype=jnp.int32)
 
   def values_of(rows, prices):
     """``-(C_ij + p_j)`` for the given rows, ``-inf`` on forbidden pairs."""
@@ -158,37 +167,42 @@ def _auction(
     return _masked(-(reduced[rows] + prices[None, :]), allowed, -jnp.inf)
 
   def bid_round(carry):
-    prices, person, owner, rounds, eps = carry
-    # The first `bidders` unassigned rows, found by one-hot comparisons rather than a scatter
-    # (scatters are slow on CPU, and worse vmapped).
-    unassigned = person == none
-    rank = jnp.cumsum(unassigned.astype(jnp.int32)) - 1
-    slots = jnp.arange(bidders, dtype=jnp.int32)
-    picked = unassigned[None, :] & (rank[None, :] == slots[:, None])
-    rows = jnp.min(jnp.where(picked, arange[None, :], none), axis=1)
-    valid = rows < n
-    best, target, second = _best_two(values_of(jnp.minimum(rows, n - 1), prices))
+    prices, person, owner, queue, head, count, rounds, eps = carry
+    valid = slots < count
+    rows = jnp.where(valid, queue[(head + slots) % n], 0)
+    best, target, second = _best_two(values_of(rows, prices))
     # A row with a single allowed column (a class of one) meets no competition there.
     increment = jnp.where(second > -jnp.inf, best - second, 0.0)
-    bid = jnp.where(valid, prices[target] + increment + eps, -jnp.inf)
-    bids_for = valid[:, None] & (target[:, None] == arange[None, :])  # [bidders, n]
-    top_bid = jnp.max(jnp.where(bids_for, bid[:, None], -jnp.inf), axis=0)
-    # Among equal highest bids for an object, the lowest row index wins.
-    is_top = bids_for & (bid[:, None] == top_bid[None, :])
-    winner = jnp.min(jnp.where(is_top, rows[:, None], none), axis=0)
-    won = winner < n
-    # The previous owners of the won objects lose them; then the winners take them.
-    lost = (person < n) & won[jnp.minimum(person, n - 1)]
-    wins = valid & (winner[target] == rows)
-    person = jnp.where(lost, none, person)
+    bid = prices[target] + increment + eps
+    # Bidders for one object: the highest bid wins, ties to the earlier slot.
+    rival = valid[None, :] & (target[None, :] == target[:, None])
+    beaten = rival & (
+      (bid[None, :] > bid[:, None])
+      | ((bid[None, :] == bid[:, None]) & (slots[None, :] < slots[:, None]))
+    )
+    wins = valid & ~jnp.any(beaten, axis=1)
+    previous = owner[target]
+    displaced = wins & (previous < n)
+    won = jnp.where(wins, target, none)
+    prices = prices.at[won].set(bid, mode="drop")
+    owner = owner.at[won].set(rows, mode="drop")
+    person = person.at[jnp.where(displaced, previous, none)].set(none, mode="drop")
     person = person.at[jnp.where(wins, rows, none)].set(target, mode="drop")
-    owner = jnp.where(won, winner, owner)
-    prices = jnp.where(won, top_bid, prices)
-    return prices, person, owner, rounds + 1, eps
+    # Pop the bidders; push the losers and the displaced owners at the tail.
+    popped = jnp.minimum(count, bidders)
+    head, count = (head + popped) % n, count - popped
+    pushed = jnp.concatenate(
+      [jnp.where(valid & ~wins, rows, -1), jnp.where(displaced, previous, -1)]
+    )
+    is_pushed = pushed >= 0
+    position = (head + count + jnp.cumsum(is_pushed) - 1) % n
+    queue = queue.at[jnp.where(is_pushed, position, none)].set(pushed, mode="drop")
+    count = count + jnp.sum(is_pushed, dtype=jnp.int32)
+    return prices, person, owner, queue, head, count, rounds + 1, eps
 
   def active(carry):
-    person, rounds = carry[1], carry[3]
-    return feasible & jnp.any(person == none) & (rounds < max_rounds)
+    count, rounds = carry[5], carry[6]
+    return feasible & (count > 0) & (rounds < max_rounds)
 
   def phase(k, state):
     prices, person, rounds = state
@@ -206,9 +220,10 @@ def _auction(
     keep = (person < n) & (held >= jnp.max(values, axis=1) - eps)
     person = jnp.where(keep, person, none)
     owner = jnp.full((n,), none).at[jnp.where(keep, person, none)].set(arange, mode="drop")
-    prices, person, _, rounds, _ = jax.lax.while_loop(
-      active, bid_round, (prices, person, owner, rounds, eps)
-    )
+    queue = jnp.nonzero(~keep, size=n, fill_value=0)[0].astype(jnp.int32)
+    count = jnp.sum(~keep, dtype=jnp.int32)
+    carry = (prices, person, owner, queue, jnp.int32(0), count, rounds, eps)
+    prices, person, _, _, _, _, rounds, _ = jax.lax.while_loop(active, bid_round, carry)
     return _Auction(prices, person, rounds)
 
   return jax.lax.fori_loop(0, num_phases, phase, state)
@@ -238,8 +253,8 @@ def auction_assignment(
     column_labels: ``[n]`` integer labels of the columns; given iff ``row_labels`` is.
     scaling: factor by which ``eps`` falls between phases (> 1).
     initial_epsilon: first phase's ``eps`` as a fraction of the cost range (> 0).
-    bidders: how many unassigned rows bid in one round (the first ones by index; any subset of
-      the unassigned rows keeps the auction's guarantees); default ``min(n, 128)``.
+    bidders: how many unassigned rows bid in one round (any subset of the unassigned rows keeps
+      the auction's guarantees; more bidders, fewer but costlier rounds); default ``min(n, 8)``.
     max_rounds: cap on the bidding rounds of all phases together (a safety net; reached, it
       leaves ``converged`` False); default ``1000 n + 10000``.
 
@@ -255,9 +270,7 @@ def auction_assignment(
   if (row_labels is None) != (column_labels is None):
     raise ValueError("pass both row_labels and column_labels, or neither")
   if not scaling > 1.0 or not initial_epsilon > 0.0:
-    raise ValueError(
-      f"scaling={scaling!r} must be > 1 and initial_epsilon={initial_epsilon!r} > 0"
-    )
+    raise ValueError(f"scaling={scaling!r} must be > 1 and initial_epsilon={initial_epsilon!r} > 0")
   n = cost.shape[0]
   if row_labels is not None:
     for name, labels in (("row_labels", row_labels), ("column_labels", column_labels)):
@@ -275,9 +288,11 @@ def auction_assignment(
     feasible = jnp.all(jnp.sort(row_labels) == jnp.sort(column_labels))
   options = dict(
     feasible=feasible,
-    num_phases=max(1, math.ceil(math.log(max(initial_epsilon / (8 * unit), 1.0)) / math.log(scaling)) + 1),
+    num_phases=max(
+      1, math.ceil(math.log(max(initial_epsilon / (8 * unit), 1.0)) / math.log(scaling)) + 1
+    ),
     scaling=scaling,
-    bidders=min(n, 128) if bidders is None else max(1, min(n, int(bidders))),
+    bidders=min(n, 8) if bidders is None else max(1, min(n, int(bidders))),
     max_rounds=1000 * n + 10_000 if max_rounds is None else int(max_rounds),
   )
 
@@ -288,7 +303,11 @@ def auction_assignment(
   scale = jnp.where(spread > 0, spread, jnp.ones((), dtype))
   start = _Auction(jnp.zeros((n,), dtype), jnp.full((n,), none), jnp.int32(0))
   first = _auction(
-    reduced, start, eps_start=initial_epsilon * scale, eps_final=8 * unit * scale, **labels,
+    reduced,
+    start,
+    eps_start=initial_epsilon * scale,
+    eps_final=8 * unit * scale,
+    **labels,
     **options,
   )
 
@@ -352,6 +371,4 @@ def duality_gap(
   n = cost.shape[0]
   allowed = _allowed(row_labels, column_labels, jnp.arange(n))
   row_potential = jnp.min(_masked(cost - column_potential[None, :], allowed, jnp.inf), axis=1)
-  return assignment_cost(cost, permutation) - (
-    jnp.sum(row_potential) + jnp.sum(column_potential)
-  )
+  return assignment_cost(cost, permutation) - (jnp.sum(row_potential) + jnp.sum(column_potential))

@@ -316,7 +316,9 @@ def file_cases(tmp: pathlib.Path) -> list[tuple[str, list[str], str]]:
     # Labels are read only for a conditional model; 16 examples hold one batch of 16.
     labels_needed = ["--config.data.num_classes=10"] if name == "no_label_key" else []
     batch = ["--config.train.batch_size=16", *labels_needed]
-    cases.append((DIGITS, ["--config.data.target=npz", f"--config.data.path={path}", *batch], "data."))
+    cases.append(
+      (DIGITS, ["--config.data.target=npz", f"--config.data.path={path}", *batch], "data.")
+    )
   cases += [
     (
       DIGITS,

@@ -133,15 +133,17 @@ def _point_batch(objective, key, num):
   return objective.pair_fn(key, {"x": jnp.broadcast_to(POINT, (num, 2))})
 
 
-@pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
-def test_point_mass_loss_and_gradient_vanish_only_at_the_exact_function(distance):
+@pytest.mark.parametrize("distance,weighting", [("l2", "uniform"), ("pseudo_huber", "endpoint")])
+def test_point_mass_loss_and_gradient_vanish_only_at_the_exact_function(distance, weighting):
   """For a point mass every conditional velocity is the marginal one, so the exact ``f`` has
   ``df/dt = 0`` on every pair: loss and gradient are zero (float64 round-off), while ``a = 0.9``
   gives a loss and gradient of order one."""
   with jax.enable_x64(True):
     source = lambda key, num: toy2d.get_toy2d("8gaussians")(key, num).astype(jnp.float64)
     context = _context(_point_network, source=source)
-    objective = objectives.get_objective("consistency", context, distance=distance)
+    objective = objectives.get_objective(
+      "consistency", context, distance=distance, weighting=weighting
+    )
     batch = _point_batch(objective, jax.random.PRNGKey(0), 256)
     value_and_grad = jax.jit(jax.value_and_grad(objective.loss_fn))
     exact = {"a": jnp.asarray(1.0, jnp.float64)}
@@ -149,6 +151,15 @@ def test_point_mass_loss_and_gradient_vanish_only_at_the_exact_function(distance
     assert abs(float(loss)) < 1e-20 and abs(float(grads["a"])) < 1e-9, (loss, grads)
     loss, grads = value_and_grad({"a": jnp.asarray(0.9)}, jax.random.PRNGKey(1), batch)
     assert float(loss) > 1e-3 and abs(float(grads["a"])) > 1e-2, (loss, grads)
+
+
+def test_pseudo_huber_normalises_by_the_root_mean_square():
+  """``g / sqrt(rms(g)^2 + c^2)`` per example: rms([3, 4]) = sqrt(12.5), rms([0, 0]) = 0."""
+  g = jnp.array([[3.0, 4.0], [0.0, 0.0], [0.3, -0.1]])
+  out = consistency_lib.pseudo_huber_tangent(g, c=0.5)
+  rms = np.sqrt(np.mean(np.square(np.asarray(g)), axis=1, keepdims=True))
+  np.testing.assert_allclose(out, np.asarray(g) / np.sqrt(rms**2 + 0.25), rtol=1e-6)
+  np.testing.assert_array_equal(consistency_lib.squared_l2_tangent(g), g)
 
 
 def _gradients_of(objective, *, num_batches=32, batch_size=1024):

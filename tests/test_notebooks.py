@@ -33,6 +33,7 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = (
+  "00_your_first_flow.ipynb",
   "01_isotropic_shortcut.ipynb",
   "02_dirac_decoupling.ipynb",
   "03_schedules_and_targets.ipynb",

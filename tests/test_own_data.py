@@ -238,3 +238,17 @@ def test_data_mistakes_are_one_line(tmp_path, arrays, overrides, fragment):
     config_lib.validate(config, num_devices=None)
   message = str(caught.value)
   assert fragment in message and "\n" not in message, message
+
+
+def test_runs_from_before_the_npz_keys_still_match_their_checkpoints():
+  """A checkpoint records the config fingerprint of its run; one written before data.key,
+  data.label_key, data.layout and data.value_range existed lacks them, and their defaults do
+  what that run did, so they are no difference; any other value of them is."""
+  config = tiny_config()
+  new = config_lib.resume_fingerprint(config)
+  added = ("data.key", "data.label_key", "data.layout", "data.value_range")
+  old = {key: value for key, value in new.items() if key not in added}
+  assert config_lib.fingerprint_differences(old, new) == []
+  config_lib.apply_overrides(config, ["--config.data.layout=nchw"])
+  differences = config_lib.fingerprint_differences(old, config_lib.resume_fingerprint(config))
+  assert differences == ["data.layout: '<absent>' -> 'nchw'"]

@@ -186,13 +186,17 @@ def _unread_problems(schedule: str, weighting: str, **values) -> list[str]:
   for key, value in values.items():
     if key == "min_snr_gamma":
       if weighting != "min_snr":
-        unread[key] = (value, f"only weighting 'min_snr' reads it, and objective.weighting="
-                       f"{weighting!r}")
+        unread[key] = (
+          value,
+          f"only weighting 'min_snr' reads it, and objective.weighting={weighting!r}",
+        )
       continue
     if key not in SCHEDULE_KEYWORDS[schedule]:
       readers = sorted(name for name, keys in SCHEDULE_KEYWORDS.items() if key in keys)
-      unread[key] = (value, f"only schedules {readers} read it, and objective.schedule="
-                     f"{schedule!r}")
+      unread[key] = (
+        value,
+        f"only schedules {readers} read it, and objective.schedule={schedule!r}",
+      )
   return base.unread_problems(continuous_diffusion, unread)
 
 

@@ -70,8 +70,11 @@ def check(
   if not problems and s_churn == 0:
     why = "only churn reads it, and churn is off (objective.s_churn=0)"
     problems += base.unread_problems(
-      edm, {key: (value, why) for key, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax),
-                                                    ("s_noise", s_noise))}
+      edm,
+      {
+        key: (value, why)
+        for key, value in (("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise))
+      },
     )
   return problems
 

@@ -170,7 +170,12 @@ def check(
       problems.append(f"objective.{key}={value!r}: a noise level must be >= 0")
   if recipe and not problems:
     problems += _unread_problems(
-      recipe, noise, path=path, coupling=coupling, ot_solver=ot_solver, coupling_scope=coupling_scope
+      recipe,
+      noise,
+      path=path,
+      coupling=coupling,
+      ot_solver=ot_solver,
+      coupling_scope=coupling_scope,
     )
   return problems
 

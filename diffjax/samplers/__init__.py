@@ -78,6 +78,7 @@ from diffjax.samplers.generate import (
 from diffjax.samplers.grids import (
   DISCRETE_STEPS,
   TIME_GRIDS,
+  check_sampling_direction,
   edm_grid,
   edm_sigmas,
   get_discrete_steps,
@@ -85,6 +86,7 @@ from diffjax.samplers.grids import (
   leading_steps,
   linspace_steps,
   log_snr_grid,
+  sampling_interval,
   shift_times,
   shifted_grid,
   trailing_steps,
@@ -152,6 +154,8 @@ __all__ = [
   "time_of_log_snr",
   "sigma_denoiser",
   # grids
+  "sampling_interval",
+  "check_sampling_direction",
   "uniform_grid",
   "edm_sigmas",
   "edm_grid",

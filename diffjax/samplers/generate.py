@@ -2,8 +2,9 @@
 
 The edge between the training code and the samplers: :func:`flow_generator` (a velocity model in
 flow time, any source), :func:`diffusion_generator` (a model trained on a discrete DDPM
-schedule), :func:`continuous_diffusion_generator` (a model trained on a continuous schedule) and
-:func:`edm_generator` (EDM's denoiser ``D(x; sigma)``) return
+schedule), :func:`continuous_diffusion_generator` (a model trained on a continuous schedule),
+:func:`edm_generator` (EDM's denoiser ``D(x; sigma)``) and :func:`consistency_generator` (a
+consistency function in flow time, any source) return
 
     generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
              return_trajectories=False, chunk_size=None, on_chunk=None)

@@ -264,7 +264,9 @@ def shifted_grid(
   eq. 23, https://arxiv.org/abs/2403.03206). The ends default as :func:`uniform_grid`'s, from
   what is sampled."""
   return shift_times(
-    uniform_grid(num_steps=num_steps, t_start=t_start, t_end=t_end, coefficients_fn=coefficients_fn),
+    uniform_grid(
+      num_steps=num_steps, t_start=t_start, t_end=t_end, coefficients_fn=coefficients_fn
+    ),
     shift=shift,
   )
 

@@ -553,15 +553,16 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
       f"data.shape={tuple(config.data.shape)} but {origin} holds {what} of shape {shape}; "
       f"set data.shape={shape}"
     ]
-  problems = []
+  problem = label_problem(labels, num_classes=config.data.num_classes, origin=origin)
+  if problem:
+    return [problem]
   if arrays.shape[0] < config.train.batch_size:
-    problems.append(
+    return [
       f"train.batch_size={config.train.batch_size} but {origin} holds {arrays.shape[0]} "
       f"examples, fewer than one batch; set train.batch_size <= {arrays.shape[0]}, or use "
       "more data"
-    )
-  problem = label_problem(labels, num_classes=config.data.num_classes, origin=origin)
-  return problems + ([problem] if problem else [])
+    ]
+  return []
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> None:
@@ -721,9 +722,18 @@ def resume_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def fingerprint_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """``key: saved -> new`` for each key that differs (missing keys shown as ``<absent>``)."""
+  """``key: saved -> new`` for each key that differs (missing keys shown as ``<absent>``).
+
+  A key of the data, optimizer or train groups that ``saved`` lacks and ``new`` holds at its
+  :func:`base_config` default is no difference: the schema gained it after ``saved`` was
+  written, and its default keeps what the older run did.
+  """
+  schema = _flatten(json.loads(config_to_json(base_config())))
   lines = []
   for key in sorted(set(saved) | set(new)):
+    if key not in saved and key in schema and not key.startswith(("model.", "objective.")):
+      if _tuples(new.get(key)) == _tuples(schema[key]):
+        continue
     a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
     a, b = _tuples(a), _tuples(b)
     if a != b or isinstance(a, bool) != isinstance(b, bool):

@@ -149,7 +149,7 @@ def make_input_hooks(config, mesh):
     return iter(loader)
 
   num_classes = config.data.num_classes
-  if source_name(config) == "npz":
+  if config.data.kind == "npz":
     origin = f"a batch of data.path={config.data.path!r}"
   else:
     origin = f"a batch of data.target={config.data.target!r}"
