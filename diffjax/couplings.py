@@ -15,8 +15,10 @@ Every coupling here has the one signature
 ``labels`` (an array or pytree of arrays with leading axis ``B``, or ``None``) are gathered with
 the same indices, so a label stays attached to its data point. The cost between ``x0[i]`` and
 ``x1[j]`` is the squared Euclidean distance of the flattened points. All couplings are pure and
-jittable; the exact solvers run on the host (:class:`HostSolvedCoupling`: through
-:func:`jax.pure_callback` when called, or between two programs in a trainer).
+jittable. The exact solvers "emd" and "lsa" run on the host (:class:`HostSolvedCoupling`: through
+:func:`jax.pure_callback` when called, or between two programs in a trainer); "jax"
+(:func:`diffjax.assignment.auction_assignment`) solves in the graph, so an exact coupling with it
+is an ordinary in-graph coupling that a trainer fuses into its step.
 
 Differences from TorchCFM (``torchcfm.optimal_transport.OTPlanSampler``): TorchCFM solves the
 exact plan with POT and then *samples* ``B`` pairs from it with replacement, so some points are
@@ -51,6 +53,7 @@ from jax import Array
 from scipy.optimize import linear_sum_assignment
 
 from diffjax._lookup import lookup
+from diffjax.assignment import auction_assignment
 from diffjax.shapes import compute_dtype
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
   "blockwise_coupling",
   "SINKHORN_ROUNDINGS",
   "OT_SOLVERS",
+  "IN_GRAPH_OT_SOLVERS",
   "COUPLINGS",
   "get_coupling",
 ]
@@ -127,8 +131,9 @@ def squared_euclidean_cost(x0: Array, x1: Array) -> Array:
 # Exact assignment on the host.
 # --------------------------------------------------------------------------------------------
 
-# Two exact solvers; with uniform weights and equal batch sizes the optimal plans include a
-# permutation matrix (a Birkhoff-von Neumann vertex), so both return an optimal permutation.
+# Two exact host solvers (and one in the graph, "jax", below); with uniform weights and equal
+# batch sizes the optimal plans include a permutation matrix (a Birkhoff-von Neumann vertex), so
+# each returns an optimal permutation.
 # The network simplex's time hardly depends on the geometry; the augmenting-path solver is
 # fastest on isotropic or high-dimensional clouds (images) and slowest on structured 2D targets
 # (``scripts/bench_train.py``'s ``host_solvers_ms`` times both on the protocol's problems).
@@ -157,10 +162,33 @@ def _assign_emd(matrix: np.ndarray) -> np.ndarray:
   return perm
 
 
+def _auction_permutation(
+  cost: Array, source_labels: Array | None = None, target_labels: Array | None = None
+) -> Array:
+  """In-graph exact assignment of a ``[..., B, B]`` stack; ``B`` (an out-of-range index, so a
+  gather gives NaN) in every row of a problem the auction could not solve (unbalanced labels)."""
+  solve = lambda c, a, b: auction_assignment(c, row_labels=a, column_labels=b)
+  axes = (0, None if source_labels is None else 0, None if target_labels is None else 0)
+  for _ in range(jnp.ndim(cost) - 2):
+    solve = jax.vmap(solve, in_axes=axes)
+  result = solve(cost, source_labels, target_labels)
+  unsolved = jnp.shape(cost)[-1]
+  return jnp.where(result.converged[..., None], result.permutation, unsolved)
+
+
+def _assign_jax(matrix: np.ndarray) -> np.ndarray:
+  return np.asarray(_auction_permutation(jnp.asarray(matrix, compute_dtype(matrix))))
+
+
 OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
   "emd": _assign_emd,
   "lsa": _assign_lsa,
+  # In the graph; this host form (one jitted solve) serves comparisons between the solvers.
+  "jax": _assign_jax,
 }
+
+# The solvers that run inside the traced program: no host round trip, so no HostSolvedCoupling.
+IN_GRAPH_OT_SOLVERS = ("jax",)
 
 
 def _check_solver(solver: str) -> None:
@@ -168,7 +196,10 @@ def _check_solver(solver: str) -> None:
     OT_SOLVERS,
     solver,
     "exact OT solver",
-    hint=" ('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment)",
+    hint=(
+      " ('emd': POT's network simplex, 'lsa': scipy's linear_sum_assignment, both on the host; "
+      "'jax': the auction algorithm in the graph)"
+    ),
   )
 
 
@@ -230,16 +261,21 @@ def exact_ot_permutation(cost: Array, *, solver: str = "emd") -> Array:
   :func:`jax.pure_callback` by POT's network simplex ``ot.emd`` (``solver="emd"``; Bonneel et al.
   2011) or :func:`scipy.optimize.linear_sum_assignment` (``"lsa"``; Crouse 2016, shortest
   augmenting paths). Batched (vmapped) calls are solved in one callback, on a thread pool.
+  ``solver="jax"`` solves in the graph instead, by the auction algorithm
+  (:func:`diffjax.assignment.auction_assignment`; optimal to a certified gap of ``3 B eps``).
 
   Args:
     cost: ``[B, B]`` cost matrix (no gradient flows through the assignment).
-    solver: ``"emd"`` or ``"lsa"`` (same optimum; see the timings above ``OT_SOLVERS``).
+    solver: ``"emd"``, ``"lsa"`` or ``"jax"`` (same optimum; see the timings above
+      ``OT_SOLVERS``).
 
   Returns:
     ``[B]`` int32 permutation: row ``i`` is paired with column ``sigma[i]``.
   """
   _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
+  if solver in IN_GRAPH_OT_SOLVERS:
+    return _auction_permutation(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   # "broadcast_all": under vmap the host function gets the whole stack at once (one callback).
   return jax.pure_callback(
@@ -289,19 +325,23 @@ def label_exact_ot_permutation(
 
   Every class must hold as many source as target points (the problem is infeasible otherwise);
   that is data-dependent, so it is checked in the callback, whose ``ValueError`` then surfaces
-  from the jitted call.
+  from the jitted call. ``solver="jax"`` solves in the graph (forbidden pairs left out of the
+  auction, not penalised), where no error can be raised: an infeasible problem's permutation
+  reads ``B`` (out of range) in every row, and gathering with it gives NaN.
 
   Args:
     cost: ``[B, B]`` cost matrix.
     source_labels: ``[B]`` integer labels of the rows.
     target_labels: ``[B]`` integer labels of the columns.
-    solver: ``"emd"`` or ``"lsa"``.
+    solver: ``"emd"``, ``"lsa"`` or ``"jax"``.
 
   Returns:
     ``[B]`` int32 permutation respecting the labels.
   """
   _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
+  if solver in IN_GRAPH_OT_SOLVERS:
+    return _auction_permutation(cost, source_labels, target_labels)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   return jax.pure_callback(
     functools.partial(_label_assignment_host, solver=solver),
@@ -525,10 +565,19 @@ def _label_exact_problem(
   return cost, x0_labels, labels
 
 
+def _check_host_solver(solver: str) -> None:
+  _check_solver(solver)
+  if solver in IN_GRAPH_OT_SOLVERS:
+    raise ValueError(
+      f"solver {solver!r} solves in the graph, not on the host: use exact_ot_coupling or "
+      "label_exact_ot_coupling (get_coupling returns them) instead of the host stages"
+    )
+
+
 def exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
   """:func:`exact_ot_coupling` as a :class:`HostSolvedCoupling` (the form :func:`get_coupling`
-  returns)."""
-  _check_solver(solver)
+  returns for a host solver)."""
+  _check_host_solver(solver)
   return HostSolvedCoupling(
     problem=_exact_problem, solve=functools.partial(_solve_exact, solver=solver)
   )
@@ -536,7 +585,7 @@ def exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
 
 def label_exact_ot_stages(*, solver: str = "emd") -> HostSolvedCoupling:
   """:func:`label_exact_ot_coupling` as a :class:`HostSolvedCoupling`."""
-  _check_solver(solver)
+  _check_host_solver(solver)
   return HostSolvedCoupling(
     problem=_label_exact_problem, solve=functools.partial(_solve_label_exact, solver=solver)
   )
@@ -558,11 +607,14 @@ def exact_ot_coupling(
     x0: ``[B, ...]`` source batch.
     x1: ``[B, ...]`` data batch.
     labels: labels of ``x1`` (array or pytree, leading axis ``B``) or None.
-    solver: exact solver, ``"emd"`` or ``"lsa"``.
+    solver: exact solver, ``"emd"`` or ``"lsa"`` (host) or ``"jax"`` (in the graph).
 
   Returns:
     ``(x0, x1[sigma], labels[sigma])``.
   """
+  if solver in IN_GRAPH_OT_SOLVERS:
+    (cost,) = _exact_problem(key, x0, x1, labels)
+    return _apply_index(exact_ot_permutation(cost, solver=solver), x0, x1, labels)
   return exact_ot_stages(solver=solver)(key, x0, x1, labels)
 
 
@@ -597,11 +649,17 @@ def label_exact_ot_coupling(
     x1: ``[B, ...]`` data batch.
     labels: ``[B]`` integer labels of ``x1``.
     x0_labels: ``[B]`` integer labels of ``x0``, or None for a noise source.
-    solver: exact solver, ``"emd"`` or ``"lsa"``.
+    solver: exact solver, ``"emd"`` or ``"lsa"`` (host) or ``"jax"`` (in the graph).
 
   Returns:
     ``(x0, x1[sigma], labels[sigma])`` with ``labels[sigma] == x0_labels``.
   """
+  if solver in IN_GRAPH_OT_SOLVERS:
+    cost, source, target = _label_exact_problem(key, x0, x1, labels, x0_labels=x0_labels)
+    index = label_exact_ot_permutation(
+      cost, source_labels=source, target_labels=target, solver=solver
+    )
+    return _apply_index(index, x0, x1, labels)
   return label_exact_ot_stages(solver=solver)(key, x0, x1, labels, x0_labels=x0_labels)
 
 
@@ -731,8 +789,9 @@ def get_coupling(name: str, **kwargs) -> Coupling:
   ``solver``; pass ``x0_labels=`` at call time when the source is labelled).
 
   Returns:
-    ``coupling(key, x0, x1, labels=None) -> (x0, x1, labels)``; the exact couplings come as a
-    :class:`HostSolvedCoupling`, callable the same way.
+    ``coupling(key, x0, x1, labels=None) -> (x0, x1, labels)``; the exact couplings with a host
+    solver come as a :class:`HostSolvedCoupling`, callable the same way; with ``solver="jax"``
+    they are plain in-graph couplings.
 
   Raises:
     ValueError: unknown name, mode, option, or an invalid option value.
@@ -759,6 +818,6 @@ def get_coupling(name: str, **kwargs) -> Coupling:
       f"unknown option(s) {unknown} for coupling {name!r}; valid options: "
       f"{sorted(options | ({'mode'} if name == 'sinkhorn' else set()))}"
     )
-  if name in _HOST_SOLVED:
+  if name in _HOST_SOLVED and kwargs.get("solver", "emd") not in IN_GRAPH_OT_SOLVERS:
     return _HOST_SOLVED[name](**kwargs)
   return functools.partial(fn, **kwargs)

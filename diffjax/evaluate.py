@@ -6,6 +6,9 @@
   :func:`digits_frechet_distance` applies it in the features of a small classifier trained on
   scikit-learn's 8x8 digits (:func:`train_digits_classifier`). That number is *not* FID: it uses
   neither Inception-v3 features nor natural images and is not comparable with published FIDs.
+* :func:`straightness`: how far a flow's own ODE paths are from straight lines at constant speed
+  (Liu et al. 2022), from a velocity and source samples; :func:`euler_straightness` from a
+  generator's Euler trajectories, :func:`path_straightness` from any path with its velocities.
 
 Negative log-likelihood (bits per dimension, through the instantaneous change of variables of
 the probability-flow ODE) lives with the ODE solvers, in ``diffjax.samplers.likelihood``.

@@ -344,7 +344,7 @@ def test_get_coupling_rejects_bad_names_and_options():
     couplings.get_coupling("sinkhorn", epsilon=0.0)
   with pytest.raises(ValueError, match="relative_epsilon"):
     couplings.get_coupling("sinkhorn", relative_epsilon="median")
-  with pytest.raises(ValueError, match="unknown exact OT solver 'hungarian'.*'emd', 'lsa'"):
+  with pytest.raises(ValueError, match="unknown exact OT solver 'hungarian'.*'emd', 'jax', 'lsa'"):
     couplings.get_coupling("exact_ot", solver="hungarian")
   with pytest.raises(ValueError, match="same shape"):
     couplings.get_coupling("exact_ot")(jax.random.key(0), jnp.zeros((4, 2)), jnp.zeros((5, 2)))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_fields import GaussianData, trig_coefficients
+from gaussian_fields import MARGIN, GaussianData, trig_coefficients
 from scipy import integrate
 
 from diffjax import paths
@@ -89,16 +89,19 @@ def test_unipc_matches_diffusers(case):
     else:
       times, coefficients_fn, target = sigmas, _vp_of_sigma, "eps"
     gaussian = GaussianData(data["mean"], data["cov"])
-    out = S.unipc_sample(
+    run = functools.partial(
+      S.unipc_sample,
       _denoiser(gaussian, target, coefficients_fn),
-      jnp.asarray(data["x_init"]),
       times=times,
       coefficients_fn=coefficients_fn,
       order=int(data["order"][i]),
       variant=S.get_unipc_variant(str(data["variant"][i])),
       lower_order_final=bool(data["lower_order_final"][i]),
     )
+    out = jax.jit(run)(jnp.asarray(data["x_init"]))
     np.testing.assert_allclose(out.samples, data["samples"][i], rtol=1e-5, atol=1e-5)
+    if _unipc_id(case) != "flow-bh2-2-lof":
+      return
     # The registry's sampler scales standard normal noise by sigma(times[0]) itself.
     sampler = S.get_sampler(
       "unipc",
@@ -110,7 +113,8 @@ def test_unipc_matches_diffusers(case):
       lower_order_final=bool(data["lower_order_final"][i]),
     )
     noise = jnp.asarray(data["x_init"]) / coefficients_fn(times[:1]).sigma[0]
-    registry = sampler(KEY, gaussian.predictor(TARGETS[target], coefficients_fn), noise)
+    predict = gaussian.predictor(TARGETS[target], coefficients_fn)
+    registry = jax.jit(lambda z: sampler(KEY, predict, z))(noise)
     np.testing.assert_allclose(registry.samples, data["samples"][i], rtol=1e-5, atol=1e-5)
 
 
@@ -137,44 +141,54 @@ def test_dpmpp_2m_sde_matches_k_diffusion_on_the_same_noise(case):
   with jax.enable_x64(True):
     gaussian = GaussianData(data["mean"], data["cov"])
     coefficients_fn = S.noise_level_coefficients
-    out = S.dpmpp_2m_sde_sample(
+    run = functools.partial(
+      S.dpmpp_2m_sde_sample,
       KEY,
       _denoiser(gaussian, "x0", coefficients_fn),
-      jnp.asarray(data["x_init"]),
       times=jnp.asarray(data["sigmas"]),
       coefficients_fn=coefficients_fn,
       eta=float(data["eta"][i]),
       solver_type=S.get_dpmpp_sde_solver_type(str(data["solver_type"][i])),
       noises=jnp.asarray(data["noises"]),
     )
+    out = jax.jit(run)(jnp.asarray(data["x_init"]))
     np.testing.assert_allclose(out.samples, data["samples"][i], rtol=1e-5, atol=1e-5)
 
 
 # ---- what the solvers reduce to --------------------------------------------------------------
 
 
-def test_unip2_and_dpmpp_2m_sde_at_eta_0_are_dpm_solver_pp_2m_and_deis_1_is_ddim():
+@pytest.mark.parametrize("orders", [(2,), pytest.param((1,), marks=pytest.mark.slow)])
+def test_unip2_and_dpmpp_2m_sde_at_eta_0_are_dpm_solver_pp_2m_and_deis_1_is_ddim(orders):
   # UniP-2 with B(h) = e^{-h} - 1 (bh2) and rho = 1/2 is DPM-Solver++(2M) (Zhao et al. 2023,
   # Sec. 3.3); the SDE solver at eta = 0 ("midpoint") too; DEIS and UniP of order 1 are DDIM.
   times = S.log_snr_grid(num_steps=12, t_start=1.0, t_end=1e-3, coefficients_fn=trig_coefficients)
   x = jax.random.normal(KEY, (32, 2))
   denoise = _denoiser(DATA, "v", trig_coefficients)
   kw = dict(times=times, coefficients_fn=trig_coefficients)
-  dpmpp = {order: S.dpm_solver_pp_sample(denoise, x, order=order, **kw) for order in (1, 2)}
-  cases = [
-    (S.unipc_sample(denoise, x, order=2, corrector=False, lower_order_final=False, **kw), 2),
-    (S.dpmpp_2m_sde_sample(KEY, denoise, x, eta=0.0, **kw), 2),
-    (S.deis_sample(denoise, x, order=1, **kw), 1),
-    (S.unipc_sample(denoise, x, order=1, corrector=False, **kw), 1),
-  ]
-  for out, order in cases:
-    np.testing.assert_allclose(out.samples, dpmpp[order].samples, rtol=2e-5, atol=2e-5)
-    assert int(out.nfe) == 12
+  runs = {
+    2: [
+      lambda x: S.dpm_solver_pp_sample(denoise, x, order=2, **kw),
+      lambda x: S.unipc_sample(denoise, x, order=2, corrector=False, lower_order_final=False, **kw),
+      lambda x: S.dpmpp_2m_sde_sample(KEY, denoise, x, eta=0.0, **kw),
+    ],
+    1: [
+      lambda x: S.dpm_solver_pp_sample(denoise, x, order=1, **kw),
+      lambda x: S.deis_sample(denoise, x, order=1, **kw),
+      lambda x: S.unipc_sample(denoise, x, order=1, corrector=False, **kw),
+    ],
+  }
+  for order in orders:
+    reference, *others = [jax.jit(run)(x) for run in runs[order]]
+    for out in others:
+      np.testing.assert_allclose(out.samples, reference.samples, rtol=2e-5, atol=2e-5)
+      assert int(out.nfe) == 12
 
 
 def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
   # C_ij = int_{t_i}^{t_{i+1}} l_j(tau) rho'(tau) dtau: against scipy's adaptive quadrature for
-  # the trig process (rho = tan(phi(t))), and exactly for VE (rho = t: polynomials).
+  # the trig process (rho = tan(phi), phi(t) linear with slope RATE, rho' = RATE / cos^2(phi)), and
+  # exactly for VE (rho = t: polynomials).
   with jax.enable_x64(True):
     times = jnp.asarray([0.9, 0.8, 0.65, 0.5, 0.4], jnp.float64)
     for order in (2, 3):
@@ -187,12 +201,11 @@ def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
       for i in range(order - 1, 4):
         nodes = [t[i - j] for j in range(order)]
         for j in range(1, order):
+          rate = 0.5 * np.pi * (1.0 - 2.0 * MARGIN)  # phi = pi/2 (MARGIN + (1 - 2 MARGIN) t)
 
-          def integrand(tau, j=j, nodes=nodes):
+          def integrand(tau, j=j, nodes=nodes, rate=rate):
             basis = np.prod([(tau - n) / (nodes[j] - n) for m, n in enumerate(nodes) if m != j])
-            c = trig_coefficients(np.float64(tau))
-            alpha, sigma = float(c.alpha), float(c.sigma)
-            return basis * (float(c.d_sigma) * alpha - sigma * float(c.d_alpha)) / alpha**2
+            return basis * rate / np.cos(0.5 * np.pi * MARGIN + rate * tau) ** 2
 
           expected = integrate.quad(integrand, t[i], t[i + 1], epsabs=1e-13, epsrel=1e-12)[0]
           np.testing.assert_allclose(weights[i, j - 1], expected, rtol=1e-9, atol=1e-12)
@@ -208,23 +221,46 @@ def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
 # ---- flows: a start at alpha = 0 and an end at sigma = 0 ---------------------------------------
 
 
-@pytest.mark.parametrize("name", ["unipc", "deis", "dpmpp_2m_sde"])
-def test_multistep_solvers_sample_a_flow_from_alpha_zero(name):
-  # The linear path from t = 0 (alpha = 0, log-SNR -inf) to t = 1 (sigma = 0, +inf) on the
-  # SD3-shifted grid: the exact flow map takes x(0) = noise to mu + Sigma^{1/2} noise; the error
-  # falls as the solver's order once the first (DDIM) step from alpha = 0 is taken.
-  options = dict(eta=0.0) if name == "dpmpp_2m_sde" else {}
+FLOW_CASES = [("unipc", {}), ("deis", {}), ("dpmpp_2m_sde", dict(eta=0.0))]
+
+
+@pytest.mark.parametrize(
+  "name, options",
+  [c if c[0] == "unipc" else pytest.param(*c, marks=pytest.mark.slow) for c in FLOW_CASES],
+  ids=[c[0] for c in FLOW_CASES],
+)
+def test_multistep_solvers_sample_a_flow_from_alpha_zero(name, options):
+  # The linear path from t = 0 (alpha = 0, log-SNR -inf) to t = 1 (sigma = 0, +inf). The first
+  # step is DDIM: at t = 0 the posterior means are E[x0 | x] = mu and E[eps | x] = x, so x_1 =
+  # t_1 mu + (1 - t_1) x exactly; the final state is near the exact flow map's mu + C^{1/2} x
+  # (its error is that of Heun's method on the same grid, 3.4e-3).
   noise = jax.random.normal(KEY, (64, 2))
+  times = S.uniform_grid(num_steps=16, t_start=0.0, t_end=1.0)
+  sampler = S.get_sampler(name, target="velocity", times=times, coefficients_fn=FLOW, **options)
   predict = DATA.predictor(TARGETS["velocity"], FLOW)
+  out = jax.jit(lambda z: sampler(KEY, predict, z, return_trajectory=True))(noise)
+  t1 = float(times[1])
+  np.testing.assert_allclose(out.trajectory[1], t1 * DATA.mean + (1 - t1) * noise, atol=1e-6)
   exact = DATA.flow_map(noise, alpha_from=0.0, sigma_from=1.0, alpha_to=1.0, sigma_to=0.0)
-  errors = []
-  for steps in (10, 20):
-    times = S.shifted_grid(num_steps=steps, t_start=0.0, t_end=1.0, shift=3.0)
-    sampler = S.get_sampler(name, target="velocity", times=times, coefficients_fn=FLOW, **options)
-    out = sampler(KEY, predict, noise)
-    assert np.all(np.isfinite(out.samples))
-    errors.append(np.abs(np.asarray(out.samples) - exact).max())
-  assert errors[1] < 0.01 and errors[1] < errors[0] / 2.5, errors
+  assert np.abs(np.asarray(out.samples) - exact).max() < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, options", FLOW_CASES, ids=[c[0] for c in FLOW_CASES])
+def test_multistep_solvers_converge_on_a_flow_from_alpha_zero(name, options):
+  # Uniform steps in t are long in log-SNR near t = 0 (lambda = 2 log(t / (1 - t))), so the
+  # error settles into its order only from about 32 steps; float64, errors measured at 1e-3.
+  with jax.enable_x64(True):
+    noise = jax.random.normal(KEY, (64, 2), jnp.float64)
+    exact = DATA.flow_map(noise, alpha_from=0.0, sigma_from=1.0, alpha_to=1.0, sigma_to=0.0)
+    errors = []
+    for steps in (32, 64, 128):
+      times = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float64)
+      out = S.get_sampler(name, target="velocity", times=times, coefficients_fn=FLOW, **options)(
+        KEY, DATA.predictor(TARGETS["velocity"], FLOW), noise
+      )
+      errors.append(np.abs(np.asarray(out.samples) - exact).max())
+  assert errors[0] > errors[1] > errors[2] and errors[2] < 1.5e-3, errors
 
 
 # ---- orders of convergence --------------------------------------------------------------------

@@ -203,9 +203,13 @@ _NAN[5, 1] = np.nan
     (dict(x=_POINTS), ["--config.data.value_range=0-255"], "data.value_range='0-255'"),
     (dict(x=_POINTS), ["--config.data.value_range=1,0"], "lo < hi"),
     (dict(x=_POINTS), ["--config.data.value_range=0,1"], "outside value_range"),
-    (dict(points=_POINTS), [], "has no array 'image/x'"),
+    (dict(points=_POINTS), [], "no array 'image/x'; it holds ['points']. Set data.key"),
     (dict(x=_POINTS), ["--config.data.key=points"], "has no array 'points'"),
-    (dict(x=_POINTS), ["--config.data.num_classes=3"], "has no label array 'label'"),
+    (
+      dict(x=_POINTS),
+      ["--config.data.num_classes=3"],
+      "'label'; it holds ['x']. Set data.label_key",
+    ),
     (
       dict(x=_POINTS, label=np.full(40, 5)),
       ["--config.data.num_classes=3"],

@@ -235,6 +235,7 @@ def load_npz(
   value_range: tuple[float, float] | None = None,
   keep_values: bool = False,
   require_labels: bool = True,
+  key_names: tuple[str, str] = ("image_key", "label_key"),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Images or vectors and their labels from a ``.npz`` file, read with
   ``np.load(path, allow_pickle=False)``.
@@ -257,6 +258,8 @@ def load_npz(
     keep_values: use the values as they are (float32), without mapping them to ``[-1, 1]``.
     require_labels: if False and the label array is absent, every label is 0 (unconditional
       data); if True, a missing label array is an error (except with ``label_key=""``).
+    key_names: how the caller spells ``image_key`` and ``label_key`` (e.g. the config's
+      ``data.key``, ``data.label_key``), for the messages naming the fix.
 
   Returns:
     ``(examples, labels)``: uint8 or float32 ``[N, H, W, C]`` or float32 ``[N, d]``, and int32
@@ -279,19 +282,19 @@ def load_npz(
       if image_name not in keys:
         raise KeyError(
           f"{origin} has no array {image_name or 'image/x'!r}; it holds "
-          f"{keys}. Pass image_key= naming the examples"
+          f"{keys}. Set {key_names[0]} to the examples' name"
         )
       if label_name is not None and label_name not in keys:
         if require_labels:
           raise KeyError(
-            f"{origin} has no label array {label_key!r}; it holds {keys}. Pass label_key= "
-            "naming the labels, or label_key='' for unlabelled data"
+            f"{origin} has no label array {label_key!r}; it holds {keys}. Set {key_names[1]} "
+            f"to the labels' name, or {key_names[1]}='' for unlabelled data"
           )
         label_name = None
       if label_name is None and require_labels and label_key is None:
         raise KeyError(
           f"{origin} has no label array ('label' or 'y'); it holds {keys}. "
-          "Pass label_key= naming the labels, or require_labels=False for "
+          f"Set {key_names[1]} to the labels' name, or require_labels=False for "
           "unlabelled data"
         )
       images = archive[image_name]

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=0,  # > 0: class-conditional model and label-aware couplings
       augment_flip=False,  # random horizontal flips (images only)
       key="",  # npz: array name of the examples ("": "image", else "x")
-      label_key="label",  # npz: array name of the labels, read when num_classes > 0 ("": none)
+      label_key="label",  # npz: the labels' array, needed when num_classes > 0 ("": none)
       layout="nhwc",  # npz images: "nhwc" (channel-last) or "nchw" (channel-first)
       # npz: the raw values' range "lo,hi" (mapped to [-1, 1]), "none" (used as they are) or
       # "auto" (integer images in [0, 255], float images in [0, 1], vectors as they are).

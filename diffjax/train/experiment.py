@@ -42,8 +42,8 @@ class Experiment(NamedTuple):
     generate: ``generate(params, key, num, *, steps, sampler=None, labels=None,
       guidance=None) -> dict(samples=..., trajectories=...)``.
     plot: ``(state, workdir) -> None`` writing WORKDIR/samples.png, or ``None``.
-    target_sampler: ``(key, num) -> samples`` of the data distribution for vector data (2D
-      toys: ``num`` fresh draws; an npz of vectors: :attr:`reference_points`), else None.
+    target_sampler: ``(key, num) -> samples`` of the data distribution for 2D toys, else None
+      (data read from a file: :attr:`reference_points`).
     source_sampler: ``(key, num) -> samples`` of the source distribution.
     log_likelihood: ``(params, key, data, *, steps) -> [batch] log p(data)`` in nats through
       the probability-flow ODE, or ``None`` when the source density is not N(0, I).
@@ -179,7 +179,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     iterator_state=iterator_state,
     generate=objective.generate,
     plot=plot,
-    target_sampler=reference_points if vectors else None,
+    target_sampler=target_sampler,
     source_sampler=source,
     log_likelihood=objective.log_likelihood,
     reference_points=reference_points,

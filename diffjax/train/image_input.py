@@ -81,6 +81,7 @@ def _npz_keywords(config) -> dict:
     "label_key": config.data.label_key,
     "require_labels": bool(config.data.num_classes),
     "layout": LAYOUTS[layout],
+    "key_names": ("data.key", "data.label_key"),
     **value_range_keywords(config.data.value_range),
   }
 

@@ -11,6 +11,7 @@ itself trained from a teacher (a reflow run) loads without its own teacher. Ever
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -24,13 +25,17 @@ from diffjax.train import sharding as sharding_lib
 from diffjax.train.optim import make_optimizer
 from diffjax.train.state import init_train_state
 
-__all__ = ["TeacherError", "DATA_KEYS", "load_teacher", "data_differences"]
+__all__ = ["TeacherError", "DATA_KEYS", "FREE_DATA_KEYS", "load_teacher", "data_differences"]
 
 DATA_KEYS = ("kind", "source", "target", "shape", "num_classes")
-"""The ``config.data`` keys a teacher must share with its student (with ``path`` and
-``tfds_name`` for data read from files)."""
+"""The ``config.data`` keys a teacher must share with its student; for data read from files,
+every other data key too (the file, the array's name, its layout and range) but
+:data:`FREE_DATA_KEYS`."""
 
-_FILE_KEYS = ("path", "tfds_name")
+FREE_DATA_KEYS = ("augment_flip",)
+"""Data keys that change the training batches, not the distributions the pairs join."""
+
+log = logging.getLogger("diffjax")
 
 
 class TeacherError(config_lib.ConfigError):
@@ -38,15 +43,17 @@ class TeacherError(config_lib.ConfigError):
 
 
 def data_differences(teacher: ml_collections.ConfigDict, student: ml_collections.ConfigDict):
-  """``data.key: teacher -> student`` for each :data:`DATA_KEYS` entry (and ``path``,
-  ``tfds_name`` unless both are 2D toys generated on device) that differs."""
-  files = teacher.kind != "toy2d" or student.kind != "toy2d"
-  keys = DATA_KEYS + (_FILE_KEYS if files else ())
+  """``data.key: teacher -> student`` for each :data:`DATA_KEYS` entry (and, unless both are 2D
+  toys generated on device, each other key but :data:`FREE_DATA_KEYS`) that differs."""
+  keys = list(DATA_KEYS)
+  if teacher.kind != "toy2d" or student.kind != "toy2d":
+    others = set(teacher.keys()) | set(student.keys())
+    keys += sorted(others - set(DATA_KEYS) - set(FREE_DATA_KEYS))
   norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
   return [
-    f"data.{key}: {norm(teacher[key])!r} -> {norm(student[key])!r}"
+    f"data.{key}: {norm(teacher.get(key))!r} -> {norm(student.get(key))!r}"
     for key in keys
-    if norm(teacher[key]) != norm(student[key])
+    if norm(teacher.get(key)) != norm(student.get(key))
   ]
 
 
@@ -134,6 +141,7 @@ def load_teacher(workdir: str, *, data: ml_collections.ConfigDict, mesh) -> Teac
     )
   except (ckpt.CheckpointMismatchError, ckpt.NoUsableCheckpointError) as e:
     raise TeacherError(f"objective.teacher_workdir={workdir!r}: {e}") from None
+  log.info("teacher: %s, a %r model at step %d", root, config.objective.name, int(step))
   return Teacher(
     apply=model.apply, params=state.ema_params, config=config, step=int(step), workdir=str(root)
   )
