@@ -21,8 +21,6 @@ VARIANTS = _digits_ddpm.VARIANTS  # get_config passes its variant on
 
 def get_config(variant: str = ""):
   config = _digits_ddpm.get_config(variant)
-  config.objective = objective_group(
-    "meanflow", label_dropout=config.objective.label_dropout
-  )
+  config.objective = objective_group("meanflow", label_dropout=config.objective.label_dropout)
   config.sample.steps = 1
   return config

@@ -47,6 +47,4 @@ def get_config(variant: str = ""):
     config.train.steps = 200
     config.train.checkpoint_every = 100
     config.sample.num = 500
-    if config.objective.name == "reflow":
-      config.objective.num_pairs = 5_000
   return config

@@ -279,8 +279,8 @@ def auction_assignment(
   dtype = compute_dtype(cost)
   cost = jax.lax.stop_gradient(cost).astype(dtype)
   unit = float(jnp.finfo(dtype).eps)
-  none = jnp.int32(n)
-  allowed = _allowed(row_labels, column_labels, jnp.arange(n))
+  arange = jnp.arange(n, dtype=jnp.int32)
+  allowed = _allowed(row_labels, column_labels, arange)
   labels = dict(row_labels=row_labels, column_labels=column_labels)
   if row_labels is None:
     feasible = jnp.bool_(True)
@@ -296,55 +296,60 @@ def auction_assignment(
     max_rounds=1000 * n + 10_000 if max_rounds is None else int(max_rounds),
   )
 
-  # Stage 1: each row shifted to a minimum of 0 (only differences within a row matter).
-  row_min = jnp.min(_masked(cost, allowed, jnp.inf), axis=1)
-  reduced = _masked(cost - row_min[:, None], allowed, 0.0)
-  spread = jnp.max(reduced)
-  scale = jnp.where(spread > 0, spread, jnp.ones((), dtype))
-  start = _Auction(jnp.zeros((n,), dtype), jnp.full((n,), none), jnp.int32(0))
-  first = _auction(
-    reduced,
-    start,
-    eps_start=initial_epsilon * scale,
-    eps_final=8 * unit * scale,
-    **labels,
-    **options,
-  )
+  def fold(total_hi, total_lo):
+    """``C_ij + P_j - w_i`` (``P = total_hi + total_lo``) formed exactly by two-sums and rounded
+    once, with ``w_i`` making each row's allowed minimum 0; and ``w``."""
+    shifted, shifted_error = _two_sum(cost, total_hi[None, :])
+    offset = jnp.min(_masked(shifted, allowed, jnp.inf), axis=1)
+    head, head_error = _two_sum(shifted, -offset[:, None])
+    exact = head + ((shifted_error + head_error) + total_lo[None, :])
+    exact_min = jnp.min(_masked(exact, allowed, jnp.inf), axis=1)
+    reduced = _masked(jnp.maximum(exact - exact_min[:, None], 0.0), allowed, 0.0)
+    return reduced, offset + exact_min
 
-  # Stage 2: the reduced costs C_ij + p_j - w_i at stage 1's prices, formed exactly (two_sum)
-  # and rounded once, so those near a row's minimum keep float32's relative precision; entries
-  # above twice the stage-1 certificate are clipped (no optimal assignment uses them).
-  shifted, shifted_error = _two_sum(cost, first.prices[None, :])
-  offset = jnp.min(_masked(shifted, allowed, jnp.inf), axis=1)
-  head, head_error = _two_sum(shifted, -offset[:, None])
-  exact = head + (shifted_error + head_error)
-  exact_min = jnp.min(_masked(exact, allowed, jnp.inf), axis=1)
-  exact = _masked(jnp.maximum(exact - exact_min[:, None], 0.0), allowed, 0.0)
-  held = exact[jnp.arange(n), jnp.minimum(first.person, n - 1)]
-  certificate = jnp.sum(jnp.where(first.person < n, held, 0.0))
-  clip = jnp.maximum(2 * certificate, 16 * unit * unit * scale)
-  refined = jnp.minimum(exact, clip)
-  second = _auction(
-    refined,
-    _Auction(jnp.zeros((n,), dtype), first.person, first.rounds),
-    eps_start=initial_epsilon * clip,
-    eps_final=8 * unit * clip,
-    **labels,
-    **options,
-  )
+  def stage(_, carry):
+    """Stage 1 (nothing assigned yet) solves the row-shifted costs; stage 2 the costs reduced at
+    stage 1's prices, clipped at twice stage 1's certificate (module docstring)."""
+    total_hi, total_lo, person, rounds, _, _ = carry
+    reduced, row_offset = fold(total_hi, total_lo)
+    held = jnp.where(person < n, reduced[arange, jnp.minimum(person, n - 1)], 0.0)
+    floor = 16 * unit * unit * jnp.max(reduced)
+    clip = jnp.where(jnp.all(person < n), jnp.maximum(2 * jnp.sum(held), floor), jnp.inf)
+    reduced = jnp.minimum(reduced, clip)
+    spread = jnp.max(reduced)
+    scale = jnp.where(spread > 0, spread, jnp.ones((), dtype))
+    result = _auction(
+      reduced,
+      _Auction(jnp.zeros((n,), dtype), person, rounds),
+      eps_start=initial_epsilon * scale,
+      eps_final=8 * unit * scale,
+      **labels,
+      **options,
+    )
+    total_hi, carried = _two_sum(total_hi, result.prices)
+    row_potential = row_offset + jnp.min(
+      _masked(reduced + result.prices[None, :], allowed, jnp.inf), axis=1
+    )
+    return (
+      total_hi,
+      total_lo + carried,
+      result.person,
+      result.rounds,
+      8 * unit * scale,
+      row_potential,
+    )
 
-  column_potential, column_residual = _two_sum(-first.prices, -second.prices)
-  row_potential = (offset + exact_min) + jnp.min(
-    _masked(refined + second.prices[None, :], allowed, jnp.inf), axis=1
-  )
+  zeros = jnp.zeros((n,), dtype)
+  init = (zeros, zeros, jnp.full((n,), jnp.int32(n)), jnp.int32(0), jnp.zeros((), dtype), zeros)
+  total_hi, total_lo, person, rounds, eps, row_potential = jax.lax.fori_loop(0, 2, stage, init)
   return Assignment(
-    permutation=second.person,
+    permutation=person,
     row_potential=row_potential,
-    column_potential=column_potential,
-    column_residual=column_residual,
-    epsilon=8 * unit * clip,
-    converged=feasible & jnp.all(second.person < n),
-    rounds=second.rounds,
+    column_potential=-total_hi,
+    column_residual=-total_lo,
+    epsilon=eps,
+    converged=feasible & jnp.all(person < n),
+    rounds=rounds,
   )
 
 

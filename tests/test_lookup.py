@@ -10,7 +10,7 @@ from diffjax import couplings, forward, losses, parameterization, paths, schedul
 from diffjax._lookup import lookup
 from diffjax.data import images, toy2d
 from diffjax.models import embeddings, factory, mlp
-from diffjax.samplers import adaptive, diffusion, grids, likelihood, ode, registry
+from diffjax.samplers import adaptive, diffusion, grids, likelihood, multistep, ode, registry
 
 TABLE = {"beta": 2, "alpha": 1}
 
@@ -59,6 +59,12 @@ GETTERS = [
   (ode.get_fixed_step_method, ode.FIXED_STEP_METHODS, "fixed-step method"),
   (adaptive.get_adaptive_solver, adaptive.ADAPTIVE_SOLVERS, "adaptive solver"),
   (diffusion.get_ddpm_variance, diffusion.DDPM_VARIANCES, "DDPM variance"),
+  (multistep.get_unipc_variant, multistep.UNIPC_VARIANTS, "UniPC variant"),
+  (
+    multistep.get_dpmpp_sde_solver_type,
+    multistep.DPMPP_SDE_SOLVER_TYPES,
+    "DPM-Solver++ SDE solver type",
+  ),
   (likelihood.get_divergence, likelihood.DIVERGENCES, "divergence"),
   (likelihood.get_probes, likelihood.PROBES, "probe distribution"),
   (embeddings.get_time_features, embeddings.TIME_FEATURES, "time features"),

@@ -494,3 +494,115 @@ def test_patchify_and_sincos_position_embedding():
   dr = (rows[:, None] - rows[None])[..., None] * w
   dc = (cols[:, None] - cols[None])[..., None] * w
   np.testing.assert_allclose(pos @ pos.T, np.cos(dr).sum(-1) + np.cos(dc).sum(-1), atol=1e-5)
+
+
+# ---- models of several times (MeanFlow's u(z, t, s), the shortcut model's s(x, t, d)) ----------
+
+_TWO_TIME_CASES = [
+  ("mlp", (2,), {}),
+  ("mlp", (8, 8, 1), dict(time_features="sinusoidal", time_features_dim=8, width=16, depth=1)),
+  pytest.param("unet", (8, 8, 1), _DIGITS_UNET, marks=pytest.mark.slow),  # ~10 s to trace
+  ("dit", (8, 8, 1), CASES["dit-8x8x1"][2]),
+]
+
+
+def _time_embedding_params(features_dim: int, out_dim: int) -> int:
+  """Two dense layers: ``features -> out -> out``, with biases."""
+  return features_dim * out_dim + out_dim + out_dim * out_dim + out_dim
+
+
+@pytest.mark.parametrize("name,shape,kwargs", _TWO_TIME_CASES)
+def test_time_inputs_shapes_and_parameter_counts(name, shape, kwargs):
+  """time_inputs=1 is the one-time model, tree and count; each further time adds exactly one
+  input column per time feature (MLP) or one time embedding (UNet, DiT); t is [batch, k]."""
+  default = models.create_model(name, data_shape=shape, **kwargs)
+  counts, trees = {}, {}
+  for k in (1, 2, 3):
+    fns = models.create_model(name, data_shape=shape, time_inputs=k, **kwargs)
+    params = jax.eval_shape(fns.init, jax.random.key(0))
+    counts[k], trees[k] = models.num_params(params), jax.tree.structure(params)
+    t = jax.ShapeDtypeStruct((3,) if k == 1 else (3, k), jnp.float32)
+    out = jax.eval_shape(fns.apply, params, jax.ShapeDtypeStruct((3,) + shape, jnp.float32), t)
+    assert (out.shape, out.dtype) == ((3,) + shape, jnp.float32)
+  assert trees[1] == jax.tree.structure(jax.eval_shape(default.init, jax.random.key(0)))
+  if name == "mlp":
+    per_time = kwargs.get("time_features_dim", 1) if "time_features" in kwargs else 1
+    expected = per_time * kwargs.get("width", 64)  # one more input row of the first kernel
+  elif name == "unet":
+    expected = _time_embedding_params(kwargs["ch"], 4 * kwargs["ch"])
+  else:
+    expected = _time_embedding_params(kwargs["time_features_dim"], kwargs["hidden_size"])
+  assert counts[2] - counts[1] == counts[3] - counts[2] == expected
+  if name == "mlp" and shape == (2,):
+    assert counts[1] == 8706  # TorchCFM's network, unchanged
+
+
+def test_mlp_of_two_times_is_concat_x_t_s():
+  """The 2D MLP of two times is TorchCFM's network on concat(x, t, s): an independent NumPy
+  forward pass in float64."""
+  fns = models.create_model("mlp", data_shape=(2,), time_inputs=2)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda a: 0.3 * rng.standard_normal(a.shape).astype(a.dtype),
+    jax.eval_shape(fns.init, jax.random.key(0)),
+  )
+  layers = [params["layers"][i] for i in range(4)]
+  assert layers[0]["kernel"].shape == (4, 64)
+  x, ts = rng.normal(size=(5, 2)), rng.uniform(size=(5, 2))
+  h = np.concatenate([x, ts], axis=1)
+  selu = lambda z: 1.0507009873554805 * np.where(z > 0, z, 1.6732632423543772 * np.expm1(z))
+  for i, layer in enumerate(layers):
+    h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+    h = selu(h) if i < 3 else h
+  apply = jax.jit(fns.apply)
+  np.testing.assert_allclose(np.asarray(apply(params, x, ts)), h, rtol=1e-4, atol=1e-5)
+  # One unbatched example takes its [2] times.
+  np.testing.assert_allclose(np.asarray(apply(params, x[0], ts[0])), h[0], rtol=1e-4, atol=1e-5)
+
+
+def test_dit_sums_one_embedding_per_time():
+  """With the second time embedding's output layer zeroed, the two-time DiT is the one-time DiT
+  with the same parameters: the embeddings add, the first one being the one-time model's."""
+  kwargs = CASES["dit-8x8x1"][2]
+  one = models.create_model("dit", data_shape=(8, 8, 1), **kwargs)
+  two = models.create_model("dit", data_shape=(8, 8, 1), time_inputs=2, **kwargs)
+  rng = np.random.default_rng(0)
+  live = jax.tree.map(
+    lambda a: 0.2 * rng.standard_normal(a.shape).astype(a.dtype),
+    jax.eval_shape(two.init, jax.random.key(0)),
+  )
+  extra = live.pop("extra_time_embeds")
+  silent = jax.tree.map(np.zeros_like, extra[0]["dense_2"])
+  x = rng.standard_normal((3, 8, 8, 1)).astype(np.float32)
+  ts = rng.uniform(size=(3, 2)).astype(np.float32)
+
+  @jax.jit
+  def probe(live, extra):
+    muted = {0: {**extra[0], "dense_2": silent}}
+    return (
+      one.apply(live, x, ts[:, 0]),
+      two.apply({**live, "extra_time_embeds": muted}, x, ts),
+      two.apply({**live, "extra_time_embeds": extra}, x, ts),
+    )
+
+  base, muted, full = map(np.asarray, probe(live, extra))
+  np.testing.assert_allclose(muted, base, rtol=1e-5, atol=1e-6)
+  assert _differs(full, base), "the second time does not reach the output"
+
+
+def test_time_inputs_errors():
+  fns = models.create_model("mlp", data_shape=(2,), time_inputs=2)
+  params = jax.eval_shape(fns.init, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"t has shape \(4,\) but the model takes 2 times.*\(4, 2\)"):
+    fns.apply(params, jnp.zeros((4, 2)), jnp.zeros(4))
+  with pytest.raises(ValueError, match=r"t has shape \(4, 3\)"):
+    fns.apply(params, jnp.zeros((4, 2)), jnp.zeros((4, 3)))
+  one = models.create_model("mlp", data_shape=(2,))
+  with pytest.raises(ValueError, match=r"t has shape \(4, 2\); pass a scalar or one time"):
+    one.apply(jax.eval_shape(one.init, jax.random.key(0)), jnp.zeros((4, 2)), jnp.zeros((4, 2)))
+  with pytest.raises(ValueError, match=r"time_inputs must be an int >= 1, got 0"):
+    models.create_model("mlp", data_shape=(2,), time_inputs=0)
+  with pytest.raises(ValueError, match=r"time_varying=False.*2 times.*set time_varying=True"):
+    models.create_model("mlp", data_shape=(2,), time_inputs=2, time_varying=False)
+  with pytest.raises(ValueError, match=r"time_inputs must be an int >= 1, got 'two'"):
+    models.create_model("mlp", data_shape=(2,), time_inputs="two")

@@ -251,6 +251,12 @@ _STEPS = {
   "tsit5": 10,
   "dpmpp_2m": 100,
   "dpmpp_3m": 60,
+  "unipc": 30,
+  "deis": 60,
+  "dpmpp_2m_sde": 100,
+  "euler_maruyama": 800,
+  "sde_heun": 100,
+  "pc": 200,
 }
 
 

@@ -333,7 +333,7 @@ def test_build_rejects_a_context_it_cannot_serve(context_kwargs, fragment):
 def test_table_entry():
   spec = objectives.OBJECTIVES["marginal_fm"]
   assert spec is marginal_fm_lib.SPEC and spec.build is marginal_fm_lib.marginal_fm
-  assert spec.output == "velocity" and spec.samplers == samplers_lib.FLOW_SAMPLERS
+  assert spec.output == "velocity" and spec.samplers == samplers_lib.GAUSSIAN_FLOW_SAMPLERS
   assert spec.default_sampler in spec.samplers
   assert objectives.defaults(spec.build) == dict(
     num_points=1024, path="icfm", sigma=0.1, time_sampler="uniform"

@@ -242,6 +242,12 @@ def test_reflow_check_reports_each_bad_value():
   ], problems
   assert "toy2d_reflow.py:rf1 --workdir /nonexistent/rf1" in problems[-1]
   assert reflow_lib.check() == []  # the default (empty teacher) is reported at build time
+  ignored = reflow_lib.check(mode="online", num_pairs=10, teacher_sampler="dopri5", teacher_steps=7)
+  assert [p.split(":", 1)[0] for p in ignored] == [
+    "objective.num_pairs=10",
+    "objective.teacher_steps=7",
+  ], ignored
+  assert reflow_lib.check(mode="online", teacher_sampler="dopri5") == []
 
 
 # ---- end to end: a tiny teacher, its student, the CLI --------------------------------------
@@ -257,10 +263,12 @@ def _mesh():
   return sharding.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
 
 
-def _student_config(teacher: pathlib.Path, *overrides: str):
+def _student_config(teacher: pathlib.Path, *overrides: str, mode: str = "pregenerated"):
+  pairs = ["--config.objective.num_pairs=64"] if mode == "pregenerated" else []
   return tiny_config(
     f"--config.objective.teacher_workdir={teacher}",
-    "--config.objective.num_pairs=64",
+    f"--config.objective.mode={mode}",
+    *pairs,
     "--config.objective.teacher_steps=4",
     *overrides,
     base="toy2d_reflow",
@@ -269,12 +277,14 @@ def _student_config(teacher: pathlib.Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A 1-RF teacher (I-CFM, sigma 0) and a 2-RF student trained from its workdir, tiny."""
+  """A 1-RF teacher (I-CFM, sigma 0) and a 2-RF student trained from its workdir: two fused
+  chunks and one checkpoint each (what these tests read is the pairing, not the training)."""
   root = tmp_path_factory.mktemp("reflow")
+  short = ["--config.train.steps=4", "--config.train.checkpoint_every=4"]
   rf1 = config_lib.load_config_file(REFLOW + ":rf1")
-  config_lib.apply_overrides(rf1, TINY)
+  config_lib.apply_overrides(rf1, [*TINY, *short])
   teacher = _train(rf1, root / "rf1")
-  student = _train(_student_config(teacher), root / "rf2")
+  student = _train(_student_config(teacher, *short), root / "rf2")
   return teacher, student
 
 
@@ -306,7 +316,7 @@ def test_the_student_samples_with_more_steps(trained, tmp_path, capsys, steps):
 
 def test_online_pairs_equal_an_euler_loop_over_the_teacher_restored_independently(trained):
   teacher, _ = trained
-  config = _student_config(teacher, "--config.objective.mode=online")
+  config = _student_config(teacher, mode="online")
   experiment = experiment_lib.build_experiment(config, mesh=_mesh())
   batch = experiment.sample_batch(jax.random.PRNGKey(0))
   pairs = experiment.pair_fn(jax.random.PRNGKey(1), batch)
@@ -326,7 +336,7 @@ def test_a_reflow_teacher_loads_without_its_own_teacher(trained):
   moved = teacher.with_name("rf1_moved")
   teacher.rename(moved)
   try:
-    config = _student_config(student, "--config.objective.mode=online")
+    config = _student_config(student, mode="online")
     experiment = experiment_lib.build_experiment(config, mesh=_mesh())
     batch = experiment.sample_batch(jax.random.PRNGKey(0))
     pairs = experiment.pair_fn(jax.random.PRNGKey(1), batch)

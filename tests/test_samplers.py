@@ -497,6 +497,12 @@ def test_registry_errors_and_trajectories():
     "euler_ancestral",
     "dopri5",
     "tsit5",
+    "unipc",
+    "deis",
+    "dpmpp_2m_sde",
+    "euler_maruyama",
+    "sde_heun",
+    "pc",
   }
   # Trajectories are [num_steps + 1, batch, ...] and start at the scaled noise.
   x = NOISE[:8]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -109,7 +110,11 @@ def create_model(
     raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {data_shape}")
   if int(num_classes) != num_classes or num_classes < 0:
     raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-  if isinstance(time_inputs, bool) or int(time_inputs) != time_inputs or time_inputs < 1:
+  if (
+    isinstance(time_inputs, bool)
+    or not isinstance(time_inputs, numbers.Integral)
+    or time_inputs < 1
+  ):
     raise ValueError(f"time_inputs must be an int >= 1, got {time_inputs!r}")
   time_inputs = int(time_inputs)
   _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape, "time_inputs": time_inputs})

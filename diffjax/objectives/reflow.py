@@ -67,7 +67,8 @@ def check(
   time_sampler: str = "uniform",
   label_dropout: float = 0.0,
 ) -> list[str]:
-  """Unknown names, out-of-range values and a teacher workdir that is not one, one line each.
+  """Unknown names, out-of-range values, a teacher workdir that is not one, and a keyword the
+  chosen mode or teacher sampler would ignore, one line each.
 
   An empty ``teacher_workdir`` is reported when the objective is built (the experiment files
   leave it to the command line, and must validate as they stand)."""
@@ -90,7 +91,13 @@ def check(
       f"objective.teacher_workdir={teacher_workdir!r}: no such workdir (no config.json "
       f"there); {_train_teacher(teacher_workdir)}"
     )
-  return problems
+  unread = {}
+  if mode == "online":
+    unread["num_pairs"] = (num_pairs, "mode='online' solves fresh pairs for every batch")
+  if teacher_sampler in samplers_lib.ADAPTIVE_SOLVERS:
+    why = f"teacher_sampler={teacher_sampler!r} chooses its own steps"
+    unread["teacher_steps"] = (teacher_steps, why)
+  return problems + base.unread_problems(reflow, unread)
 
 
 def teacher_endpoints(

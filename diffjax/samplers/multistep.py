@@ -129,9 +129,9 @@ def get_unipc_variant(name: str) -> Callable[[Array], Array]:
 
 
 def _unipc_system(rks: list, hh: Array, b_h: Array, order: int) -> tuple[Array, Array]:
-  """``R`` (rows ``r^(p-1)``, ``p = 1..order``, over ``r_1 .. r_{order-1}, 1``) and ``b_p = p!
-  phi_{p+1}(hh) / B(h)`` with ``phi_1 = (e^hh - 1) / hh``, ``phi_{p+1} = (phi_p - 1 / p!) / hh``
-  (Zhao et al. 2023, Algorithms 1-2 and their B(h) scaling, https://arxiv.org/abs/2302.04867)."""
+  """``R`` (rows ``r^(p-1)``, ``p = 1..order``, over ``r_1 .. r_{order-1}, 1``) and ``b_p = p! hh
+  phi_{p+1}(hh) / B(h)`` with ``phi_1(z) = (e^z - 1) / z``, ``phi_{k+1}(z) = (phi_k(z) - 1 / k!)
+  / z`` (Zhao et al. 2023, Algorithms 1-2, https://arxiv.org/abs/2302.04867)."""
   rks = jnp.stack([*rks, jnp.ones_like(hh)])
   h_phi_k = jnp.expm1(hh) / hh - 1.0
   rows, b = [], []
@@ -397,7 +397,8 @@ def deis_sample(
   """tAB-DEIS: the exponential integrator with ``eps_hat`` extrapolated by a polynomial in ``t``.
 
   In ``x_hat = x / alpha`` and ``rho = sigma / alpha`` the probability-flow ODE is ``d x_hat /
-  d rho = eps_hat`` (Song et al. 2021, DDIM eq. 14; Zhang & Chen 2022, eq. 11). With ``eps_hat``
+  d rho = eps_hat`` (Song, Meng & Ermon 2021, eq. 14, https://arxiv.org/abs/2010.02502; Zhang &
+  Chen 2022, eq. 11). With ``eps_hat``
   on ``[t_i, t_{i+1}]`` the Lagrange polynomial through ``(t_{i-j}, eps_{i-j})``, ``j < k``:
 
       x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i + alpha_{i+1} sum_{j=1}^{k-1} C_ij

@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
       # npz: the raw values' range "lo,hi" (mapped to [-1, 1]), "none" (used as they are) or
       # "auto" (integer images in [0, 255], float images in [0, 1], vectors as they are).
       value_range="auto",
+      # npz / digits: "auto" holds the data set on the devices (batches drawn in the jitted,
+      # fused step) when it takes at most device_resident_max_mb MiB as float32; "on", "off".
+      device_resident="auto",
+      device_resident_max_mb=256.0,
     )
   )
 
@@ -497,6 +501,12 @@ def _unread_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
+def _device_resident_problems(config: ml_collections.ConfigDict) -> list[str]:
+  from diffjax.train import device_data  # pylint: disable=import-outside-toplevel
+
+  return device_data.setting_problems(config)
+
+
 def _npz_key_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The npz keys' spelling and combinations (no file is read)."""
   from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
@@ -626,7 +636,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)
   if not problems:
-    problems += _unread_problems(config)
+    problems += _unread_problems(config) + _device_resident_problems(config)
   if not problems:
     problems += _dataset_problems(config)
 
@@ -721,18 +731,25 @@ def resume_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
+# Runs from before data.device_resident read every data file through grain ("off"); the default
+# "auto" may hold the data on the devices instead (a resume then warns that its batches change).
+_BEFORE_THE_KEY = {"data.device_resident": "off"}
+
+
 def fingerprint_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """``key: saved -> new`` for each key that differs (missing keys shown as ``<absent>``).
 
   A key of the data, optimizer or train groups that ``saved`` lacks and ``new`` holds at its
   :func:`base_config` default is no difference: the schema gained it after ``saved`` was
-  written, and its default keeps what the older run did.
+  written, and its default keeps what the older run did. So is a value in
+  ``_BEFORE_THE_KEY``, what the older runs did when it differs from the default.
   """
   schema = _flatten(json.loads(config_to_json(base_config())))
   lines = []
   for key in sorted(set(saved) | set(new)):
     if key not in saved and key in schema and not key.startswith(("model.", "objective.")):
-      if _tuples(new.get(key)) == _tuples(schema[key]):
+      value = _tuples(new.get(key))
+      if value == _tuples(schema[key]) or value == _BEFORE_THE_KEY.get(key, schema[key]):
         continue
     a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
     a, b = _tuples(a), _tuples(b)

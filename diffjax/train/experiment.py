@@ -35,7 +35,7 @@ class Experiment(NamedTuple):
     host_pairing: the same pairing as a :class:`~diffjax.train.step.HostPairing` when its
       coupling is solved on the host (exact OT), else ``None``; what the trainer runs.
     loss_fn: ``loss_fn(params, key, batch) -> scalar`` on the batch ``pair_fn`` returns.
-    sample_batch: ``key -> batch`` for data generated on device, else ``None``.
+    sample_batch: ``key -> batch`` for data generated or held on device, else ``None``.
     make_iterator: ``data_state -> iterator`` for host data (grain), else ``None``.
     next_batch: ``iterator -> batch`` placed on the mesh.
     iterator_state: ``iterator -> JSON-able dict`` saved with each checkpoint.
@@ -50,6 +50,9 @@ class Experiment(NamedTuple):
     reference_points: ``(key, num) -> [n, *data_shape]`` data to compare generated samples
       with (2-Wasserstein, plots), in the model range: ``n = num`` fresh draws of a 2D toy, or
       ``n = min(num, N)`` examples of a data set of ``N``, drawn without replacement.
+    device_data: a data set held on the devices
+      (:class:`~diffjax.train.device_data.DeviceData`; ``sample_batch`` draws from it), whose
+      arrays the trainer passes to its programs as an argument, else ``None``.
   """
 
   model: Any
@@ -66,6 +69,7 @@ class Experiment(NamedTuple):
   source_sampler: Callable
   log_likelihood: Callable | None
   reference_points: Callable | None = None
+  device_data: Any = None
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -138,7 +142,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
   except ValueError as e:  # what only the built context shows (the data, the labels)
     raise config_lib.ConfigError(f"objective {config.objective.name!r}: {e}") from None
 
-  sample_batch = make_iterator = next_batch = iterator_state = None
+  sample_batch = make_iterator = next_batch = iterator_state = device_data = None
   reference_points = target_sampler
   if config.data.kind == "toy2d":
 
@@ -146,9 +150,19 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
       x = target_sampler(key, batch_size)
       return {"x": jax.lax.with_sharding_constraint(x, batch_sharding)}
   else:
+    # pylint: disable-next=import-outside-toplevel
+    from diffjax.train import device_data as device_data_lib
     from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
 
-    make_iterator, next_batch, iterator_state = image_input.make_input_hooks(config, mesh)
+    loaded = device_data_lib.load_in_memory(config)
+    if loaded is not None:
+      device_data = device_data_lib.place(config, *loaded, mesh=mesh)
+    if device_data is not None:
+      sample_batch = lambda key: device_data.draw(key, device_data.arrays)
+    else:  # the arrays loaded for the size check are grain's source, not read twice
+      make_iterator, next_batch, iterator_state = image_input.make_input_hooks(
+        config, mesh, arrays=loaded
+      )
     reference_points = image_input.make_reference_points(config)
   vectors = len(config.data.shape) == 1
 
@@ -183,4 +197,5 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
     source_sampler=source,
     log_likelihood=objective.log_likelihood,
     reference_points=reference_points,
+    device_data=device_data,
   )

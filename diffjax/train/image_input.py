@@ -125,8 +125,9 @@ def make_reference_points(config) -> Callable[[jax.Array, int], np.ndarray]:
   return reference_points
 
 
-def make_input_hooks(config, mesh):
-  """``(make_iterator, next_batch, iterator_state)`` for the loop.
+def make_input_hooks(config, mesh, *, arrays=None):
+  """``(make_iterator, next_batch, iterator_state)`` for the loop; ``arrays``: the source's
+  ``(examples, labels)`` when already loaded (:func:`diffjax.data.images.load_arrays`).
 
   Each process reads its own shard (``process_index`` of ``process_count``) with a per-process
   batch of ``batch_size / process_count``; :func:`sharding.global_batch_from_local` assembles
@@ -136,7 +137,11 @@ def make_input_hooks(config, mesh):
   """
   process_count = jax.process_count()
   loader = images.make_loader(
-    source=host_source(config),
+    source=(
+      host_source(config)
+      if arrays is None
+      else images.ImageSource(*arrays, name=source_name(config))
+    ),
     batch_size=config.train.batch_size // process_count,
     seed=config.seed,
     process_index=jax.process_index(),

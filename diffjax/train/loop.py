@@ -2,11 +2,12 @@
 
 Two ways to feed the step, chosen by where the data comes from:
 
-* data generated on device (2D toys): up to ``train.fused_steps`` steps run in one jitted
+* data generated on device (2D toys) or held there (a small in-memory data set,
+  :mod:`diffjax.train.device_data`): up to ``train.fused_steps`` steps run in one jitted
   ``lax.scan`` and the host only wakes up between chunks, which end exactly on every logging,
   checkpoint and plot step (:class:`ChunkPlan`);
-* data from a grain loader (images): one jitted step per batch, the next batch fetched and put
-  on the devices while the current step runs (JAX's asynchronous dispatch).
+* data from a grain loader (images, larger data sets): one jitted step per batch, the next batch
+  fetched and put on the devices while the current step runs (JAX's asynchronous dispatch).
 
 Everything stateful sits here; the math it calls is pure.
 
@@ -167,7 +168,7 @@ class ChunkPlan:
 
 
 class _DeviceData:
-  """On-device data (2D toys): chunks of the :class:`ChunkPlan`'s lengths, the batches drawn
+  """On-device data (2D toys, resident data sets): chunks of the :class:`ChunkPlan`'s lengths, the batches drawn
   inside the step from the step's key, so the data state is the step alone."""
 
   def __init__(self, plan: ChunkPlan):
@@ -394,6 +395,15 @@ class _Run:
       if self.trainer.experiment.sample_batch is not None
       else _HostData(self.trainer.experiment, data_state)
     )
+    if isinstance(data, _DeviceData) and data_state.get("grain"):
+      log.warning(
+        "the checkpoint of step %d read its data through grain; this run draws its batches on "
+        "the devices (data.device_resident=%r), so they differ from here on from an "
+        "uninterrupted grain run; resume with --config.data.device_resident=off to continue "
+        "the grain stream",
+        self.step,
+        self.config.data.device_resident,
+      )
     while self.step < total:
       num_steps, batch = data.take(self.step)
       advanced = self.trainer.advance(state, num_steps, batch)  # dispatched asynchronously

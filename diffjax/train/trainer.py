@@ -208,27 +208,34 @@ def chunk_advancer(
   """
   replicated = sharding_lib.replicated(mesh)
   pairing = experiment.host_pairing
+  resident = experiment.device_data
+  # A data set held on the devices enters each program as an argument (closed over, it would be
+  # compiled into the program as a constant).
+  arrays = None if resident is None else resident.arrays
+  sampler = lambda arrays: (
+    experiment.sample_batch if resident is None else lambda key: resident.draw(key, arrays)
+  )
   if pairing is None:
 
     @functools.partial(
       jax.jit, static_argnames="num_steps", donate_argnums=0, out_shardings=(shardings, replicated)
     )
-    def run_chunk(state, num_steps):
+    def run_chunk(state, arrays, num_steps):
       trace_count[0] += 1
       chunk = lambda s: fused_train_steps(
-        s, num_steps=num_steps, sample_batch=experiment.sample_batch, **step_kwargs
+        s, num_steps=num_steps, sample_batch=sampler(arrays), **step_kwargs
       )
       return _over_seeds(chunk, num_seeds, 0)(state)
 
-    return lambda state, num_steps: run_chunk(state, num_steps=num_steps)
+    return lambda state, num_steps: run_chunk(state, arrays, num_steps=num_steps)
 
   host_solve = host_solve or _solve_without_stop
   update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
 
   @functools.partial(jax.jit, static_argnames="num_steps")
-  def propose(key, first_step, num_steps):
+  def propose(key, first_step, arrays, num_steps):
     one = lambda k, s: propose_fused_pairs(
-      k, s, num_steps=num_steps, sample_batch=experiment.sample_batch, propose=pairing.propose
+      k, s, num_steps=num_steps, sample_batch=sampler(arrays), propose=pairing.propose
     )
     return _over_seeds(one, num_seeds, (0, 0))(key, first_step)
 
@@ -239,7 +246,7 @@ def chunk_advancer(
     return _over_seeds(one, num_seeds, 0)(state, batches, solutions)
 
   advance = _solved_between(propose, finish, pairing.solve, host_solve=host_solve, mesh=mesh)
-  return lambda state, num_steps: advance(state, num_steps=num_steps)
+  return lambda state, num_steps: advance(state, arrays, num_steps=num_steps)
 
 
 def step_advancer(
