@@ -1002,12 +1002,42 @@ def evaluate_workdir(
       )
     else:
       report.update({"nll": None, "nll_note": off})
+    report.update(_straightness_metrics(config, experiment, member, key=key_likelihood, num=num))
     if len(rows) == 1:
       report.update(rows[0])
     reports.append(report)
   summary = reports[0] if members[0][0] is None else _seed_summary(reports, members)
   _write_evaluation(out_path, summary, config=config, plan=plan)
   return summary
+
+
+STRAIGHTNESS_STEPS = 128
+
+
+def _straightness_metrics(config, experiment, params, *, key, num: int) -> dict:
+  """The straightness ``S`` of a flow model's own ODE (Liu et al. 2022,
+  :func:`diffjax.evaluate.straightness`) from ``num`` source draws, with its standard error:
+  for objectives whose model is the velocity of one time (flow matching, reflow); empty for
+  the others, where a single velocity field is not what the network outputs."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from diffjax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from diffjax import objectives  # pylint: disable=import-outside-toplevel
+
+  spec = objectives.OBJECTIVES[config.objective.name]
+  if spec.output != "velocity" or spec.time_inputs != 1:
+    return {}
+  velocity = functools.partial(experiment.model.apply, params, cond=None)
+  source = experiment.source_sampler(jax.random.fold_in(key, 1), num)
+  values = np.asarray(evaluate_lib.straightness(velocity, source, steps=STRAIGHTNESS_STEPS))
+  return {
+    "straightness": float(values.mean()),
+    "straightness_stderr": float(values.std(ddof=1) / np.sqrt(len(values))),
+    "straightness_steps": STRAIGHTNESS_STEPS,
+  }
 
 
 def _seed_summary(reports: list[dict], members) -> dict:
@@ -1115,10 +1145,28 @@ def evaluation_table(report: dict) -> str:
     f"floor: {report['floor_note']}",
     *(f"note: {note}" for note in report["notes"]),
     _likelihood_line(report),
+    *_straightness_line(report),
   ]
   if report.get("plot"):
     text.append(f"wrote {report['plot']} and {report['table']}")
   return "\n".join(text)
+
+
+def _straightness_line(report: dict) -> list[str]:
+  """The straightness in one line (sampler-independent), or nothing where it is undefined."""
+  source = report["per_seed"][0] if "per_seed" in report else report
+  if source.get("straightness") is None:
+    return []
+  values = report.get("mean", source)
+  spread = (
+    f" +- {report['std']['straightness']:.2g} over seeds"
+    if "std" in report and "straightness" in report["std"]
+    else f" +- {source['straightness_stderr']:.2g} (standard error)"
+  )
+  return [
+    f"straightness: S {values['straightness']:.4g}{spread} (E ||(x1 - x0) - v(x_t, t)||^2 along "
+    f"the model's own Euler path, {source['straightness_steps']} steps; 0 for straight paths)"
+  ]
 
 
 def _likelihood_line(report: dict) -> str:

@@ -144,6 +144,23 @@ def test_likelihood_once_with_units(comparison):
   assert "nll" not in report["rows"][0]
 
 
+def test_straightness_once_equals_the_library_metric(comparison, toy):
+  """A flow model's straightness is reported once (it is the model's, not a sampler's), equal
+  to :func:`diffjax.evaluate.straightness` from the documented source draws (the likelihood
+  key folded with 1)."""
+  report = comparison["report"]
+  _, experiment, params, _ = run_lib.restore_for_inference(toy)
+  key = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(0), 4)[3], 1)
+  velocity = lambda x, t: experiment.model.apply(params, x, t, None)
+  values = np.asarray(
+    evaluate.straightness(velocity, experiment.source_sampler(key, NUM), steps=128)
+  )
+  assert report["straightness"] == pytest.approx(values.mean(), rel=1e-5)
+  assert report["straightness_stderr"] == pytest.approx(values.std(ddof=1) / np.sqrt(NUM), rel=1e-4)
+  lines = [line for line in comparison["table"].splitlines() if line.startswith("straightness")]
+  assert len(lines) == 1 and "straightness" not in report["rows"][0]
+
+
 def test_plot_and_json_table_are_written(comparison):
   out = comparison["out"]
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -161,8 +161,8 @@ def test_dpmpp_2m_sde_matches_k_diffusion_on_the_same_noise(case):
 @pytest.mark.slow
 @pytest.mark.parametrize("orders", [(2,), (1,)])
 def test_unip2_and_dpmpp_2m_sde_at_eta_0_are_dpm_solver_pp_2m_and_deis_1_is_ddim(orders):
-  # UniP-2 with B(h) = e^{-h} - 1 (bh2) and rho = 1/2 is DPM-Solver++(2M) (Zhao et al. 2023,
-  # Sec. 3.3); the SDE solver at eta = 0 ("midpoint") too; DEIS and UniP of order 1 are DDIM.
+  # UniP-2 with B(h) = e^{-h} - 1 (bh2) and rho = 1/2 is DPM-Solver++(2M) (as Zhao et al. 2023
+  # note); the SDE solver at eta = 0 ("midpoint") too; DEIS and UniP of order 1 are DDIM.
   times = S.log_snr_grid(num_steps=12, t_start=1.0, t_end=1e-3, coefficients_fn=trig_coefficients)
   x = jax.random.normal(KEY, (32, 2))
   denoise = _denoiser(DATA, "v", trig_coefficients)
@@ -302,7 +302,7 @@ def _final_errors(run, counts, grid):
 
 _UNIPC_ORDER = functools.partial(S.unipc_sample, lower_order_final=False)
 ORDER_CASES = [
-  # (name, run, theory): UniC raises UniP-p to p + 1 (Zhao et al. 2023, Theorem 3.1).
+  # (name, run, theory): UniC raises UniP-p to p + 1 (Zhao et al. 2023).
   *[
     (
       f"unipc{p}-{v}",
@@ -383,7 +383,7 @@ def test_shift_moves_inner_times_toward_the_noise_end_in_either_clock():
   flow = np.asarray(S.shifted_grid(num_steps=8, t_start=0.0, t_end=1.0, shift=shift))
   diffusion = np.asarray(S.shifted_grid(num_steps=8, t_start=1.0, t_end=0.0, shift=shift))
   u = 1.0 - np.arange(9) / 8  # SD3's time (1 = noise) of each uniform point
-  sd3 = shift * u / (1 + (shift - 1) * u)  # Esser et al. 2024, eq. 23
+  sd3 = shift * u / (1 + (shift - 1) * u)  # Esser et al. 2024, Sec. 5.3.2
   np.testing.assert_allclose(flow, 1.0 - sd3, atol=1e-6)  # flow time t = 1 - u
   np.testing.assert_allclose(diffusion, sd3, atol=1e-6)  # diffusion time t = u
   assert np.all(flow[1:-1] < np.linspace(0, 1, 9)[1:-1])  # toward t = 0, the flow's noise

@@ -236,7 +236,7 @@ def shift_times(times: Array, *, shift: float) -> Array:
   (``u = 0``, ``times[-1]``) and its noise end (``u = 1``, ``times[0]``), so the shift acts in
   the right direction whatever the clock (diffusion time 1 -> 0 or flow time 0 -> 1); the ends
   stay fixed. ``shift > 1`` moves every inner time toward the noise end: smaller steps there,
-  larger ones near the data. Esser et al. (2024), eq. 23 with ``shift = sqrt(m / n)`` for
+  larger ones near the data. Esser et al. (2024), Sec. 5.3.2, with ``shift = sqrt(m / n)`` for
   ``m`` pixels over a base resolution's ``n``, https://arxiv.org/abs/2403.03206; Flux uses a
   shift near 3. ``shift = 1`` returns the grid unchanged.
   """
@@ -261,7 +261,7 @@ def shifted_grid(
 ) -> Array:
   """:func:`uniform_grid` under :func:`shift_times`: ``t_i = t_end + u'_i (t_start - t_end)``
   with ``u'_i = shift u_i / (1 + (shift - 1) u_i)``, ``u_i = 1 - i / N`` (Esser et al. 2024,
-  eq. 23, https://arxiv.org/abs/2403.03206). The ends default as :func:`uniform_grid`'s, from
+  Sec. 5.3.2, https://arxiv.org/abs/2403.03206). The ends default as :func:`uniform_grid`'s, from
   what is sampled."""
   return shift_times(
     uniform_grid(

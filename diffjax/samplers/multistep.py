@@ -109,13 +109,13 @@ def _ddim(x0: Array, eps: Array, alpha_t, sigma_t) -> Array:
 
 
 def unipc_bh1(hh: Array) -> Array:
-  """UniPC's ``B(h) = h`` (variant B1 of Zhao et al. 2023, Sec. 3.3,
+  """UniPC's ``B(h) = h`` (variant B1 of Zhao et al. 2023,
   https://arxiv.org/abs/2302.04867), written in ``hh = -h`` of the data prediction."""
   return hh
 
 
 def unipc_bh2(hh: Array) -> Array:
-  """UniPC's ``B(h) = e^h - 1`` (variant B2 of Zhao et al. 2023, Sec. 3.3,
+  """UniPC's ``B(h) = e^h - 1`` (variant B2 of Zhao et al. 2023,
   https://arxiv.org/abs/2302.04867), written in ``hh = -h`` of the data prediction."""
   return jnp.expm1(hh)
 
@@ -131,7 +131,7 @@ def get_unipc_variant(name: str) -> Callable[[Array], Array]:
 def _unipc_system(rks: list, hh: Array, b_h: Array, order: int) -> tuple[Array, Array]:
   """``R`` (rows ``r^(p-1)``, ``p = 1..order``, over ``r_1 .. r_{order-1}, 1``) and ``b_p = p! hh
   phi_{p+1}(hh) / B(h)`` with ``phi_1(z) = (e^z - 1) / z``, ``phi_{k+1}(z) = (phi_k(z) - 1 / k!)
-  / z`` (Zhao et al. 2023, Algorithms 1-2, https://arxiv.org/abs/2302.04867)."""
+  / z`` (Zhao et al. 2023, https://arxiv.org/abs/2302.04867)."""
   rks = jnp.stack([*rks, jnp.ones_like(hh)])
   h_phi_k = jnp.expm1(hh) / hh - 1.0
   rows, b = [], []
@@ -162,7 +162,7 @@ def _unipc_update(x, m0, d1s, rhos, *, sigma_ratio, alpha_t, hh, b_h):
 
 
 def _unipc_predictor(order: int, b_fn):
-  """UniP-``order`` (Zhao et al. 2023, Algorithm 2 with data prediction): ``rho`` solves the
+  """UniP-``order`` (Zhao et al. 2023, with data prediction): ``rho`` solves the
   first ``order - 1`` rows of ``R rho = b`` (``rho = 1/2`` for order 2, as the authors' code)."""
 
   def predict(x, m0, history, lambdas_history, lam_s, lam_t, sigma_ratio, alpha_t):
@@ -183,7 +183,7 @@ def _unipc_predictor(order: int, b_fn):
 
 
 def _unipc_corrector(order: int, b_fn):
-  """UniC-``order`` (Zhao et al. 2023, Algorithm 1 with data prediction): ``rho`` solves ``R
+  """UniC-``order`` (Zhao et al. 2023, with data prediction): ``rho`` solves ``R
   rho = b`` (``rho = 1/2`` for order 1); the new evaluation ``m_t`` enters as ``D_t = m_t -
   m_s`` with the last ``rho``."""
 
@@ -228,7 +228,7 @@ def unipc_sample(
   r_j^(p-1)`` and ``b_p = p! phi_{p+1}(hh) / B(h)`` (UniP drops the last row and column);
   ``B(h) = hh`` ("bh1") or ``e^hh - 1`` ("bh2"). ``m_t`` is evaluated at the predicted ``x_t``
   and reused by the next predictor, so the corrector costs no network evaluation; it raises the
-  order from ``p`` to ``p + 1``. Zhao et al. (2023), Algorithms 1-3,
+  order from ``p`` to ``p + 1``. Zhao et al. (2023),
   https://arxiv.org/abs/2302.04867 (as in diffusers' ``UniPCMultistepScheduler``: UniP-2 with
   ``rho = 1/2``, which with "bh2" is DPM-Solver++(2M); UniC-1 with ``rho = 1/2``; the first
   steps at the orders their history allows; the corrector skipped after the last step).
@@ -345,8 +345,8 @@ def deis_coefficients(times: Array, *, coefficients_fn: CoefficientsFn, order: i
   alpha``, for the Lagrange basis ``l_j`` in ``t`` through ``t_i, t_{i-1}, .., t_{i-order+1}``.
 
   By parts, ``C_ij = l_j(t_{i+1}) rho_{i+1} - int l_j' rho dtau`` for ``j >= 1`` (``l_j(t_i) =
-  0``), the integral by 8-point Gauss-Legendre quadrature (Zhang & Chen 2022, eq. 14 and Sec.
-  4, https://arxiv.org/abs/2204.13902, who also integrate numerically). Where a step has fewer
+  0``), the integral by 8-point Gauss-Legendre quadrature (Zhang & Chen 2022,
+  https://arxiv.org/abs/2204.13902, who also integrate numerically). Where a step has fewer
   than ``order`` past times, or a node has ``rho = inf``, the weights are 0 (never used).
 
   Returns:
@@ -398,14 +398,14 @@ def deis_sample(
 
   In ``x_hat = x / alpha`` and ``rho = sigma / alpha`` the probability-flow ODE is ``d x_hat /
   d rho = eps_hat`` (Song, Meng & Ermon 2021, eq. 14, https://arxiv.org/abs/2010.02502; Zhang &
-  Chen 2022, eq. 11). With ``eps_hat``
+  Chen 2022). With ``eps_hat``
   on ``[t_i, t_{i+1}]`` the Lagrange polynomial through ``(t_{i-j}, eps_{i-j})``, ``j < k``:
 
       x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i + alpha_{i+1} sum_{j=1}^{k-1} C_ij
                 (eps_{i-j} - eps_i),
 
   ``C_ij`` from :func:`deis_coefficients`; ``k = 1`` is DDIM. Zhang & Chen (2022), "Fast
-  Sampling of Diffusion Models with Exponential Integrator", Sec. 4 (tAB-DEIS),
+  Sampling of Diffusion Models with Exponential Integrator" (tAB-DEIS),
   https://arxiv.org/abs/2204.13902. The first steps use the orders their history allows.
 
   Args:

@@ -8,9 +8,9 @@ dt - 2 f sigma^2 = 2 sigma k``, where
 
     k = d_sigma - sigma d_alpha / alpha = sigma d/dt log(sigma / alpha)
 
-(Kingma et al. 2021, eq. 29-30, https://arxiv.org/abs/2107.00630). The samplers integrate the
-family of reverse SDEs with the process's marginals at every ``t`` (Zhang & Chen 2022, eq. 6,
-https://arxiv.org/abs/2204.13902):
+(Kingma et al. 2021, https://arxiv.org/abs/2107.00630; Lu et al. 2022,
+https://arxiv.org/abs/2206.00927). The samplers integrate the family of reverse SDEs with the
+process's marginals at every ``t`` (Zhang & Chen 2022, https://arxiv.org/abs/2204.13902):
 
     dx = [f x - (1 + eta^2) / 2 g^2 score] dt + eta |g| dW,
 
@@ -85,7 +85,7 @@ def reverse_sde(denoise: Denoiser, *, coefficients_fn: CoefficientsFn, eta: floa
 
   ``drift = d_alpha x0_hat + d_sigma eps_hat + eta^2 k eps_hat`` and ``diffusion = eta sqrt(2
   sigma |k|)`` (``[batch]``), with ``k = d_sigma - sigma d_alpha / alpha``: the SDE ``dx = [f x -
-  (1 + eta^2) / 2 g^2 score] dt + eta |g| dW`` of Zhang & Chen (2022), eq. 6,
+  (1 + eta^2) / 2 g^2 score] dt + eta |g| dW`` of Zhang & Chen (2022),
   https://arxiv.org/abs/2204.13902, written in posterior means.
   """
 
@@ -156,7 +156,7 @@ def euler_maruyama_sample(
   """Euler-Maruyama on the reverse SDE: ``x_{i+1} = x_i + a(x_i, t_i) dt_i + b(t_i) sqrt(|dt_i|)
   z_i`` with ``dt_i = t_{i+1} - t_i`` and ``a``, ``b`` from :func:`reverse_sde`.
 
-  Strong order 1/2, weak order 1 (Kloeden & Platen 1992, Sec. 10.2 and 14.1; Song et al. 2021,
+  Strong order 1/2, weak order 1 (Kloeden & Platen 1992, Ch. 10 and 14; Song et al. 2021,
   App. F, https://arxiv.org/abs/2011.13456). One network evaluation per step.
 
   Args:
