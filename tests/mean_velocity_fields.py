@@ -50,3 +50,12 @@ def velocity(z, t):
 def data_of_source(x0):
   """Where the exact flow takes source points: ``m + c x0``."""
   return jnp.asarray(MEAN, x0.dtype) + SCALE * x0
+
+
+def mean_velocity(z, t, s):
+  """``u(z, t, s)`` for ``s >= t``: the average velocity where ``s > t``, ``v(z, t)`` where
+  ``s = t`` (the unused branch is evaluated at a safe ``s``, so neither it nor its derivatives
+  divide by zero)."""
+  gap = jnp.asarray(s) > jnp.asarray(t)
+  safe = jnp.where(gap, s, jnp.asarray(t) + 1.0)
+  return jnp.where(gap[:, None], average_velocity(z, t, safe), velocity(z, t))

@@ -32,7 +32,7 @@ DATA_KEYS = ("kind", "source", "target", "shape", "num_classes")
 every other data key too (the file, the array's name, its layout and range) but
 :data:`FREE_DATA_KEYS`."""
 
-FREE_DATA_KEYS = ("augment_flip",)
+FREE_DATA_KEYS = ("augment_flip", "device_resident", "device_resident_max_mb")
 """Data keys that change the training batches, not the distributions the pairs join."""
 
 log = logging.getLogger("diffjax")
