@@ -64,11 +64,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, custom_batching
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax.shapes import compute_dtype
 
-__all__ = ["Assignment", "auction_assignment", "assignment_cost", "duality_gap"]
+__all__ = [
+  "Assignment",
+  "auction_assignment",
+  "auction_permutation",
+  "assignment_cost",
+  "duality_gap",
+]
 
 
 class Assignment(NamedTuple):
@@ -351,6 +360,101 @@ def auction_assignment(
     converged=feasible & jnp.all(person < n),
     rounds=rounds,
   )
+
+
+def _solve_stack(cost: Array, *labels: Array) -> Array:
+  """``[m, n, n]`` costs (and ``[m, n]`` row and column labels) to ``[m, n]`` permutations, ``n``
+  in every row of a problem left unsolved."""
+
+  def one(cost, *labels):
+    result = auction_assignment(cost, **dict(zip(("row_labels", "column_labels"), labels)))
+    return jnp.where(result.converged, result.permutation, cost.shape[-1])
+
+  return jax.vmap(one)(cost, *labels)
+
+
+def _problem_axis(arg_shape) -> tuple:
+  sharding = arg_shape.sharding
+  if isinstance(sharding, NamedSharding) and len(sharding.spec):
+    return (sharding.spec[0],)
+  return (None,)
+
+
+def _whole_problems_per_device(rule: str):
+  """:func:`_solve_stack` partitioned so that every device solves whole problems: the arguments
+  keep their sharding along the problem axis and are gathered along the others. Left to the
+  partitioner, a batch-sharded cost would be split inside the problem and the auction would
+  exchange data between devices at every round."""
+  solve = custom_partitioning(_solve_stack)
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return NamedSharding(mesh, P(*_problem_axis(arg_shapes[0]), None))
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    axis = _problem_axis(arg_shapes[0])
+    args = tuple(NamedSharding(mesh, P(*axis, *([None] * (len(a.shape) - 1)))) for a in arg_shapes)
+    return mesh, _solve_stack, NamedSharding(mesh, P(*axis, None)), args
+
+  solve.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
+  return solve
+
+
+_SOLVE_STACK = _whole_problems_per_device("b i j -> b i")
+_SOLVE_LABELLED_STACK = _whole_problems_per_device("b i j, b i, b j -> b i")
+
+
+@custom_batching.custom_vmap
+def _permutations(cost: Array, *labels: Array) -> Array:
+  batch, n = cost.shape[:-2], cost.shape[-1]
+  flat = [jnp.reshape(cost, (-1, n, n))]
+  flat += [jnp.reshape(jnp.broadcast_to(x, batch + (n,)), (-1, n)) for x in labels]
+  solve = _SOLVE_LABELLED_STACK if labels else _SOLVE_STACK
+  return jnp.reshape(solve(*flat), batch + (n,))
+
+
+@_permutations.def_vmap
+def _permutations_vmap(axis_size, in_batched, cost, *labels):
+  # A vmapped call is one larger stack: the leading axes are flattened into the problem axis.
+  args = [
+    x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    for x, batched in zip((cost, *labels), in_batched)
+  ]
+  return _permutations(*args), True
+
+
+def auction_permutation(
+  cost: Array, *, row_labels: Array | None = None, column_labels: Array | None = None
+) -> Array:
+  """The optimal permutations of a ``[..., n, n]`` stack by :func:`auction_assignment`.
+
+  ``sigma = argmin_sigma sum_i C_{i sigma(i)}`` per problem (with labels: among the
+  permutations pairing equal labels), to the certified gap of :func:`auction_assignment`. ``n``
+  (an out-of-range index) fills every row of a problem without a solution (unbalanced labels).
+  Vmapped calls (any depth) solve one flattened stack, and on a device mesh every device solves
+  whole problems (their arguments gathered to it): the auction's rounds never wait on other
+  devices. A problem whose cost is sharded is therefore solved redundantly on each device it
+  spans, which costs no more time than solving it on one.
+
+  Args:
+    cost: ``[..., n, n]`` costs.
+    row_labels: ``[..., n]`` labels of the rows (broadcast against the stack), or None.
+    column_labels: ``[..., n]`` labels of the columns; given iff ``row_labels`` is.
+
+  Returns:
+    ``[..., n]`` int32 permutations.
+  """
+  cost = jax.lax.stop_gradient(jnp.asarray(cost))
+  if cost.ndim < 2 or cost.shape[-1] != cost.shape[-2] or cost.shape[-1] == 0:
+    raise ValueError(f"auction_permutation needs [..., n, n] costs, n >= 1; got {cost.shape}")
+  if (row_labels is None) != (column_labels is None):
+    raise ValueError("pass both row_labels and column_labels, or neither")
+  labels = () if row_labels is None else (jnp.asarray(row_labels), jnp.asarray(column_labels))
+  for name, x in zip(("row_labels", "column_labels"), labels):
+    if x.shape[-1:] != cost.shape[-1:] or x.ndim > cost.ndim - 1:
+      raise ValueError(f"{name} of shape {x.shape} must be [..., {cost.shape[-1]}]")
+  return _permutations(cost, *labels)
 
 
 def assignment_cost(cost: Array, permutation: Array) -> Array:

@@ -53,7 +53,7 @@ from jax import Array
 from scipy.optimize import linear_sum_assignment
 
 from diffjax._lookup import lookup
-from diffjax.assignment import auction_assignment
+from diffjax.assignment import auction_permutation
 from diffjax.shapes import compute_dtype
 
 __all__ = [
@@ -162,22 +162,8 @@ def _assign_emd(matrix: np.ndarray) -> np.ndarray:
   return perm
 
 
-def _auction_permutation(
-  cost: Array, source_labels: Array | None = None, target_labels: Array | None = None
-) -> Array:
-  """In-graph exact assignment of a ``[..., B, B]`` stack; ``B`` (an out-of-range index, so a
-  gather gives NaN) in every row of a problem the auction could not solve (unbalanced labels)."""
-  solve = lambda c, a, b: auction_assignment(c, row_labels=a, column_labels=b)
-  axes = (0, None if source_labels is None else 0, None if target_labels is None else 0)
-  for _ in range(jnp.ndim(cost) - 2):
-    solve = jax.vmap(solve, in_axes=axes)
-  result = solve(cost, source_labels, target_labels)
-  unsolved = jnp.shape(cost)[-1]
-  return jnp.where(result.converged[..., None], result.permutation, unsolved)
-
-
 def _assign_jax(matrix: np.ndarray) -> np.ndarray:
-  return np.asarray(_auction_permutation(jnp.asarray(matrix, compute_dtype(matrix))))
+  return np.asarray(auction_permutation(jnp.asarray(matrix, compute_dtype(matrix))))
 
 
 OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -262,7 +248,8 @@ def exact_ot_permutation(cost: Array, *, solver: str = "emd") -> Array:
   2011) or :func:`scipy.optimize.linear_sum_assignment` (``"lsa"``; Crouse 2016, shortest
   augmenting paths). Batched (vmapped) calls are solved in one callback, on a thread pool.
   ``solver="jax"`` solves in the graph instead, by the auction algorithm
-  (:func:`diffjax.assignment.auction_assignment`; optimal to a certified gap of ``3 B eps``).
+  (:func:`diffjax.assignment.auction_permutation`; optimal to a certified gap of ``3 B eps``;
+  a problem the auction cannot solve, i.e. unbalanced labels, reads ``B`` in every row).
 
   Args:
     cost: ``[B, B]`` cost matrix (no gradient flows through the assignment).
@@ -275,7 +262,7 @@ def exact_ot_permutation(cost: Array, *, solver: str = "emd") -> Array:
   _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
   if solver in IN_GRAPH_OT_SOLVERS:
-    return _auction_permutation(cost)
+    return auction_permutation(cost)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   # "broadcast_all": under vmap the host function gets the whole stack at once (one callback).
   return jax.pure_callback(
@@ -341,7 +328,7 @@ def label_exact_ot_permutation(
   _check_solver(solver)
   cost = jax.lax.stop_gradient(cost)
   if solver in IN_GRAPH_OT_SOLVERS:
-    return _auction_permutation(cost, source_labels, target_labels)
+    return auction_permutation(cost, row_labels=source_labels, column_labels=target_labels)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   return jax.pure_callback(
     functools.partial(_label_assignment_host, solver=solver),

@@ -61,6 +61,7 @@ def case_config(data: str, fsdp: int, scope: str, steps: int):
       "--config.model.ch=16",
       "--config.model.num_res_blocks=1",
       "--config.train.batch_size=64",
+      "--config.data.device_resident=off",  # the grain path: one host solve per step
     ]
   config_lib.apply_overrides(
     config,

@@ -19,8 +19,7 @@ from tiny import tiny_config
 
 from diffjax.data import images
 from diffjax.train import config as config_lib
-from diffjax.train import device_data, image_input
-from diffjax.train import loop
+from diffjax.train import device_data, image_input, loop
 from diffjax.train import sharding as sharding_lib
 from diffjax.train import trainer as trainer_lib
 from diffjax.train.experiment import build_experiment
@@ -131,11 +130,21 @@ def test_flip_mirrors_images_along_their_width():
   assert as_is.any(axis=1).sum() > 10 and mirrored.any(axis=1).sum() > 10
 
 
-def test_fused_chunk_equals_the_steps_one_by_one(tmp_path):
-  """``train.fused_steps`` applies: one jitted chunk of 4 steps, its batches drawn inside the
-  scan, equals 4 single steps on batches drawn outside any program from the same step keys
-  (float32 rounding of the scan aside), and compiles once."""
-  config = _npz_config(tmp_path, "--config.data.num_classes=3", labelled=True)
+@pytest.mark.parametrize(
+  "objective", ["icfm", pytest.param("otcfm", marks=pytest.mark.slow)]
+)  # otcfm: programs with a host callback are not kept in the compilation cache (5 s more)
+def test_fused_chunk_equals_the_steps_one_by_one(tmp_path, objective):
+  """``train.fused_steps`` applies: one chunk of 4 steps, its batches drawn inside the program,
+  equals 4 single steps on batches drawn outside any program from the same step keys (float32
+  rounding of the scan aside), and compiles once; for a class-conditional model. OT-CFM
+  (label-conditional exact OT): the chunk's couplings are solved on the host between its two
+  programs, both given the resident arrays."""
+  config = _npz_config(
+    tmp_path,
+    "--config.data.num_classes=3",
+    f"--config.objective.name={objective}",
+    labelled=True,
+  )
   trainer = trainer_lib.make_trainer(config, _mesh())
   experiment = trainer.experiment
   fused, metrics = trainer.advance(trainer.create_state(), 4, None)

@@ -283,6 +283,18 @@ def test_sampling_chunks_euler_and_guidance():
   np.testing.assert_allclose(out["samples"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_likelihood_through_the_instantaneous_velocity():
+  """With an N(0, I) source, log p(x) integrates the ODE of u(z, t, t): for the exact field it
+  is the data's density N(m, c^2 I) in closed form (RK4, 16 steps: error far below 1e-3)."""
+  objective, _ = _offset_objective()
+  assert objective.log_likelihood is not None
+  x = jnp.asarray(exact.MEAN) + exact.SCALE * jax.random.normal(jax.random.key(4), (32, 2))
+  log_p = np.asarray(objective.log_likelihood(None, jax.random.key(0), x, steps=16))
+  z = (np.asarray(x) - np.asarray(exact.MEAN)) / exact.SCALE
+  expected = -0.5 * (z**2).sum(axis=1) - np.log(2 * np.pi) - 2 * np.log(exact.SCALE)
+  np.testing.assert_allclose(log_p, expected, atol=1e-3)
+
+
 def test_spec_and_checks():
   spec = objectives.OBJECTIVES["meanflow"]
   assert spec.time_inputs == 2 and spec.default_sampler == "meanflow" and spec.any_source

@@ -13,7 +13,8 @@ Training. Each batch splits into
   ``k ~ U{0, ..., log2(M) - 1}``, from ``t ~ U{0, 2d, ..., 1 - 2d}`` (the grid that steps of
   ``2d`` visit), regressed on two half steps::
 
-    s(x_t, t, 2d) <- sg[(s(x_t, t, d) + s(x'_{t + d}, t + d, d)) / 2],  x'_{t + d} = x_t + d s(x_t, t, d)
+    s(x_t, t, 2d) <- sg[(s(x_t, t, d) + s(x'_{t + d}, t + d, d)) / 2],
+    x'_{t + d} = x_t + d s(x_t, t, d),
 
 and the loss is the mean squared error over all rows (the paper's self-consistency loss, the
 second half step at time ``t + d``). The half steps use the current parameters without dropout (the

@@ -35,8 +35,9 @@ def few_step_sampler(*, times: Array):
   ``x_{k+1} = x_k + (t_{k+1} - t_k) F(x_k, t_k, t_{k+1})``, ``k = 0 .. N - 1``, from ``x_0`` =
   the source draws: MeanFlow's ``z_r = z_t - (t - r) u(z_t, r, t)`` in its own time direction
   (Geng et al. 2025, https://arxiv.org/abs/2505.13447) and the shortcut model's ``x_{t + d} =
-  x_t + d s(x_t, t, d)`` (Frans et al. 2024, https://arxiv.org/abs/2410.12557). With the exact mean velocity every jump lands on the ODE
-  trajectory, whatever ``N``; one scan, ``N`` evaluations.
+  x_t + d s(x_t, t, d)`` (Frans et al. 2024, https://arxiv.org/abs/2410.12557). With the exact
+  mean velocity every jump lands on the ODE trajectory, whatever ``N``; one scan, ``N``
+  evaluations.
 
   Args:
     times: ``[N + 1]`` grid from the source time to the data time.
