@@ -71,13 +71,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffjax.shapes import compute_dtype
 
-__all__ = [
-  "Assignment",
-  "auction_assignment",
-  "auction_permutation",
-  "assignment_cost",
-  "duality_gap",
-]
+__all__ = ["Assignment", "auction_assignment", "auction_permutation"]
 
 
 class Assignment(NamedTuple):
@@ -455,29 +449,3 @@ def auction_permutation(
     if x.shape[-1:] != cost.shape[-1:] or x.ndim > cost.ndim - 1:
       raise ValueError(f"{name} of shape {x.shape} must be [..., {cost.shape[-1]}]")
   return _permutations(cost, *labels)
-
-
-def assignment_cost(cost: Array, permutation: Array) -> Array:
-  """``sum_i C_{i, sigma(i)}``."""
-  return jnp.sum(jnp.take_along_axis(cost, permutation[:, None], axis=1))
-
-
-def duality_gap(
-  cost: Array,
-  permutation: Array,
-  column_potential: Array,
-  *,
-  row_labels: Array | None = None,
-  column_labels: Array | None = None,
-) -> Array:
-  """The certificate ``sum_i C_{i sigma(i)} - (sum_i u_i + sum_j v_j) >= cost - OPT >= 0``.
-
-  ``u_i = min_j (C_ij - v_j)`` over the allowed ``j`` makes ``(u, v)`` dual feasible for the
-  assignment LP (``u_i + v_j <= C_ij``) whatever ``v`` is, so by weak duality the bracket is a
-  lower bound on the optimum (Peyre & Cuturi 2019, Prop. 3.1 and Sec. 3.3,
-  https://arxiv.org/abs/1803.00567). Evaluate it in float64 for an exact certificate.
-  """
-  n = cost.shape[0]
-  allowed = _allowed(row_labels, column_labels, jnp.arange(n))
-  row_potential = jnp.min(_masked(cost - column_potential[None, :], allowed, jnp.inf), axis=1)
-  return assignment_cost(cost, permutation) - (jnp.sum(row_potential) + jnp.sum(column_potential))

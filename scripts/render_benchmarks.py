@@ -138,11 +138,82 @@ def _marginal_fm(data: dict) -> list[str]:
   return lines
 
 
+def _own_data(data: dict) -> list[str]:
+  rates, protocol = data["steps_per_second"], data["protocol"]
+  median = data["median_steps_per_second"]
+  runs = lambda name: ", ".join(f"{x:g}" for x in rates[name])
+  return [
+    "## Your own small npz: held on the devices against grain (`scripts/bench_own_data.py`, "
+    "`docs/own_data_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_own_data.py > docs/own_data_bench.json')}; "
+    f"{protocol['what']}, `{protocol['config']}` (batch {protocol['batch_size']}, fused chunks of "
+    f"{protocol['fused_steps']} steps), through `loop.train` on one device; steps/s after the "
+    f"first logging interval, median of {protocol['reps']} runs after a warm-up run, the modes "
+    f"alternating (load average {data['environment']['loadavg'][0]:g} at the end).",
+    "",
+    "| data | steps per run | median steps/s | runs |",
+    "|---|---:|---:|---|",
+    f"| `data.device_resident=on` | {protocol['steps']['device_resident_on']} "
+    f"| {median['device_resident_on']:g} | {runs('device_resident_on')} |",
+    f"| `data.device_resident=off` (grain) | {protocol['steps']['device_resident_off']} "
+    f"| {median['device_resident_off']:g} | {runs('device_resident_off')} |",
+    f"| generated 2D toy (reference) | {protocol['steps']['device_resident_on']} "
+    f"| {median['toy2d_reference']:g} | {runs('toy2d_reference')} |",
+    "",
+    f"On / off: {data['speedup_on_over_off']:g}x; on / toy: {data['on_over_toy2d']:g}.",
+  ]
+
+
+def _ot(data: dict) -> list[str]:
+  def timing(t: dict | None) -> str:
+    if t is None:
+      return "skipped (a smaller B ran past the cap) | |"
+    capped = f" (one run, over the {data['cap_s']:g} s cap)" if t["capped"] else ""
+    return f"{t['median_s']:.3g}{capped} | {t['cpu_median_s']:.3g}"
+
+  lines = [
+    "## Exact OT assignment in the graph (`scripts/bench_ot.py`, `docs/ot_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_ot.py > docs/ot_bench.json')}; {data['problem']}; "
+    f"jax {data['jax_version']} ({data['backend']}, {data['cpu_count']} cores), median of "
+    f"{data['reps']} runs after a warm-up (load average {data['loadavg_at_end'][0]:g} at the "
+    "end). The auction (`objective.ot_solver=jax`, `diffjax.assignment`) runs jitted; POT's "
+    "`ot.emd` solves the same matrix on the host in float64.",
+    "",
+    "| B | auction s | auction CPU s | rounds | emd s | emd CPU s | cost rel. diff "
+    "| same pairs | certificate / bound |",
+    "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+  ]
+  for r in data["sizes"]:
+    jax_t, emd_t = r.get("jax"), r.get("emd")
+    rounds = jax_t["rounds"] if jax_t else ""
+    certificate = f"{jax_t['certificate'] / jax_t['certificate_bound']:.2g}" if jax_t else ""
+    same = r.get("same_permutation", "")
+    lines.append(
+      f"| {r['B']} | {timing(jax_t)} | {rounds} | {timing(emd_t)} "
+      f"| {r.get('cost_rel_diff', float('nan')):.1g} | {same} | {certificate} |"
+    )
+  chunk = data.get("chunk")
+  if chunk:
+    lines += [
+      "",
+      f"A training chunk's pairing, {chunk['problems']} problems of B = {chunk['B']}: the auction "
+      f"vmapped in one program {chunk['jax']['median_s']:.3g} s ({chunk['jax']['cpu_median_s']:.3g}"
+      f" s CPU), emd on the host's threads {chunk['emd_threads']['median_s']:.3g} s "
+      f"({chunk['emd_threads']['cpu_median_s']:.3g} s CPU); largest cost difference "
+      f"{chunk['max_cost_rel_diff']:.1g} (relative).",
+    ]
+  return lines
+
+
 SECTIONS = (
   ("forward_bench.json", _forward),
+  ("ot_bench.json", _ot),
   ("noise_generator_decision.json", _noise_decision),
   ("seeds_bench.json", _seeds),
   ("marginal_fm_bench.json", _marginal_fm),
+  ("own_data_bench.json", _own_data),
 )
 
 

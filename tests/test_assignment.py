@@ -243,13 +243,7 @@ def _callback_ops(text: str) -> int:
   return text.count("xla_python_cpu_callback") + text.count("xla_ffi_python_cpu_callback")
 
 
-def test_global_batch_on_eight_devices_is_paired_in_graph_as_emd_pairs_it():
-  """OT-CFM with ``ot_solver=jax`` and the global scope on 8 simulated devices: the trainer's
-  chunk program (draws, pairing and updates in one program, the batch sharded over the 8
-  devices) compiles without a host callback and trains, and the in-graph pairing of the global
-  batch is POT's emd pairing of the same cost matrix."""
-  mesh = sharding_lib.make_mesh(data=-1, fsdp=1)
-  assert mesh.devices.size == 8, "conftest should provide 8 simulated CPU devices"
+def _global_otcfm(mesh):
   config = tiny_config(
     "--config.objective.name=otcfm",
     "--config.objective.ot_solver=jax",
@@ -257,7 +251,35 @@ def test_global_batch_on_eight_devices_is_paired_in_graph_as_emd_pairs_it():
     "--config.train.batch_size=64",
   )
   experiment = build_experiment(config, mesh=mesh)
-  assert experiment.host_pairing is None
+  assert experiment.host_pairing is None  # an ordinary in-graph pairing, fused with the step
+  return config, experiment
+
+
+def _collectives_outside_entry(hlo: str) -> list[str]:
+  """The collectives of a compiled HLO module that are not in its ENTRY computation (in a while
+  body, say)."""
+  found, computation = [], ""
+  for line in hlo.splitlines():
+    if line and not line[0].isspace():
+      computation = line
+    ops = ("all-reduce(", "all-gather(", "collective-permute(", "all-to-all(", "reduce-scatter(")
+    if any(op in line for op in ops) and not computation.startswith("ENTRY"):
+      found.append(computation[:80])
+  return found
+
+
+def _eight_device_mesh():
+  mesh = sharding_lib.make_mesh(data=-1, fsdp=1)
+  assert mesh.devices.size == 8, "conftest should provide 8 simulated CPU devices"
+  return mesh
+
+
+def test_global_batch_on_eight_devices_is_paired_in_graph_as_emd_pairs_it():
+  """OT-CFM with ``ot_solver=jax`` and the global scope on 8 simulated devices: the trainer's
+  pairing program (the batch drawn sharded over the 8 devices, its source draws and coupling)
+  compiles without a host callback or a collective inside the auction's loop, and pairs the
+  global batch exactly as POT's emd pairs the same cost matrix."""
+  _, experiment = _global_otcfm(_eight_device_mesh())
 
   @jax.jit
   def paired(data_key, pair_key):
@@ -265,13 +287,27 @@ def test_global_batch_on_eight_devices_is_paired_in_graph_as_emd_pairs_it():
     pairs = experiment.pair_fn(pair_key, batch)
     return batch["x"], pairs, couplings.squared_euclidean_cost(pairs["x0"], batch["x"])
 
-  x1, pairs, cost = paired(*jax.random.split(jax.random.key(11)))
+  keys = jax.random.split(jax.random.key(11))
+  compiled = paired.lower(*keys).compile()
+  text = compiled.as_text()
+  assert _callback_ops(text) == 0 and "while" in text
+  # Every device solves the whole problem: the batch is gathered once, and no collective sits in
+  # a loop (the auction would wait on the other devices at every round).
+  assert _collectives_outside_entry(text) == []
+  x1, pairs, cost = compiled(*keys)
   assert len(x1.sharding.device_set) == 8  # the batch lives on all 8 devices
   perm = couplings.OT_SOLVERS["emd"](np.asarray(cost, np.float64))
   np.testing.assert_array_equal(pairs["x"], np.asarray(x1)[perm])
   # The pairs cross the shards: a per-device coupling would keep rows within blocks of 8.
   assert np.any(perm // 8 != np.arange(64) // 8)
 
+
+@pytest.mark.slow
+def test_global_scope_chunk_on_eight_devices_holds_no_callback_and_trains():
+  """The whole fused chunk (draws, in-graph pairing, updates) as the trainer compiles it for 8
+  devices: no host callback, finite losses."""
+  mesh = _eight_device_mesh()
+  config, experiment = _global_otcfm(mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
   _, _, create = make_initial_state(experiment, optimizer, seed=config.seed, mesh=mesh)
   chunk = jax.jit(

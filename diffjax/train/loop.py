@@ -168,8 +168,8 @@ class ChunkPlan:
 
 
 class _DeviceData:
-  """On-device data (2D toys, resident data sets): chunks of the :class:`ChunkPlan`'s lengths, the batches drawn
-  inside the step from the step's key, so the data state is the step alone."""
+  """On-device data (2D toys, resident data sets): chunks of the :class:`ChunkPlan`'s lengths,
+  the batches drawn inside the step from the step's key, so the data state is the step alone."""
 
   def __init__(self, plan: ChunkPlan):
     self._plan = plan
