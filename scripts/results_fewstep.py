@@ -198,7 +198,8 @@ def score(method: str, experiment, params: list, args) -> list[dict]:
 
 
 def straightness_of(experiment, params, key, num: int) -> float:
-  """Straightness of the model's own ODE from ``num`` source draws (128 Euler steps, as `diffjax evaluate`)."""
+  """Straightness of the model's own ODE from ``num`` source draws (128 Euler steps, as
+  ``diffjax evaluate``)."""
   velocity = lambda x, t: experiment.model.apply(params, x, t, None)
   source = experiment.source_sampler(key, num)
   return float(np.mean(np.asarray(evaluate.straightness(velocity, source, steps=128))))
