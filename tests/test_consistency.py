@@ -358,6 +358,7 @@ def _sample(workdir, out, steps, capsys):
     assert saved["samples"].shape == (32, 2) and np.isfinite(saved["samples"]).all()
 
 
+@pytest.mark.slow  # an end-to-end CLI run; the fast suite keeps the unit checks
 def test_config_trains_and_samples_in_one_step(trained_workdir, tmp_path, capsys):
   _sample(trained_workdir, tmp_path / "s1.npz", 1, capsys)
 

@@ -167,6 +167,7 @@ def test_fused_chunk_equals_the_steps_one_by_one(tmp_path, objective):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # an end-to-end CLI run; the fast suite keeps the unit checks
 def test_interrupted_run_resumes_bit_equal(tmp_path):
   """A run stopped after 4 steps and resumed from its workdir to 8 ends bit-equal to 8 steps
   without a stop (the trainer's chunks of 2, as the loop cuts them): the resumed run draws the

@@ -325,6 +325,7 @@ def test_spec_and_checks():
 # ---- end to end ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end CLI run; the fast suite keeps the unit checks
 def test_config_trains_two_seeds_and_samples_in_one_step(tmp_path, capsys):
   """configs/toy2d_meanflow.py:small trains through the CLI with two seeds at once (the jvp
   under the seeds' vmap) and `diffjax sample --steps 1` draws from it."""
