@@ -3,6 +3,9 @@
 Solves ``min_{sigma in S_n} sum_i C_{i sigma(i)}`` for one ``[n, n]`` cost matrix (vmap for a
 stack) with ``lax.while_loop`` only: no host callback, fixed shapes, jittable, vmappable and
 shardable, so an exact OT coupling can run on the accelerator inside the training step.
+:func:`auction_permutation` is the entry for ``[..., n, n]`` stacks: nested vmaps flatten into
+one stack, and on a device mesh each device solves whole problems (no collective inside the
+auction's loop).
 
 The auction (Bertsekas 1988, "The auction algorithm: a distributed relaxation method for the
 assignment problem", https://doi.org/10.1007/BF02186476; survey: Bertsekas 1992,

@@ -177,7 +177,7 @@ def _ot(data: dict) -> list[str]:
     "",
     f"{_provenance(data, 'python scripts/bench_ot.py > docs/ot_bench.json')}; {data['problem']}; "
     f"jax {data['jax_version']} ({data['backend']}, {data['cpu_count']} cores), median of "
-    f"{data['reps']} runs after a warm-up (load average {data['loadavg_at_end'][0]:g} at the "
+    f"{data['reps']} runs after a warm-up (load average {data['loadavg_at_end'][0]:.3g} at the "
     "end). The auction (`objective.ot_solver=jax`, `diffjax.assignment`) runs jitted; POT's "
     "`ot.emd` solves the same matrix on the host in float64.",
     "",
