@@ -34,6 +34,8 @@ __all__ = [
   "drop_labels_for_guidance",
   "regression_loss_fn",
   "probability_flow_likelihood",
+  "flow_likelihood",
+  "label_dropout_problems",
 ]
 
 
@@ -198,6 +200,24 @@ def keywords(build: Callable) -> dict[str, inspect.Parameter]:
 def defaults(build: Callable) -> dict[str, Any]:
   """A factory's keywords with their defaults (what ``config.objective`` holds by default)."""
   return {name: p.default for name, p in keywords(build).items()}
+
+
+def label_dropout_problems(label_dropout: float) -> list[str]:
+  """The one check every objective makes of its ``label_dropout``."""
+  if not 0.0 <= label_dropout < 1.0:
+    return [f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)"]
+  return []
+
+
+def flow_likelihood(context: ObjectiveContext, velocity_of: Callable | None = None) -> Callable:
+  """``log p(x)`` of a flow in flow time (source ``N(0, I)`` at ``t = 0``, data at ``t = 1``)
+  by :func:`probability_flow_likelihood`; ``velocity_of(params) -> (x, t) -> dx/dt`` defaults
+  to the model's output, a velocity."""
+  if velocity_of is None:
+    velocity_of = lambda params: lambda x, t: context.apply(params, x, t, None)
+  return probability_flow_likelihood(
+    velocity_of, data_time=1.0, noise_time=0.0, data_shape=context.data_shape
+  )
 
 
 def drop_labels_for_guidance(key, labels, *, num_classes: int, label_dropout: float):

@@ -199,8 +199,7 @@ def check(
       f"objective.huber_c={huber_c!r}: must be > 0 (the pseudo-Huber constant; "
       "distance='l2' for none)"
     )
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   unread = {}
   if distance != "pseudo_huber":
     unread["huber_c"] = (huber_c, f"distance={distance!r} does not normalise the tangent")

@@ -144,8 +144,7 @@ def check(
     problems.append(f"objective.min_snr_gamma={min_snr_gamma!r}: must be > 0")
   if not 0.0 <= t_min < 1.0:
     problems.append(f"objective.t_min={t_min!r}: must lie in [0, 1)")
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   if schedule == "vp" and t_min == 0.0:
     problems.append(
       "objective.t_min=0 with objective.schedule='vp': sigma(0) = 0 there, where "

@@ -59,8 +59,7 @@ def check(
     problems.append(f"objective.num_diffusion_steps={num_diffusion_steps!r}: must be >= 2")
   if not min_snr_gamma > 0:
     problems.append(f"objective.min_snr_gamma={min_snr_gamma!r}: must be > 0")
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   if zero_terminal_snr and prediction == "eps":
     problems.append(
       "objective.prediction='eps' with objective.zero_terminal_snr=True: at the "

@@ -65,8 +65,7 @@ def check(
       "where s_tmin <= sigma <= s_tmax, an empty range; lower s_tmin or raise "
       "s_tmax"
     )
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   if not problems and s_churn == 0:
     why = "only churn reads it, and churn is off (objective.s_churn=0)"
     problems += base.unread_problems(

@@ -121,13 +121,7 @@ def _build(
   )
   log_likelihood = None
   if context.source_is_normal:
-    # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
-    log_likelihood = base.probability_flow_likelihood(
-      lambda params: lambda x, t: context.apply(params, x, t, None),
-      data_time=1.0,
-      noise_time=0.0,
-      data_shape=context.data_shape,
-    )
+    log_likelihood = base.flow_likelihood(context)
   return base.Objective(
     loss_fn=loss_fn,
     pair_fn=pair_fn,
@@ -163,8 +157,7 @@ def check(
     if not (value in table or (may_be_empty and value == "")):
       empty = " ('' keeps the recipe's own)" if may_be_empty else ""
       problems.append(f"objective.{key}={value!r}: unknown; choose one of {sorted(table)}{empty}")
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   for key, value in noise.items():
     if not value >= 0:
       problems.append(f"objective.{key}={value!r}: a noise level must be >= 0")

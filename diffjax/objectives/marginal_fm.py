@@ -179,13 +179,7 @@ def marginal_fm(
     data_shape=context.data_shape,
     coefficients_fn=path_fn.gaussian_coefficients,
   )
-  # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
-  log_likelihood = base.probability_flow_likelihood(
-    lambda params: lambda x, t: context.apply(params, x, t, None),
-    data_time=1.0,
-    noise_time=0.0,
-    data_shape=context.data_shape,
-  )
+  log_likelihood = base.flow_likelihood(context)
   return base.Objective(
     loss_fn=loss_fn,
     pair_fn=pair_fn,

@@ -68,9 +68,7 @@ def build_objective(
 
   log_likelihood = None
   if context.source_is_normal:
-    log_likelihood = base.probability_flow_likelihood(
-      instantaneous, data_time=1.0, noise_time=0.0, data_shape=context.data_shape
-    )
+    log_likelihood = base.flow_likelihood(context, instantaneous)
   return base.Objective(
     loss_fn=loss_fn,
     pair_fn=independent_pair_fn(context),

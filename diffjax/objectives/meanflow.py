@@ -249,8 +249,7 @@ def check(
     problems.append(
       f"objective.weight_eps={weight_eps!r}: the adaptive weight's c must be > 0 (paper: 1e-3)"
     )
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   return problems
 
 

@@ -84,8 +84,7 @@ def check(
   for key, value in (("num_pairs", num_pairs), ("teacher_steps", teacher_steps)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       problems.append(f"objective.{key}={value!r}: must be an integer >= 1")
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   if teacher_workdir and not (pathlib.Path(teacher_workdir) / "config.json").is_file():
     problems.append(
       f"objective.teacher_workdir={teacher_workdir!r}: no such workdir (no config.json "
@@ -243,13 +242,7 @@ def reflow(
   )
   log_likelihood = None
   if context.source_is_normal:
-    # Flow time runs noise (0) -> data (1); the model predicts the velocity directly.
-    log_likelihood = base.probability_flow_likelihood(
-      lambda params: lambda x, t: context.apply(params, x, t, None),
-      data_time=1.0,
-      noise_time=0.0,
-      data_shape=context.data_shape,
-    )
+    log_likelihood = base.flow_likelihood(context)
   return base.Objective(
     loss_fn=loss_fn,
     pair_fn=pair_fn,

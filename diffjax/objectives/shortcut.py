@@ -232,8 +232,7 @@ def check(
     problems.append(
       f"objective.max_steps={max_steps!r}: must be a power of two >= 2 (the paper: 128)"
     )
-  if not 0.0 <= label_dropout < 1.0:
-    problems.append(f"objective.label_dropout={label_dropout!r}: must lie in [0, 1)")
+  problems += base.label_dropout_problems(label_dropout)
   return problems
 
 
