@@ -326,19 +326,34 @@ def _run(args, extra, run, config_lib, held) -> int:
   except run.RunFailed as e:  # the run stopped for a reason the message explains
     print(f"diffjax: error: {e}", file=sys.stderr)
     return 3
-  except OSError as e:  # a full disk, a read-only or vanished workdir: one line, no traceback
-    if e.errno not in _DISK_ERRORS:
+  except Exception as e:  # a full disk, a read-only or vanished workdir: one line, no traceback
+    # orbax and tensorstore report the disk's error as their own (a ValueError naming it).
+    if not _is_disk_error(e):
       raise
     held.drop = True
-    where = e.filename or (args.out if args.command == "sample" else args.workdir)
-    kept = "; the last committed checkpoint is kept" if args.command == "train" else ""
-    print(
-      f"diffjax: error: {e.strerror or e} (writing {where}); free space or fix its "
-      f"permissions, then run the same command{kept}",
-      file=sys.stderr,
-    )
-    return 3
+    return _disk_failure(e, args)
   return _fail(f"unknown command {args.command!r}")
+
+
+def _disk_failure(error: BaseException, args) -> int:
+  """The one line for a command ended by the disk (``error`` or an exception in its chain)."""
+  reason, where = None, None
+  seen = set()
+  while error is not None and id(error) not in seen and reason is None:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+      reason, where = error.strerror, error.filename
+    else:
+      reason = next((m for m in _DISK_MESSAGES if m in str(error)), None)
+    error = error.__cause__ or error.__context__
+  where = where or (args.out if args.command == "sample" else args.workdir)
+  kept = "; the last committed checkpoint is kept" if args.command == "train" else ""
+  print(
+    f"diffjax: error: {reason} (writing {where}); free space or fix its permissions, then run "
+    f"the same command{kept}",
+    file=sys.stderr,
+  )
+  return 3
 
 
 if __name__ == "__main__":
