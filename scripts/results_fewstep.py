@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workroot", default="", help="where reflow's workdirs go (default: a tmp dir)")
   p.add_argument("--quick", action="store_true", help="smoke run: 200 steps, 2 seeds, 200 samples")
   p.add_argument("--render", action="store_true", help="only re-render --out from --json")
+  p.add_argument(
+    "--merge", action="store_true", help="add this run's cells to those already in --json"
+  )
   p.add_argument("--out", default=str(ROOT / "docs" / "results_fewstep.md"))
   p.add_argument("--json", default=str(ROOT / "docs" / "results_fewstep.json"))
   args = p.parse_args(argv)
@@ -189,7 +192,10 @@ def score(method: str, experiment, params: list, args) -> list[dict]:
     row: dict[str, Any] = {"seed": seed, "w2": {}, "nfe": {}}
     for nfe in args.nfe:
       out = experiment.generate(p, k_sample, args.eval_samples, steps=nfe)
-      row["w2"][str(nfe)] = evaluate.wasserstein2(np.asarray(out["samples"]), target)
+      samples = np.asarray(out["samples"])
+      finite = bool(np.isfinite(samples).all())
+      # A diverged seed is reported as such (None), not dropped silently or allowed to end the run.
+      row["w2"][str(nfe)] = evaluate.wasserstein2(samples, target) if finite else None
       row["nfe"][str(nfe)] = int(np.max(np.asarray(out["nfe"])))
     if method in STRAIGHTNESS:
       row["straightness"] = straightness_of(experiment, p, k_straight, args.eval_samples)
@@ -205,10 +211,18 @@ def straightness_of(experiment, params, key, num: int) -> float:
   return float(np.mean(np.asarray(evaluate.straightness(velocity, source, steps=128))))
 
 
-def _mean_std(values) -> dict:
-  values = [float(v) for v in values]
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+def _mean_std(values) -> dict | None:
+  """Mean and std over the seeds with a value; ``failed``: seeds whose samples were not finite."""
+  known = [float(v) for v in values if v is not None]
+  if not known:
+    return None
+  std = statistics.stdev(known) if len(known) > 1 else 0.0
+  return {
+    "mean": statistics.fmean(known),
+    "std": std,
+    "n": len(known),
+    "failed": len(values) - len(known),
+  }
 
 
 def summarise(cell: dict, nfes) -> dict:
@@ -281,6 +295,14 @@ def run(args) -> dict:
     "eval_samples": args.eval_samples,
     "cells": {},
   }
+  if args.merge and pathlib.Path(args.json).exists():
+    earlier = json.loads(pathlib.Path(args.json).read_text())
+    for cell in earlier["cells"].values():
+      cell.setdefault("command", earlier["command"])
+    report["cells"] = earlier["cells"]
+    report["earlier_runs"] = earlier.get("earlier_runs", []) + [
+      {k: earlier[k] for k in ("command", "date", "commit")}
+    ]
   if not args.workroot:
     args.workroot = tempfile.mkdtemp(prefix="fewstep_")
   workdirs: dict = {}
@@ -292,6 +314,7 @@ def run(args) -> dict:
       else:
         experiment, params, seconds = train(method, task, args)
       cell = {"method": method, "task": task, "train_s_per_seed": seconds}
+      cell["command"] = report["command"]
       cell["seeds"] = score(method, experiment, params, args)
       cell["summary"] = summarise(cell, args.nfe)
       report["cells"][f"{method}|{task}"] = cell
@@ -306,9 +329,10 @@ def run(args) -> dict:
 def _cell(stat: dict | None) -> str:
   if stat is None:
     return "-"
+  failed = f" ({stat['failed']} seed(s) not finite)" if stat.get("failed") else ""
   if stat["n"] > 1:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-  return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}{failed}"
+  return f"{stat['mean']:.3f}{failed}"
 
 
 def _goal_lines(report: dict) -> list[str]:
@@ -329,7 +353,7 @@ def _goal_lines(report: dict) -> list[str]:
       for key, cell in report["cells"].items()
       if key.endswith(f"|{task}")
       and cell["method"] not in ("icfm", "otcfm")
-      and nfe in cell["summary"]["w2"]
+      and cell["summary"]["w2"].get(nfe) is not None
     ]
     if not few:
       continue
@@ -351,6 +375,10 @@ def to_markdown(report: dict) -> str:
     "hand (rerun the script).",
     "",
     f"- command: `{report['command']}`",
+    *(
+      f"- cells of an earlier run: `{run['command']}` ({run['date']}, commit {run['commit']})"
+      for run in report.get("earlier_runs", [])
+    ),
     f"- date {report['date']}, diffjax commit {report['commit']}; {report['machine']}",
     f"- training steps: {report['steps']}; seeds {report['seeds']}; W2 exact (POT), "
     f"{report['eval_samples']} samples against {report['eval_samples']} fresh target samples, "
