@@ -142,6 +142,18 @@ def _draw(step_input: Array, x: Array, given: bool) -> Array:
   return step_input.astype(x.dtype) if given else jax.random.normal(step_input, x.shape, x.dtype)
 
 
+def _prepare(key, denoise, x_init, *, times, coefficients_fn, eta, noises):
+  """What the one-step SDE schemes share: checked inputs, the step count, each step's noise
+  draw (given or from ``key``) and the reverse SDE's drift and diffusion."""
+  check_sde_times(times, coefficients_fn)
+  _check_eta(eta)
+  times = jnp.asarray(times)
+  num_steps = times.shape[0] - 1
+  draws = _step_noises(key, noises, x_init, num_steps)
+  terms = reverse_sde(denoise, coefficients_fn=coefficients_fn, eta=eta)
+  return times, num_steps, noises is not None, draws, terms
+
+
 def euler_maruyama_sample(
   key: Array,
   denoise: Denoiser,
@@ -169,13 +181,9 @@ def euler_maruyama_sample(
     noises: ``[N, batch, *event]`` the standard normal ``z_i``, or None (drawn from ``key``).
     return_trajectory: also return the ``[N + 1, batch, ...]`` states.
   """
-  check_sde_times(times, coefficients_fn)
-  _check_eta(eta)
-  times = jnp.asarray(times)
-  num_steps = times.shape[0] - 1
-  given = noises is not None
-  draws = _step_noises(key, noises, x_init, num_steps)
-  terms = reverse_sde(denoise, coefficients_fn=coefficients_fn, eta=eta)
+  times, num_steps, given, draws, terms = _prepare(
+    key, denoise, x_init, times=times, coefficients_fn=coefficients_fn, eta=eta, noises=noises
+  )
 
   def body(x, inputs):
     t, t_next, draw = inputs
@@ -214,13 +222,9 @@ def sde_heun_sample(
   ControlTerm)`` with the same increments (the tests check that). Two network evaluations per
   step. Arguments as :func:`euler_maruyama_sample`.
   """
-  check_sde_times(times, coefficients_fn)
-  _check_eta(eta)
-  times = jnp.asarray(times)
-  num_steps = times.shape[0] - 1
-  given = noises is not None
-  draws = _step_noises(key, noises, x_init, num_steps)
-  terms = reverse_sde(denoise, coefficients_fn=coefficients_fn, eta=eta)
+  times, num_steps, given, draws, terms = _prepare(
+    key, denoise, x_init, times=times, coefficients_fn=coefficients_fn, eta=eta, noises=noises
+  )
 
   def body(x, inputs):
     t, t_next, draw = inputs
