@@ -21,6 +21,7 @@ __all__ = ["main"]
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 # How libraries that wrap the error in their own (orbax, tensorstore: a ValueError) spell it.
 _DISK_MESSAGES = tuple(os.strerror(code) for code in _DISK_ERRORS)
+_CLOSED_LOOP = "Event loop is closed"
 
 
 def _is_disk_error(exc: BaseException | None) -> bool:
@@ -39,14 +40,18 @@ def _is_disk_error(exc: BaseException | None) -> bool:
 class _HeldBack(logging.Filter):
   """Holds back, while a command runs, the reports a failing disk sets off around the error
   that ends the command: error records that mention it (orbax's save threads, each with its
-  traceback) and exceptions that C extensions report through ``sys.excepthook`` (tensorstore's
-  callbacks into closed event loops). If the command ends on that disk error, its one line
-  replaces them; otherwise they are written when the command ends."""
+  traceback), exceptions that C extensions report through ``sys.excepthook``, and the
+  "Event loop is closed" errors that tensorstore's future callbacks report through
+  ``sys.unraisablehook`` (``PyErr_WriteUnraisable``) when orbax has closed the loop they call
+  into after a failed write. If the command ends on that disk error, its one line replaces them;
+  otherwise they are written when the command ends."""
 
   def __init__(self):
     super().__init__()
     self.records: list[logging.LogRecord] = []
     self.reports: list[tuple] = []
+    self.unraisables: list = []
+    self.previous_unraisablehook = sys.unraisablehook
     self.drop = False  # set when the command ends on the disk error: discard what is held
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -62,6 +67,12 @@ class _HeldBack(logging.Filter):
   def excepthook(self, *exc_info) -> None:
     self.reports.append(exc_info)
 
+  def unraisablehook(self, unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and _CLOSED_LOOP in str(unraisable.exc_value):
+      self.unraisables.append(unraisable)
+    else:
+      self.previous_unraisablehook(unraisable)
+
 
 @contextlib.contextmanager
 def _holding_back_disk_reports():
@@ -71,10 +82,12 @@ def _holding_back_disk_reports():
   for handler in handlers:
     handler.addFilter(held)
   previous_hook, sys.excepthook = sys.excepthook, held.excepthook
+  sys.unraisablehook = held.unraisablehook
   try:
     yield held
   finally:
     sys.excepthook = previous_hook
+    sys.unraisablehook = held.previous_unraisablehook
     for handler in handlers:
       handler.removeFilter(held)
     if not held.drop:
@@ -84,6 +97,8 @@ def _holding_back_disk_reports():
             handler.handle(record)
       for exc_info in held.reports:
         previous_hook(*exc_info)
+      for unraisable in held.unraisables:
+        held.previous_unraisablehook(unraisable)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help="classifier-free guidance scale in [0, 100] (conditional models)",
   )
+  _guidance_arguments(sample)
   _chunk_size_argument(sample)
 
   evaluate = sub.add_parser(
@@ -192,8 +208,85 @@ def _parser() -> argparse.ArgumentParser:
     help="with train.num_seeds > 1: the trained seed to evaluate (default: "
     "each, with mean and std)",
   )
+  evaluate.add_argument(
+    "--guidance",
+    type=float,
+    default=None,
+    help="guidance weight w in [0, 100] for every row (conditional models; labels drawn "
+    "uniformly, scored against the whole target)",
+  )
+  _guidance_arguments(evaluate)
+  evaluate.add_argument(
+    "--sigma-rel",
+    default=None,
+    help="post-hoc EMA (EDM2): a comma-separated list of EMA widths, e.g. 0.05,0.08,0.12, each "
+    "rebuilt from the snapshots of a run trained with train.posthoc_ema.sigma_rels and "
+    "evaluated as its own rows (default: the checkpoint's EMA)",
+  )
   _chunk_size_argument(evaluate)
   return parser
+
+
+def _guidance_arguments(parser: argparse.ArgumentParser) -> None:
+  """Guidance beyond plain CFG (each needs --guidance W; see diffjax.run_guidance)."""
+  group = parser.add_argument_group(
+    "guidance beyond classifier-free guidance (each needs --guidance W)"
+  )
+  group.add_argument(
+    "--guidance-interval",
+    default=None,
+    metavar="LO,HI",
+    help="guide only for model times LO <= t <= HI, the conditional model elsewhere "
+    "(Kynkaanniemi et al. 2024); model time: flow time for flow models (data at 1), "
+    "diffusion time for diffusion models (data at 0), sigma for EDM",
+  )
+  group.add_argument(
+    "--guide-workdir",
+    default=None,
+    metavar="PATH",
+    help="autoguidance (Karras et al. 2024): guide with the conditional model of another "
+    "workdir (smaller or trained shorter, same data and objective) in place of the null "
+    "label: D_guide + w (D_main - D_guide); read read-only",
+  )
+  group.add_argument(
+    "--guidance-method",
+    default=None,
+    metavar="{cfg,apg}",
+    help="cfg (default): ref + w (cond - ref); apg: adaptive projected guidance (Sadat et "
+    "al. 2024) on the denoised (x0) prediction",
+  )
+  group.add_argument(
+    "--apg-eta",
+    type=float,
+    default=None,
+    help="APG: weight of the update's part parallel to the conditional x0 (default 0)",
+  )
+  group.add_argument(
+    "--apg-norm",
+    type=float,
+    default=None,
+    help="APG: largest norm r of the update per example (default inf: no cap)",
+  )
+  group.add_argument(
+    "--apg-momentum",
+    type=float,
+    default=None,
+    help="APG: reverse momentum beta in (-1, 1) of the running average over steps (default "
+    "0; 'euler' sampler of flow models only)",
+  )
+
+
+def _guidance_flags(args):
+  from diffjax.run_guidance import GuidanceFlags  # pylint: disable=import-outside-toplevel
+
+  return GuidanceFlags(
+    interval=args.guidance_interval,
+    guide_workdir=args.guide_workdir,
+    method=args.guidance_method,
+    apg_eta=args.apg_eta,
+    apg_norm=args.apg_norm,
+    apg_momentum=args.apg_momentum,
+  )
 
 
 def _chunk_size_argument(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +299,16 @@ def _chunk_size_argument(parser: argparse.ArgumentParser) -> None:
     help="samples drawn per compiled batch; the samples do not depend on it, memory grows "
     f"with it (default {DEFAULT_CHUNK_SIZE})",
   )
+
+
+def _numbers(flag: str, text: str) -> tuple[float, ...]:
+  """``"0.05,0.1"`` -> ``(0.05, 0.1)``; anything else is one line naming ``flag``."""
+  try:
+    return tuple(float(part) for part in text.split(","))
+  except ValueError:
+    raise _usage_error(
+      f"{flag} {text}: must be a number or comma-separated numbers, e.g. 0.05,0.08,0.12"
+    ) from None
 
 
 def _integers(flag: str, text: str) -> tuple[int, ...]:
@@ -302,6 +405,7 @@ def _run(args, extra, run, config_lib, held) -> int:
         labels=labels,
         labels_flag=labels_flag,
         trajectories=args.trajectories,
+        guidance_flags=_guidance_flags(args),
       )
       print(json.dumps(out))
       return 0
@@ -317,6 +421,9 @@ def _run(args, extra, run, config_lib, held) -> int:
         likelihood=args.likelihood,
         likelihood_steps=args.likelihood_steps,
         out=args.out,
+        guidance=args.guidance,
+        guidance_flags=_guidance_flags(args),
+        sigma_rel=None if args.sigma_rel is None else _numbers("--sigma-rel", args.sigma_rel),
       )
       print(run.evaluation_table(report), file=sys.stderr, flush=True)
       print(json.dumps(report))

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
+from diffjax import run_guidance, run_posthoc
+from diffjax.run_guidance import GuidanceFlags
 from diffjax.train import config as config_lib
 
 __all__ = [
@@ -227,6 +229,16 @@ def _check_guidance(workdir, config, guidance: float | None) -> None:
       "prediction is untrained; drop --guidance, or train with "
       "--config.objective.label_dropout=0.1"
     )
+
+
+def _check_guidance_flags(workdir, config, guidance, flags, rule, *, samplers) -> None:
+  """``--guidance`` and the guidance flags against the model (and the guide's config): an
+  autoguidance guide replaces the null label, so the main model needs no label dropout."""
+  if flags is None or flags.guide_workdir is None:
+    _check_guidance(workdir, config, guidance)
+  run_guidance.check_against_model(
+    workdir, config, flags, rule, samplers=samplers, default_sampler=_default_sampler(config)
+  )
 
 
 MAX_STEPS = 100_000
@@ -540,6 +552,7 @@ def sample_from_workdir(
   labels: Sequence[int] | None = None,
   labels_flag: str = "--labels",
   trajectories: int = 0,
+  guidance_flags: GuidanceFlags | None = None,
 ) -> dict:
   """Draws ``num`` samples with the EMA parameters, ``chunk_size`` at a time, and writes them to
   ``out`` (.npz) if all are finite, with a picture beside it (same name, ``.png``): 2D samples
@@ -552,7 +565,8 @@ def sample_from_workdir(
   rounding, as they are drawn by a second program). For a run of several seeds: of seed
   ``seed_index`` or of each (``samples`` and ``trajectories`` then have a leading seed axis,
   ``seed_index`` lists the seeds; the picture shows the first). Sample ``i`` depends on
-  ``seed``, ``i`` and its label only, not on ``chunk_size``."""
+  ``seed``, ``i`` and its label only, not on ``chunk_size``. ``guidance_flags``: the guidance
+  interval, an autoguidance guide's workdir, APG (:mod:`diffjax.run_guidance`)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -565,11 +579,12 @@ def sample_from_workdir(
     chunk_size=chunk_size,
     guidance=guidance,
   )
+  rule = run_guidance.check_guidance_flags(guidance_flags, guidance=guidance)
   _within("--trajectories", trajectories, 0, num, " (at most --num)")
   out_path = _check_out(out)
   config = _load_workdir_config(workdir)
   _check_sampler(config, sampler)
-  _check_guidance(workdir, config, guidance)
+  _check_guidance_flags(workdir, config, guidance, guidance_flags, rule, samplers=(sampler,))
   _check_seed_index(config, seed_index)
   _check_labels(workdir, config, labels, num=num, flag=labels_flag)
   config, experiment, params, step = restore_for_inference(workdir)
@@ -578,6 +593,7 @@ def sample_from_workdir(
   label_array = _sample_labels(config, labels, num)
   key = jax.random.PRNGKey(seed)
   options = dict(steps=steps, sampler=sampler, guidance=guidance)
+  options.update(run_guidance.generate_options(guidance_flags, rule))
   results, paths = [], []
   with _progress_bar(len(members) * num, "sample") as bar:
     for _, member in members:
@@ -615,6 +631,8 @@ def sample_from_workdir(
   if label_array is not None:
     arrays["label"] = label_array
   settings = f"--steps {steps}, --sampler {sampler or 'default'}, --guidance {guidance}"
+  if run_guidance.describe(guidance_flags):
+    settings += f", {run_guidance.describe(guidance_flags)}"
   _check_finite(
     arrays["samples"], total=len(members) * num, out=out, step=int(step), settings=settings
   )
@@ -624,6 +642,8 @@ def sample_from_workdir(
   title = f"{config.objective.name}, step {int(step)}: {name}, {steps} steps, NFE {nfe}"
   if guidance is not None:
     title += f", guidance {guidance:g}"
+    if run_guidance.describe(guidance_flags):
+      title += f" ({run_guidance.describe(guidance_flags)})"
   if members[0][0] is not None:
     title += f", seed {members[0][0]} of {config.train.num_seeds}"
   png = _plot_samples(
@@ -837,13 +857,20 @@ def _evaluate_row(
   default_steps: int,
   chunk_size: int,
   scoring: _Scoring,
+  options: dict | None = None,
 ) -> tuple[dict, str | None]:
   """One row of the table: ``num`` samples of ``sampler`` (the same key for every row, so rows
   differ by the sampler only) scored by ``scoring``; a note when some are not finite."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   result = experiment.generate(
-    params, key, num, steps=steps or default_steps, sampler=sampler, chunk_size=chunk_size
+    params,
+    key,
+    num,
+    steps=steps or default_steps,
+    sampler=sampler,
+    chunk_size=chunk_size,
+    **(options or {}),
   )
   samples = np.asarray(result["samples"])[: scoring.count]
   row = {"sampler": sampler, "steps": steps, "nfe": int(result.get("nfe", 0))}
@@ -907,6 +934,9 @@ def evaluate_workdir(
   likelihood: bool | None = None,
   likelihood_steps: int | None = None,
   out: str | None = None,
+  guidance: float | None = None,
+  guidance_flags: GuidanceFlags | None = None,
+  sigma_rel: float | Sequence[float] | None = None,
 ) -> dict:
   """Sample metrics of the EMA model for each sampler in ``sampler`` with each number of
   steps in ``steps`` (an adaptive solver once), beside their two-sample noise floor, and the
@@ -927,13 +957,28 @@ def evaluate_workdir(
   images), computed once per model. Files: ``out`` (a .png; the JSON beside it) or
   WORKDIR/eval/step_<step>_<samplers>[_steps_<steps>].png and .json. A single pair also has
   its row's keys at the top level. For a run of several seeds: of seed ``seed_index``, or of
-  each, with the mean and standard deviation over seeds."""
+  each, with the mean and standard deviation over seeds. ``guidance`` and ``guidance_flags``
+  guide every row as in :func:`sample_from_workdir` (labels drawn uniformly; scored against the
+  whole target).
+
+  ``sigma_rel`` (a run trained with ``train.posthoc_ema.sigma_rels``): post-hoc EMA (Karras et
+  al. 2024, EDM2, https://arxiv.org/abs/2312.02696); each width is rebuilt at the last
+  snapshot's step by the least-squares combination of the stored power-function EMAs
+  (:mod:`diffjax.train.posthoc_ema`) and scored as its own rows, each row carrying
+  ``sigma_rel`` (:mod:`diffjax.run_posthoc`)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   samplers, steps_list = _as_tuple(sampler), _as_tuple(steps)
   _check_numbers(
-    num=num, min_num=2, steps=None, seed=seed, seed_index=seed_index, chunk_size=chunk_size
+    num=num,
+    min_num=2,
+    steps=None,
+    seed=seed,
+    seed_index=seed_index,
+    chunk_size=chunk_size,
+    guidance=guidance,
   )
+  rule = run_guidance.check_guidance_flags(guidance_flags, guidance=guidance)
   for value in steps_list:
     _within("--steps", value, 1, MAX_STEPS)
   if likelihood_steps is not None:
@@ -941,10 +986,19 @@ def evaluate_workdir(
   config = _load_workdir_config(workdir)
   for name in samplers:
     _check_sampler(config, name)
+  _check_guidance_flags(workdir, config, guidance, guidance_flags, rule, samplers=samplers)
   _check_seed_index(config, seed_index)
+  # --sigma-rel: post-hoc EMA widths rebuilt from the snapshots, one model (and rows) each.
+  posthoc = run_posthoc.check_sigma_rels(
+    workdir, config, run_posthoc.parse_sigma_rels(sigma_rel), seed_index
+  )
   out_path = _check_eval_out(workdir, out)
   config, experiment, params, step = restore_for_inference(workdir)
+  guided = dict(guidance=guidance) if guidance is not None else {}
+  guided.update(run_guidance.generate_options(guidance_flags, rule))
   members = _seed_members(config, params, seed_index)
+  if posthoc is not None:
+    step, members = run_posthoc.members(config, posthoc, params, seed_index)
   plan, notes = _evaluation_plan(
     samplers or (_default_sampler(config),),
     steps_list or (config.sample.steps,),
@@ -961,7 +1015,7 @@ def evaluate_workdir(
   else:
     off = "not computed (--no-likelihood)"
   reports = []
-  for _, member in members:
+  for tag, member in members:
     rows, row_notes = [], []
     for name, n in plan:
       row, note = _evaluate_row(
@@ -974,6 +1028,7 @@ def evaluate_workdir(
         default_steps=config.sample.steps,
         chunk_size=chunk_size,
         scoring=scoring,
+        options=guided,
       )
       rows.append(row)
       row_notes += [note] if note else []
@@ -988,6 +1043,9 @@ def evaluate_workdir(
       "floor_note": scoring.floor_note,
       "notes": notes + row_notes,
     }
+    if guidance is not None:
+      report["guidance"] = guidance
+      report["guidance_flags"] = run_guidance.describe(guidance_flags)
     if likelihood:
       data = scoring.target if scoring.target is not None else _held_out_images(config, num)
       report.update(
@@ -1005,8 +1063,13 @@ def evaluate_workdir(
     report.update(_straightness_metrics(config, experiment, member, key=key_likelihood, num=num))
     if len(rows) == 1:
       report.update(rows[0])
+    if posthoc is not None:
+      report["sigma_rel"] = tag
     reports.append(report)
-  summary = reports[0] if members[0][0] is None else _seed_summary(reports, members)
+  if posthoc is not None:
+    summary = run_posthoc.sweep_summary(reports, posthoc)
+  else:
+    summary = reports[0] if members[0][0] is None else _seed_summary(reports, members)
   _write_evaluation(out_path, summary, config=config, plan=plan)
   return summary
 
@@ -1092,13 +1155,22 @@ def _write_evaluation(path: pathlib.Path, report: dict, *, config, plan) -> None
     samplers = "_".join(dict.fromkeys(name for name, _ in plan))
     counts = "-".join(str(n) for n in dict.fromkeys(n for _, n in plan if n is not None))
     path = path / (f"step_{report['step']}_{samplers}" + (f"_steps_{counts}" if counts else ""))
+    if report.get("sigma_rels"):
+      path = path.with_name(
+        path.name + "_sigma_rel_" + "-".join(f"{s:g}" for s in report["sigma_rels"])
+      )
     path = path.with_name(path.name + ".png")
   path.parent.mkdir(parents=True, exist_ok=True)
   report["plot"], report["table"] = str(path), str(path.with_suffix(".json"))
   write_atomic(path.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
   plots.plot_metric_vs_nfe(
     path,
-    rows=report["rows"],
+    rows=[
+      dict(row, sampler=f"{row['sampler']}, sigma_rel {row['sigma_rel']:g}")
+      if "sigma_rel" in row
+      else row
+      for row in report["rows"]
+    ],
     metrics=report["metrics"],
     floor=report["floor"],
     title=f"{config.objective.name}, step {report['step']}: {report['scored']} samples per row",
@@ -1115,10 +1187,12 @@ def evaluation_table(report: dict) -> str:
   the likelihood and the files written."""
   names = list(report["metrics"])
   seeds = report.get("seeds")
-  header = ["sampler", "steps", "NFE", *report["metrics"].values()]
+  sweep = ["sigma_rel"] if any("sigma_rel" in row for row in report["rows"]) else []
+  header = [*sweep, "sampler", "steps", "NFE", *report["metrics"].values()]
   lines = []
   for row in report["rows"]:
-    cells = [row["sampler"], "adaptive" if row["steps"] is None else str(row["steps"])]
+    cells = [f"{row['sigma_rel']:g}"] if sweep else []
+    cells += [row["sampler"], "adaptive" if row["steps"] is None else str(row["steps"])]
     cells.append(str(row["nfe"]))
     for name in names:
       cell = _number(row.get(name))
@@ -1126,7 +1200,8 @@ def evaluation_table(report: dict) -> str:
         cell += f" +- {row[f'{name}_std']:.2g}"
       cells.append(cell)
     lines.append(cells)
-  lines.append(["floor", "-", "-", *(_number(report["floor"].get(name)) for name in names)])
+  floor = [_number(report["floor"].get(name)) for name in names]
+  lines.append(["floor", *(["-"] * len(sweep)), "-", "-", *floor])
   widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
   def format_row(cells) -> str:

@@ -207,6 +207,38 @@ def _ot(data: dict) -> list[str]:
   return lines
 
 
+def _sampler_bench(data: dict) -> list[str]:
+  env, settings = data["environment"], data["settings"]
+  lines = [
+    "## Samplers on trained 2D models (`scripts/bench_sample.py`, `docs/sampler_bench.json`)",
+    "",
+    f"{_provenance(data, 'python scripts/bench_sample.py --out docs/sampler_bench.json')}; "
+    f"W2 of {settings['num']} samples (mean of {settings['seeds']} seeds) against NFE for every "
+    "sampler each model accepts, samples/s at a batch of "
+    f"{settings['timing_batch']}, TorchCFM's MLP with the same weights integrated by "
+    f"torchdiffeq (load average {env['loadavg_start'][0]:g} at the start). Tables: "
+    "docs/sampler_bench.md. The goal (best solver below Euler and below TorchCFM's best, same "
+    "NFE, same run):",
+    "",
+    "| model | NFE | samples x seeds | best solver | W2 | Euler W2 | TorchCFM's best | W2 | goal |",
+    "|---|---:|---|---|---:|---:|---|---:|---|",
+  ]
+  verdict = {True: "met", False: "not met", None: "undecided"}
+  w2 = lambda side: f"{side['w2_mean']:.4f}" if side else ""
+  for run in (data, data.get("goal_run")):
+    if not run:
+      continue
+    size = f"{run['settings']['num']} x {run['settings']['seeds']}"
+    for model in run["models"].values():
+      for nfe, g in model["goal"].items():
+        best, euler, peer = g["best"] or {}, g["euler"] or {}, g["peer_best"] or {}
+        lines.append(
+          f"| {model['title']} | {nfe} | {size} | {best.get('sampler', '')} | {w2(best)} "
+          f"| {w2(euler)} | {peer.get('sampler', '')} | {w2(peer)} | {verdict[g['met']]} |"
+        )
+  return lines
+
+
 SECTIONS = (
   ("forward_bench.json", _forward),
   ("ot_bench.json", _ot),
@@ -214,6 +246,7 @@ SECTIONS = (
   ("seeds_bench.json", _seeds),
   ("marginal_fm_bench.json", _marginal_fm),
   ("own_data_bench.json", _own_data),
+  ("sampler_bench.json", _sampler_bench),
 )
 
 

@@ -1,4 +1,5 @@
-"""The TorchCFM paper's 2D table: I-CFM, OT-CFM, SB-CFM and Lipman's FM on four 2D tasks.
+"""The TorchCFM paper's 2D table: I-CFM, OT-CFM, SB-CFM and Lipman's FM on four 2D tasks, and
+an SF2M row.
 
 Tong et al. (2024), "Improving and generalizing flow-based generative models with minibatch
 optimal transport", https://arxiv.org/abs/2302.00482, 2D experiments: the recipes "icfm",
@@ -24,6 +25,16 @@ tasks and seeds in the same run (``ConditionalFlowMatcher``, ``ExactOptimalTrans
 ``SchrodingerBridgeConditionalFlowMatcher(sigma=1, ot_method="sinkhorn")``,
 ``TargetConditionalFlowMatcher``; its MLP and Adam; Euler in torch, dopri5 with torchdiffeq at
 the same tolerances) and its rows sit beside ours.
+
+SF2M (Tong et al. 2023, "Simulation-free Schrodinger bridges via score and flow matching",
+https://arxiv.org/abs/2307.03672; ``--methods sf2m``, not part of the paper's table): sigma = 1.0
+(TorchCFM's 2D SF2M example), pairs from the entropic plan with regularisation ``2 sigma^2``, one
+3x64 MLP with two output heads (velocity and score) for ours, two 3x64 MLPs (TorchCFM's example)
+for the peer, trained with ``SchrodingerBridgeConditionalFlowMatcher(sigma=1,
+ot_method="sinkhorn")`` and its ``compute_lambda`` score weighting. Both are scored on the
+probability-flow ODE (Euler, dopri5) and on the SDE ``dx = [v + sigma^2 / 2 s] dt + sigma dW``
+by Euler-Maruyama with ``--euler-steps`` steps (ours: the "euler_maruyama" sampler; the peer:
+torchsde's ``sdeint(method="euler", dt=1 / steps)``).
 
 Writes ``--out`` (markdown table + the JSON), rewritten after every (method, task) so a long run
 leaves its finished part; prints the JSON.
@@ -66,9 +77,19 @@ TASKS: dict[str, tuple[str, str]] = {
   "8gaussians->moons": ("8gaussians", "moons"),
   "N->scurve": ("normal", "scurve"),
 }
-METHODS = ("icfm", "otcfm", "sbcfm", "fm")
-METHOD_NAMES = {"icfm": "I-CFM", "otcfm": "OT-CFM", "sbcfm": "SB-CFM", "fm": "FM (Lipman)"}
-SIGMAS = {"icfm": 0.1, "otcfm": 0.1, "sbcfm": 1.0, "fm": 0.1}
+PAPER_METHODS = ("icfm", "otcfm", "sbcfm", "fm")
+"""The TorchCFM paper's 2D table; a run with all of them is the full protocol."""
+METHODS = (*PAPER_METHODS, "sf2m")
+METHOD_NAMES = {
+  "icfm": "I-CFM",
+  "otcfm": "OT-CFM",
+  "sbcfm": "SB-CFM",
+  "fm": "FM (Lipman)",
+  "sf2m": "SF2M",
+}
+SIGMAS = {"icfm": 0.1, "otcfm": 0.1, "sbcfm": 1.0, "fm": 0.1, "sf2m": 1.0}
+SDE_METHODS = ("sf2m",)
+"""Methods whose model also gives the score: scored on their SDE too."""
 SEEDS = (42, 43, 44, 45, 46)
 # The protocol's model, batch and optimizer are configs/toy2d_otcfm.py's: one definition.
 PROTOCOL_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy2d_otcfm.py")
@@ -255,11 +276,14 @@ def train_ours(method: str, task: str, args, generators: dict) -> dict:
   )
 
   source_name = TASKS[task][0]
-  if source_name not in generators:
-    generators[source_name] = samplers_lib.flow_generator(
-      apply=experiment.model.apply, source=experiment.source_sampler, data_shape=(2,)
-    )
-  generate = generators[source_name]
+  if method in SDE_METHODS:  # a model of two heads: its objective's own generator
+    generate = experiment.generate
+  else:
+    if source_name not in generators:
+      generators[source_name] = samplers_lib.flow_generator(
+        apply=experiment.model.apply, source=experiment.source_sampler, data_shape=(2,)
+      )
+    generate = generators[source_name]
   per_seed = []
   for seed, p in zip(args.seeds, params):
     key = jax.random.PRNGKey(seed + 10_000)
@@ -275,6 +299,11 @@ def train_ours(method: str, task: str, args, generators: dict) -> dict:
         "nfe_dopri5": int(dopri["nfe"]),
       }
     )
+    if method in SDE_METHODS:
+      k_sde = jax.random.fold_in(key, 1)
+      sde = generate(p, k_sde, args.eval_samples, steps=args.euler_steps, sampler="euler_maruyama")
+      per_seed[-1]["w2_sde"] = evaluate.wasserstein2(np.asarray(sde["samples"]), target)
+      per_seed[-1]["nfe_sde"] = int(sde["nfe"])
   info["seeds"] = per_seed
   return info
 
@@ -316,6 +345,9 @@ def import_peer():
       sigma=SIGMAS["sbcfm"], ot_method="sinkhorn"
     ),
     "fm": lambda: cfm.TargetConditionalFlowMatcher(sigma=SIGMAS["fm"]),
+    "sf2m": lambda: cfm.SchrodingerBridgeConditionalFlowMatcher(
+      sigma=SIGMAS["sf2m"], ot_method="sinkhorn"
+    ),
   }
   return (
     dict(
@@ -330,20 +362,56 @@ def import_peer():
   )
 
 
+def _peer_sf2m_sde(peer: dict, model, score_model, x0, *, steps: int, sigma: float, nfe: list):
+  """TorchCFM's SF2M example's SDE, ``dx = [v + s'] dt + sigma dW`` (its score network ``s'``
+  is trained on ``lambda(t) s' + z``, i.e. it is ``sigma^2 / 2`` times the score), by torchsde's
+  Euler-Maruyama with ``steps`` steps of ``1 / steps``; ``nfe[0]`` counts drift evaluations."""
+  torch = peer["torch"]
+  import torchsde  # pylint: disable=import-outside-toplevel
+
+  class SDE(torch.nn.Module):
+    noise_type, sde_type = "diagonal", "ito"
+
+    def f(self, t, y):
+      nfe[0] += 1
+      x = torch.cat([y, t.expand(y.shape[0], 1)], dim=-1)
+      return model(x) + score_model(x)
+
+    def g(self, t, y):
+      return torch.ones_like(y) * sigma
+
+  ts = torch.linspace(0.0, 1.0, steps + 1)
+  return torchsde.sdeint(SDE(), x0, ts, method="euler", dt=1.0 / steps)[-1]
+
+
 def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
-  """TorchCFM's 2D loop for one seed, then Euler and dopri5 sampling and W2."""
+  """TorchCFM's 2D loop for one seed, then Euler and dopri5 sampling (and, for SF2M, its SDE)
+  and W2."""
   torch = peer["torch"]
   torch.manual_seed(seed)
   np.random.seed(seed)  # OTPlanSampler and sklearn draw from NumPy's global generator
   source, target = (peer["samplers"][name] for name in TASKS[task])
   model = peer["MLP"](dim=2, w=64, time_varying=True)
-  optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+  sde = method in SDE_METHODS
+  # TorchCFM's SF2M example: a second MLP for the score, one Adam over both.
+  score_model = peer["MLP"](dim=2, w=64, time_varying=True) if sde else None
+  parameters = [*model.parameters(), *(score_model.parameters() if sde else ())]
+  optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
   matcher = peer["matchers"][method]()
   start = time.perf_counter()
   for _ in range(args.steps):
     optimizer.zero_grad()
-    t, xt, ut = matcher.sample_location_and_conditional_flow(source(BATCH), target(BATCH))
-    loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
+    if sde:
+      t, xt, ut, eps = matcher.sample_location_and_conditional_flow(
+        source(BATCH), target(BATCH), return_noise=True
+      )
+      inputs = torch.cat([xt, t[:, None]], dim=-1)
+      flow_loss = torch.mean((model(inputs) - ut) ** 2)
+      lambda_t = matcher.compute_lambda(t)
+      loss = flow_loss + torch.mean((lambda_t[:, None] * score_model(inputs) + eps) ** 2)
+    else:
+      t, xt, ut = matcher.sample_location_and_conditional_flow(source(BATCH), target(BATCH))
+      loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
     loss.backward()
     optimizer.step()
   train_s = time.perf_counter() - start
@@ -368,14 +436,26 @@ def train_peer(peer: dict, method: str, task: str, seed: int, args) -> dict:
       rtol=1e-5,
       atol=1e-5,
     )[-1].numpy()
+    nfe_dopri5 = nfe[0]
+    sde_samples = None
+    if sde:
+      nfe[0] = 0
+      x0 = source(args.eval_samples).float()
+      sde_samples = _peer_sf2m_sde(
+        peer, model, score_model, x0, steps=args.euler_steps, sigma=SIGMAS[method], nfe=nfe
+      ).numpy()
   reference = target(args.eval_samples).float().numpy()
-  return {
+  out = {
     "seed": seed,
     "train_s": round(train_s, 2),
     "w2_euler": evaluate.wasserstein2(euler, reference),
     "w2_dopri5": evaluate.wasserstein2(dopri, reference),
-    "nfe_dopri5": nfe[0],
+    "nfe_dopri5": nfe_dopri5,
   }
+  if sde:
+    out["w2_sde"] = evaluate.wasserstein2(sde_samples, reference)
+    out["nfe_sde"] = nfe[0]
+  return out
 
 
 # ---- summary and markdown ------------------------------------------------------------------------
@@ -393,11 +473,10 @@ def _mean_std(values) -> dict | None:
 
 
 def summarise(seeds: list[dict]) -> dict:
-  return {
-    "w2_euler": _mean_std([s["w2_euler"] for s in seeds]),
-    "w2_dopri5": _mean_std([s["w2_dopri5"] for s in seeds]),
-    "nfe_dopri5": _mean_std([s["nfe_dopri5"] for s in seeds]),
-  }
+  keys = ("w2_euler", "w2_dopri5", "nfe_dopri5")
+  if "w2_sde" in seeds[0]:
+    keys += ("w2_sde", "nfe_sde")
+  return {key: _mean_std([s[key] for s in seeds]) for key in keys}
 
 
 def _cell(stat: dict | None, digits: int = 3) -> str:
@@ -415,7 +494,7 @@ def to_markdown(report: dict) -> str:
     run["steps"] == 20_000
     and tuple(run["seeds"]) == SEEDS
     and tuple(tasks) == tuple(TASKS)
-    and tuple(methods) == METHODS
+    and set(PAPER_METHODS) <= set(methods)
   )
   peer_seeds = tuple(run["peer_seeds"])
   if full and peer_seeds == SEEDS:
@@ -430,7 +509,8 @@ def to_markdown(report: dict) -> str:
   else:
     what = "a REDUCED run, not the full protocol"
   lines = [
-    "# 2D reproduction: I-CFM, OT-CFM, SB-CFM, FM (TorchCFM protocol)",
+    "# 2D reproduction: I-CFM, OT-CFM, SB-CFM, FM (TorchCFM protocol)"
+    + (", and SF2M" if "sf2m" in methods else ""),
     "",
     "Generated by `scripts/reproduce_2d.py`; do not edit by hand (rerun the script).",
     "",
@@ -469,15 +549,28 @@ def to_markdown(report: dict) -> str:
     "epochs; this table follows its 2D tutorials (batch 256, Adam, 20k steps).",
     "",
   ]
+  if "sf2m" in methods:
+    lines += [
+      "SF2M (Tong et al. 2023, https://arxiv.org/abs/2307.03672; not in the paper's table): "
+      "sigma 1.0 (TorchCFM's 2D SF2M example), entropic plan of regularisation 2 sigma^2, "
+      "flow and score losses summed with TorchCFM's `compute_lambda` weighting; diffjax: one "
+      "3x64 MLP with two output heads (velocity, score); TorchCFM: two 3x64 MLPs "
+      "(`SchrodingerBridgeConditionalFlowMatcher(sigma=1, ot_method='sinkhorn')`, its SF2M "
+      "example), one Adam over both, the protocol's lr and batch. Euler and dopri5 rows: the "
+      "probability-flow ODE (velocity alone); the SDE rows: dx = [v + sigma^2 / 2 s] dt + "
+      "sigma dW by Euler-Maruyama (diffjax's `euler_maruyama`; TorchCFM: torchsde "
+      "`sdeint(method='euler', dt=1/steps)`).",
+      "",
+    ]
 
-  def table(title: str, key: str, with_nfe: bool):
+  def table(title: str, key: str, with_nfe: bool, rows_of=None):
     rows = [
       f"### {title}",
       "",
       "| method | impl. | " + " | ".join(tasks) + " |",
       "|---|---|" + "---|" * len(tasks),
     ]
-    for method in methods:
+    for method in rows_of or methods:
       for impl in ("diffjax", "TorchCFM"):
         cells = []
         for task in tasks:
@@ -499,6 +592,14 @@ def to_markdown(report: dict) -> str:
     f"W2, {run['euler_steps']} Euler steps (NFE {run['euler_steps']})", "w2_euler", False
   )
   lines += table("W2, dopri5 (rtol = atol = 1e-5; mean NFE in parentheses)", "w2_dopri5", True)
+  sde_methods = [m for m in methods if m in SDE_METHODS]  # only these models have a score
+  if sde_methods:
+    lines += table(
+      f"W2, SDE by Euler-Maruyama ({run['euler_steps']} steps, NFE {run['euler_steps']})",
+      "w2_sde",
+      False,
+      rows_of=sde_methods,
+    )
 
   lines += [
     "### Training time",
@@ -763,6 +864,9 @@ def merge_reports(report: dict, other: dict, *, name: str) -> None:
   for method, cells in other["results"].items():
     for task, entry in cells.items():
       report["results"].setdefault(method, {}).setdefault(task, entry)
+  # Methods and tasks only the other run has join the table (cells neither ran stay "-").
+  for key in ("methods", "tasks"):
+    report["run"][key] += [v for v in other["run"][key] if v not in report["run"][key]]
   report["run"].setdefault("merged", []).append(
     {key: other["run"].get(key) for key in ("command", "date", "diffjax_commit", "loadavg_start")}
   )

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import portpicker
 import pytest
+from multihost_harness import ROOT, exit_times, start_two, wait_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 OVERRIDES = [
@@ -33,77 +30,11 @@ OVERRIDES = [
 
 
 def _start(workdir, extra, port, logs):
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    JAX_PLATFORMS="cpu",
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-  )
-  procs = []
-  for i in range(2):
-    log = open(logs / f"p{i}.log", "w")
-    procs.append(
-      (
-        subprocess.Popen(
-          [
-            sys.executable,
-            "-m",
-            "diffjax.cli",
-            "train",
-            "--config",
-            str(ROOT / "configs" / "toy2d_icfm.py"),
-            "--workdir",
-            str(workdir),
-            *OVERRIDES,
-            *extra,
-            "--config.distributed.enabled=true",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={i}",
-          ],
-          env=env,
-          cwd=ROOT,
-          stdout=log,
-          stderr=subprocess.STDOUT,
-        ),
-        log,
-      )
-    )
-  return procs
+  config = str(ROOT / "configs" / "toy2d_icfm.py")
+  return start_two(config, workdir, [*OVERRIDES, *extra], port, logs)
 
 
-def _last_step(workdir):
-  path = workdir / "metrics.jsonl"
-  steps = (
-    [0] + [int(m.group(1)) for m in re.finditer(r'"step": (\d+)', path.read_text())]
-    if path.exists()
-    else [0]
-  )
-  return max(steps)
-
-
-def _wait_step(workdir, step, procs, timeout=300):
-  start = time.monotonic()
-  while _last_step(workdir) < step:
-    assert all(p.poll() is None for p, _ in procs), "a process ended early"
-    assert time.monotonic() - start < timeout
-    time.sleep(0.05)
-
-
-def _exit_times(procs, since, timeout=200):
-  times = [None, None]
-  while any(t is None for t in times):
-    for i, (p, _) in enumerate(procs):
-      if times[i] is None and p.poll() is not None:
-        times[i] = time.monotonic() - since
-    if time.monotonic() - since > timeout:
-      for p, _ in procs:
-        p.kill()
-      raise AssertionError(f"processes still running after {timeout} s: {times}")
-    time.sleep(0.05)
-  for _, log in procs:
-    log.close()
-  return times
+_wait_step, _exit_times = wait_step, exit_times
 
 
 @pytest.mark.parametrize("target", [0, 1], ids=["coordinator", "worker"])

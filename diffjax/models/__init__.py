@@ -18,7 +18,7 @@ from diffjax.models.embeddings import (
   get_time_features,
   sinusoidal_embedding,
 )
-from diffjax.models.factory import MODELS, create_model, model_kwargs
+from diffjax.models.factory import MODELS, create_model, model_kwargs, tensor_parallel_problem
 from diffjax.models.mlp import MLP, get_activation
 from diffjax.models.pure import ModelFns, functionalize, num_params
 from diffjax.models.unet import UNet
@@ -27,6 +27,7 @@ __all__ = [
   "MODELS",
   "create_model",
   "model_kwargs",
+  "tensor_parallel_problem",
   "ModelFns",
   "functionalize",
   "num_params",

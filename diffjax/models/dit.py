@@ -13,7 +13,8 @@ https://arxiv.org/abs/2212.09748 (facebookresearch/DiT ``models.py``):
     (adaLN-Zero: every block starts as the identity);
   final layer ``Linear(LN(x) (1 + s) + b)`` (zero-initialised) and unpatchify.
 
-The learned-sigma output channels of the paper are omitted: the output has the input's shape.
+The learned-sigma output channels of the paper are omitted: the output has the input's shape
+(``output_heads`` times its channels for an objective that reads several fields).
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ from diffjax.models.embeddings import (
   TimeEmbedding,
   summed_time_embedding,
 )
+from diffjax.models.remat import get_remat, partitioned
 
-__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "patchify", "unpatchify", "check_config"]
+__all__ = [
+  "DiT",
+  "DiTBlock",
+  "sincos_pos_embed_2d",
+  "patchify",
+  "unpatchify",
+  "check_config",
+  "check_tensor_parallel",
+]
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -113,11 +123,32 @@ class DiTBlock(nnx.Module):
     mlp_hidden = int(hidden_size * mlp_ratio)
     self.num_heads = num_heads
     self.norm_1 = _layer_norm(hidden_size, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, kernel_init=_xavier, **kw)
-    self.attn_out = nnx.Linear(hidden_size, hidden_size, kernel_init=_xavier, **kw)
+    # Logical axis names (metadata only; train/sharding maps "heads" and "mlp" to the tensor
+    # axis): q, k, v and the MLP hidden layer are column-parallel, their output projections
+    # row-parallel (Megatron-LM, https://arxiv.org/abs/1909.08053). The qkv columns are stored
+    # as (q | k | v) x heads, the layout trained checkpoints hold, so a tensor split of them is
+    # head-aligned only after one reshuffle per block, which XLA inserts.
+    self.qkv = nnx.Linear(
+      hidden_size,
+      3 * hidden_size,
+      kernel_init=partitioned(_xavier, ("embed", "heads")),
+      bias_init=partitioned(_zeros, ("heads",)),
+      **kw,
+    )
+    self.attn_out = nnx.Linear(
+      hidden_size, hidden_size, kernel_init=partitioned(_xavier, ("heads", "embed")), **kw
+    )
     self.norm_2 = _layer_norm(hidden_size, param_dtype=param_dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(hidden_size, mlp_hidden, kernel_init=_xavier, **kw)
-    self.mlp_out = nnx.Linear(mlp_hidden, hidden_size, kernel_init=_xavier, **kw)
+    self.mlp_in = nnx.Linear(
+      hidden_size,
+      mlp_hidden,
+      kernel_init=partitioned(_xavier, ("embed", "mlp")),
+      bias_init=partitioned(_zeros, ("mlp",)),
+      **kw,
+    )
+    self.mlp_out = nnx.Linear(
+      mlp_hidden, hidden_size, kernel_init=partitioned(_xavier, ("mlp", "embed")), **kw
+    )
     self.dropout = nnx.Dropout(dropout)
     self.ada_ln = nnx.Linear(hidden_size, 6 * hidden_size, kernel_init=_zeros, **kw)
 
@@ -137,8 +168,11 @@ class DiTBlock(nnx.Module):
     return x + gate_2[:, None, :] * self.mlp_out(h)
 
 
-def check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropout, **_) -> None:
+def check_config(
+  *, data_shape, patch_size, hidden_size, num_heads, depth, dropout, remat="none", **_
+) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  get_remat(remat)
   data_shape = tuple(data_shape)
   if len(data_shape) != 3:
     raise ValueError(
@@ -162,6 +196,22 @@ def check_config(*, data_shape, patch_size, hidden_size, num_heads, depth, dropo
     raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
 
 
+def check_tensor_parallel(*, tensor, num_heads=6, hidden_size=384, mlp_ratio=4.0, **_) -> None:
+  """Raises a ValueError unless ``tensor`` devices can split the heads and the MLP hidden layer
+  (each device computes ``num_heads / tensor`` heads and ``mlp_ratio hidden / tensor`` units)."""
+  mlp_hidden = int(hidden_size * mlp_ratio)
+  if num_heads % tensor:
+    raise ValueError(
+      f"mesh.tensor={tensor} does not divide model.num_heads={num_heads}; choose a mesh.tensor "
+      "that divides the number of heads"
+    )
+  if mlp_hidden % tensor:
+    raise ValueError(
+      f"mesh.tensor={tensor} does not divide the MLP width {mlp_hidden} (model.hidden_size x "
+      "model.mlp_ratio); choose a mesh.tensor that divides it"
+    )
+
+
 class DiT(nnx.Module):
   """Diffusion Transformer; see the module docstring.
 
@@ -170,6 +220,8 @@ class DiT(nnx.Module):
     num_classes: number of classes (0: unconditional).
     time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``,
       each time embedded on its own and the embeddings summed).
+    output_heads: blocks of the data's channels in the output (``output_heads * C`` channels;
+      1: the output has the input's shape).
     patch_size: side ``p`` of the square patches.
     hidden_size: token width.
     depth: number of transformer blocks.
@@ -178,6 +230,8 @@ class DiT(nnx.Module):
     learn_pos_embed: learn the position embedding (initialised at the sin-cos values) instead
       of keeping it fixed.
     dropout: dropout on the attention output and MLP hidden layer (0 in the paper).
+    remat: rematerialisation of each block in the backward pass, a name in
+      :data:`diffjax.models.remat.REMAT_POLICIES` ("none", "dots_saveable", "full").
     time_features_dim: size of the sinusoidal time features (256 in the paper).
     dtype: compute dtype; param_dtype: stored parameter dtype.
 
@@ -190,6 +244,7 @@ class DiT(nnx.Module):
     data_shape: tuple[int, int, int],
     num_classes: int = 0,
     time_inputs: int = 1,
+    output_heads: int = 1,
     patch_size: int = 2,
     hidden_size: int = 384,
     depth: int = 12,
@@ -198,6 +253,7 @@ class DiT(nnx.Module):
     learn_pos_embed: bool = False,
     dropout: float = 0.0,
     time_features_dim: int = 256,
+    remat: str = "none",
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -210,8 +266,11 @@ class DiT(nnx.Module):
       num_heads=num_heads,
       depth=depth,
       dropout=dropout,
+      remat=remat,
     )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # A block as a function of (block, h, c, rngs), rematerialised as `remat` says.
+    self.block_fn = get_remat(remat)(lambda block, h, c, rngs: block(h, c, rngs=rngs))
     height, width, channels = data_shape
     self.data_shape = data_shape
     self.patch_size = patch_size
@@ -264,7 +323,7 @@ class DiT(nnx.Module):
     # precision) and starts at zero (adaLN-Zero).
     self.out = nnx.Linear(
       hidden_size,
-      patch_size * patch_size * channels,
+      patch_size * patch_size * channels * output_heads,
       kernel_init=_zeros,
       dtype=jnp.float32,
       param_dtype=param_dtype,
@@ -290,7 +349,7 @@ class DiT(nnx.Module):
     if self.label_embed is not None:
       c = c + self.label_embed(cond)
     for block in self.blocks:
-      h = block(h, c, rngs=rngs)
+      h = self.block_fn(block, h, c, rngs)
     shift, scale = jnp.split(self.ada_ln_out(jax.nn.silu(c)), 2, axis=-1)
     out = self.out(_modulate(self.norm_out(h), shift, scale))
     return unpatchify(out, patch_size=self.patch_size, height=height, width=width)

@@ -20,7 +20,7 @@ from diffjax._lookup import lookup
 from diffjax.models import dit, mlp, unet
 from diffjax.models.pure import ModelFns, functionalize
 
-__all__ = ["MODELS", "create_model", "model_kwargs"]
+__all__ = ["MODELS", "create_model", "model_kwargs", "tensor_parallel_problem"]
 
 MODELS: dict[str, type[nnx.Module]] = {
   "mlp": mlp.MLP,
@@ -35,8 +35,40 @@ _CHECKS: dict[str, Callable[..., None]] = {
   "dit": dit.check_config,
 }
 
+# Models whose parameters carry tensor-parallel axis names, and the check of a tensor size.
+_TENSOR_CHECKS: dict[str, Callable[..., None]] = {
+  "dit": dit.check_tensor_parallel,
+}
+
+
+def tensor_parallel_problem(model: dict, *, tensor: int) -> str | None:
+  """One line when the model group ``model`` (``config.model``) cannot be split over ``tensor``
+  devices, else None; pure Python, run before tracing."""
+  if tensor == 1 or model.get("name") not in MODELS:
+    return None
+  check = _TENSOR_CHECKS.get(model["name"])
+  if check is None:
+    return (
+      f"mesh.tensor={tensor} but model {model['name']!r} has no tensor-parallel layers (only "
+      f"{sorted(_TENSOR_CHECKS)} do); set mesh.tensor=1 and use mesh.fsdp to split its parameters"
+    )
+  try:
+    check(tensor=tensor, **{k: v for k, v in model.items() if k != "name"})
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 # Set by create_model itself, never through **kwargs.
-_RESERVED = ("data_shape", "num_classes", "time_inputs", "dtype", "param_dtype", "rngs")
+_RESERVED = (
+  "data_shape",
+  "num_classes",
+  "time_inputs",
+  "output_heads",
+  "dtype",
+  "param_dtype",
+  "rngs",
+)
 
 
 def model_kwargs(name: str) -> dict[str, object]:
@@ -70,6 +102,7 @@ def create_model(
   data_shape: tuple[int, ...],
   num_classes: int = 0,
   time_inputs: int = 1,
+  output_heads: int = 1,
   dtype=jnp.float32,
   param_dtype=jnp.float32,
   **kwargs,
@@ -88,6 +121,9 @@ def create_model(
       guidance (see :func:`diffjax.models.drop_labels`).
     time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``t`` is ``[batch,
       time_inputs]``, as the objective that needs them says, e.g. MeanFlow's two times).
+    output_heads: blocks of the data's channels in the output: its last axis is
+      ``output_heads * C`` (``C = data_shape[-1]``), as the objective that reads several
+      fields from one network says (SF2M's velocity and score); 1: the input's shape.
     dtype: compute dtype (e.g. ``jnp.bfloat16`` for mixed precision); the output is float32.
     param_dtype: stored parameter dtype (float32 master weights).
     **kwargs: the model's constructor keywords (:func:`model_kwargs` lists them).
@@ -117,12 +153,20 @@ def create_model(
   ):
     raise ValueError(f"time_inputs must be an int >= 1, got {time_inputs!r}")
   time_inputs = int(time_inputs)
+  if (
+    isinstance(output_heads, bool)
+    or not isinstance(output_heads, numbers.Integral)
+    or output_heads < 1
+  ):
+    raise ValueError(f"output_heads must be an int >= 1, got {output_heads!r}")
+  output_heads = int(output_heads)
   _CHECKS[name](**{**valid, **kwargs, "data_shape": data_shape, "time_inputs": time_inputs})
   build = functools.partial(
     MODELS[name],
     data_shape=data_shape,
     num_classes=int(num_classes),
     time_inputs=time_inputs,
+    output_heads=output_heads,
     dtype=_float_dtype(dtype, "dtype"),
     param_dtype=_float_dtype(param_dtype, "param_dtype"),
     **kwargs,

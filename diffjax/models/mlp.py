@@ -94,6 +94,8 @@ class MLP(nnx.Module):
     data_shape: shape of one example (flattened internally).
     num_classes: number of classes; 0 for an unconditional model.
     time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``).
+    output_heads: blocks of the data's channels in the output (its last axis is
+      ``output_heads * C``, e.g. SF2M's velocity and score; 1: the output has the input's shape).
     width: hidden width (TorchCFM ``w``).
     depth: number of hidden layers.
     activation: a name in :data:`ACTIVATIONS`.
@@ -113,6 +115,7 @@ class MLP(nnx.Module):
     data_shape: tuple[int, ...],
     num_classes: int = 0,
     time_inputs: int = 1,
+    output_heads: int = 1,
     width: int = 64,
     depth: int = 3,
     activation: str = "selu",
@@ -139,6 +142,7 @@ class MLP(nnx.Module):
     self.activation = get_activation(activation)
     self.time_varying = time_varying
     self.num_classes = num_classes
+    self.output_heads = output_heads
     data_dim = math.prod(self.data_shape)
 
     in_dim = data_dim
@@ -163,7 +167,7 @@ class MLP(nnx.Module):
     if num_classes > 0:
       in_dim += class_embed_dim
 
-    sizes = [in_dim] + [width] * depth + [data_dim]
+    sizes = [in_dim] + [width] * depth + [data_dim * output_heads]
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
       inits = {}
@@ -204,4 +208,4 @@ class MLP(nnx.Module):
     h = jnp.concatenate(h, axis=-1)
     for layer in self.layers[:-1]:
       h = self.dropout(self.activation(layer(h)), deterministic=rngs is None, rngs=rngs)
-    return self.layers[-1](h).reshape(x.shape)
+    return self.layers[-1](h).reshape(*x.shape[:-1], x.shape[-1] * self.output_heads)

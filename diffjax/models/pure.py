@@ -38,15 +38,22 @@ class ModelFns(NamedTuple):
       ``jax.eval_shape(init, key)`` gives shapes and ``jax.jit(init, out_shardings=...)`` makes
       params born sharded).
     apply: ``apply(params, x_t, t, cond=None, *, dropout_key=None) -> output`` with ``x_t``'s
-      shape, float32. ``x_t`` is ``[batch, *data_shape]`` (or one unbatched example), ``t`` is
+      shape (its last axis ``output_heads`` times longer for a model of several output heads,
+      :func:`~diffjax.models.create_model`), float32. ``x_t`` is ``[batch, *data_shape]`` (or
+      one unbatched example), ``t`` is
       ``[batch]`` or a scalar (``[batch, time_inputs]``, or ``[time_inputs]`` for one unbatched
       example, when the model takes several times), ``cond`` int labels ``[batch]`` (None = the
       null label when the model is class-conditional). Dropout is active iff ``dropout_key`` is
       given.
+    logical_axes: ``((path, names), ...)``, for each parameter whose module named its axes
+      (``nnx.with_partitioning``), its path in the params dict (a tuple of keys) and one logical
+      name (or None) per axis; what ``diffjax.train.sharding`` lays the parameters out by (a
+      tuple, so the pair stays hashable; ``dict(logical_axes)`` to look a path up).
   """
 
   init: Callable[[Array], PyTree]
   apply: Callable[..., Array]
+  logical_axes: tuple = ()
 
 
 def num_params(params: PyTree) -> int:
@@ -92,6 +99,11 @@ def functionalize(
       "models keep all state in nnx.Param (use GroupNorm/LayerNorm, pass dropout "
       "keys at call time)"
     )
+  logical_axes = tuple(
+    (tuple(path), tuple(variable.get_metadata()["out_sharding"]))
+    for path, variable in nnx.to_flat_state(params_state)
+    if variable.get_metadata().get("out_sharding")
+  )
   del params_state
 
   def init(key: Array) -> PyTree:
@@ -123,7 +135,7 @@ def functionalize(
     out = module(x_t, t, cond, rngs=rngs).astype(jnp.float32)
     return out[0] if unbatched else out
 
-  return ModelFns(init=init, apply=apply)
+  return ModelFns(init=init, apply=apply, logical_axes=logical_axes)
 
 
 _BUILD_SIGNATURE = (

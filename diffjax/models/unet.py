@@ -34,6 +34,7 @@ from diffjax.models.embeddings import (
   TimeEmbedding,
   summed_time_embedding,
 )
+from diffjax.models.remat import get_remat
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "num_groups", "check_config"]
 
@@ -200,9 +201,19 @@ class _Level(nnx.Module):
 
 
 def check_config(
-  *, data_shape, ch, ch_mult, num_res_blocks, attn_resolutions, num_heads, dropout, **_
+  *,
+  data_shape,
+  ch,
+  ch_mult,
+  num_res_blocks,
+  attn_resolutions,
+  num_heads,
+  dropout,
+  remat="none",
+  **_,
 ) -> None:
   """Raises a ValueError naming the bad value and the fix; pure Python, run before tracing."""
+  get_remat(remat)
   data_shape, ch_mult = tuple(data_shape), tuple(ch_mult)
   attn_resolutions = tuple(attn_resolutions)
   if len(data_shape) != 3:
@@ -246,6 +257,8 @@ class UNet(nnx.Module):
       embedding (ADM).
     time_inputs: times per example (1: ``t`` is ``[batch]``; more: ``[batch, time_inputs]``,
       each time embedded on its own and the embeddings summed).
+    output_heads: blocks of the data's channels in the output (``output_heads * C`` channels;
+      1: the output has the input's shape).
     ch: base channel count.
     ch_mult: channel multiplier per resolution level.
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
@@ -254,6 +267,8 @@ class UNet(nnx.Module):
     num_heads: attention heads.
     scale_shift_norm: ADM's adaptive GroupNorm instead of adding the embedding.
     resample_with_conv: convolutions in down/up-sampling (DDPM) or plain pooling/repeat.
+    remat: rematerialisation of each residual and attention block in the backward pass, a name
+      in :data:`diffjax.models.remat.REMAT_POLICIES` ("none", "dots_saveable", "full").
     dtype: compute dtype; param_dtype: stored parameter dtype.
 
   Digits (8x8x1): ``ch=32, ch_mult=(1, 2), attn_resolutions=(4,)``. CIFAR-10 (DDPM):
@@ -266,6 +281,7 @@ class UNet(nnx.Module):
     data_shape: tuple[int, int, int],
     num_classes: int = 0,
     time_inputs: int = 1,
+    output_heads: int = 1,
     ch: int = 128,
     ch_mult: tuple[int, ...] = (1, 2, 2, 2),
     num_res_blocks: int = 2,
@@ -274,6 +290,7 @@ class UNet(nnx.Module):
     num_heads: int = 1,
     scale_shift_norm: bool = False,
     resample_with_conv: bool = True,
+    remat: str = "none",
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -288,8 +305,13 @@ class UNet(nnx.Module):
       attn_resolutions=attn_resolutions,
       num_heads=num_heads,
       dropout=dropout,
+      remat=remat,
     )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The blocks as functions of (block, inputs), rematerialised as `remat` says.
+    wrap = get_remat(remat)
+    self.res_fn = wrap(lambda block, h, emb, rngs: block(h, emb, rngs=rngs))
+    self.attn_fn = wrap(lambda attention, h: attention(h))
     emb_dim = 4 * ch
     block_kw = dict(emb_dim=emb_dim, dropout=dropout, scale_shift_norm=scale_shift_norm, **kw)
     attn_kw = dict(num_heads=num_heads, **kw)
@@ -350,7 +372,7 @@ class UNet(nnx.Module):
     # and starts at zero, so the initial prediction is 0 (DDPM init_scale=0).
     self.conv_out = nnx.Conv(
       in_ch,
-      data_shape[-1],
+      data_shape[-1] * output_heads,
       (3, 3),
       kernel_init=_zeros,
       dtype=jnp.float32,
@@ -368,19 +390,22 @@ class UNet(nnx.Module):
     skips = [h]
     for level in self.down:
       for i, block in enumerate(level.blocks):
-        h = block(h, emb, rngs=rngs)
+        h = self.res_fn(block, h, emb, rngs)
         if len(level.attentions):
-          h = level.attentions[i](h)
+          h = self.attn_fn(level.attentions[i], h)
         skips.append(h)
       if level.resample is not None:
         h = level.resample(h)
         skips.append(h)
-    h = self.mid_block_2(self.mid_attn(self.mid_block_1(h, emb, rngs=rngs)), emb, rngs=rngs)
+    h = self.res_fn(self.mid_block_1, h, emb, rngs)
+    h = self.res_fn(self.mid_block_2, self.attn_fn(self.mid_attn, h), emb, rngs)
     for level in self.up:
       for i, block in enumerate(level.blocks):
-        h = block(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, rngs=rngs)
+        h = self.res_fn(
+          block, jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, rngs
+        )
         if len(level.attentions):
-          h = level.attentions[i](h)
+          h = self.attn_fn(level.attentions[i], h)
       if level.resample is not None:
         h = level.resample(h)
     return self.conv_out(jax.nn.silu(self.norm_out(h)))

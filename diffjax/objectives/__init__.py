@@ -18,7 +18,9 @@ from diffjax.objectives import flow_matching as _flow_matching
 from diffjax.objectives import marginal_fm as _marginal_fm
 from diffjax.objectives import meanflow as _meanflow
 from diffjax.objectives import reflow as _reflow
+from diffjax.objectives import sf2m as _sf2m
 from diffjax.objectives import shortcut as _shortcut
+from diffjax.objectives import stochastic_interpolant as _stochastic_interpolant
 from diffjax.objectives.base import (
   HostPairing,
   Objective,
@@ -52,8 +54,10 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
   "marginal_fm": _marginal_fm.SPEC,
   "meanflow": _meanflow.SPEC,
   "shortcut": _shortcut.SPEC,
+  "stochastic_interpolant": _stochastic_interpolant.SPEC,
   "reflow": _reflow.SPEC,
   "consistency": _consistency.SPEC,
+  "sf2m": _sf2m.SPEC,
 }
 
 

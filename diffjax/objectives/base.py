@@ -148,6 +148,10 @@ class ObjectiveSpec(NamedTuple):
       objective accepts where they depend on its configuration (a flow's score-based samplers
       need an ``N(0, I)`` source and independent pairs), or None: always ``samplers``, which
       lists every name its generator may accept (:func:`accepted_samplers`).
+    output_heads: blocks of the data's channels in the model's output (1: one field of the
+      data's shape). The model's last axis carries ``output_heads`` blocks of the data's
+      channels (``output_heads * C``); the objective splits them with ``jnp.split(output,
+      output_heads, axis=-1)`` (SF2M's velocity and score); the edge builds the model with it.
   """
 
   build: Callable[..., Objective]
@@ -159,6 +163,7 @@ class ObjectiveSpec(NamedTuple):
   any_source: bool = False
   time_inputs: int = 1
   sampler_choices: Callable[..., tuple[str, ...]] | None = None
+  output_heads: int = 1
 
 
 def accepted_samplers(spec: ObjectiveSpec, group: dict, *, source_is_normal: bool) -> tuple:

@@ -15,7 +15,8 @@ Modules (private detail; import from here):
 * :mod:`~diffjax.samplers.sde`: reverse-SDE samplers (Euler-Maruyama, stochastic Heun,
   predictor-corrector) and the score of any prediction target.
 * :mod:`~diffjax.samplers.consistency`: multistep consistency sampling (Song et al. 2023).
-* :mod:`~diffjax.samplers.guidance`: classifier-free guidance.
+* :mod:`~diffjax.samplers.guidance`: classifier-free guidance, the guidance interval,
+  autoguidance and adaptive projected guidance (APG).
 * :mod:`~diffjax.samplers.likelihood`: log-likelihood through the probability-flow ODE, bits/dim.
 * :mod:`~diffjax.samplers.registry`: :func:`get_sampler`, every sampler by name behind one
   signature ``sample(key, predict, noise, *, predict_uncond=None, guidance_scale=1.0,

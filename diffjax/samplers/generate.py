@@ -7,13 +7,18 @@ schedule), :func:`continuous_diffusion_generator` (a model trained on a continuo
 consistency function in flow time, any source) return
 
     generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
-             return_trajectories=False, chunk_size=None, on_chunk=None)
+             return_trajectories=False, chunk_size=None, on_chunk=None,
+             guidance_rule=None, guide_apply=None, guide_params=None)
       -> dict(samples=..., trajectories=..., nfe=...)
 
 with ``apply(params, x_t, t, cond) -> prediction`` (``cond=None`` is the null label of a
 class-conditional model). The sampler name is resolved once per distinct call (and the jitted
 program kept in a cache of :data:`JIT_CACHE_SIZE` programs); ``guidance`` is the
-classifier-free guidance weight ``w`` (None: no guidance).
+classifier-free guidance weight ``w`` (None: no guidance). ``guidance_rule``
+(:class:`~diffjax.samplers.guidance.Guidance`) adds a guidance interval or APG (on the x0
+estimate of a Gaussian process; with momentum, carried through the steps of a flow model's
+"euler" sampler); ``guide_apply(guide_params, x_t, t, cond)`` replaces the null label by an
+autoguidance guide with the same labels (:mod:`~diffjax.samplers.guidance`).
 
 ``chunk_size=None`` draws the ``num`` samples as one batch from one key. With ``chunk_size``
 they are drawn ``chunk_size`` at a time (memory flat in ``num``) and returned as NumPy arrays;
@@ -44,6 +49,7 @@ from diffjax.samplers.consistency import consistency_sampler, multistep_times
 from diffjax.samplers.diffusion import interpolated_coefficients_fn
 from diffjax.samplers.few_step import at_equal_times, few_step_sampler
 from diffjax.samplers.fields import CoefficientsFn, time_of_log_snr
+from diffjax.samplers.guidance import Guidance, apg_momentum_euler_sampler, guided_predictor
 from diffjax.samplers.registry import SAMPLERS, Sampler, get_sampler
 from diffjax.schedules import ContinuousSchedule, DiscreteSchedule
 
@@ -58,6 +64,7 @@ __all__ = [
   "continuous_diffusion_generator",
   "edm_generator",
   "noise_level_coefficients",
+  "make_generate",
 ]
 
 FLOW_SAMPLERS = ("euler", "heun", "midpoint", "rk4", "dopri5", "tsit5")
@@ -113,23 +120,56 @@ def _per_example_keys(key: Array, start: Array, count: int) -> Array:
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, start + jnp.arange(count))
 
 
-def _make_generate(
+def make_generate(
   build: Callable[[str, int], Sampler],
   *,
   apply: Callable,
   source: Callable,
   default: str,
   num_classes: int,
+  x0_space: tuple[PredictionTarget, CoefficientsFn] | None = None,
+  euler_times: Callable[[int], Array] | None = None,
 ) -> Generate:
-  def draw(params, key, num, labels, scale, *, sample_fn, guided, trajectories):
+  """The generator every objective returns, around its ``build(name, steps) -> Sampler``.
+
+  ``generate(params, key, num, *, steps, sampler=None, labels=None, guidance=None,
+  return_trajectories=False, chunk_size=None, on_chunk=None, guidance_rule=None,
+  guide_apply=None, guide_params=None) -> dict(samples, trajectories, nfe)`` draws ``source``
+  points, labels (uniform over ``num_classes`` when guiding without labels) and runs the named
+  sampler of ``apply``'s predictions, with classifier-free guidance, a guidance rule (interval,
+  APG) or an autoguidance guide; one compiled program per setting (a bounded LRU cache), and
+  with ``chunk_size`` a draw per example from ``fold_in(key, i)`` so samples do not depend on
+  the chunk size.
+
+  Args:
+    build: ``(sampler name, steps) -> Sampler``; raises ``ValueError`` for a name it lacks.
+    apply: ``apply(params, x_t, t, cond) -> prediction``.
+    source: ``(key, num) -> [num, *data_shape]``.
+    default: the sampler used when none is named.
+    num_classes: > 0 for a class-conditional model.
+    x0_space: the prediction target and coefficients that give the model's denoised (x0)
+      prediction, for APG; None where the model defines none.
+    euler_times: ``steps -> grid`` of the Euler sampler, for APG's momentum loop (flow models).
+  """
+
+  def draw(both, key, num, labels, scale, *, sample_fn, guided, trajectories, rule, guide_apply):
     """``num`` samples from one key (the whole batch shares the key of the source, the labels
-    and the sampler)."""
+    and the sampler). ``both`` is ``(params, guide_params)``."""
+    params, guide_params = both
     key_source, key_labels, key_sampler = jax.random.split(key, 3)
     if labels is None and guided:
       labels = jax.random.randint(key_labels, (num,), 0, num_classes)
     noise = source(key_source, num)
     predict = lambda x, t: apply(params, x, t, labels)
     uncond = (lambda x, t: apply(params, x, t, None)) if guided else None
+    if guide_apply is not None:  # autoguidance: the guide with the same labels is the reference
+      uncond = lambda x, t: guide_apply(guide_params, x, t, labels)
+    if rule is not None and not _stateful(rule):
+      target, coefficients_fn = x0_space or (None, None)
+      predict = guided_predictor(
+        predict, uncond, scale=scale, guidance=rule, target=target, coefficients_fn=coefficients_fn
+      )
+      uncond = None
     out = sample_fn(
       key_sampler,
       predict,
@@ -140,10 +180,38 @@ def _make_generate(
     )
     return dict(samples=out.samples, trajectories=out.trajectory, nfe=jnp.asarray(out.nfe))
 
+  def check_rule(name: str, rule: Guidance | None) -> None:
+    """What a generator of this kind cannot do with ``rule``: one line, before tracing."""
+    if rule is None or rule.apg is None:
+      return
+    if x0_space is None:
+      raise ValueError(
+        "APG works on the denoised (x0) prediction, which this model does not define (a "
+        "Gaussian process is needed); use CFG (no APG options)"
+      )
+    if _stateful(rule) and (euler_times is None or name != "euler"):
+      raise ValueError(
+        f"APG momentum={rule.apg.momentum!r} is carried through the steps of the 'euler' "
+        f"sampler of a flow model only (sampler {name!r}); pass sampler 'euler' on a "
+        "flow-matching model, or set the momentum to 0"
+      )
+
   @functools.lru_cache(maxsize=JIT_CACHE_SIZE)
-  def compiled(name, steps, num, guided, trajectories, chunked) -> Callable:
-    sample_fn = build(name, steps)
-    options = dict(sample_fn=sample_fn, guided=guided, trajectories=trajectories)
+  def compiled(name, steps, num, guided, trajectories, chunked, rule, guide_apply) -> Callable:
+    if rule is not None and _stateful(rule):
+      target, coefficients_fn = x0_space
+      sample_fn = apg_momentum_euler_sampler(
+        times=euler_times(steps), target=target, coefficients_fn=coefficients_fn, guidance=rule
+      )
+    else:
+      sample_fn = build(name, steps)
+    options = dict(
+      sample_fn=sample_fn,
+      guided=guided,
+      trajectories=trajectories,
+      rule=rule,
+      guide_apply=guide_apply,
+    )
     if not chunked:
       return jax.jit(
         lambda params, key, labels, scale: draw(params, key, num, labels, scale, **options)
@@ -174,8 +242,19 @@ def _make_generate(
     return_trajectories: bool = False,
     chunk_size: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    guidance_rule: Guidance | None = None,
+    guide_apply: Callable | None = None,
+    guide_params: Any = None,
   ) -> dict:
     name = default if sampler is None else sampler
+    if (guidance_rule is not None or guide_apply is not None) and guidance is None:
+      raise ValueError(
+        "a guidance interval, APG or an autoguidance guide needs a guidance weight: pass "
+        "guidance (1 is the conditional model)"
+      )
+    check_rule(name, guidance_rule)
+    rule_options = (guidance_rule, guide_apply)
+    both = (params, guide_params)
     if int(steps) != steps or steps < 1:
       raise ValueError(f"steps={steps!r}: must be a positive integer")
     if guidance is not None and labels is None and num_classes < 1:
@@ -186,18 +265,25 @@ def _make_generate(
     scale = jnp.asarray(1.0 if guidance is None else guidance, jnp.float32)
     guided = guidance is not None
     if chunk_size is None:
-      run = compiled(name, int(steps), int(num), guided, bool(return_trajectories), False)
-      return run(params, key, labels, scale)
+      run = compiled(
+        name, int(steps), int(num), guided, bool(return_trajectories), False, *rule_options
+      )
+      return run(both, key, labels, scale)
     if int(chunk_size) != chunk_size or chunk_size < 1:
       raise ValueError(f"chunk_size={chunk_size!r}: must be a positive integer")
     chunk = min(int(chunk_size), int(num))
-    run = compiled(name, int(steps), chunk, guided, bool(return_trajectories), True)
+    run = compiled(name, int(steps), chunk, guided, bool(return_trajectories), True, *rule_options)
     return _draw_in_chunks(
-      run, params, key, int(num), chunk=chunk, labels=labels, scale=scale, on_chunk=on_chunk
+      run, both, key, int(num), chunk=chunk, labels=labels, scale=scale, on_chunk=on_chunk
     )
 
   generate.cache_info = compiled.cache_info
   return generate
+
+
+def _stateful(rule: Guidance) -> bool:
+  """APG with momentum: its running average is carried across the sampler's steps."""
+  return rule.apg is not None and rule.apg.momentum != 0
 
 
 def _draw_in_chunks(run, params, key, num, *, chunk, labels, scale, on_chunk) -> dict:
@@ -308,8 +394,15 @@ def flow_generator(
     )
 
   del data_shape
-  return _make_generate(
-    build, apply=apply, source=source, default=default_sampler, num_classes=num_classes
+  gaussian = coefficients_fn is not None
+  return make_generate(
+    build,
+    apply=apply,
+    source=source,
+    default=default_sampler,
+    num_classes=num_classes,
+    x0_space=(get_prediction_target("velocity"), coefficients_fn) if gaussian else None,
+    euler_times=uniform if gaussian else None,
   )
 
 
@@ -346,7 +439,7 @@ def consistency_generator(
       )
     return consistency_sampler(times=multistep_times(num_steps=steps), source=source)
 
-  return _make_generate(
+  return make_generate(
     build, apply=apply, source=source, default=default_sampler, num_classes=num_classes
   )
 
@@ -387,7 +480,7 @@ def few_step_generator(
       f"{[jump_sampler, *FLOW_SAMPLERS]}"
     )
 
-  return _make_generate(
+  return make_generate(
     build,
     apply=apply,
     source=source,
@@ -461,12 +554,13 @@ def diffusion_generator(
     times = grids.uniform_grid(num_steps=steps, t_start=1.0, t_end=t_first)
     return get_sampler(name, target=target, coefficients_fn=coefficients_fn, times=times)
 
-  return _make_generate(
+  return make_generate(
     build,
     apply=apply,
     source=_normal_source(data_shape),
     default=default_sampler,
     num_classes=num_classes,
+    x0_space=(target, coefficients_fn),
   )
 
 
@@ -556,12 +650,13 @@ def continuous_diffusion_generator(
     denoiser_options=dict(t_min=t_min, t_max=1.0),
     edm_options={},
   )
-  return _make_generate(
+  return make_generate(
     build,
     apply=apply,
     source=_normal_source(data_shape),
     default=default_sampler,
     num_classes=num_classes,
+    x0_space=(target, coefficients_fn),
   )
 
 
@@ -634,10 +729,11 @@ def edm_generator(
     denoiser_options=dict(time_of_sigma=_identity),
     edm_options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise),
   )
-  return _make_generate(
+  return make_generate(
     build,
     apply=apply,
     source=_normal_source(data_shape),
     default=default_sampler,
     num_classes=num_classes,
+    x0_space=(get_prediction_target("x0"), noise_level_coefficients),
   )

@@ -73,7 +73,7 @@ from diffjax.samplers.guidance import classifier_free_guidance
 from diffjax.schedules import DiscreteSchedule, alpha_sigma_from_log_snr
 from diffjax.shapes import in_compute_dtype
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "guided", "on_head"]
 
 
 class Sampler(Protocol):
@@ -95,10 +95,34 @@ def _target(target: PredictionTarget | str) -> PredictionTarget:
   return get_prediction_target(target) if isinstance(target, str) else target
 
 
-def _guided(predict: Predictor, predict_uncond: Predictor | None, scale) -> Predictor:
+def guided(predict: Predictor, predict_uncond: Predictor | None, scale) -> Predictor:
+  """``predict`` itself without an unconditional prediction, else classifier-free guidance
+  ``uncond + scale (cond - uncond)`` (:func:`~diffjax.samplers.classifier_free_guidance`)."""
   if predict_uncond is None:
     return predict
   return classifier_free_guidance(predict, predict_uncond, scale=scale)
+
+
+def on_head(sampler: Sampler, head: Callable[[Array], Array]) -> Sampler:
+  """``sampler`` fed ``head(prediction)``: one field of a model with several output heads (a
+  velocity-and-score or drift-and-denoiser model run by an ODE solver of its first head)."""
+
+  def pick(predict):
+    return None if predict is None else (lambda x, t: head(predict(x, t)))
+
+  def sample(
+    key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
+  ):
+    return sampler(
+      key,
+      pick(predict),
+      noise,
+      predict_uncond=pick(predict_uncond),
+      guidance_scale=guidance_scale,
+      return_trajectory=return_trajectory,
+    )
+
+  return sample
 
 
 def _require(coefficients_fn, name: str):
@@ -135,7 +159,7 @@ def _ode_sampler(
     key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
   ) -> SamplerOutput:
     del key
-    predict = _guided(predict, predict_uncond, guidance_scale)
+    predict = guided(predict, predict_uncond, guidance_scale)
     if coefficients_fn is None:
       velocity, x_init = predict, noise
     else:
@@ -204,7 +228,7 @@ def _dpmpp_factory(order: int):
       key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
     ) -> SamplerOutput:
       del key
-      predict = _guided(predict, predict_uncond, guidance_scale)
+      predict = guided(predict, predict_uncond, guidance_scale)
       denoise = denoiser(predict, target=resolved, coefficients_fn=coefficients_fn)
       x_init = _sigma_at(coefficients_fn, times[0]).astype(noise.dtype) * noise
       return diffusion.dpm_solver_pp_sample(
@@ -257,7 +281,7 @@ def _process_factory(
     def sample(
       key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
     ) -> SamplerOutput:
-      predict = _guided(predict, predict_uncond, guidance_scale)
+      predict = guided(predict, predict_uncond, guidance_scale)
       denoise = denoiser(predict, target=resolved, coefficients_fn=coefficients_fn)
       x_init = _sigma_at(coefficients_fn, times[0]).astype(noise.dtype) * noise
       return run(
@@ -357,7 +381,7 @@ def _sigma_factory(name: str, run: Callable[..., SamplerOutput], defaults: dict)
     def sample(
       key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
     ) -> SamplerOutput:
-      predict = _guided(predict, predict_uncond, guidance_scale)
+      predict = guided(predict, predict_uncond, guidance_scale)
       denoise = sigma_denoiser(
         predict,
         target=resolved,
@@ -411,7 +435,7 @@ def _discrete_factory(
     def sample(
       key, predict, noise, *, predict_uncond=None, guidance_scale=1.0, return_trajectory=False
     ) -> SamplerOutput:
-      predict = _guided(predict, predict_uncond, guidance_scale)
+      predict = guided(predict, predict_uncond, guidance_scale)
       x_init = _discrete_start(schedule, steps).astype(noise.dtype) * noise
       return run(
         key,

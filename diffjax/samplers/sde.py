@@ -56,6 +56,7 @@ __all__ = [
   "reverse_sde",
   "check_sde_times",
   "euler_maruyama_sample",
+  "euler_maruyama_integrate",
   "sde_heun_sample",
   "pc_sample",
 ]
@@ -181,9 +182,43 @@ def euler_maruyama_sample(
     noises: ``[N, batch, *event]`` the standard normal ``z_i``, or None (drawn from ``key``).
     return_trajectory: also return the ``[N + 1, batch, ...]`` states.
   """
-  times, num_steps, given, draws, terms = _prepare(
-    key, denoise, x_init, times=times, coefficients_fn=coefficients_fn, eta=eta, noises=noises
+  check_sde_times(times, coefficients_fn)
+  _check_eta(eta)
+  terms = reverse_sde(denoise, coefficients_fn=coefficients_fn, eta=eta)
+  return euler_maruyama_integrate(
+    key, terms, x_init, times=times, noises=noises, return_trajectory=return_trajectory
   )
+
+
+def euler_maruyama_integrate(
+  key: Array,
+  terms,
+  x_init: Array,
+  *,
+  times: Array,
+  noises: Array | None = None,
+  return_trajectory: bool = False,
+) -> SamplerOutput:
+  """Euler-Maruyama for any SDE ``dx = a(x, t) dt + b(t) dW`` with additive noise:
+  ``x_{i+1} = x_i + a(x_i, t_i) dt_i + b(t_i) sqrt(|dt_i|) z_i`` in one ``jax.lax.scan``.
+
+  Weak order 1, strong order 1/2 (Kloeden & Platen 1992, Ch. 10 and 14). One evaluation of
+  ``terms`` per step, at the left end of each step only (``times[-1]`` is never evaluated).
+
+  Args:
+    key: PRNG key for the ``z_i`` (unused when ``noises`` is given).
+    terms: ``(x, t) -> (a, b)`` with ``t`` and ``b`` of shape ``[batch]`` (e.g.
+      :func:`reverse_sde`).
+    x_init: ``[batch, *event]`` state at ``times[0]``.
+    times: ``[N + 1]`` grid, increasing or decreasing.
+    noises: ``[N, batch, *event]`` the standard normal ``z_i``, or None (drawn from ``key``).
+    return_trajectory: also return the ``[N + 1, batch, ...]`` states.
+  """
+  check_times(times)
+  times = jnp.asarray(times)
+  num_steps = times.shape[0] - 1
+  given = noises is not None
+  draws = _step_noises(key, noises, x_init, num_steps)
 
   def body(x, inputs):
     t, t_next, draw = inputs

@@ -142,10 +142,16 @@ def base_config() -> ml_collections.ConfigDict:
       step_timeout_s=0.0,  # > 0: a step (chunk) slower than this dumps stacks and exits
       save_timeout_s=600.0,  # with step_timeout_s > 0: the same for a checkpoint save or plot
       num_seeds=1,  # > 1: train seeds seed, seed + 1, ... at once (state vmapped)
+      # Post-hoc EMA (EDM2): power-function averages of these widths tracked in the state and
+      # saved to WORKDIR/posthoc_ema every snapshot_every steps (0: at every checkpoint), so
+      # `diffjax evaluate --sigma-rel` reconstructs any width after training; () disables.
+      posthoc_ema=ml_collections.ConfigDict(dict(sigma_rels=(), snapshot_every=0)),
     )
   )
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # data x fsdp x tensor devices; the batch is split over data x fsdp, the DiT's heads and MLP
+  # over tensor (diffjax.train.sharding).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.distributed = ml_collections.ConfigDict(
     dict(
@@ -531,6 +537,26 @@ def _npz_key_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
+def _toy2d_label_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """A class-conditional 2D toy trains on its mixture's components as labels: the target must
+  be a labelled mixture and ``data.num_classes`` its number of components."""
+  from diffjax.data import toy2d  # pylint: disable=import-outside-toplevel
+
+  target = config.data.target
+  if target not in toy2d.TOY2D_LABELLED:
+    return [
+      f"data.num_classes={config.data.num_classes}: toy target {target!r} has no labels; "
+      f"choose a labelled one ({sorted(toy2d.TOY2D_LABELLED)}) or set data.num_classes=0"
+    ]
+  count = toy2d.num_classes(target)
+  if config.data.num_classes != count:
+    return [
+      f"data.num_classes={config.data.num_classes}: toy target {target!r} has {count} "
+      f"components (its labels); set data.num_classes={count}, or 0 for an unconditional model"
+    ]
+  return []
+
+
 def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
   """An in-memory dataset (npz file, image folder, digits) is read here, so a corrupt,
   unreadable, mis-shaped or NaN-holding dataset, or labels outside ``data.num_classes``, fail
@@ -538,6 +564,8 @@ def _dataset_problems(config: ml_collections.ConfigDict) -> list[str]:
   conditional model needs their labels checked: their shape is fixed."""
   from diffjax.train import image_input  # pylint: disable=import-outside-toplevel
 
+  if config.data.kind == "toy2d" and config.data.num_classes:
+    return _toy2d_label_problems(config)
   target = image_input.source_name(config)
   if config.data.kind not in ("images", "npz") or target not in ("npz", "folder", "digits"):
     return []
@@ -632,6 +660,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
       problems.append(f"{name}={value}: must be in [0, 1)")
   if not 0.0 <= config.train.ema_decay < 1.0:
     problems.append(f"train.ema_decay={config.train.ema_decay}: must be in [0, 1)")
+  problems += _posthoc_ema_problems(config.train.posthoc_ema)
   if problems:  # before the name tables, whose imports take seconds
     raise ConfigError("\n".join(_one_per_key(problems)))
   problems += registry.name_problems(config)
@@ -641,8 +670,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     problems += _dataset_problems(config)
 
   # Mesh and batch.
-  data_axis, fsdp_axis = config.mesh.data, config.mesh.fsdp
-  if num_devices is None:
+  data_axis, fsdp_axis, tensor_axis = config.mesh.data, config.mesh.fsdp, config.mesh.tensor
+  if tensor_axis < 1:
+    problems.append(f"mesh.tensor={tensor_axis}: must be >= 1 (1: no tensor parallelism)")
+  elif not problems:
+    from diffjax import models  # pylint: disable=import-outside-toplevel
+
+    problem = models.tensor_parallel_problem(config.model.to_dict(), tensor=tensor_axis)
+    if problem:
+      problems.append(problem)
+  if num_devices is None or tensor_axis < 1:
     pass
   elif fsdp_axis < 1 or (data_axis < 1 and data_axis != -1):
     problems.append(
@@ -651,11 +688,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     )
   else:
     if data_axis == -1:
-      data_axis = num_devices // fsdp_axis
-    if data_axis * fsdp_axis != num_devices:
+      data_axis = num_devices // (fsdp_axis * tensor_axis)
+    if data_axis * fsdp_axis * tensor_axis != num_devices:
       problems.append(
-        f"mesh.data x mesh.fsdp = {data_axis} x {fsdp_axis} does not use the "
-        f"{num_devices} devices; set mesh.data=-1 or make the product "
+        f"mesh.data x mesh.fsdp x mesh.tensor = {data_axis} x {fsdp_axis} x {tensor_axis} "
+        f"does not use the {num_devices} devices; set mesh.data=-1 or make the product "
         f"{num_devices}"
       )
     else:
@@ -669,6 +706,29 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None) -> N
     problems += registry.shape_problems(config)
   if problems:
     raise ConfigError("\n".join(_one_per_key(problems)))
+
+
+def _posthoc_ema_problems(group: ml_collections.ConfigDict) -> list[str]:
+  """``train.posthoc_ema``: distinct widths in (0, sqrt(1/12)) (power-function EMAs with
+  exponent > 0, EDM2) and a snapshot period >= 0."""
+  from diffjax.train.posthoc_ema import SIGMA_REL_MAX  # pylint: disable=import-outside-toplevel
+
+  problems = []
+  values = tuple(group.sigma_rels)
+  numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  if not numbers or not all(0.0 < v < SIGMA_REL_MAX for v in values):
+    problems.append(
+      f"train.posthoc_ema.sigma_rels={values!r}: each must be a number in (0, "
+      f"{SIGMA_REL_MAX:.4f}) (EDM2 tracks (0.05, 0.1)); () disables post-hoc EMA"
+    )
+  elif len(set(values)) != len(values):
+    problems.append(f"train.posthoc_ema.sigma_rels={values!r}: drop the repeated values")
+  if group.snapshot_every < 0:
+    problems.append(
+      f"train.posthoc_ema.snapshot_every={group.snapshot_every}: must be >= 0 (0: a snapshot at "
+      "every checkpoint)"
+    )
+  return problems
 
 
 def _one_per_key(problems: list[str]) -> list[str]:
@@ -698,6 +758,7 @@ _FREE_ON_RESUME = (
   "train.step_timeout_s",
   "train.save_timeout_s",
   "train.fused_steps",
+  "train.posthoc_ema.snapshot_every",
   "mesh.",
   "distributed.",
   "sample.",

@@ -84,14 +84,16 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def create_model(config):
-  """The model of ``config.model``, taking as many times per example as the objective needs
-  (an unknown objective name, reported by validation, gets one)."""
+  """The model of ``config.model``, taking as many times per example and giving as many output
+  heads as the objective needs (an unknown objective name, reported by validation, gets one
+  of each)."""
   spec = objectives_lib.OBJECTIVES.get(config.objective.name)
   return models_lib.create_model(
     config.model.name,
     data_shape=tuple(config.data.shape),
     num_classes=config.data.num_classes,
     time_inputs=1 if spec is None else spec.time_inputs,
+    output_heads=1 if spec is None else spec.output_heads,
     dtype=compute_dtype(config),
     param_dtype=jnp.float32,
     **model_kwargs(config),
@@ -144,7 +146,15 @@ def build_experiment(config: ml_collections.ConfigDict, *, mesh) -> Experiment:
 
   sample_batch = make_iterator = next_batch = iterator_state = device_data = None
   reference_points = target_sampler
-  if config.data.kind == "toy2d":
+  if config.data.kind == "toy2d" and config.data.num_classes:
+    # A class-conditional toy: the mixture's components are the labels (validated counts).
+    labelled = toy2d.get_toy2d(config.data.target, labelled=True)
+
+    def sample_batch(key):
+      x, label = labelled(key, batch_size)
+      constrain = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding)
+      return {"x": constrain(x), "label": constrain(label)}
+  elif config.data.kind == "toy2d":
 
     def sample_batch(key):
       x = target_sampler(key, batch_size)

@@ -44,6 +44,7 @@ import numpy as np
 
 from diffjax.train import checkpoint as ckpt
 from diffjax.train import config as config_lib
+from diffjax.train import posthoc_ema
 from diffjax.train import sharding as sharding_lib
 from diffjax.train import watchdog as watchdog_lib
 from diffjax.train.atomic_write import write_atomic
@@ -137,8 +138,8 @@ def _periodic_remainders(fused: int, *periods: int) -> set[int] | None:
 
 class ChunkPlan:
   """Where the fused chunks of on-device data end: on every multiple of ``log_every``, of
-  ``checkpoint_every`` and of ``plot_every`` (0: no plots) and at ``total``, at most ``fused``
-  steps apart.
+  ``checkpoint_every``, of ``plot_every`` (0: no plots) and of ``snapshot_every`` (post-hoc EMA;
+  0: none of its own) and at ``total``, at most ``fused`` steps apart.
 
   Each chunk length is a program of its own (the scan length is static). Between two such steps
   ``d`` apart the run takes chunks of ``fused`` steps, then one of ``d % fused``. When the
@@ -150,11 +151,19 @@ class ChunkPlan:
   """
 
   def __init__(
-    self, *, fused: int, log_every: int, checkpoint_every: int, total: int, plot_every: int = 0
+    self,
+    *,
+    fused: int,
+    log_every: int,
+    checkpoint_every: int,
+    total: int,
+    plot_every: int = 0,
+    snapshot_every: int = 0,
   ):
     self.fused, self.log_every, self.checkpoint_every = fused, log_every, checkpoint_every
     self.plot_every, self.total = plot_every, total
-    self._periods = tuple(p for p in (log_every, checkpoint_every, plot_every) if p > 0)
+    periods = (log_every, checkpoint_every, plot_every, snapshot_every)
+    self._periods = tuple(p for p in periods if p > 0)
     remainders = _periodic_remainders(fused, *self._periods)
     self.powers_of_two = remainders is None or len(remainders) > _MAX_REMAINDERS
 
@@ -249,7 +258,9 @@ def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
     # A folder named metrics.jsonl, a file named plots: fails here, before any compile.
     check_side_files(workdir, plots=config.train.plot_every > 0)
   devices = jax.devices() if devices is None else devices
-  mesh = sharding_lib.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
+  mesh = sharding_lib.make_mesh(
+    data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor, devices=devices
+  )
   watchdog = watchdog_lib.StepWatchdog(config.train.step_timeout_s)
   preemption = PreemptionWatcher()
 
@@ -290,6 +301,9 @@ def _train_locked(config, workdir: pathlib.Path, *, devices) -> TrainResult:
       else:
         start, state, data_state = restored
         log.info("resumed from step %d in %s", start, workdir)
+      if is_lead and config.train.posthoc_ema.sigma_rels:
+        # Snapshots past the restored step are retraced, and written again, from here.
+        posthoc_ema.prune_snapshots(workdir, after=start)
       run = _Run(
         config,
         trainer,
@@ -354,6 +368,9 @@ class _Run:
     self.step = start
     self.saved_step = start if resumed else None
     self.pending = None  # the save whose digest marker is still to be written
+    self.snapshot_step = start if resumed else None
+    sigma_rels = tuple(config.train.posthoc_ema.sigma_rels)
+    self.posthoc_gammas = tuple(float(g) for g in posthoc_ema.gamma_from_sigma_rel(sigma_rels))
     self.preempted = None
     self.losses: list[tuple[int, float]] = []
     self.final_losses: list[float] | None = None  # per seed, at logged_step
@@ -390,6 +407,7 @@ class _Run:
           checkpoint_every=train.checkpoint_every,
           total=total,
           plot_every=train.plot_every,
+          snapshot_every=train.posthoc_ema.snapshot_every if self.posthoc_gammas else 0,
         )
       )
       if self.trainer.experiment.sample_batch is not None
@@ -409,6 +427,7 @@ class _Run:
       advanced = self.trainer.advance(state, num_steps, batch)  # dispatched asynchronously
       if advanced is None:  # a signal while the host solved this chunk's couplings
         self.preempted = self.preemption.signal_name
+        self._snapshot(state, at_save=True, at_end=True)
         self._save(state, data.state(self.step))
         break
       state, metrics = advanced
@@ -428,6 +447,9 @@ class _Run:
         self.progress.update(num_steps)
       if self.step % train.log_every == 0 or self.step == total:
         self._record(metrics)
+      # Before the checkpoint: a kill between the two leaves a snapshot newer than the
+      # checkpoint (dropped and written again on resume), never a checkpoint without its snapshot.
+      self._snapshot(state, at_save=save, at_end=stop or self.step == total)
       if save:
         self._save(state, data.state(self.step))
       if stop:
@@ -456,6 +478,27 @@ class _Run:
       )
     self.saved_step = self.step
 
+  def _snapshot(self, state, *, at_save: bool, at_end: bool) -> None:
+    """Stores the post-hoc EMA profiles of this step (:mod:`diffjax.train.posthoc_ema`): at every
+    checkpoint (``at_save``), or every ``train.posthoc_ema.snapshot_every`` steps and at the
+    run's end or stop (``at_end``). Every process takes part (the gather); the lead writes."""
+    if not self.posthoc_gammas:
+      return
+    every = self.config.train.posthoc_ema.snapshot_every
+    due = (self.step % every == 0 or at_end) if every else at_save
+    if not due or self.step == self.snapshot_step:
+      return
+    with self._save_allowance():
+      posthoc_ema.write_snapshot(
+        self.checkpoints.parent,
+        step=self.step,
+        profiles=state.posthoc_ema,
+        sigma_rels=self.config.train.posthoc_ema.sigma_rels,
+        gammas=self.posthoc_gammas,
+        is_lead=self.is_lead,
+      )
+    self.snapshot_step = self.step
+
   def _finish_pending(self) -> None:
     """After an exception during a save: let it finish (its marker is written only if the save
     itself completed), so a committed step is never left half-trusted."""
@@ -481,8 +524,13 @@ class _Run:
     with self.watchdog.allow(
       self.config.train.save_timeout_s, "plot", setting="train.save_timeout_s"
     ):
+      first = state if self.trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
+      if jax.process_count() > 1:
+        # FSDP may shard the parameters across processes, and a program that gathers them needs
+        # every process: all gather them here (a collective), then process 0 samples from its
+        # own copy while the others wait.
+        first = first.replace(ema_params=sharding_lib.to_host(first.ema_params))
       if self.is_lead:
-        first = state if self.trainer.num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
         if final:
           experiment.plot(first, workdir)
           png = (workdir / "samples.png").read_bytes()

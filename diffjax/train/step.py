@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from diffjax.objectives import HostPairing
+from diffjax.train.posthoc_ema import power_ema_update
 from diffjax.train.state import TrainState
 
 __all__ = [
@@ -91,8 +92,13 @@ def update_step(
   optimizer: optax.GradientTransformation,
   ema_decay: float,
   accumulate_steps: int = 1,
+  posthoc_gammas: tuple[float, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients, optax update and EMA ``ema <- d ema + (1 - d) params`` on a paired batch.
+
+  ``posthoc_gammas`` (a :class:`~diffjax.train.state.PosthocTrainState`): each post-hoc EMA
+  profile ``k`` also takes the power-function update of exponent ``posthoc_gammas[k]`` at
+  ``t = step + 1`` (:func:`diffjax.train.posthoc_ema.power_ema_update`, EDM2).
 
   ``d = min(ema_decay, (1 + step) / (10 + step))`` warms the average up (TensorFlow's
   ``ExponentialMovingAverage(num_updates=step)``): without it a short run's EMA would still be
@@ -119,12 +125,20 @@ def update_step(
 
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+  extra = {}
+  if posthoc_gammas:
+    profiles = tuple(
+      power_ema_update(p, params, t=state.step + 1, gamma=g)
+      for p, g in zip(state.posthoc_ema, posthoc_gammas, strict=True)
+    )
+    extra["posthoc_ema"] = keep(profiles, state.posthoc_ema)
   new_state = state.replace(
     params=keep(params, state.params),
     opt_state=keep(opt_state, state.opt_state),
     ema_params=keep(ema_params, state.ema_params),
     step=state.step + 1,
     nonfinite_streak=streak,
+    **extra,
   )
   return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_streak": streak}
 

@@ -24,11 +24,12 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffjax.train import posthoc_ema
 from diffjax.train import sharding as sharding_lib
 from diffjax.train.experiment import Experiment, build_experiment
 from diffjax.train.host_solve import solve_on_host
 from diffjax.train.optim import make_optimizer
-from diffjax.train.state import TrainState, init_train_state
+from diffjax.train.state import PosthocTrainState, TrainState, init_train_state
 from diffjax.train.step import (
   finish_fused_steps,
   finish_step,
@@ -89,8 +90,14 @@ def make_trainer(
   experiment = build_experiment(config, mesh=mesh)
   optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
   num_seeds = config.train.num_seeds
+  sigma_rels = tuple(config.train.posthoc_ema.sigma_rels)
   abstract, shardings, create = make_initial_state(
-    experiment, optimizer, seed=config.seed, mesh=mesh, num_seeds=num_seeds
+    experiment,
+    optimizer,
+    seed=config.seed,
+    mesh=mesh,
+    num_seeds=num_seeds,
+    posthoc_profiles=len(sigma_rels),
   )
   trace_count = [0]
   step_kwargs = dict(
@@ -99,6 +106,7 @@ def make_trainer(
     optimizer=optimizer,
     ema_decay=config.train.ema_decay,
     accumulate_steps=config.train.accumulate_steps,
+    posthoc_gammas=tuple(float(g) for g in posthoc_ema.gamma_from_sigma_rel(sigma_rels)),
   )
   kwargs = dict(
     step_kwargs=step_kwargs,
@@ -127,27 +135,50 @@ def make_trainer(
   )
 
 
-def state_shardings_for(abstract_state: TrainState, mesh) -> TrainState:
-  """Parameters, EMA and optimizer leaves follow the FSDP rule; counters and the key are
+def state_shardings_for(abstract_state: TrainState, mesh, logical_axes=None) -> TrainState:
+  """Parameters, EMA and optimizer leaves follow the tensor and FSDP rules (``logical_axes``:
+  the model's :attr:`~diffjax.models.ModelFns.logical_axes`); counters and the key are
   replicated."""
   replicated = sharding_lib.replicated(mesh)
-  return TrainState(
-    params=sharding_lib.state_shardings(abstract_state.params, mesh),
-    opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh),
-    ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh),
+  fields = dict(
+    params=sharding_lib.state_shardings(abstract_state.params, mesh, logical_axes),
+    opt_state=sharding_lib.state_shardings(abstract_state.opt_state, mesh, logical_axes),
+    ema_params=sharding_lib.state_shardings(abstract_state.ema_params, mesh, logical_axes),
     step=replicated,
     key=replicated,
     nonfinite_streak=replicated,
   )
+  if isinstance(abstract_state, PosthocTrainState):
+    profiles = tuple(
+      sharding_lib.state_shardings(p, mesh, logical_axes) for p in abstract_state.posthoc_ema
+    )
+    return PosthocTrainState(**fields, posthoc_ema=profiles)
+  return TrainState(**fields)
 
 
-def make_initial_state(experiment: Experiment, optimizer, *, seed: int, mesh, num_seeds: int = 1):
+def make_initial_state(
+  experiment: Experiment,
+  optimizer,
+  *,
+  seed: int,
+  mesh,
+  num_seeds: int = 1,
+  posthoc_profiles: int = 0,
+):
   """Abstract state, its shardings, and a function creating the state born sharded
   (``jax.jit(init, out_shardings=...)``: no device ever holds an unsharded copy); with
-  ``num_seeds > 1`` the states of seeds ``seed, seed + 1, ...`` stacked on a leading axis."""
-  init = functools.partial(init_train_state, init_params=experiment.model.init, optimizer=optimizer)
+  ``num_seeds > 1`` the states of seeds ``seed, seed + 1, ...`` stacked on a leading axis;
+  ``posthoc_profiles`` post-hoc EMA profiles (:class:`PosthocTrainState`)."""
+  init = functools.partial(
+    init_train_state,
+    init_params=experiment.model.init,
+    optimizer=optimizer,
+    posthoc_profiles=posthoc_profiles,
+  )
   key = jax.random.PRNGKey(seed)
-  per_seed = state_shardings_for(jax.eval_shape(lambda k: init(key=k), key), mesh)
+  per_seed = state_shardings_for(
+    jax.eval_shape(lambda k: init(key=k), key), mesh, experiment.model.logical_axes
+  )
   if num_seeds > 1:
     key = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(num_seeds)])
     init_one = init
