@@ -1,6 +1,6 @@
 """Shortcut models (diffjax.objectives.shortcut): d = 0 is I-CFM with sigma = 0 on the same draws,
 the self-consistency target by hand on a linear model and exact for the exact mean velocity,
-and sampling with an exact field."""
+its clipping by hand, and sampling with an exact field."""
 
 from __future__ import annotations
 
@@ -129,6 +129,79 @@ def test_self_consistency_target_by_hand():
   np.testing.assert_allclose(example.target[192:], x1[192:] - x0[192:], rtol=1e-6, atol=1e-6)
 
 
+def _clipped_target_numpy(a: np.ndarray, x_t: np.ndarray, d: np.ndarray, clip: float):
+  """The reference's two half steps on the field s(x) = x A, clipped, in NumPy."""
+  first = x_t @ a
+  x_mid = np.clip(x_t + d[:, None] * first, -clip, clip)
+  return np.clip((first + x_mid @ a) / 2, -clip, clip)
+
+
+def test_bootstrap_clip_by_hand():
+  """Midpoint and target clipped to [-c, c] (c = 2), field s(x) = x A with A = diag(-0.5, 4):
+  a row inside the box is unchanged; row 1's midpoint 2.25 is clipped to 2 (target -1.25, not
+  the unclipped -1.3125); row 2's target (7 after its midpoint's clip, 9 without) is clipped
+  to 2; c = inf is the plain formula."""
+  a = np.diag([-0.5, 4.0]).astype(np.float32)
+  x_t = np.array([[0.1, 0.1], [3.0, 0.0], [0.0, 1.5]], np.float32)
+  d = np.array([0.25, 0.5, 0.25], np.float32)
+  t = np.zeros(3, np.float32)
+  field = lambda x, ts: x @ a
+
+  def target(clip):
+    return np.asarray(shortcut.self_consistency_target(field, x_t=x_t, t=t, d=d, clip=clip))
+
+  plain, clipped = target(np.inf), target(2.0)
+  np.testing.assert_allclose(plain, _clipped_target_numpy(a, x_t, d, np.inf), rtol=1e-6)
+  np.testing.assert_allclose(clipped, _clipped_target_numpy(a, x_t, d, 2.0), rtol=1e-6)
+  np.testing.assert_allclose(plain[1], [-1.3125, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(plain[2], [0.0, 9.0], rtol=1e-6)
+  np.testing.assert_array_equal(clipped[0], plain[0])  # inside the box: unchanged
+  np.testing.assert_allclose(clipped[1], [-1.25, 0.0], rtol=1e-6)  # midpoint clipped
+  np.testing.assert_allclose(clipped[2], [0.0, 2.0], rtol=1e-6)  # target clipped
+
+
+def test_bootstrap_clip_leaves_flow_matching_rows_and_reaches_the_loss():
+  """Only the self-consistency rows are clipped (the reference's); the flow-matching rows keep
+  x1 - x0 beyond the box; the objective's loss is the regression loss on the clipped example
+  (same keys), and differs from the unclipped one."""
+  a = np.array([[3.0, 1.0], [-2.0, 3.0]], np.float32)
+
+  def apply(params, x, times, cond=None, dropout_key=None):
+    return x @ (params * a) + times[:, :1]
+
+  rng = np.random.default_rng(3)
+  x0 = jnp.asarray(3.0 * rng.standard_normal((64, 2)), jnp.float32)
+  x1 = jnp.asarray(3.0 * rng.standard_normal((64, 2)), jnp.float32)
+  batch, key, params = {"x0": x0, "x": x1}, jax.random.key(4), jnp.float32(1.0)
+
+  def example_and_loss(clip):
+    objective = shortcut.shortcut(_context(apply), bootstrap_fraction=0.5, bootstrap_clip=clip)
+    k_example = jax.random.split(key, 3)[0]  # the loss's own split
+    pair_apply = lambda x, ts: apply(params, x, shortcut.network_times(ts, max_steps=128))
+    example = shortcut.shortcut_example(
+      k_example,
+      x0=x0,
+      x1=x1,
+      field=pair_apply,
+      num_bootstrap=32,
+      max_steps=128,
+      time_sampler=losses.uniform_time,
+      bootstrap_clip=clip,
+    )
+    expected = losses.regression_loss(pair_apply(example.model_input, example.model_time), example)
+    return example, objective.loss_fn(params, key, batch), expected
+
+  example, loss, expected = example_and_loss(1.0)
+  target = np.asarray(example.target)
+  assert np.abs(target[:32]).max() <= 1.0 and np.sum(np.abs(target[:32]) == 1.0) > 8
+  np.testing.assert_allclose(target[32:], np.asarray(x1 - x0)[32:], rtol=1e-6, atol=1e-6)
+  assert np.abs(target[32:]).max() > 3.0  # beyond the box, left alone
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  _, loss_plain, expected_plain = example_and_loss(np.inf)
+  np.testing.assert_allclose(loss_plain, expected_plain, rtol=1e-5)
+  assert abs(float(loss_plain) - float(loss)) > 1e-2 * float(loss)
+
+
 def _exact_apply(params, x, times, cond=None, dropout_key=None):
   """The exact mean velocity of tests/mean_velocity_fields.py as a network of (t, lambda(d)),
   M = 128: d = 2^(-7 lambda), read as 0 at the finest level."""
@@ -172,13 +245,15 @@ def test_spec_and_checks():
   spec = objectives.OBJECTIVES["shortcut"]
   assert spec.time_inputs == 2 and spec.default_sampler == "shortcut" and spec.any_source
   assert "shortcut" in spec.samplers and "euler" in spec.samplers
-  assert spec.check() == []
+  assert spec.check() == [] and spec.check(bootstrap_clip=float("inf")) == []
   for keywords, fragment in [
     (dict(bootstrap_fraction=-0.5), "objective.bootstrap_fraction=-0.5"),
     (dict(max_steps=96), "objective.max_steps=96: must be a power of two"),
     (dict(max_steps=1), "objective.max_steps=1"),
     (dict(time_sampler="nonesuch"), "objective.time_sampler='nonesuch'"),
     (dict(label_dropout=1.0), "objective.label_dropout=1.0"),
+    (dict(bootstrap_clip=0.0), "objective.bootstrap_clip=0.0: the half width"),
+    (dict(bootstrap_clip=float("nan")), "objective.bootstrap_clip=nan"),
   ]:
     assert spec.check(**keywords)[0].startswith(fragment), keywords
 

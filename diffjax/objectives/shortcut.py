@@ -17,10 +17,15 @@ Training. Each batch splits into
     x'_{t + d} = x_t + d s(x_t, t, d),
 
 and the loss is the mean squared error over all rows (the paper's self-consistency loss, the
-second half step at time ``t + d``). The half steps use the current parameters without dropout (the
-reference code can also use the EMA's, which a loss does not see), and the finest half step,
-``d = 1/M``, is read as ``d = 0``, the flow velocity, as in the paper. Sampling jumps ``steps``
-times with ``d = 1 / steps``.
+second half step at time ``t + d``). As in the reference code (github.com/kvfrans/shortcut-models,
+``targets_shortcut.py``), the midpoint ``x'_{t + d}`` and the target are clipped to the box
+``[-c, c]`` (``bootstrap_clip``, the reference's 4): a model whose outputs grow cannot feed its
+own growth back through its targets. A true mean velocity is an average of ``x1 - x0``, so a box
+wider than the data's extent never changes the target of a good model. The half steps use the
+current parameters without dropout: the reference code can use the EMA's, which a loss does not
+see (the trainer's ``loss_fn(params, key, batch)`` gets the parameters being differentiated
+only). The finest half step, ``d = 1/M``, is read as ``d = 0``, the flow velocity, as in the
+paper. Sampling jumps ``steps`` times with ``d = 1 / steps``.
 
 The network's step-size input is the level ``lambda(d) = log2(1 / max(d, 1/M)) / log2(M)`` in
 ``[0, 1]``: 0 for one step of size 1, 1 for the finest step ``1/M`` and for ``d = 0``: the
@@ -81,18 +86,23 @@ def sample_steps(key: Array, batch: int, *, max_steps: int) -> tuple[Array, Arra
   return start.astype(jnp.float32) * full, 0.5 * full
 
 
-def self_consistency_target(field, *, x_t: Array, t: Array, d: Array) -> Array:
-  """``sg[(s(x_t, t, d) + s(x', t + d, d)) / 2]`` with ``x' = x_t + d s(x_t, t, d)``: one step of
-  ``2d`` as two steps of ``d`` (Frans et al. 2024, https://arxiv.org/abs/2410.12557).
+def self_consistency_target(
+  field, *, x_t: Array, t: Array, d: Array, clip: float = math.inf
+) -> Array:
+  """``sg[clip_c((s(x_t, t, d) + s(x', t + d, d)) / 2)]`` with ``x' = clip_c(x_t + d s(x_t, t,
+  d))``: one step of ``2d`` as two steps of ``d`` (Frans et al. 2024,
+  https://arxiv.org/abs/2410.12557), ``clip_c`` the elementwise clip to ``[-c, c]`` of the
+  reference code (``c = inf``: none).
 
   Args:
     field: ``(x, ts) -> s`` with ``ts = [batch, 2]`` rows ``(t, t + d)``.
     x_t: ``[batch, ...]`` points; t, d: ``[batch]``.
+    clip: ``c > 0``, the half width of the box the midpoint and the target are clipped to.
   """
   first = field(x_t, jnp.stack([t, t + d], axis=-1))
-  x_mid = x_t + broadcast_to_data(d, first).astype(first.dtype) * first
+  x_mid = jnp.clip(x_t + broadcast_to_data(d, first).astype(first.dtype) * first, -clip, clip)
   second = field(x_mid, jnp.stack([t + d, t + 2 * d], axis=-1))
-  return jax.lax.stop_gradient(0.5 * (first + second))
+  return jax.lax.stop_gradient(jnp.clip(0.5 * (first + second), -clip, clip))
 
 
 def shortcut_example(
@@ -105,6 +115,7 @@ def shortcut_example(
   max_steps: int,
   time_sampler: losses_lib.TimeSampler,
   cond: Array | None = None,
+  bootstrap_clip: float = math.inf,
 ) -> losses_lib.TrainingExample:
   """The regression pairs of one batch (see the module docstring): rows ``[:num_bootstrap]``
   self-consistency, the rest flow matching at ``d = 0``; ``model_time`` is ``[batch, 2]`` rows
@@ -122,6 +133,7 @@ def shortcut_example(
     max_steps: ``M``, a power of two.
     time_sampler: the flow-matching rows' times.
     cond: ``[batch]`` labels or None (the model's ``field`` closes over them for the targets).
+    bootstrap_clip: the box of :func:`self_consistency_target` (``inf``: no clipping).
   """
   fm = losses_lib.flow_matching_example(
     key,
@@ -141,7 +153,7 @@ def shortcut_example(
     )
   t, d = sample_steps(jax.random.fold_in(key, 1), num_bootstrap, max_steps=max_steps)
   pair = mean_velocity.LINEAR_PATH.interpolate(x0=x0[:num_bootstrap], x1=x1[:num_bootstrap], t=t)
-  boot_target = self_consistency_target(field, x_t=pair["x_t"], t=t, d=d)
+  boot_target = self_consistency_target(field, x_t=pair["x_t"], t=t, d=d, clip=bootstrap_clip)
   fm_times = jnp.stack([fm.model_time, fm.model_time], axis=-1)
   times = jnp.concatenate([jnp.stack([t, t + 2 * d], axis=-1), fm_times])
   return losses_lib.TrainingExample(
@@ -160,6 +172,7 @@ def shortcut(
   max_steps: int = 128,
   time_sampler: str = "uniform",
   label_dropout: float = 0.0,
+  bootstrap_clip: float = 4.0,
 ) -> base.Objective:
   """Shortcut models (Frans et al. 2024, https://arxiv.org/abs/2410.12557); see the module
   docstring. Defaults are the paper's: a quarter of each batch self-consistency rows
@@ -172,6 +185,9 @@ def shortcut(
     time_sampler: a name in :data:`~diffjax.losses.TIME_SAMPLERS`, the flow-matching rows' times
       (the reference code draws them on the grid of ``1/M``).
     label_dropout: label dropout for classifier-free guidance (conditional models).
+    bootstrap_clip: ``c``, the self-consistency midpoint and target are clipped to ``[-c, c]``
+      (the reference code's 4, for data of unit scale; ``inf`` turns it off). Choose ``c`` above
+      the largest ``|x1 - x0|`` coordinate, or the clip biases the targets of a good model.
   """
   num_classes = context.num_classes
   sample_time = losses_lib.get_time_sampler(time_sampler)
@@ -198,6 +214,7 @@ def shortcut(
       max_steps=max_steps,
       time_sampler=sample_time,
       cond=labels,
+      bootstrap_clip=bootstrap_clip,
     )
     output = pair_apply(
       params, example.model_input, example.model_time, example.cond, dropout_key=k_dropout
@@ -215,6 +232,7 @@ def check(
   max_steps: int = 128,
   time_sampler: str = "uniform",
   label_dropout: float = 0.0,
+  bootstrap_clip: float = 4.0,
 ) -> list[str]:
   """Unknown names and out-of-range values, one line each."""
   problems = []
@@ -231,6 +249,11 @@ def check(
   if isinstance(max_steps, bool) or max_steps < 2 or max_steps & (max_steps - 1):
     problems.append(
       f"objective.max_steps={max_steps!r}: must be a power of two >= 2 (the paper: 128)"
+    )
+  if isinstance(bootstrap_clip, bool) or not bootstrap_clip > 0:
+    problems.append(
+      f"objective.bootstrap_clip={bootstrap_clip!r}: the half width of the box the "
+      "self-consistency targets are clipped to, > 0 (the reference: 4.0; inf: no clipping)"
     )
   problems += base.label_dropout_problems(label_dropout)
   return problems
