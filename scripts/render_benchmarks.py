@@ -1,5 +1,8 @@
 """docs/benchmarks.md from the benchmark scripts' JSON in docs/: every measured figure in one page.
 
+It also renders the exact-OT table into docs/scaling.md, between the markers of its "Exact OT on
+the device" section (the memory and image sections there are rendered by their own scripts).
+
 Each benchmark writes its JSON with the command and date that produced it
 (``python scripts/bench_forward.py > docs/forward_bench.json``, ...); this script renders the page
 from those files only, so a figure in docs/benchmarks.md is always one a script printed.
@@ -7,8 +10,8 @@ tests/test_docs.py checks the page is current.
 
 Usage::
 
-  python scripts/render_benchmarks.py            # rewrites docs/benchmarks.md
-  python scripts/render_benchmarks.py --check    # exit 1 if docs/benchmarks.md is stale
+  python scripts/render_benchmarks.py            # rewrites docs/benchmarks.md (and scaling's OT)
+  python scripts/render_benchmarks.py --check    # exit 1 if either is stale
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ __all__ = ["render", "main"]
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGE = DOCS / "benchmarks.md"
+SCALING = DOCS / "scaling.md"
+OT_BEGIN = "<!-- exact OT: generated from docs/ot_bench.json by scripts/render_benchmarks.py -->"
+OT_END = "<!-- /exact OT -->"
 
 
 def _load(name: str) -> dict | None:
@@ -266,17 +272,33 @@ def render() -> str:
   return "\n".join(lines) + "\n"
 
 
+def render_scaling(page: str) -> str:
+  """``page`` (docs/scaling.md) with the text between the OT markers replaced by the table of
+  docs/ot_bench.json (its heading demoted to a subsection of the page's OT section)."""
+  data = _load("ot_bench.json")
+  if data is None or OT_BEGIN not in page or OT_END not in page:
+    return page
+  table = _ot(data)
+  table[0] = "###" + table[0].removeprefix("##")
+  head, rest = page.split(OT_BEGIN, 1)
+  _, tail = rest.split(OT_END, 1)
+  return head + OT_BEGIN + "\n" + "\n".join(table) + "\n" + OT_END + tail
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
+  parser.add_argument("--check", action="store_true", help="exit 1 if a page is stale")
   args = parser.parse_args(argv)
-  text = render()
+  pages = {PAGE: render()}
+  if SCALING.exists():
+    pages[SCALING] = render_scaling(SCALING.read_text())
   if args.check:
-    if not PAGE.exists() or PAGE.read_text() != text:
-      print(f"{PAGE} is stale: run python scripts/render_benchmarks.py", file=sys.stderr)
-      return 1
-    return 0
-  PAGE.write_text(text)
+    stale = [path for path, text in pages.items() if not path.exists() or path.read_text() != text]
+    for path in stale:
+      print(f"{path} is stale: run python scripts/render_benchmarks.py", file=sys.stderr)
+    return 1 if stale else 0
+  for path, text in pages.items():
+    path.write_text(text)
   return 0
 
 

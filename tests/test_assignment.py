@@ -274,6 +274,8 @@ def _eight_device_mesh():
   return mesh
 
 
+# slow: an 8-device trainer program (9 s); the solver's exactness and jit/vmap stay fast
+@pytest.mark.slow
 def test_global_batch_on_eight_devices_is_paired_in_graph_as_emd_pairs_it():
   """OT-CFM with ``ot_solver=jax`` and the global scope on 8 simulated devices: the trainer's
   pairing program (the batch drawn sharded over the 8 devices, its source draws and coupling)

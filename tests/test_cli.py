@@ -68,6 +68,8 @@ def test_sample_every_flow_sampler(trained_workdir, tmp_path, capsys):
     assert report["num"] == 50 and report["step"] == 20 and report["nfe"] > 0
 
 
+# slow: a second evaluate through the CLI (6 s); tests/test_evaluate_cli.py covers the command fast
+@pytest.mark.slow
 def test_evaluate_prints_w2(trained_workdir, capsys):
   assert (
     cli.main(["evaluate", "--workdir", str(trained_workdir), "--num", "200", "--steps", "8"]) == 0

@@ -351,6 +351,9 @@ def test_apply_conventions():
   assert np.abs(unconditional - batched).max() > 0
 
 
+# slow: traces the 35.7M-parameter UNet (10 s), as the DiT count below; the fast contract covers
+# the UNet's code at 8x8
+@pytest.mark.slow
 def test_published_unet_parameter_count():
   # DDPM's CIFAR-10 model has 35.7M parameters (Ho et al. 2020, Sec. 4 / App. B).
   unet = models.create_model(

@@ -288,6 +288,9 @@ def trained(tmp_path_factory):
   return teacher, student
 
 
+# slow, as every test of the `trained` fixture: it trains a 1-RF teacher and a 2-RF student
+# (20 s); reflow's pairing math stays in the fast suite.
+@pytest.mark.slow
 def test_a_student_trains_from_a_teacher_workdir_and_samples_in_one_step(trained, tmp_path, capsys):
   teacher, student = trained
   rows = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
@@ -314,6 +317,7 @@ def test_the_student_samples_with_more_steps(trained, tmp_path, capsys, steps):
     assert np.isfinite(samples["samples"]).all()
 
 
+@pytest.mark.slow
 def test_online_pairs_equal_an_euler_loop_over_the_teacher_restored_independently(trained):
   teacher, _ = trained
   config = _student_config(teacher, mode="online")
@@ -330,6 +334,7 @@ def test_online_pairs_equal_an_euler_loop_over_the_teacher_restored_independentl
   assert not np.allclose(pairs["x0"], batch["x"])
 
 
+@pytest.mark.slow
 def test_a_reflow_teacher_loads_without_its_own_teacher(trained):
   """3-RF from a 2-RF: the 2-RF's own teacher (the 1-RF) is not needed, here moved away."""
   teacher, student = trained

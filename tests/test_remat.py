@@ -104,6 +104,8 @@ def test_remat_policies_give_the_same_loss_and_gradients(name, kwargs, dropout):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+# slow: differentiates three policies of both models (10 s); equal gradients under remat stay fast
+@pytest.mark.slow
 def test_remat_wraps_every_block_and_none_wraps_nothing():
   """The policy really reaches the program: one remat region per block in the gradient's jaxpr
   (DiT: ``depth``; UNet: each residual and attention block), none without remat."""

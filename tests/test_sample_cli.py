@@ -114,6 +114,8 @@ def test_image_grid_with_labels(digits, tmp_path, capsys):
   assert np.all(gap[layout.title_height :] == 1.0)  # white space between title and tiles
 
 
+# slow: samples every digits label through the CLI (4 s); the label handling stays fast above
+@pytest.mark.slow
 def test_each_sample_follows_its_label(digits, tmp_path, capsys):
   """Sample i depends on the seed, i and its label only. Without labels a conditional model
   samples every class in turn (0, 1, 2, 3): its samples 1 and 2 are those of --label 1 and

@@ -219,6 +219,10 @@ def test_nonfinite_step_leaves_state_unchanged():
   assert int(new.nonfinite_streak) == 1 and int(new.step) == 1
 
 
+# slow: one OT-CFM chunk against six steps (18 s); the fast suite keeps the chunk's host-callback-
+# free structure (test_ot_mesh) and the stacked solve
+# (test_stacked_assignments_on_threads_match_one_by_one)
+@pytest.mark.slow
 def test_fused_chunk_pairs_ahead_and_equals_step_by_step(monkeypatch):
   """OT-CFM's couplings of a fused chunk are solved before its scan, in ONE host callback with
   the stack of all K cost matrices, and the chunk still equals K single train_steps (each
