@@ -59,14 +59,16 @@ def test_one_step_chunk_has_no_loop_and_equals_train_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
-def test_has_convolution_looks_inside_nested_jaxprs():
+def test_count_convolutions_looks_inside_nested_jaxprs():
+  """Two convolution layers inside a scan inside a jit count 2; their gradient adds an input
+  and a weight gradient for each (2 + 2 + 2 = 6: the scan's carry is differentiated)."""
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
-  in_scan = lambda x, w: jax.lax.scan(lambda c, _: (conv(c, w), None), x, None, length=2)[0]
+  two = lambda x, w: jax.lax.scan(lambda c, _: (conv(conv(c, w), w), None), x, None, length=1)[0]
   x, w = jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 3, 3))
-  grad_in_jit = jax.jit(jax.grad(lambda w: jnp.sum(in_scan(x, w))))
-  assert trainer_lib._has_convolution(jax.make_jaxpr(grad_in_jit)(w).jaxpr)
-  dense = jax.jit(jax.grad(lambda w: jnp.sum(jnp.tanh(x.reshape(4, 4)[:, :3] @ w[0, 0]))))
-  assert not trainer_lib._has_convolution(jax.make_jaxpr(dense)(w).jaxpr)
+  count = lambda f, *a: trainer_lib._count_convolutions(jax.make_jaxpr(f)(*a).jaxpr)
+  assert count(jax.jit(two), x, w) == 2
+  assert count(jax.jit(jax.grad(lambda w: jnp.sum(two(x, w)))), w) == 6
+  assert count(jax.jit(lambda w: jnp.tanh(x.reshape(4, 4)[:, :3] @ w[0, 0])), w) == 0
 
 
 def test_cpu_chunk_of_a_unet_runs_one_step_programs():

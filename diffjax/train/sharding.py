@@ -38,6 +38,7 @@ __all__ = [
   "LOGICAL_AXIS_RULES",
   "make_mesh",
   "batch_sharding",
+  "is_cpu_mesh",
   "replicated",
   "fsdp_spec",
   "param_spec",
@@ -74,6 +75,12 @@ def make_mesh(*, data: int, fsdp: int, tensor: int = 1, devices=None) -> Mesh:
       f"{devices.size} devices; set mesh.data=-1 or make the product equal the device count"
     )
   return Mesh(devices.reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def is_cpu_mesh(mesh: Mesh) -> bool:
+  """The mesh's devices are CPUs (the trainer compiles convolution-heavy chunks differently
+  there: see :func:`diffjax.train.trainer.chunk_advancer`)."""
+  return mesh.devices.flat[0].platform == "cpu"
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -36,6 +36,7 @@ from diffjax.train.step import (
   fused_train_steps,
   propose_fused_pairs,
   propose_pairs,
+  step_keys,
   train_step,
 )
 
@@ -196,6 +197,19 @@ def _over_seeds(fn: Callable, num_seeds: int, in_axes) -> Callable:
   return jax.vmap(fn, in_axes=in_axes) if num_seeds > 1 else fn
 
 
+def _count_convolutions(jaxpr) -> int:
+  """Convolutions in ``jaxpr``, those of jaxprs nested in its equations' parameters included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "conv_general_dilated"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_convolutions(inner)
+  return count
+
+
 def _solve_without_stop(solve, problem):
   return solve_on_host(solve, problem, stop_requested=lambda: False)
 
@@ -253,12 +267,49 @@ def chunk_advancer(
     )
     def run_chunk(state, arrays, num_steps):
       trace_count[0] += 1
+      return chunk_of(state, arrays, num_steps)
+
+    def chunk_of(state, arrays, num_steps):
       chunk = lambda s: fused_train_steps(
         s, num_steps=num_steps, sample_batch=sampler(arrays), **step_kwargs
       )
       return _over_seeds(chunk, num_seeds, 0)(state)
 
-    return lambda state, num_steps: run_chunk(state, arrays, num_steps=num_steps)
+    fused = lambda state, num_steps: run_chunk(state, arrays, num_steps=num_steps)
+    if not sharding_lib.is_cpu_mesh(mesh):
+      return fused
+    one_by_one = []
+
+    def first_loss(state, arrays):
+      def one(s):
+        data_key, pair_key, loss_key = step_keys(s.key, s.step)
+        batch = sampler(arrays)(data_key)
+        if step_kwargs["pair_fn"] is not None:
+          batch = step_kwargs["pair_fn"](pair_key, batch)
+        return step_kwargs["loss_fn"](s.params, loss_key, batch)
+
+      return _over_seeds(one, num_seeds, 0)(state)
+
+    def advance(state, num_steps):
+      # XLA CPU sends convolutions inside a loop body to its naive emitter (see
+      # diffjax.train.step._scan_update_steps). With two or more convolutions in the loss, the
+      # backward pass holds transposed (input-gradient) ones, ten times slower there for a UNet,
+      # so a chunk runs its steps as one-step programs (no loop), the same steps in the same
+      # order. One convolution (a patch embedding on the data) has only its weight gradient, and
+      # the fused chunk is the faster one (a DiT).
+      if not one_by_one:
+        forward = jax.make_jaxpr(first_loss)(state, arrays)
+        one_by_one.append(_count_convolutions(forward.jaxpr) > 1)
+      if num_steps == 1 or not one_by_one[0]:
+        return fused(state, num_steps)
+      parts = []
+      for _ in range(num_steps):
+        state, metrics = fused(state, 1)
+        parts.append(metrics)
+      axis = 1 if num_seeds > 1 else 0  # metrics are [seed, step] with seeds
+      return state, jax.tree.map(lambda *m: jnp.concatenate(m, axis=axis), *parts)
+
+    return advance
 
   host_solve = host_solve or _solve_without_stop
   update_kwargs = {k: v for k, v in step_kwargs.items() if k != "pair_fn"}
