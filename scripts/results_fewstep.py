@@ -79,6 +79,12 @@ STRAIGHTNESS = ("icfm", "otcfm", "rf1", "rf2")
 DIVERGED = 100.0  # W2 between two sets of the unit-scale toys is O(1); 100 means a blown-up model
 ONE_SEED_AT_A_TIME = ("rf1", "rf2")
 
+# Digits rows: (row name, config, NFEs scored).
+DIGITS_MODELS = {
+  "fm": ("flow matching (I-CFM, sigma 0)", "digits_fm", (1, 2, 4, 100)),
+  "meanflow": ("MeanFlow", "digits_meanflow", (1, 2, 4)),
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -90,6 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval-samples", type=int, default=2000)
   p.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--digits-steps", type=int, default=0, help="0: the digits configs' own")
+  p.add_argument(
+    "--digits-models",
+    default=",".join(DIGITS_MODELS),
+    help="which digits models to train (each can run in its own process, joined by --add-json)",
+  )
   p.add_argument("--workroot", default="", help="where reflow's workdirs go (default: a tmp dir)")
   p.add_argument("--quick", action="store_true", help="smoke run: 200 steps, 2 seeds, 200 samples")
   p.add_argument("--render", action="store_true", help="only re-render --out from --json")
@@ -109,8 +120,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.nfe = tuple(int(s) for s in args.nfe.split(","))
   args.tasks = tuple(args.tasks.split(","))
   args.methods = tuple(m for m in args.methods.split(",") if m)  # '': no 2D cells (digits only)
-  for name, valid in (("--tasks", TASKS), ("--methods", METHODS)):
-    for value in getattr(args, name[2:]):
+  args.digits_models = tuple(m for m in args.digits_models.split(",") if m)
+  for name, valid in (
+    ("--tasks", TASKS),
+    ("--methods", METHODS),
+    ("--digits-models", DIGITS_MODELS),
+  ):
+    for value in getattr(args, name[2:].replace("-", "_")):
       if value not in valid:
         p.error(f"{name}: {value!r} is not one of {list(valid)}")
   if "rf2" in args.methods and "rf1" not in args.methods:
@@ -275,10 +291,8 @@ def digits_part(args) -> dict:
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
   reference = None
   rows = {}
-  for name, config_name, nfes in (
-    ("flow matching (I-CFM, sigma 0)", "digits_fm", (1, 2, 4, 100)),
-    ("MeanFlow", "digits_meanflow", (1, 2, 4)),
-  ):
+  for model in args.digits_models:
+    name, config_name, nfes = DIGITS_MODELS[model]
     config = config_lib.load_config_file(str(CONFIGS / f"{config_name}.py"))
     config.train.progress_bar = False
     if args.digits_steps:
@@ -291,9 +305,15 @@ def digits_part(args) -> dict:
       n = min(config.train.fused_steps, config.train.steps - done)
       state, _ = trainer.advance(state, n, None)
       done += n
+      if done % 500 < n:  # a line now and then: these runs take tens of minutes on a CPU
+        jax.block_until_ready(state)
+        print(f"{config_name}: step {done}, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     row = {"config": f"configs/{config_name}.py", "steps": config.train.steps, "train_s": seconds}
+    row["command"] = " ".join(["python", *sys.argv])
+    row["date"] = datetime.datetime.now().isoformat(timespec="minutes")
+    row["loadavg"] = list(os.getloadavg())
     row["fd"], row["nfe"] = {}, {}
     for nfe in nfes:
       out = trainer.experiment.generate(
@@ -573,6 +593,9 @@ def add_cells(report: dict, other: dict) -> dict:
       report["superseded"].append(report["cells"][key])
     report["cells"][key] = cell
   report["superseded"] += other.get("superseded", [])
+  for name, row in other.get("digits", {}).items():
+    row.setdefault("command", other["command"])
+    report.setdefault("digits", {})[name] = row
   report["earlier_runs"] = (
     report.get("earlier_runs", [])
     + other.get("earlier_runs", [])

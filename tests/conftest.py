@@ -28,3 +28,25 @@ _CACHE = pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402  (after the environment above, which must precede any JAX import)
+
+
+@pytest.fixture(scope="session")
+def toy_init_workdir(tmp_path_factory):
+  """tests/tiny.py's config at its initial state, as a workdir `diffjax train` leaves
+  (tests/workdirs.py): built once per test process, shared read-only by the sample, evaluate
+  and user-error tests; a test that writes into it copies it first."""
+  from tiny import tiny_config  # pylint: disable=import-outside-toplevel
+  from workdirs import workdir_at_init  # pylint: disable=import-outside-toplevel
+
+  return workdir_at_init(tiny_config(), tmp_path_factory.mktemp("toy_init") / "w")
+
+
+@pytest.fixture(scope="session")
+def digits_init_workdir(tmp_path_factory):
+  """The class-conditional digits config of tests/workdirs.py at its initial state; as
+  ``toy_init_workdir``, shared read-only."""
+  from workdirs import digits_config, workdir_at_init  # pylint: disable=import-outside-toplevel
+
+  return workdir_at_init(digits_config(), tmp_path_factory.mktemp("digits_init") / "w")

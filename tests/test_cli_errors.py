@@ -333,15 +333,17 @@ def test_jit_cache_is_bounded_and_reused(monkeypatch):
     return _velocity(params, x, t, cond)
 
   assert generate_lib.JIT_CACHE_SIZE >= 4
-  limit = 3  # read when a generator is built; small here to keep the test fast
+  # Read when a generator is built; small here to keep the test fast: limit + 1 sizes (each a
+  # program) overflow it, and an unbounded cache would hold all of them.
+  limit = 2
   monkeypatch.setattr(generate_lib, "JIT_CACHE_SIZE", limit)
   generate = _flow_generator(counting)
-  for num in range(1, limit + 5):
+  for num in range(1, limit + 2):
     generate(PARAMS, jax.random.PRNGKey(0), num, steps=1)
   assert generate.cache_info().currsize == limit
   count = len(traces)
   for seed in range(3):  # the same settings again: no new trace
-    generate(PARAMS, jax.random.PRNGKey(seed), limit + 4, steps=1)
+    generate(PARAMS, jax.random.PRNGKey(seed), limit + 1, steps=1)
   assert len(traces) == count
   generate(PARAMS, jax.random.PRNGKey(0), 1, steps=1)  # evicted long ago: traced again
   assert len(traces) > count

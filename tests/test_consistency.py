@@ -86,10 +86,11 @@ def test_boundary_condition_is_exact_for_a_random_network():
   model = _mlp()
   params = model.init(jax.random.PRNGKey(0))
   x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (64, 2))
-  f = consistency_lib.consistency_model(model.apply)(params, x, jnp.ones((64,)), None)
+  f_of = jax.jit(consistency_lib.consistency_model(model.apply))  # one program for both times
+  f = f_of(params, x, jnp.ones((64,)), None)
   np.testing.assert_array_equal(np.asarray(f), np.asarray(x))
   # ... and away from t = 1 the network changes it.
-  f_half = consistency_lib.consistency_model(model.apply)(params, x, jnp.full((64,), 0.5), None)
+  f_half = f_of(params, x, jnp.full((64,), 0.5), None)
   assert np.abs(np.asarray(f_half - x)).max() > 1e-3
 
 
@@ -110,13 +111,20 @@ def test_tangent_is_the_derivative_along_the_path():
     x1 = 2.0 + jax.random.normal(k1, (16, 2), jnp.float64)
     t = jax.random.uniform(kt, (16,), jnp.float64, 0.05, 0.95)
     x_t = lambda s: (1 - s[:, None]) * x0 + s[:, None] * x1
-    raw, tangent = consistency_lib.consistency_tangent(
-      _smooth_network, x_t=x_t(t), t=t, velocity=x1 - x0
-    )
     f = lambda s: consistency_lib.consistency_function(_smooth_network(x_t(s), s), x_t=x_t(s), t=s)
     h = 1e-5
-    numeric = (f(t + h) - f(t - h)) / (2 * h)
-    np.testing.assert_allclose(raw, _smooth_network(x_t(t), t), rtol=1e-12)
+
+    @jax.jit
+    def tangent_and_differences(t):
+      # The jvp, the central differences and the network at t in one compiled program.
+      raw, tangent = consistency_lib.consistency_tangent(
+        _smooth_network, x_t=x_t(t), t=t, velocity=x1 - x0
+      )
+      return raw, tangent, (f(t + h) - f(t - h)) / (2 * h), _smooth_network(x_t(t), t)
+
+    raw, tangent, numeric, network = tangent_and_differences(t)
+    assert numeric.dtype == jnp.float64
+    np.testing.assert_allclose(raw, network, rtol=1e-12)
     np.testing.assert_allclose(tangent, numeric, rtol=1e-7, atol=1e-8)
     # The velocity's own share, and the network's, both matter: dropping either fails.
     assert np.abs(np.asarray(tangent - (x1 - x0))).max() > 1e-2

@@ -1,7 +1,7 @@
 """`diffjax evaluate`: samplers compared in one table with the NFE each used, each metric beside
 its two-sample noise floor, the likelihood once (or not at all), a plot and the JSON table.
 
-The workdirs hold a tiny model's initial state (tests/test_sample_cli.py's
+The workdirs hold a tiny model's initial state (tests/workdirs.py's
 ``workdir_at_init``): the table's plumbing does not need a trained model.
 """
 
@@ -11,13 +11,13 @@ import contextlib
 import io
 import itertools
 import json
+import shutil
 import types
 
 import jax
 import numpy as np
 import pytest
-from test_sample_cli import digits_config, workdir_at_init
-from tiny import tiny_config
+from workdirs import digits_config, workdir_at_init
 
 from diffjax import cli, evaluate
 from diffjax import run as run_lib
@@ -53,8 +53,11 @@ def run_evaluate(capsys, workdir, *args) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-  return workdir_at_init(tiny_config(), tmp_path_factory.mktemp("toy") / "w")
+def toy(toy_init_workdir, tmp_path_factory):
+  """A copy of the shared initial-state workdir (conftest.py): evaluate writes WORKDIR/eval."""
+  copy = tmp_path_factory.mktemp("toy") / "w"
+  shutil.copytree(toy_init_workdir, copy)
+  return copy
 
 
 @pytest.fixture(scope="module")

@@ -112,9 +112,10 @@ def test_unipc_matches_diffusers(case):
       variant=str(data["variant"][i]),
       lower_order_final=bool(data["lower_order_final"][i]),
     )
-    noise = jnp.asarray(data["x_init"]) / coefficients_fn(times[:1]).sigma[0]
     predict = gaussian.predictor(TARGETS[target], coefficients_fn)
-    registry = jax.jit(lambda z: sampler(KEY, predict, z))(noise)
+    registry = jax.jit(
+      lambda x_init: sampler(KEY, predict, x_init / coefficients_fn(times[:1]).sigma[0])
+    )(jnp.asarray(data["x_init"]))
     np.testing.assert_allclose(registry.samples, data["samples"][i], rtol=1e-5, atol=1e-5)
 
 
@@ -192,10 +193,17 @@ def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
   # exactly for VE (rho = t: polynomials).
   with jax.enable_x64(True):
     times = jnp.asarray([0.9, 0.8, 0.65, 0.5, 0.4], jnp.float64)
-    for order in (2, 3):
-      weights = jax.jit(
-        functools.partial(S.deis_coefficients, coefficients_fn=trig_coefficients, order=order)
-      )(times)
+
+    @jax.jit  # one program for all three: eager calls compile each small op on its own
+    def compute(times):
+      trig = {
+        order: S.deis_coefficients(times, coefficients_fn=trig_coefficients, order=order)
+        for order in (2, 3)
+      }
+      return trig, S.deis_coefficients(times, coefficients_fn=S.noise_level_coefficients, order=3)
+
+    trig, ve = compute(times)
+    for order, weights in trig.items():
       weights = np.asarray(weights)
       assert weights.shape == (4, order - 1)
       np.testing.assert_array_equal(weights[: order - 1], 0.0)  # no history yet
@@ -211,7 +219,7 @@ def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
 
           expected = integrate.quad(integrand, t[i], t[i + 1], epsabs=1e-13, epsrel=1e-12)[0]
           np.testing.assert_allclose(weights[i, j - 1], expected, rtol=1e-9, atol=1e-12)
-    ve = np.asarray(S.deis_coefficients(times, coefficients_fn=S.noise_level_coefficients, order=3))
+    ve = np.asarray(ve)
     # Nodes t_2, t_1, t_0 for step 2 -> 3: l_1 and l_2 integrated as polynomials.
     t = np.asarray(times)
     for j, (a, b) in ((1, (t[2], t[0])), (2, (t[2], t[1]))):

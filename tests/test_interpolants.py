@@ -34,6 +34,8 @@ def test_interpolant_values_and_drift_target_by_finite_differences():
     k0, k1, kz = jax.random.split(jax.random.PRNGKey(0), 3)
     x0, x1, z = (jax.random.normal(k, (5, 3), jnp.float64) for k in (k0, k1, kz))
     t = jnp.asarray([0.05, 0.2, 0.5, 0.8, 0.97], jnp.float64)
+    h = 1e-6  # central-difference step
+    ends = jnp.asarray([0.0, 1.0], jnp.float64)
     for name, gamma, alpha, beta, g in [
       ("linear", "sqrt", 1 - t, t, np.sqrt(2.0 * t * (1 - t))),
       (
@@ -45,22 +47,26 @@ def test_interpolant_values_and_drift_target_by_finite_differences():
       ),
     ]:
       path = I.stochastic_interpolant(interpolant=name, gamma=gamma, a=2.0)
-      xt = path.sample_xt(x0=x0, x1=x1, t=t, z=z)
+
+      @jax.jit
+      def values(t, path=path):
+        # x_t, its central differences in t at fixed (x0, x1, z), the drift target and the
+        # coefficients at t and at the ends, in one compiled program per path.
+        xt = lambda t: path.sample_xt(x0=x0, x1=x1, t=t, z=z)
+        fd = (xt(t + h) - xt(t - h)) / (2 * h)
+        target = path.conditional_target(x0=x0, x1=x1, t=t, z=z)
+        return xt(t), fd, target, path.coefficients(ends), path.coefficients(t)
+
+      xt, fd, target, (beta_e, alpha_e, gamma_e), coefficients = values(t)
+      assert xt.dtype == jnp.float64
       expected = alpha[:, None] * x0 + beta[:, None] * x1 + g[:, None] * z
       np.testing.assert_allclose(xt, expected, rtol=1e-12, atol=1e-12)
-      # d x_t / dt at fixed (x0, x1, z) by central differences.
-      h = 1e-6
-      fd = (
-        path.sample_xt(x0=x0, x1=x1, t=t + h, z=z) - path.sample_xt(x0=x0, x1=x1, t=t - h, z=z)
-      ) / (2 * h)
-      np.testing.assert_allclose(path.conditional_target(x0=x0, x1=x1, t=t, z=z), fd, rtol=1e-6)
+      np.testing.assert_allclose(target, fd, rtol=1e-6)
       # gamma vanishes at both ends only; alpha and beta swap.
-      ends = jnp.asarray([0.0, 1.0], jnp.float64)
-      beta_e, alpha_e, gamma_e = path.coefficients(ends)
       np.testing.assert_allclose(
         np.stack([alpha_e, beta_e, gamma_e]), [[1, 0], [0, 1], [0, 0]], atol=1e-15
       )
-      assert np.all(np.asarray(path.coefficients(t)[2]) > 0)
+      assert np.all(np.asarray(coefficients[2]) > 0)
 
 
 def test_bad_names_and_values_raise_one_clear_error():
@@ -86,7 +92,28 @@ def _transport_residual(drift, log_rho):
     divergence = jnp.trace(jax.jacfwd(drift)(x, t))
     return jax.grad(log_rho, argnums=1)(x, t) + divergence + b @ jax.grad(log_rho)(x, t)
 
-  return jax.jit(jax.vmap(residual))
+  return residual
+
+
+@jax.jit
+def _transport_quantities(x, t):
+  """Everything the transport-equation test compares, in one compiled program: the residual of
+  the exact drift and of a wrong one (b + s / 2), the scale ``1 + |b . s|``, the library's score
+  and ``grad log rho``."""
+  log_rho = MIXTURE.log_density
+  wrong = lambda x, t: MIXTURE.drift(x, t) + 0.5 * MIXTURE.score(x, t)
+
+  def one(x, t):
+    drift, score = MIXTURE.drift(x, t), MIXTURE.score(x, t)
+    return dict(
+      residual=_transport_residual(MIXTURE.drift, log_rho)(x, t),
+      wrong_residual=_transport_residual(wrong, log_rho)(x, t),
+      scale=1.0 + jnp.abs(drift @ score),
+      score=score,
+      grad_log=jax.grad(log_rho)(x, t),
+    )
+
+  return jax.vmap(one)(x, t)
 
 
 def test_exact_fields_solve_the_transport_equation_and_score_is_grad_log_density():
@@ -96,17 +123,27 @@ def test_exact_fields_solve_the_transport_equation_and_score_is_grad_log_density
     xs = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (6, 2), jnp.float64)
     times = jnp.asarray([0.0, 0.1, 0.5, 0.9, 1.0], jnp.float64)
     x, t = jnp.repeat(xs, 5, axis=0), jnp.tile(times, 6)
-    log_rho = MIXTURE.log_density
-    residual = _transport_residual(MIXTURE.drift, log_rho)(x, t)
-    scale = 1.0 + jnp.abs(
-      jnp.sum(MIXTURE.batched("drift")(x, t) * MIXTURE.batched("score")(x, t), -1)
-    )
-    np.testing.assert_array_less(np.abs(residual), 1e-9 * scale)
-    grad_log = jax.vmap(jax.grad(log_rho))(x, t)
-    np.testing.assert_allclose(MIXTURE.batched("score")(x, t), grad_log, rtol=1e-10, atol=1e-12)
+    out = _transport_quantities(x, t)
+    assert out["residual"].dtype == jnp.float64
+    np.testing.assert_array_less(np.abs(out["residual"]), 1e-9 * out["scale"])
+    np.testing.assert_allclose(out["score"], out["grad_log"], rtol=1e-10, atol=1e-12)
     # A wrong drift (b + s / 2) fails the same equation.
-    wrong = lambda x, t: MIXTURE.drift(x, t) + 0.5 * MIXTURE.score(x, t)
-    assert np.abs(_transport_residual(wrong, log_rho)(x, t)).max() > 1e-2
+    assert np.abs(out["wrong_residual"]).max() > 1e-2
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _conditional_draws(key, t, *, n):
+  """``n`` draws of the library's interpolant at time ``t`` (traced: one program for every
+  ``t``), its noise ``z`` and the exact drift and denoiser at ``x_t``."""
+  path = I.stochastic_interpolant(a=MIXTURE.a)
+  k0, k1, kz = jax.random.split(key, 3)
+  x0 = jax.random.normal(k0, (n, 2))
+  x1 = MIXTURE.sample(k1, n)
+  z = jax.random.normal(kz, (n, 2))
+  ts = jnp.full((n,), t)
+  example = path.interpolate(x0=x0, x1=x1, t=ts, z=z)
+  xt = example["x_t"]
+  return example, z, MIXTURE.batched("drift")(xt, ts), MIXTURE.batched("denoiser")(xt, ts)
 
 
 @pytest.mark.parametrize("t", [0.25, 0.75])
@@ -115,16 +152,8 @@ def test_exact_fields_are_the_conditional_expectations_of_the_targets(t):
   # x_t and drift target (Path.interpolate) and the denoiser target z; phi in {1, x, sin(x)}.
   # Each mean within 5 standard errors (s.e. = sample std / sqrt(n)); a perturbed field fails.
   n = 200_000
-  path = I.stochastic_interpolant(a=MIXTURE.a)
-  k0, k1, kz = jax.random.split(jax.random.PRNGKey(int(100 * t)), 3)
-  x0 = jax.random.normal(k0, (n, 2))
-  x1 = MIXTURE.sample(k1, n)
-  z = jax.random.normal(kz, (n, 2))
-  ts = jnp.full((n,), t)
-  example = path.interpolate(x0=x0, x1=x1, t=ts, z=z)
+  example, z, drift, denoiser = _conditional_draws(jax.random.PRNGKey(int(100 * t)), t, n=n)
   xt = example["x_t"]
-  drift = jax.jit(MIXTURE.batched("drift"))(xt, ts)
-  denoiser = jax.jit(MIXTURE.batched("denoiser"))(xt, ts)
   phis = np.concatenate([np.ones((n, 1)), np.asarray(xt), np.sin(np.asarray(xt))], axis=1)
 
   def z_scores(residual):
@@ -142,15 +171,21 @@ def test_score_from_denoiser_and_the_sde_terms():
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 2), jnp.float64)
     t = jnp.asarray([0.1, 0.3, 0.6, 0.9], jnp.float64)
     gamma = np.sqrt(t * (1 - t))
-    score = MIXTURE.batched("score")(x, t)
-    eta = MIXTURE.batched("denoiser")(x, t)
-    np.testing.assert_allclose(I.score_from_denoiser(eta_z=eta, gamma=gamma), score, rtol=1e-12)
-    drift = MIXTURE.batched("drift")(x, t)
     fields = lambda x, t: (MIXTURE.batched("drift")(x, t), MIXTURE.batched("score")(x, t))
-    for eps in (0.0, 0.1, 1.0):
-      bf, diffusion = I.generative_sde(fields, epsilon=eps)(x, t)
-      np.testing.assert_allclose(bf, drift + eps * score, rtol=1e-12)
-      np.testing.assert_allclose(diffusion, np.full(4, np.sqrt(2 * eps)), rtol=1e-12)
+    epsilons = jnp.asarray([0.0, 0.1, 1.0], jnp.float64)
+
+    @jax.jit
+    def terms(x, t, epsilons):
+      # Everything in one compiled program (epsilon traced, vmapped over the three values).
+      drift, score = fields(x, t)
+      sde = jax.vmap(lambda eps: I.generative_sde(fields, epsilon=eps)(x, t))(epsilons)
+      return drift, score, MIXTURE.batched("denoiser")(x, t), sde
+
+    drift, score, eta, (bf, diffusion) = terms(x, t, epsilons)
+    np.testing.assert_allclose(I.score_from_denoiser(eta_z=eta, gamma=gamma), score, rtol=1e-12)
+    for k, eps in enumerate(np.asarray(epsilons)):
+      np.testing.assert_allclose(bf[k], drift + eps * score, rtol=1e-12)
+      np.testing.assert_allclose(diffusion[k], np.full(4, np.sqrt(2 * eps)), rtol=1e-12)
     np.testing.assert_allclose(
       I.backward_drift(drift=drift, score=score, epsilon=0.5), drift - 0.5 * score, rtol=1e-12
     )
@@ -329,11 +364,10 @@ def test_loss_is_the_two_regressions_and_exact_fields_beat_perturbed_ones():
   data, n = MIXTURE, 1024
   context = _exact_context(data)
   objective = si.stochastic_interpolant(context, t_min=0.01)
-  batch = objective.pair_fn(jax.random.PRNGKey(0), {"x": data.sample(jax.random.PRNGKey(1), n)})
-  key = jax.random.PRNGKey(2)
-  loss = float(jax.jit(objective.loss_fn)(None, key, batch))
+  # The exact fields minimise it: scaled fields do worse on the same draws.
+  scaled = context._replace(apply=lambda *args, **kw: 1.2 * context.apply(*args, **kw))
+  worse = si.stochastic_interpolant(scaled, t_min=0.01).loss_fn
 
-  @jax.jit
   def by_hand(key, x0, x1):
     # The same draws (split(key, 4): time, noise, labels, dropout), the formulas written out.
     k_time, k_noise, _, _ = jax.random.split(key, 4)
@@ -345,11 +379,19 @@ def test_loss_is_the_two_regressions_and_exact_fields_beat_perturbed_ones():
     b, eta = jnp.split(context.apply(None, xt, t, None), 2, axis=-1)
     return jnp.mean((b - target) ** 2) + jnp.mean((eta - z) ** 2)
 
-  np.testing.assert_allclose(loss, by_hand(key, batch["x0"], batch["x"]), rtol=1e-4)
-  # The exact fields minimise it: scaled fields do worse on the same draws.
-  scaled = context._replace(apply=lambda *args, **kw: 1.2 * context.apply(*args, **kw))
-  worse = si.stochastic_interpolant(scaled, t_min=0.01).loss_fn
-  assert float(jax.jit(worse)(None, key, batch)) > loss
+  @jax.jit
+  def losses(key):
+    # One program for the three losses on one batch (one compile instead of three).
+    batch = objective.pair_fn(jax.random.PRNGKey(0), {"x": data.sample(jax.random.PRNGKey(1), n)})
+    return (
+      objective.loss_fn(None, key, batch),
+      by_hand(key, batch["x0"], batch["x"]),
+      worse(None, key, batch),
+    )
+
+  loss, hand, worse_loss = map(float, losses(jax.random.PRNGKey(2)))
+  np.testing.assert_allclose(loss, hand, rtol=1e-4)
+  assert worse_loss > loss
 
 
 def test_generator_samples_with_the_sde_and_the_ode_and_rejects_other_samplers():

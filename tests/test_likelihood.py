@@ -34,27 +34,46 @@ def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
 
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
   t = jnp.linspace(0.0, 1.0, 4)
-  v, div = S.exact_divergence(velocity)(x, t, None)
-  brute = [
-    jnp.trace(jax.jacfwd(lambda z, ti=ti: velocity(z[None], ti[None])[0])(xi))
-    for xi, ti in zip(x, t)
-  ]
-  np.testing.assert_allclose(div, brute, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(v, velocity(x, t), rtol=1e-6)
-  # Hutchinson per probe: z^T J z. Its mean over P probes has s.e. std / sqrt(P); allow 5 s.e.
   num = 20000
-  for probes in (S.rademacher_probes, S.gaussian_probes):
-    draws = probes(jax.random.PRNGKey(2), (num,) + x.shape)
-    _, per_probe = jax.vmap(lambda z: S.hutchinson_divergence(velocity)(x, t, z[None]))(draws)
-    se = np.std(np.asarray(per_probe), axis=0) / math.sqrt(num)
-    np.testing.assert_array_less(np.abs(np.mean(per_probe, axis=0) - np.asarray(brute)), 5 * se)
+
+  @jax.jit  # one program for every quantity: eager calls compile each small op on its own
+  def compute(x, t):
+    v, div = S.exact_divergence(velocity)(x, t, None)
+    brute = jax.vmap(
+      lambda xi, ti: jnp.trace(jax.jacfwd(lambda z: velocity(z[None], ti[None])[0])(xi))
+    )(x, t)
+    per_probe = {}
+    for probes in (S.rademacher_probes, S.gaussian_probes):
+      draws = probes(jax.random.PRNGKey(2), (num,) + x.shape)
+      per_probe[probes.__name__] = jax.vmap(
+        lambda z: S.hutchinson_divergence(velocity)(x, t, z[None])[1]
+      )(draws)
+    return v, div, brute, velocity(x, t), per_probe
+
+  v, div, brute, direct, per_probe = compute(x, t)
+  np.testing.assert_allclose(div, brute, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v, direct, rtol=1e-6)
+  # Hutchinson per probe: z^T J z. Its mean over P probes has s.e. std / sqrt(P); allow 5 s.e.
+  for name, estimates in per_probe.items():
+    estimates = np.asarray(estimates)
+    se = np.std(estimates, axis=0) / math.sqrt(num)
+    np.testing.assert_array_less(
+      np.abs(np.mean(estimates, axis=0) - np.asarray(brute)), 5 * se, err_msg=name
+    )
 
 
 def test_flow_path_log_likelihood_is_the_gaussian_log_density():
   # The exact flow maps N(mu, Sigma) (t = 1) onto N(0, I) (t = 0): the ODE log-likelihood is
   # scipy's logpdf up to the RK4 error (O(h^4), h = 1/32) and float32 round-off.
   times = S.uniform_grid(num_steps=32, t_start=1.0, t_end=0.0)
-  out = S.log_likelihood(None, FLOW_FIELD, POINTS, times=times)
+  # Adaptive Dopri5 inside the same augmented solve; both in one jitted program.
+  solver = functools.partial(S.integrate_adaptive, solver=diffrax.Dopri5(), rtol=1e-6, atol=1e-6)
+  out, adaptive = jax.jit(
+    lambda x: (
+      S.log_likelihood(None, FLOW_FIELD, x, times=times),
+      S.log_likelihood(None, FLOW_FIELD, x, times=times, ode_solver=solver),
+    )
+  )(POINTS)
   np.testing.assert_allclose(out.log_prob, DATA.log_prob(POINTS), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out.log_prob, out.prior_log_prob + out.delta_log_prob, rtol=1e-6)
   # The latent is the closed-form flow map of the data to t = 0.
@@ -64,9 +83,6 @@ def test_flow_path_log_likelihood_is_the_gaussian_log_density():
     atol=1e-4,
   )
   assert int(out.nfe) == 32 * 4
-  # Adaptive Dopri5 inside the same augmented solve.
-  solver = functools.partial(S.integrate_adaptive, solver=diffrax.Dopri5(), rtol=1e-6, atol=1e-6)
-  adaptive = S.log_likelihood(None, FLOW_FIELD, POINTS, times=times, ode_solver=solver)
   np.testing.assert_allclose(adaptive.log_prob, DATA.log_prob(POINTS), rtol=1e-4, atol=1e-4)
 
 
@@ -88,10 +104,14 @@ def test_diffusion_time_log_likelihood_with_an_eps_model():
     z = (x - prior_mean) @ prior_chol_inv.T
     return -0.5 * jnp.sum(z**2, -1) - 0.5 * log_det - math.log(2 * math.pi)
 
-  times = S.log_snr_grid(
-    num_steps=48, t_start=t_data, t_end=t_noise, coefficients_fn=trig_coefficients
-  )
-  out = S.log_likelihood(None, velocity, POINTS, times=times, prior_log_prob=prior_log_prob)
+  @jax.jit  # one program: eager calls would compile every small op on its own
+  def run(x):
+    times = S.log_snr_grid(
+      num_steps=48, t_start=t_data, t_end=t_noise, coefficients_fn=trig_coefficients
+    )
+    return S.log_likelihood(None, velocity, x, times=times, prior_log_prob=prior_log_prob)
+
+  out = run(POINTS)
   exact = DATA.log_prob(POINTS, alpha=float(c_data.alpha), sigma=float(c_data.sigma))
   np.testing.assert_allclose(out.log_prob, exact, rtol=1e-3, atol=1e-3)
 
@@ -107,15 +127,19 @@ def test_hutchinson_log_likelihood_mean_and_variance():
   exact = float(DATA.log_prob(POINTS[2]))
   m = -0.5 * (DATA.eigvecs * np.log(DATA.eigvals)) @ DATA.eigvecs.T
   theory = {S.rademacher_probes: 4 * m[0, 1] ** 2, S.gaussian_probes: 2 * np.trace(m @ m)}
-  for probes, variance in theory.items():
-    out = S.log_likelihood(
+  run = jax.jit(
+    lambda x, probes: S.log_likelihood(
       jax.random.PRNGKey(3),
       FLOW_FIELD,
       x,
       times=times,
       divergence=S.hutchinson_divergence,
       probes=probes,
-    )
+    ),
+    static_argnums=1,
+  )
+  for probes, variance in theory.items():
+    out = run(x, probes)
     estimates = np.asarray(out.log_prob, np.float64)
     # Mean of n independent estimates: s.e. sqrt(var / n); 5 s.e. plus RK4 error (1e-3).
     assert abs(estimates.mean() - exact) < 5 * math.sqrt(variance / num) + 1e-3

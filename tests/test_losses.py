@@ -110,7 +110,7 @@ def test_stratified_times_cover_the_interval_evenly():
   spacings = np.diff(np.sort(np.asarray(t, np.float64)))
   np.testing.assert_allclose(spacings, 1.0 / batch, atol=1e-6)
   # Marginally uniform: t_0 over many keys has mean 1/2 and s.e. sqrt(1/12 / n); allow 5 s.e.
-  firsts = jax.vmap(lambda k: losses.stratified_time(k, batch)[0])(
+  firsts = jax.jit(jax.vmap(lambda k: losses.stratified_time(k, batch)[0]))(
     jax.random.split(jax.random.PRNGKey(3), 20_000)
   )
   assert abs(float(firsts.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / 20_000)
@@ -152,6 +152,13 @@ def _brute_force_marginal(x, t, data, coefficient_fn):
   return weights @ conditional
 
 
+@functools.partial(jax.jit, static_argnames="path")
+def _marginal_velocities(x, t, *, path):
+  """The library's marginal field of DATA at ``x`` ``[n, 2]``, ``t`` ``[n]`` (one program)."""
+  field = lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA), path=path)
+  return jax.vmap(field)(x, t)
+
+
 @pytest.mark.parametrize("case", list(NUMPY_PATHS), ids=lambda c: c[0])
 def test_marginal_velocity_matches_brute_force_bayes(case):
   name, kwargs = case
@@ -159,9 +166,7 @@ def test_marginal_velocity_matches_brute_force_bayes(case):
   rng = np.random.default_rng(4)
   x = rng.normal(size=(12, 2)) * 1.5
   t = np.linspace(0.05, 0.95, 12)
-  got = jax.vmap(
-    lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA), path=path)
-  )(jnp.asarray(x), t)
+  got = _marginal_velocities(jnp.asarray(x), jnp.asarray(t, jnp.float32), path=path)
   expected = np.stack(
     [_brute_force_marginal(x[i], t[i], DATA, NUMPY_PATHS[case]) for i in range(12)]
   )
@@ -172,9 +177,7 @@ def test_marginal_velocity_is_stable_far_away():
   path = paths.get_path("linear", sigma_min=0.01)
   x = jnp.array([[1e4, -1e4], [-3e3, 5e2], [50.0, 50.0]])
   t = jnp.array([0.5, 0.95, 0.99])
-  got = jax.vmap(
-    lambda xi, ti: losses.marginal_velocity(xi, ti, data=jnp.asarray(DATA), path=path)
-  )(x, t)
+  got = _marginal_velocities(x, t, path=path)
   assert bool(jnp.all(jnp.isfinite(got)))
   # Float64 brute force in the log domain; far away the posterior sits on one data point.
   expected = np.stack(
@@ -255,7 +258,9 @@ def _decoupling_draws(key, data, *, path, n):
   out = {}
   for name, example in examples.items():
     out[f"{name}.loss1"], out[f"{name}.grad1"] = _per_example_losses_and_grads(params1, example)
-    out[f"{name}.loss2"], _ = _per_example_losses_and_grads(params2, example)
+    out[f"{name}.loss2"] = jax.vmap(_per_example_loss, in_axes=(None, 0, 0, 0, 0))(
+      params2, example.model_input, example.model_time, example.target, example.weight
+    )
   prediction = _mlp(params1, x_t, conditional.model_time)
   out["batch_loss"] = losses.regression_loss(prediction, conditional)
   out["marginal_fm_loss"] = losses.marginal_fm_loss(prediction, conditional, data=data, path=path)
@@ -316,15 +321,17 @@ def test_flow_matching_example_applies_coupling_then_path():
   x1 = jnp.asarray(DATA[:6], jnp.float32)
   labels = jnp.arange(6)
   reverse = lambda key, a, b, c: (a, b[::-1], c[::-1])
-  example = losses.flow_matching_example(
-    jax.random.PRNGKey(1),
-    x0=x0,
-    x1=x1,
-    path=path,
-    cond=labels,
-    coupling=reverse,
-    time_sampler=losses.get_time_sampler("u_shaped"),
-  )
+  example = jax.jit(  # one compiled program instead of op-by-op dispatch
+    lambda key: losses.flow_matching_example(
+      key,
+      x0=x0,
+      x1=x1,
+      path=path,
+      cond=labels,
+      coupling=reverse,
+      time_sampler=losses.get_time_sampler("u_shaped"),
+    )
+  )(jax.random.PRNGKey(1))
   np.testing.assert_array_equal(example.cond, labels[::-1])
   t = example.model_time
   # x_t - t x1 - (1 - t) x0 is the extra noise gamma z: the same z makes the target x1 - x0.
@@ -553,7 +560,9 @@ def test_edm_effective_target_equals_weighted_denoiser_loss_and_is_minimised_at_
   sigma_data = 0.5
   key_data, key_pair, key_raw = jax.random.split(jax.random.PRNGKey(13), 3)
   data = MU + S * jax.random.normal(key_data, (N_DIFFUSION, 2))
-  example = losses.edm_example(key_pair, data=data, sigma_data=sigma_data)
+  example = jax.jit(losses.edm_example, static_argnames="sigma_data")(
+    key_pair, data=data, sigma_data=sigma_data
+  )
   # Recover sigma and x from Karras et al. Table 1: c_noise = ln(sigma)/4, c_in = 1/sqrt(s^2+sd^2).
   sigma = np.exp(4.0 * np.asarray(example.model_time, np.float64))
   x = np.asarray(example.model_input, np.float64) * np.sqrt(sigma**2 + sigma_data**2)[:, None]

@@ -338,9 +338,10 @@ def test_apply_conventions():
   one = apply(params, x[1], 0.3, 1)
   assert one.shape == (2,)
   np.testing.assert_allclose(one, batched[1], rtol=1e-5, atol=1e-6)
-  # vmap over single examples (the unbatched path) reproduces the batch.
+  # vmap over single examples (the unbatched path) reproduces the batch (jitted: one program,
+  # not one per operation).
   np.testing.assert_allclose(
-    jax.vmap(fns.apply, in_axes=(None, 0, None, 0))(params, x, 0.3, labels),
+    jax.jit(jax.vmap(fns.apply, in_axes=(None, 0, None, 0)))(params, x, 0.3, labels),
     batched,
     rtol=1e-5,
     atol=1e-6,

@@ -106,17 +106,23 @@ def test_edm_preconditioning_is_table_1(sigma_data):
 def test_edm_example_is_the_denoiser_loss():
   """``lambda ||D(x; sigma) - x0||^2 = w ||F - target||^2`` for any ``F`` (eq. 8 rewritten for
   the raw network), with ``D`` from :func:`edm_denoiser`."""
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  data = jax.random.normal(keys[0], (64, 3))
-  example = losses.edm_example(keys[1], data=data, sigma_data=0.7)
-  raw = jax.random.normal(keys[2], data.shape)
-  sigma = jnp.exp(4.0 * example.model_time)
-  x = example.model_input / losses.edm_preconditioning(sigma, sigma_data=0.7).c_in[:, None]
-  denoised = losses.edm_denoiser(raw, x=x, sigma=sigma, sigma_data=0.7)
-  paper = losses.edm_loss_weight(sigma, sigma_data=0.7) * jnp.sum((denoised - data) ** 2, -1)
-  ours = example.weight * jnp.sum((raw - example.target) ** 2, -1)
+
+  @jax.jit  # one compiled program instead of op-by-op dispatch
+  def both_sides(key):
+    keys = jax.random.split(key, 3)
+    data = jax.random.normal(keys[0], (64, 3))
+    example = losses.edm_example(keys[1], data=data, sigma_data=0.7)
+    raw = jax.random.normal(keys[2], data.shape)
+    sigma = jnp.exp(4.0 * example.model_time)
+    x = example.model_input / losses.edm_preconditioning(sigma, sigma_data=0.7).c_in[:, None]
+    denoised = losses.edm_denoiser(raw, x=x, sigma=sigma, sigma_data=0.7)
+    paper = losses.edm_loss_weight(sigma, sigma_data=0.7) * jnp.sum((denoised - data) ** 2, -1)
+    ours = example.weight * jnp.sum((raw - example.target) ** 2, -1)
+    return ours, paper, example.weight
+
+  ours, paper, weight = both_sides(jax.random.PRNGKey(0))
   np.testing.assert_allclose(ours, paper, rtol=2e-3, atol=1e-5)
-  np.testing.assert_allclose(example.weight, 1.0, rtol=1e-5)
+  np.testing.assert_allclose(weight, 1.0, rtol=1e-5)
 
 
 # ---- the optimal denoiser of a finite data set is the loss's stationary point --------------
@@ -137,13 +143,15 @@ def _finite_data_denoiser(noise_scale=1.0):
   return denoise
 
 
-def _stationarity(denoiser, *, chunks=32, batch=8192):
-  """Mean and standard error over ``chunks`` independent batches of ``d loss / d delta`` at
-  ``delta = 0``, for the network ``F_delta = F + phi(c_in x, c_noise) delta`` with features
+@jax.jit
+def _stationarity_grads(noise_scale, key):
+  """``d loss / d delta`` at ``delta = 0`` on 32 independent batches of 8192, for the network
+  ``F_delta = F + phi(c_in x, c_noise) delta`` around the optimal denoiser of the noise level
+  ``noise_scale`` sigma (traced: one program for the optimum and the control), with features
   ``phi = [1, c_in x, c_noise, c_noise c_in x]``: zero in expectation iff ``E[(F - target)
   phi] = 0``, which holds at ``D*`` because ``E[target | x, sigma] = F*(x, sigma)`` and the
   weight is a function of ``sigma``."""
-  raw = _raw_output_of(denoiser, 0.5)
+  raw = _raw_output_of(_finite_data_denoiser(noise_scale), 0.5)
 
   def apply(params, x_in, c_noise, cond, dropout_key=None):
     phi = jnp.concatenate(
@@ -155,19 +163,24 @@ def _stationarity(denoiser, *, chunks=32, batch=8192):
 
   def grad_of_chunk(key):
     k_data, k_loss = jax.random.split(key)
-    data = POINTS[jax.random.randint(k_data, (batch,), 0, POINTS.shape[0])]
+    data = POINTS[jax.random.randint(k_data, (8192,), 0, POINTS.shape[0])]
     return jax.grad(objective.loss_fn)(jnp.zeros((6, 2)), k_loss, {"x": data})
 
-  grads = jax.jit(jax.vmap(grad_of_chunk))(jax.random.split(jax.random.PRNGKey(3), chunks))
-  return grads.mean(0), grads.std(0, ddof=1) / math.sqrt(chunks)
+  return jax.vmap(grad_of_chunk)(jax.random.split(key, 32))
+
+
+def _stationarity(noise_scale):
+  """Mean and standard error over the 32 batches of :func:`_stationarity_grads`."""
+  grads = _stationarity_grads(jnp.float32(noise_scale), jax.random.PRNGKey(3))
+  return grads.mean(0), grads.std(0, ddof=1) / math.sqrt(grads.shape[0])
 
 
 def test_finite_data_optimal_denoiser_is_stationary():
-  mean, stderr = _stationarity(_finite_data_denoiser())
+  mean, stderr = _stationarity(1.0)
   # 12 components, each a mean of 32 chunk means: |z| < 4 fails by chance with p ~ 1e-3.
   assert np.all(np.abs(mean) < 4.0 * stderr), (mean, stderr)
   # Control: the optimum of the wrong noise level is not a stationary point.
-  mean, stderr = _stationarity(_finite_data_denoiser(noise_scale=1.5))
+  mean, stderr = _stationarity(1.5)
   assert np.max(np.abs(mean) / stderr) > 10.0, (mean, stderr)
 
 
@@ -175,18 +188,16 @@ def test_finite_data_optimal_denoiser_has_the_lowest_loss():
   """At fixed keys, moving the denoiser off ``D*`` raises the loss (the cross term is zero in
   expectation, the quadratic term is not)."""
 
-  def loss_with(denoiser):
+  def loss_with(noise_scale, offset):
+    denoiser = lambda x, sigma: _finite_data_denoiser(noise_scale)(x, sigma) + offset
     objective = objectives.get_objective("edm", _context(_raw_output_of(denoiser, 0.5)))
     data = POINTS[jax.random.randint(jax.random.PRNGKey(1), (65536,), 0, 5)]
-    return float(objective.loss_fn(None, jax.random.PRNGKey(2), {"x": data}))
+    return objective.loss_fn(None, jax.random.PRNGKey(2), {"x": data})
 
-  best = loss_with(_finite_data_denoiser())
-  for wrong in (
-    _finite_data_denoiser(noise_scale=0.7),
-    _finite_data_denoiser(noise_scale=1.4),
-    lambda x, sigma: _finite_data_denoiser()(x, sigma) + 0.05,
-  ):
-    assert loss_with(wrong) > best
+  # D*, the optima of the noise levels 0.7 sigma and 1.4 sigma, and D* + 0.05: one program.
+  noise_scales, offsets = jnp.asarray([1.0, 0.7, 1.4, 1.0]), jnp.asarray([0.0, 0.0, 0.0, 0.05])
+  best, *wrong = np.asarray(jax.jit(jax.vmap(loss_with))(noise_scales, offsets))
+  assert np.all(np.asarray(wrong) > best), (best, wrong)
 
 
 # ---- continuous diffusion on Gaussian data ---------------------------------------------------
@@ -198,19 +209,31 @@ def test_continuous_diffusion_loss_is_lowest_at_the_exact_model(prediction):
   exact = _gaussian_model(process, prediction)
   data = MEAN + STD * jax.random.normal(jax.random.PRNGKey(0), (16384, 2))
 
-  def loss_with(apply):
-    objective = objectives.get_objective(
-      "continuous_diffusion", _context(apply), prediction=prediction, weighting="min_snr"
-    )
-    return float(objective.loss_fn(None, jax.random.PRNGKey(1), {"x": data}))
+  # The model's params are an offset added to the exact prediction.
+  offset_model = lambda offset, *args, **kw: exact(None, *args, **kw) + offset
+  objective = objectives.get_objective(
+    "continuous_diffusion", _context(offset_model), prediction=prediction, weighting="min_snr"
+  )
+  loss_with = lambda offset, data: objective.loss_fn(offset, jax.random.PRNGKey(1), {"x": data})
 
-  best = loss_with(exact)
+  # The exact model and the model off by -0.05 and +0.05, on the same draws: one program.
+  offsets = jnp.asarray([0.0, -0.05, 0.05])
+  best, *wrong = np.asarray(jax.jit(jax.vmap(loss_with, (0, None)))(offsets, data))
   assert np.isfinite(best)
-  for offset in (-0.05, 0.05):
-    assert loss_with(lambda *args, offset=offset, **kw: exact(*args, **kw) + offset) > best
+  assert np.all(np.asarray(wrong) > best), (best, wrong)
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+# Two compiled samplers per schedule: 've' and 'cosine' run in the slow suite; their schedules
+# and predictions (x0, v) stay covered fast by test_continuous_diffusion_likelihood_of_gaussian_data
+# (the same objective's probability-flow field against the exact flow), and the default sampler
+# by the three schedules here.
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    pytest.param(name, marks=pytest.mark.slow) if name in ("ve", "cosine") else name
+    for name in sorted(SCHEDULES)
+  ],
+)
 def test_continuous_diffusion_default_sampler_follows_the_exact_flow(schedule):
   """Each sample of the default sampler (Heun) against the exact flow of its own start
   ``x_1 = trajectories[0]`` to ``t_min``; halving the step quarters the error (second order)."""
@@ -413,7 +436,7 @@ def test_edm_guidance_and_labels_reach_the_network():
   )
   # D_w = D_u + w (D_c - D_u) = D_u + 2 w sigma^2 / (s^2 + sigma^2): the flow of N(m + 2 w, .).
   np.testing.assert_allclose(np.mean(guided["samples"], 0), np.asarray(MEAN) + 4.0, atol=0.1)
-  loss = objective.loss_fn(
+  loss = jax.jit(objective.loss_fn)(
     None, jax.random.PRNGKey(1), {"x": jnp.zeros((8, 2)), "label": jnp.arange(8) % 3}
   )
   assert np.isfinite(float(loss))

@@ -77,21 +77,21 @@ def test_loss_vanishes_at_the_marginal_field_and_grows_by_the_perturbation():
   a = jnp.array([[0.5, 0.2], [-0.1, 0.3]])
   linear = {"c": jnp.zeros(2), "a": a}
 
-  @jax.jit
-  def batch_losses(params, key):
+  def batch_loss(params, key):
     k_pair, k_loss = jax.random.split(key)
     batch = _paired_batch(objective, k_pair, 4096)
     return objective.loss_fn(params, k_loss, batch)
 
+  # One program: the loss and its gradient on each of the 64 batches (params traced).
+  batch_losses = jax.jit(jax.vmap(jax.value_and_grad(batch_loss), in_axes=(None, 0)))
   keys = jax.random.split(jax.random.PRNGKey(0), 64)
-  at = {
-    name: np.asarray([batch_losses(p, k) for k in keys], np.float64)
-    for name, p in [("zero", zero), ("constant", constant), ("linear", linear)]
-  }
+  at, grads = {}, {}
+  for name, p in [("zero", zero), ("constant", constant), ("linear", linear)]:
+    values, grads[name] = batch_losses(p, keys)
+    at[name] = np.asarray(values, np.float64)
   # The exact field is the minimiser: loss 0 (the same float ops as the target) and gradient 0.
   assert np.max(at["zero"]) < 1e-12, np.max(at["zero"])
-  grads = jax.grad(batch_losses)(zero, keys[0])
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["zero"])) < 1e-6
   # A constant c adds ||c||^2 / D on every batch: regression_loss means over the D = 2 dims.
   np.testing.assert_allclose(at["constant"], float(jnp.sum(constant["c"] ** 2)) / 2, rtol=1e-5)
   # delta = A x adds E||A x_t||^2 / D = tr(A M A^T) / D, M = E[x_t x_t^T]. For x_t = t x1 +
@@ -201,8 +201,10 @@ def test_pairs_draw_x1_uniformly_from_the_finite_set_and_x0_from_the_source():
   assert points.shape == (64, 2) and len(np.unique(points, axis=0)) == 64
 
   num = 64 * 500
-  loader = moons(jax.random.PRNGKey(11), num)  # fresh target draws, as the trainer's loader
-  paired = objective.pair_fn(jax.random.PRNGKey(12), {"x": loader})
+  loader = jax.jit(moons, static_argnums=1)(
+    jax.random.PRNGKey(11), num
+  )  # fresh target draws, as the trainer's loader
+  paired = jax.jit(objective.pair_fn)(jax.random.PRNGKey(12), {"x": loader})
   x1, x0 = np.asarray(paired["x"]), np.asarray(paired["x0"])
   assert set(paired) == {"x", "x0"} and x1.shape == x0.shape == (num, 2)
   np.testing.assert_array_equal(x0, 7.0)

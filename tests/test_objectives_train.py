@@ -112,6 +112,9 @@ def test_flow_matching_recipe_with_any_path_coupling_and_time(
       *TINY,
       "--config.train.steps=5",
       "--config.train.batch_size=32",
+      # A small network: what is checked is that the combination trains, not the model.
+      "--config.model.width=16",
+      "--config.model.depth=2",
       "--config.data.source=normal",
       f"--config.objective.name={recipe}",
       f"--config.objective.path={path}",

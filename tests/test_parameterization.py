@@ -65,28 +65,35 @@ def test_round_trips_between_every_pair_of_targets(batched):
     alpha, sigma = (c.reshape(c.shape + (1,) * len(EVENT)) for c in coefficients[:2])
     x_t = alpha * x0 + sigma * eps
     reference = _reference_targets(coefficients, x0, eps)
+
+    @jax.jit  # one program for every conversion: eager calls compile each small op on its own
+    def compute(coefficients, x0, eps, x_t, reference):
+      forward, backward, converted = {}, {}, {}
+      for name in TARGETS:
+        target = param.get_prediction_target(name)
+        forward[name] = target.from_x0_eps(x0, eps, coefficients=coefficients)
+        backward[name] = target.to_x0_eps(reference[name], x_t=x_t, coefficients=coefficients)
+      for source, destination in itertools.product(TARGETS, TARGETS):
+        converted[source, destination] = param.convert(
+          reference[source],
+          source=param.get_prediction_target(source),
+          destination=param.get_prediction_target(destination),
+          x_t=x_t,
+          coefficients=coefficients,
+        )
+      return forward, backward, converted
+
+    forward, backward, converted = compute(coefficients, x0, eps, x_t, reference)
     for name in TARGETS:
-      target = param.get_prediction_target(name)
-      assert target.name == name
-      np.testing.assert_allclose(
-        target.from_x0_eps(x0, eps, coefficients=coefficients), reference[name], rtol=1e-12
-      )
-      got_x0, got_eps = target.to_x0_eps(
-        jnp.asarray(reference[name]), x_t=x_t, coefficients=coefficients
-      )
+      assert param.get_prediction_target(name).name == name
+      np.testing.assert_allclose(forward[name], reference[name], rtol=1e-12)
+      got_x0, got_eps = backward[name]
       # Condition numbers are <= ~1e2 here (|det| >= 0.08), so float64 keeps ~1e-13.
       np.testing.assert_allclose(got_x0, x0, rtol=1e-10, atol=1e-12)
       np.testing.assert_allclose(got_eps, eps, rtol=1e-10, atol=1e-12)
-    for source, destination in itertools.product(TARGETS, TARGETS):
-      converted = param.convert(
-        jnp.asarray(reference[source]),
-        source=param.get_prediction_target(source),
-        destination=param.get_prediction_target(destination),
-        x_t=x_t,
-        coefficients=coefficients,
-      )
+    for (source, destination), value in converted.items():
       np.testing.assert_allclose(
-        converted,
+        value,
         reference[destination],
         rtol=1e-10,
         atol=1e-12,
@@ -171,14 +178,19 @@ def test_flow_map_reproduces_the_diffusion_marginals():
   schedule = schedules.vp_schedule()
   t_flow = np.array([0.1, 0.5, 0.9])
   n, data_mean, data_std = 20000, 2.0, 0.5
-  data_key, noise_key = jax.random.split(jax.random.key(4))
-  data = data_mean + data_std * jax.random.normal(data_key, (3, n))
-  noise = jax.random.normal(noise_key, (3, n))
-  coefficients = param.flow_coefficients(schedule, jnp.asarray(t_flow, jnp.float32))
-  # The flow path x = alpha_fm x1 + sigma_fm x0 with x1 data and x0 noise.
-  samples = np.asarray(
-    coefficients.alpha[:, None] * data + coefficients.sigma[:, None] * noise, np.float64
-  )
+
+  @jax.jit  # one program: eager calls would compile every small op on its own
+  def compute(key, t):
+    data_key, noise_key = jax.random.split(key)
+    data = data_mean + data_std * jax.random.normal(data_key, (3, n))
+    noise = jax.random.normal(noise_key, (3, n))
+    coefficients = param.flow_coefficients(schedule, t)
+    # The flow path x = alpha_fm x1 + sigma_fm x0 with x1 data and x0 noise.
+    samples = coefficients.alpha[:, None] * data + coefficients.sigma[:, None] * noise
+    return samples, param.flow_coefficients(schedule, jnp.array([0.0, 1.0]))
+
+  samples, ends = compute(jax.random.key(4), jnp.asarray(t_flow, jnp.float32))
+  samples = np.asarray(samples, np.float64)
   for row, t in enumerate(t_flow):
     mean, var = _vp_moments(1.0 - t, data_mean, data_std)
     # Gaussian samples: the mean has s.e. sqrt(var / n) and the sample variance
@@ -189,7 +201,6 @@ def test_flow_map_reproduces_the_diffusion_marginals():
     wrong_mean, _ = _vp_moments(t, data_mean, data_std)
     if abs(t - 0.5) > 0.1:
       assert abs(wrong_mean - mean) > 50 * np.sqrt(var / n)
-  ends = param.flow_coefficients(schedule, jnp.array([0.0, 1.0]))
   np.testing.assert_allclose(ends.alpha, [np.exp(-20.1 / 4), 1.0], rtol=2e-6)
   np.testing.assert_allclose(ends.sigma, [np.sqrt(1.0 - np.exp(-20.1 / 2)), 0.0], atol=1e-6)
 
@@ -259,18 +270,21 @@ def test_conversions_are_differentiable_in_time():
     t = jax.random.uniform(keys[0], (BATCH,), jnp.float64, 0.1, 0.9)
     x_t = jax.random.normal(keys[1], (BATCH, *EVENT), jnp.float64)
     v = jax.random.normal(keys[2], (BATCH, *EVENT), jnp.float64)
-    grad = jax.jit(jax.grad(converted_sum))(t, x_t, v)
-    # Per-example derivatives by central differences (each example depends on its own t only).
-    value = jax.jit(converted_sum)
-    finite = np.array(
-      [
-        (value(t.at[i].add(h), x_t, v) - value(t.at[i].add(-h), x_t, v)) / (2 * h)
-        for i in range(BATCH)
-      ]
-    )
-    per_example = jax.vmap(
-      jax.grad(lambda ti, xi, vi: converted_sum(ti[None], xi[None], vi[None]))
-    )(t, x_t, v)
+
+    @jax.jit  # one program for all three: eager calls compile each small op on its own
+    def compute(t, x_t, v):
+      grad = jax.grad(converted_sum)(t, x_t, v)
+      # Per-example derivatives by central differences (each example depends on its own t only):
+      # row i of the vmapped value moves t_i alone by +-h.
+      shifts = h * jnp.eye(BATCH, dtype=t.dtype)
+      value = jax.vmap(converted_sum, in_axes=(0, None, None))
+      finite = (value(t + shifts, x_t, v) - value(t - shifts, x_t, v)) / (2 * h)
+      per_example = jax.vmap(
+        jax.grad(lambda ti, xi, vi: converted_sum(ti[None], xi[None], vi[None]))
+      )(t, x_t, v)
+      return grad, finite, per_example
+
+    grad, finite, per_example = compute(t, x_t, v)
   assert np.min(np.abs(finite)) > 1e-3  # a derivative worth checking
   np.testing.assert_allclose(grad, finite, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(per_example, grad, rtol=1e-12)

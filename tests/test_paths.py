@@ -113,24 +113,32 @@ def test_vp_and_cosine_paths_match_their_diffusion_schedules_at_one_minus_t():
   t = jnp.linspace(0.0, 0.98, 8)
   s = 1.0 - t
   vp = paths.get_path("vp", beta_min=0.1, beta_max=20.0)
-  coefficients = vp.gaussian_coefficients(t)
+  cosine_path = paths.get_path("cosine")
+
+  @jax.jit  # one program for every quantity: eager calls compile each small op on its own
+  def compute(t):
+    return (
+      vp.gaussian_coefficients(t),
+      flow_coefficients(vp_schedule(), t),
+      vp_schedule().alpha_sigma(1.0 - t),
+      cosine_path.gaussian_coefficients(t),
+      flow_coefficients(cosine_schedule(), t),
+    )
+
+  coefficients, expected_vp, (a, sg), cosine, expected_cosine = compute(t)
   # Closed form of the VP SDE marginal (Song et al. 2021, eq. 29) at diffusion time s = 1 - t.
   alpha = np.exp(-0.25 * s**2 * (20.0 - 0.1) - 0.5 * s * 0.1)
   np.testing.assert_allclose(coefficients.alpha, alpha, rtol=1e-5)
   np.testing.assert_allclose(coefficients.sigma, np.sqrt(1 - alpha**2), rtol=1e-5)
-  expected = flow_coefficients(vp_schedule(), t)
-  for got, want in zip(coefficients, expected):
+  for got, want in zip(coefficients, expected_vp):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  a, sg = vp_schedule().alpha_sigma(s)
   np.testing.assert_allclose(coefficients.alpha, a, rtol=1e-6)
   np.testing.assert_allclose(coefficients.sigma, sg, rtol=1e-6)
 
-  cosine = paths.get_path("cosine").gaussian_coefficients(t)
   # Within the clipped range, alpha ~ sin(pi t / 2), sigma ~ cos(pi t / 2).
   np.testing.assert_allclose(cosine.alpha, np.sin(np.pi * t / 2), atol=2e-3)
   np.testing.assert_allclose(cosine.sigma, np.cos(np.pi * t / 2), atol=2e-3)
-  expected = flow_coefficients(cosine_schedule(), t)
-  for got, want in zip(cosine, expected):
+  for got, want in zip(cosine, expected_cosine):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -144,8 +152,10 @@ def test_gaussian_coefficients_combine_both_noises():
       "brownian_bridge": (lambda u: np.sqrt((1 - u) ** 2 + 0.5**2 * u * (1 - u)), dict(sigma=0.5)),
       "linear": (lambda u: 1 - 0.9 * u, dict(sigma_min=0.1)),
     }
-    for name, (s_fn, kw) in cases.items():
-      c = paths.get_path(name, **kw).gaussian_coefficients(t64)
+    # One jitted program for the three paths: eager calls compile each small op on its own.
+    path_list = [paths.get_path(name, **kw) for name, (_, kw) in cases.items()]
+    computed = jax.jit(lambda u: [path.gaussian_coefficients(u) for path in path_list])(t64)
+    for c, (s_fn, _) in zip(computed, cases.values()):
       np.testing.assert_allclose(c.alpha, t64, rtol=1e-12)
       np.testing.assert_allclose(c.sigma, s_fn(np.asarray(t64)), rtol=1e-10)
       d_s = (s_fn(np.asarray(t64) + h) - s_fn(np.asarray(t64) - h)) / (2 * h)

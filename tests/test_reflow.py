@@ -71,7 +71,7 @@ def test_path_straightness_of_the_exact_path_is_second_order():
   for steps in (16, 32):
     times = np.linspace(0.0, 1.0, steps + 1)
     path = np.stack([x0 @ scipy.linalg.expm(A * t).T for t in times])
-    s = np.asarray(evaluate.path_straightness(path, path @ A.T, times=times))
+    s = np.asarray(jax.jit(evaluate.path_straightness)(path, path @ A.T, times=times))
     errors.append(np.max(np.abs(s - exact)) / np.max(exact))
   # The trapezoid rule on a smooth integrand: the error quarters when the step halves.
   assert 3.5 < errors[0] / errors[1] < 4.5 and errors[1] < 3e-3, errors
@@ -83,7 +83,7 @@ def test_euler_straightness_of_a_trajectory_equals_the_scan():
   for _ in range(50):
     path.append(path[-1] + 0.02 * path[-1] @ A.T.astype(np.float32))
   a = jnp.asarray(A, jnp.float32)
-  from_path = np.asarray(evaluate.euler_straightness(np.stack(path)))
+  from_path = np.asarray(jax.jit(evaluate.euler_straightness)(np.stack(path)))
   from_scan = np.asarray(evaluate.straightness(lambda x, t: x @ a.T, x0, steps=50))
   np.testing.assert_allclose(from_path, from_scan, rtol=1e-4)
 

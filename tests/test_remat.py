@@ -22,19 +22,20 @@ UNET = dict(
 )
 
 
-def _perturbed(params, key):
+def _perturbed(params, seed):
   """Random parameters: adaLN-Zero and zero output layers make a fresh model the identity (its
-  output all zeros), which would hide any difference."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  output all zeros), which would hide any difference. NumPy draws: ``jax.random.normal`` per
+  leaf would compile a kernel for every leaf shape (seconds, for no check)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), params
   )
 
 
-def _inputs(key, shape=(8, 8, 1), batch=4):
-  kx, kt = jax.random.split(key)
-  return jax.random.normal(kx, (batch, *shape)), jax.random.uniform(kt, (batch,))
+def _inputs(seed, shape=(8, 8, 1), batch=4):
+  rng = np.random.default_rng(seed)  # NumPy: no random kernel to compile
+  x = rng.standard_normal((batch, *shape)).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(rng.uniform(size=batch).astype(np.float32))
 
 
 def _loss_and_grads(model, params, x, t, dropout_key=None):
@@ -60,7 +61,7 @@ def test_logical_axis_names_change_no_value(monkeypatch):
   """The DiT with its partitioning metadata and the DiT without (the model before tensor
   parallelism existed): identical parameters and bit-identical outputs."""
   key = jax.random.PRNGKey(0)
-  x, t = _inputs(jax.random.PRNGKey(1))
+  x, t = _inputs(1)
   named = create_model("dit", data_shape=(8, 8, 1), **DIT)
   monkeypatch.setattr(dit, "partitioned", lambda init, names: init)
   plain = create_model("dit", data_shape=(8, 8, 1), **DIT)
@@ -69,10 +70,11 @@ def test_logical_axis_names_change_no_value(monkeypatch):
   assert names[("blocks", 0, "qkv", "kernel")] == ("embed", "heads")
   assert names[("blocks", 1, "mlp_out", "kernel")] == ("mlp", "embed")
   hash(named)  # still hashable, as before the names
-  params_named, params_plain = named.init(key), plain.init(key)
+  # jitted: one program each rather than one per initializer op.
+  params_named, params_plain = jax.jit(named.init)(key), jax.jit(plain.init)(key)
   for a, b in zip(jax.tree.leaves(params_named), jax.tree.leaves(params_plain), strict=True):
     np.testing.assert_array_equal(a, b)
-  params = _perturbed(params_named, jax.random.PRNGKey(2))
+  params = _perturbed(params_named, 2)
   np.testing.assert_array_equal(
     jax.jit(named.apply)(params, x, t), jax.jit(plain.apply)(params, x, t)
   )
@@ -86,12 +88,16 @@ def test_logical_axis_names_change_no_value(monkeypatch):
 def test_remat_policies_give_the_same_loss_and_gradients(name, kwargs, dropout):
   """none, dots_saveable and full: equal losses and gradients (dropout included: the recomputed
   forward pass draws the same bits from the same key)."""
-  x, t = _inputs(jax.random.PRNGKey(1))
+  x, t = _inputs(1)
   dropout_key = jax.random.PRNGKey(3) if dropout else None
-  results = {}
+  results, params = {}, None
   for remat in ("none", "dots_saveable", "full"):
     model = create_model(name, data_shape=(8, 8, 1), remat=remat, **kwargs)
-    params = _perturbed(model.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(2))
+    if params is None:  # remat changes apply only: every policy's init is this tree
+      params = _perturbed(jax.jit(model.init)(jax.random.PRNGKey(0)), 2)
+    assert jax.tree.structure(jax.eval_shape(model.init, jax.random.PRNGKey(0))) == (
+      jax.tree.structure(params)
+    )
     results[remat] = _loss_and_grads(model, params, x, t, dropout_key)
   loss_ref, grads_ref = results["none"]
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_ref))
@@ -109,7 +115,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(name, kwargs, dropout):
 def test_remat_wraps_every_block_and_none_wraps_nothing():
   """The policy really reaches the program: one remat region per block in the gradient's jaxpr
   (DiT: ``depth``; UNet: each residual and attention block), none without remat."""
-  x, t = _inputs(jax.random.PRNGKey(1))
+  x, t = _inputs(1)
 
   def regions(name, kwargs, remat):
     model = create_model(name, data_shape=(8, 8, 1), remat=remat, **kwargs)

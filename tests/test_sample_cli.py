@@ -12,54 +12,22 @@ import pathlib
 
 import jax
 import matplotlib.image
-import ml_collections
 import numpy as np
 import pytest
-from tiny import CONFIGS, tiny_config
+from workdirs import digits_config, workdir_at_init  # noqa: F401  (re-exported for other tests)
 
 from diffjax import cli, plots
 from diffjax import run as run_lib
-from diffjax.train import checkpoint as ckpt
-from diffjax.train import config as config_lib
-from diffjax.train import sharding as sharding_lib
-from diffjax.train.trainer import make_trainer
 
 
-def workdir_at_init(config, workdir: pathlib.Path) -> pathlib.Path:
-  """``workdir`` as `diffjax train` leaves it (config.json, one committed step), holding the
-  initial state: no train step is compiled."""
-  mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices()[:1])
-  state = make_trainer(config, mesh).create_state()
-  workdir.mkdir(parents=True)
-  (workdir / "config.json").write_text(config_lib.config_to_json(config))
-  manager = ckpt.make_checkpoint_manager(workdir / "checkpoints", keep=5, async_save=False)
-  try:
-    pending = ckpt.save_step(manager, 1, state, {"step": 1})
-    ckpt.commit_step(manager, pending, config=config_lib.resume_fingerprint(config), is_lead=True)
-  finally:
-    manager.close()
-  return workdir
+@pytest.fixture()
+def toy(toy_init_workdir) -> pathlib.Path:
+  return toy_init_workdir  # shared read-only (conftest.py): these tests write elsewhere
 
 
-def digits_config(variant: str = "cond,small") -> ml_collections.ConfigDict:
-  """``configs/digits_fm.py:cond,small`` with a tiny MLP in place of the UNet."""
-  config = config_lib.load_config_file(f"{CONFIGS / 'digits_fm.py'}:{variant}")
-  config.model = ml_collections.ConfigDict(dict(name="mlp", width=16, depth=2, activation="selu"))
-  config_lib.apply_overrides(
-    config,
-    ["--config.train.batch_size=32", "--config.train.steps=10", "--config.sample.steps=2"],
-  )
-  return config
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> pathlib.Path:
-  return workdir_at_init(tiny_config(), tmp_path_factory.mktemp("toy") / "w")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> pathlib.Path:
-  return workdir_at_init(digits_config(), tmp_path_factory.mktemp("digits") / "w")
+@pytest.fixture()
+def digits(digits_init_workdir) -> pathlib.Path:
+  return digits_init_workdir
 
 
 def sample(capsys, workdir, out, *args) -> dict:

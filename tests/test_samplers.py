@@ -67,8 +67,14 @@ def _flow_map_from_trig(x, t_from, *, alpha_to=1.0, sigma_to=0.0):
   )
 
 
-def _run(sampler, predict, noise=NOISE, **kwargs):
-  return jax.jit(lambda key, z: sampler(key, predict, z, **kwargs))(KEY, noise)
+def _run(sampler, predict, noise=NOISE, optimise=False, **kwargs):
+  """``sampler`` on ``noise``, jitted. ``optimise`` compiles at XLA's backend level 1 instead of
+  the suite's 0 (tests/conftest.py): worth it for programs that draw hundreds of thousands of
+  normals, whose unoptimised code runs several times slower than it takes to optimise it. The
+  level changes speed, not the values computed."""
+  lowered = jax.jit(lambda key, z: sampler(key, predict, z, **kwargs)).lower(KEY, noise)
+  options = {"xla_backend_optimization_level": 1} if optimise else None
+  return lowered.compile(options)(KEY, noise)
 
 
 # ---- grids ----------------------------------------------------------------------------------
@@ -100,21 +106,24 @@ def test_edm_sigmas_are_karras_eq5():
 
 def test_time_of_log_snr_inverts_both_directions_and_clamps():
   t = jnp.linspace(0.0, 1.0, 11)
-  np.testing.assert_allclose(
-    S.time_of_log_snr(S.log_snr_of(trig_coefficients(t)), coefficients_fn=trig_coefficients),
-    t,
-    atol=2e-6,
-  )
   t_inner = jnp.linspace(0.05, 0.95, 7)  # the linear path is singular at 0 and 1
-  np.testing.assert_allclose(
-    S.time_of_log_snr(S.log_snr_of(FLOW(t_inner)), coefficients_fn=FLOW), t_inner, atol=2e-6
-  )
-  # Beyond the range: +inf (sigma = 0) is the data end, -inf the noise end, in either clock.
   extremes = jnp.array([jnp.inf, -jnp.inf])
-  np.testing.assert_allclose(
-    S.time_of_log_snr(extremes, coefficients_fn=trig_coefficients), [0.0, 1.0]
-  )
-  np.testing.assert_allclose(S.time_of_log_snr(extremes, coefficients_fn=FLOW), [1.0, 0.0])
+
+  @jax.jit  # one program for every inversion: eager calls compile each small op on its own
+  def compute(t, t_inner, extremes):
+    return (
+      S.time_of_log_snr(S.log_snr_of(trig_coefficients(t)), coefficients_fn=trig_coefficients),
+      S.time_of_log_snr(S.log_snr_of(FLOW(t_inner)), coefficients_fn=FLOW),
+      S.time_of_log_snr(extremes, coefficients_fn=trig_coefficients),
+      S.time_of_log_snr(extremes, coefficients_fn=FLOW),
+    )
+
+  trig, flow, trig_ends, flow_ends = compute(t, t_inner, extremes)
+  np.testing.assert_allclose(trig, t, atol=2e-6)
+  np.testing.assert_allclose(flow, t_inner, atol=2e-6)
+  # Beyond the range: +inf (sigma = 0) is the data end, -inf the noise end, in either clock.
+  np.testing.assert_allclose(trig_ends, [0.0, 1.0])
+  np.testing.assert_allclose(flow_ends, [1.0, 0.0])
 
 
 def test_log_snr_and_edm_time_grids():
@@ -215,13 +224,17 @@ CONTINUOUS_CASES = [
 ]
 
 
+# Samplers that draw fresh normals at every step (100-400 steps x N = 4000 samples).
+_DRAW_HEAVY = {"edm", "euler_ancestral"}
+
+
 @pytest.mark.parametrize(
   "name, target, settings, slack", CONTINUOUS_CASES, ids=[case[0] for case in CONTINUOUS_CASES]
 )
 def test_continuous_sampler_recovers_gaussian(name, target, settings, slack):
   target = TARGETS[target]
   sampler = S.get_sampler(name, target=target, coefficients_fn=trig_coefficients, **settings)
-  out = _run(sampler, DATA.predictor(target, trig_coefficients))
+  out = _run(sampler, DATA.predictor(target, trig_coefficients), optimise=name in _DRAW_HEAVY)
   _assert_moments(out.samples, slack=slack)
   assert int(out.nfe) > 0
 
@@ -277,22 +290,27 @@ def test_ddim_converges_to_probability_flow_ode_and_ddpm_equals_ddim_eta_1():
     sigma_to=0.0,
   )
   counts = np.array([25, 50, 100])
+  # One jitted program per grid length: eager calls would compile every small op on its own.
+  ddim = jax.jit(
+    lambda steps: S.ddim_sample(KEY, predict, x, target=target, schedule=DISCRETE, steps=steps)
+  )
   errors = []
   for k in counts:
     steps = S.trailing_steps(num_steps=int(k), num_train_steps=TRAIN_STEPS)
-    out = S.ddim_sample(KEY, predict, x, target=target, schedule=DISCRETE, steps=steps)
+    out = ddim(steps)
     errors.append(np.abs(np.asarray(out.samples) - reference).max())
   slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
   assert abs(slope + 1.0) < 0.3, (errors, slope)  # DDIM is a first-order ODE solver
   assert errors[-1] < 0.1 * np.abs(reference).max()
   # DDPM with beta_tilde and DDIM with eta = 1 are one update in two forms (Song et al. 2021).
   steps = S.trailing_steps(num_steps=50, num_train_steps=TRAIN_STEPS)
-  ddpm = S.ddpm_sample(
-    KEY, predict, x, target=target, schedule=DISCRETE, steps=steps, return_trajectory=True
-  )
-  ddim = S.ddim_sample(
-    KEY, predict, x, target=target, schedule=DISCRETE, steps=steps, eta=1.0, return_trajectory=True
-  )
+
+  @jax.jit
+  def both(steps):
+    kw = dict(target=target, schedule=DISCRETE, steps=steps, return_trajectory=True)
+    return S.ddpm_sample(KEY, predict, x, **kw), S.ddim_sample(KEY, predict, x, eta=1.0, **kw)
+
+  ddpm, ddim = both(steps)
   np.testing.assert_allclose(ddpm.trajectory, ddim.trajectory, rtol=2e-4, atol=2e-4)
   assert ddpm.trajectory.shape == (51, 256, 2)
 
@@ -312,15 +330,21 @@ def test_dpm_solver_pp_orders():
     reference = _flow_map_from_trig(x, t0, alpha_to=float(c1.alpha), sigma_to=float(c1.sigma))
     counts = np.array([40, 80, 160])
     errors = {2: [], 3: []}
-    for n in counts:
+
+    # One jitted program per (grid, order): eager calls would compile every small op on its own.
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def sample(n, order):
       times = S.log_snr_grid(
-        num_steps=int(n), t_start=t0, t_end=t1, coefficients_fn=trig_coefficients
+        num_steps=n, t_start=t0, t_end=t1, coefficients_fn=trig_coefficients
       ).astype(jnp.float64)
       times = times.at[0].set(t0).at[-1].set(t1)
+      return S.dpm_solver_pp_sample(
+        denoise, x, times=times, coefficients_fn=trig_coefficients, order=order
+      )
+
+    for n in counts:
       for order in (2, 3) if n > 40 else (2,):
-        out = S.dpm_solver_pp_sample(
-          denoise, x, times=times, coefficients_fn=trig_coefficients, order=order
-        )
+        out = sample(int(n), order)
         errors[order].append(np.abs(np.asarray(out.samples) - reference).max())
   slope = np.polyfit(np.log(counts), np.log(errors[2]), 1)[0]
   assert abs(slope + 2.0) < 0.25, (errors, slope)
@@ -331,12 +355,18 @@ def test_edm_heun_is_second_order_and_sigma_denoiser_is_exact():
   # The VE denoiser built from the trig model equals the closed-form E[x0 | x0 + sigma n = x].
   sigma = jnp.asarray([300.0, 10.0, 1.0, 0.1, 0.01])
   x = NOISE[:5] * 2.0
-  built = S.sigma_denoiser(
+  built_fn = S.sigma_denoiser(
     DATA.predictor(TARGETS["score"], trig_coefficients),
     target=TARGETS["score"],
     coefficients_fn=trig_coefficients,
+  )
+  # Jitted: eager calls would compile every small op on its own.
+  built, exact = jax.jit(
+    lambda x, sigma: (
+      built_fn(x, sigma),
+      DATA.posterior(x, Coefficients(jnp.ones_like(sigma), sigma, None, None))[0],
+    )
   )(x, sigma)
-  exact, _ = DATA.posterior(x, Coefficients(jnp.ones(5), sigma, None, None))
   np.testing.assert_allclose(built, exact, rtol=1e-4, atol=1e-4)
   # Deterministic EDM (S_churn = 0) is Heun in sigma with a final Euler step: order 2 in N.
   with jax.enable_x64(True):
@@ -347,12 +377,12 @@ def test_edm_heun_is_second_order_and_sigma_denoiser_is_exact():
     z = jax.random.normal(jax.random.PRNGKey(0), (8, 2), jnp.float64) * 40.0
     counts = np.array([16, 32, 64])
     errors = []
+    sample = jax.jit(lambda sigmas: S.edm_sample(KEY, denoise, z, sigmas=sigmas))
     for n in counts:
       sigmas = (
-        40.0 ** (1 / 7)
-        + jnp.linspace(0, 1, int(n), dtype=jnp.float64) * (0.02 ** (1 / 7) - 40.0 ** (1 / 7))
+        40.0 ** (1 / 7) + np.linspace(0, 1, int(n)) * (0.02 ** (1 / 7) - 40.0 ** (1 / 7))
       ) ** 7
-      out = S.edm_sample(KEY, denoise, z, sigmas=sigmas)  # ends at 0.02: all Heun steps
+      out = sample(jnp.asarray(sigmas))  # ends at 0.02: all Heun steps
       errors.append(
         np.abs(
           np.asarray(out.samples)
@@ -378,7 +408,7 @@ def test_adaptive_nfe_counts_every_evaluation():
   sampler = S.get_sampler(
     "dopri5", target=target, times=times, coefficients_fn=FLOW, rtol=1e-6, atol=1e-6
   )
-  out = sampler(KEY, counted, x, return_trajectory=True)
+  out = _run(sampler, counted, noise=x, return_trajectory=True)
   jax.block_until_ready(out.samples)
   # 6 evaluations per attempted step (7 stages, first same as last) plus the very first one.
   assert int(out.nfe) == len(calls) > 7
@@ -398,17 +428,22 @@ def test_guidance_is_target_independent_and_shifts_the_gaussian_mean():
   w = 2.0
   guided_data = GaussianData(uncond.mean + w * (cond.mean - uncond.mean), DATA.cov)
   x, t = NOISE[:16], jnp.linspace(0.1, 0.9, 16)
-  coefficients = trig_coefficients(t)
-  mixed = {}
-  for name in ("eps", "x0", "v", "velocity", "score"):
-    target = TARGETS[name]
-    predict = S.classifier_free_guidance(
-      cond.predictor(target, trig_coefficients),
-      uncond.predictor(target, trig_coefficients),
-      scale=w,
-    )
-    mixed[name] = target.to_x0_eps(predict(x, t), x_t=x, coefficients=coefficients)
-  exact = guided_data.posterior(x, coefficients)
+
+  @jax.jit  # one program for every target: eager calls compile each small op on its own
+  def compute(x, t):
+    coefficients = trig_coefficients(t)
+    mixed = {}
+    for name in ("eps", "x0", "v", "velocity", "score"):
+      target = TARGETS[name]
+      predict = S.classifier_free_guidance(
+        cond.predictor(target, trig_coefficients),
+        uncond.predictor(target, trig_coefficients),
+        scale=w,
+      )
+      mixed[name] = target.to_x0_eps(predict(x, t), x_t=x, coefficients=coefficients)
+    return mixed, guided_data.posterior(x, coefficients)
+
+  mixed, exact = compute(x, t)
   for name, (x0, eps) in mixed.items():
     np.testing.assert_allclose(x0, exact[0], rtol=1e-4, atol=1e-4, err_msg=name)
     np.testing.assert_allclose(eps, exact[1], rtol=1e-4, atol=1e-4, err_msg=name)
@@ -434,14 +469,20 @@ def test_batched_guidance_matches_two_calls():
   x, t = NOISE[:8], jnp.full((8,), 0.3)
   labels, null = jnp.zeros(8, jnp.int32), jnp.ones(8, jnp.int32)
   scale = jnp.linspace(0.0, 3.0, 8)  # one weight per example
-  batched = S.batched_classifier_free_guidance(
-    apply, None, cond=labels, null_cond=null, scale=scale
-  )(x, t)
-  two = S.classifier_free_guidance(
-    lambda x, t: apply(None, x, t, labels), lambda x, t: apply(None, x, t, null), scale=scale
-  )(x, t)
+
+  @jax.jit  # one program for all three: eager calls compile each small op on its own
+  def compute(x, t):
+    batched = S.batched_classifier_free_guidance(
+      apply, None, cond=labels, null_cond=null, scale=scale
+    )(x, t)
+    two = S.classifier_free_guidance(
+      lambda x, t: apply(None, x, t, labels), lambda x, t: apply(None, x, t, null), scale=scale
+    )(x, t)
+    return batched, two, apply(None, x, t, null)
+
+  batched, two, unguided = compute(x, t)
   np.testing.assert_allclose(batched, two, rtol=1e-6)
-  np.testing.assert_allclose(batched[0], apply(None, x, t, null)[0], rtol=1e-6)  # w = 0
+  np.testing.assert_allclose(batched[0], unguided[0], rtol=1e-6)  # w = 0
 
 
 # ---- a finite data set ------------------------------------------------------------------------
@@ -451,8 +492,14 @@ def test_euler_on_finite_data_marginal_field_lands_on_the_data():
   data = jnp.asarray([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]])
   x, t = NOISE[:32], jnp.linspace(0.0, 0.99, 32)
   path = paths.get_path("linear")
-  reference = jax.vmap(lambda xi, ti: losses.marginal_velocity(xi, ti, data=data, path=path))(x, t)
-  np.testing.assert_allclose(finite_data_velocity(x, t, data=data), reference, rtol=1e-4, atol=1e-4)
+  # Jitted: eager calls would compile every small op on its own.
+  reference, velocities = jax.jit(
+    lambda x, t: (
+      jax.vmap(lambda xi, ti: losses.marginal_velocity(xi, ti, data=data, path=path))(x, t),
+      finite_data_velocity(x, t, data=data),
+    )
+  )(x, t)
+  np.testing.assert_allclose(velocities, reference, rtol=1e-4, atol=1e-4)
   velocity = functools.partial(finite_data_velocity, data=data)
   sampler = S.get_sampler(
     "euler", target="velocity", times=S.uniform_grid(num_steps=200, t_start=0.0, t_end=0.999)
@@ -512,7 +559,7 @@ def test_registry_errors_and_trajectories():
     coefficients_fn=trig_coefficients,
     sigmas=S.edm_sigmas(num_steps=6, sigma_max=10.0),
   )
-  out = sampler(KEY, DATA.predictor(TARGETS["eps"], trig_coefficients), x, return_trajectory=True)
+  out = _run(sampler, DATA.predictor(TARGETS["eps"], trig_coefficients), x, return_trajectory=True)
   assert out.trajectory.shape == (7, 8, 2)
   np.testing.assert_allclose(out.trajectory[0], 10.0 * x, rtol=1e-6)
   np.testing.assert_allclose(out.trajectory[-1], out.samples)
@@ -526,22 +573,28 @@ def test_time_of_step_sets_the_network_clock():
   integer_clock = lambda x, s: default(x, (s + 1.0) / TRAIN_STEPS)
   steps = S.trailing_steps(num_steps=5, num_train_steps=TRAIN_STEPS)
   x = NOISE[:8]
-  a = S.ddim_sample(KEY, default, x, target=target, schedule=DISCRETE, steps=steps)
-  b = S.ddim_sample(
-    KEY,
-    integer_clock,
-    x,
-    target=target,
-    schedule=DISCRETE,
-    steps=steps,
-    time_of_step=lambda s: s.astype(jnp.float32),
-  )
-  np.testing.assert_allclose(a.samples, b.samples, rtol=1e-5, atol=1e-5)
-  # vmap over keys: independent chains, one per key.
   sampler = S.get_sampler("ddpm", target=target, schedule=DISCRETE, steps=steps)
   keys = jax.random.split(KEY, 3)
-  outs = jax.vmap(lambda k: sampler(k, default, x).samples)(keys)
-  np.testing.assert_allclose(outs[1], sampler(keys[1], default, x).samples, rtol=1e-5, atol=1e-5)
+
+  @jax.jit  # one program for every sample below: eager calls compile each small op on its own
+  def run():
+    a = S.ddim_sample(KEY, default, x, target=target, schedule=DISCRETE, steps=steps)
+    b = S.ddim_sample(
+      KEY,
+      integer_clock,
+      x,
+      target=target,
+      schedule=DISCRETE,
+      steps=steps,
+      time_of_step=lambda s: s.astype(jnp.float32),
+    )
+    # vmap over keys: independent chains, one per key.
+    outs = jax.vmap(lambda k: sampler(k, default, x).samples)(keys)
+    return a.samples, b.samples, outs, sampler(keys[1], default, x).samples
+
+  a, b, outs, single = run()
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs[1], single, rtol=1e-5, atol=1e-5)
   assert not np.allclose(outs[0], outs[1])
 
 

@@ -102,6 +102,10 @@ def _pairs(n, key=0):
   return jax.random.normal(k0, (n, 2)), 2.0 + jax.random.normal(k1, (n, 2))
 
 
+# One compiled program per shape and dtype instead of op-by-op dispatch.
+_bridge_example = jax.jit(sf2m.bridge_example, static_argnames=("sigma", "time_eps"))
+
+
 def test_bridge_points_have_the_closed_form_mean_and_variance():
   """x_t given (x0, x1, t) is N((1 - t) x0 + t x1, sigma^2 t (1 - t) I): the residuals divided
   by the closed-form std are N(0, 1). N = 20000 x 2 residuals: the mean's standard error is
@@ -109,7 +113,7 @@ def test_bridge_points_have_the_closed_form_mean_and_variance():
   are U[eps, 1 - eps] (mean 1/2, std error 0.29/sqrt(N) = 0.002)."""
   n = 20_000
   x0, x1 = _pairs(n)
-  ex = sf2m.bridge_example(jax.random.key(5), x0=x0, x1=x1, sigma=SIGMA, time_eps=TIME_EPS)
+  ex = _bridge_example(jax.random.key(5), x0=x0, x1=x1, sigma=SIGMA, time_eps=TIME_EPS)
   t = np.asarray(ex.t)[:, None]
   mean = (1 - t) * np.asarray(x0) + t * np.asarray(x1)
   std = SIGMA * np.sqrt(t * (1 - t))
@@ -129,7 +133,7 @@ def test_flow_target_is_the_time_derivative_of_the_bridge_sample():
   catches any wrong coefficient (the (1 - 2t) / (2 t (1 - t)) factor included)."""
   with jax.enable_x64(True):
     x0, x1 = (jnp.asarray(a, jnp.float64) for a in _pairs(64, key=1))
-    ex = sf2m.bridge_example(jax.random.key(2), x0=x0, x1=x1, sigma=SIGMA, time_eps=0.02)
+    ex = _bridge_example(jax.random.key(2), x0=x0, x1=x1, sigma=SIGMA, time_eps=0.02)
     assert ex.flow_target.dtype == jnp.float64
     t, z = np.asarray(ex.t)[:, None], np.asarray(ex.z)
 
@@ -149,7 +153,7 @@ def test_score_target_is_the_gradient_of_the_bridge_log_density():
   with jax.scipy; and sigma_t s_t = -z, the identity the weighted score loss rests on."""
   with jax.enable_x64(True):
     x0, x1 = (jnp.asarray(a, jnp.float64) for a in _pairs(32, key=3))
-    ex = sf2m.bridge_example(jax.random.key(4), x0=x0, x1=x1, sigma=SIGMA, time_eps=TIME_EPS)
+    ex = _bridge_example(jax.random.key(4), x0=x0, x1=x1, sigma=SIGMA, time_eps=TIME_EPS)
     t = ex.t
 
     def log_density(x):
@@ -157,7 +161,7 @@ def test_score_target_is_the_gradient_of_the_bridge_log_density():
       std = SIGMA * jnp.sqrt(t * (1 - t))[:, None]
       return jnp.sum(jax.scipy.stats.norm.logpdf(x, mean, std))
 
-    expected = jax.grad(log_density)(ex.x_t)
+    expected = jax.jit(jax.grad(log_density))(ex.x_t)
     score = sf2m.bridge_score_target(x0=x0, x1=x1, t=t, x_t=ex.x_t, sigma=SIGMA)
     np.testing.assert_allclose(score, expected, rtol=1e-9)
     np.testing.assert_allclose(ex.std[:, None] * score, -ex.z, rtol=1e-8, atol=1e-10)
@@ -172,7 +176,7 @@ def test_pairs_are_drawn_from_the_entropic_plan_of_regularisation_two_sigma_squa
   x0 = jax.random.normal(jax.random.key(7), (b, 2))
   x1 = jax.random.normal(jax.random.key(8), (b, 2)) + jnp.array([1.0, 0.0])
   objective = sf2m.sf2m(_context(source=lambda key, n: x0), sigma=SIGMA)
-  paired = jax.vmap(lambda k: objective.pair_fn(k, {"x": x1}))(
+  paired = jax.jit(jax.vmap(lambda k: objective.pair_fn(k, {"x": x1})))(
     jax.random.split(jax.random.key(0), draws)
   )
   np.testing.assert_array_equal(np.asarray(paired["x0"]), np.broadcast_to(x0, (draws, b, 2)))
@@ -213,16 +217,23 @@ def test_loss_is_zero_at_the_exact_fields_of_a_point_mass_bridge():
   exact = _exact_point_mass_fields(a, b_point, SIGMA)
   source = lambda key, n: jnp.broadcast_to(a, (n, 2))
   objective = sf2m.sf2m(_context(apply=exact, source=source), sigma=SIGMA)
-  batch = objective.pair_fn(jax.random.key(0), {"x": jnp.broadcast_to(b_point, (256, 2))})
-  loss = float(objective.loss_fn(None, jax.random.key(1), batch))
-  assert loss < 1e-8, loss
 
   def wrong(params, x, t, cond, dropout_key=None):
     v, s = bridge.velocity_and_score(exact(params, x, t, cond))
     return jnp.concatenate([v, 2 * s], axis=-1)
 
   wrong_objective = sf2m.sf2m(_context(apply=wrong, source=source), sigma=SIGMA)
-  assert float(wrong_objective.loss_fn(None, jax.random.key(1), batch)) > 0.5
+
+  @jax.jit
+  def losses():
+    # Both losses on one batch in one program (one compile, not op-by-op dispatch).
+    batch = objective.pair_fn(jax.random.key(0), {"x": jnp.broadcast_to(b_point, (256, 2))})
+    key = jax.random.key(1)
+    return objective.loss_fn(None, key, batch), wrong_objective.loss_fn(None, key, batch)
+
+  loss, wrong_loss = map(float, losses())
+  assert loss < 1e-8, loss
+  assert wrong_loss > 0.5, wrong_loss
 
 
 # ---- generation --------------------------------------------------------------------------------
@@ -251,13 +262,19 @@ def test_sde_and_ode_samplers_keep_the_marginals_of_a_known_path():
     _context(apply=_gaussian_path_model(shift), source_is_normal=True), sigma=sigma
   )
   for sampler, nfe in (("euler_maruyama", 100), (None, 100), ("heun", 200)):
-    out = objective.generate(None, jax.random.key(0), 4000, steps=100, sampler=sampler)
+    # The SDE's runs return their trajectories too: one compiled program serves the named and
+    # the default sampler and the trajectory check.
+    sde = sampler != "heun"
+    out = objective.generate(
+      None, jax.random.key(0), 4000, steps=100, sampler=sampler, return_trajectories=sde
+    )
     samples = np.asarray(out["samples"])
     assert int(out["nfe"]) == nfe, sampler
     assert np.all(np.abs(samples.mean(0) - np.asarray(shift)) < 5 * 0.016), sampler
     assert np.all(np.abs(samples.var(0) - 1.0) < 5 * 0.022), (sampler, samples.var(0))
-  out = objective.generate(None, jax.random.key(1), 8, steps=5, return_trajectories=True)
-  assert out["trajectories"].shape == (6, 8, 2)
+    if sde:
+      assert out["trajectories"].shape == (101, 4000, 2)
+      np.testing.assert_array_equal(out["trajectories"][-1], samples)
 
 
 def test_likelihood_is_the_ode_of_the_velocity_head():

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny  # pylint: disable=wrong-import-order
-from test_sample_cli import workdir_at_init  # pylint: disable=wrong-import-order
 
 from diffjax import cli
 from diffjax.train import config as config_lib
@@ -244,13 +243,12 @@ def test_file_without_variants_declaration(tmp_path):
 # ---- 3 and 4. sampling a workdir ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
+@pytest.fixture()
+def trained_workdir(toy_init_workdir):
   """An unconditional 2D model's workdir as `diffjax train` leaves it, holding its initial state
-  (what these tests check is read before any sample is drawn, or needs no trained model)."""
-  config = config_lib.load_config_file(TOY)
-  config_lib.apply_overrides(config, TINY)
-  return workdir_at_init(config, tmp_path_factory.mktemp("user_errors") / "w")
+  (what these tests check is read before any sample is drawn, or needs no trained model): the
+  shared one of conftest.py, read-only (tests that edit it copy it)."""
+  return toy_init_workdir
 
 
 def test_guidance_on_an_unconditional_model(trained_workdir, tmp_path, capsys):

@@ -36,7 +36,6 @@ from diffjax.train.step import (
   fused_train_steps,
   propose_fused_pairs,
   propose_pairs,
-  step_keys,
   train_step,
 )
 
@@ -280,26 +279,16 @@ def chunk_advancer(
       return fused
     one_by_one = []
 
-    def first_loss(state, arrays):
-      def one(s):
-        data_key, pair_key, loss_key = step_keys(s.key, s.step)
-        batch = sampler(arrays)(data_key)
-        if step_kwargs["pair_fn"] is not None:
-          batch = step_kwargs["pair_fn"](pair_key, batch)
-        return step_kwargs["loss_fn"](s.params, loss_key, batch)
-
-      return _over_seeds(one, num_seeds, 0)(state)
-
     def advance(state, num_steps):
       # XLA CPU sends convolutions inside a loop body to its naive emitter (see
-      # diffjax.train.step._scan_update_steps). With two or more convolutions in the loss, the
-      # backward pass holds transposed (input-gradient) ones, ten times slower there for a UNet,
-      # so a chunk runs its steps as one-step programs (no loop), the same steps in the same
-      # order. One convolution (a patch embedding on the data) has only its weight gradient, and
-      # the fused chunk is the faster one (a DiT).
+      # diffjax.train.step._scan_update_steps), ten times slower there for a UNet's backward
+      # pass, so a chunk of such a step runs as one-step programs (no loop), the same steps in
+      # the same order. A convolution on the data alone (a DiT's patch embedding) appears twice
+      # in a step, forward and weight gradient, and its fused chunk is the faster one; any
+      # convolution on a hidden state adds an input-gradient convolution, hence "more than two".
       if not one_by_one:
-        forward = jax.make_jaxpr(first_loss)(state, arrays)
-        one_by_one.append(_count_convolutions(forward.jaxpr) > 1)
+        step = jax.make_jaxpr(chunk_of, static_argnums=2)(state, arrays, 1)
+        one_by_one.append(_count_convolutions(step.jaxpr) > 2)
       if num_steps == 1 or not one_by_one[0]:
         return fused(state, num_steps)
       parts = []
