@@ -264,8 +264,8 @@ def residual_mlp_temps(*, remat: bool, reduction: str) -> int:
 
 
 def clip_study(out: pathlib.Path) -> dict:
-  """Adds :data:`CLIP_STUDY_CELLS` and the residual-MLP comparison to the JSON at ``out``
-  (a cell measured again replaces its row)."""
+  """Adds :data:`CLIP_STUDY_CELLS` and the residual-MLP comparison to the JSON at ``out``; a
+  cell already there is kept (delete its row to measure it again)."""
   data = json.loads(out.read_text())
   with tempfile.TemporaryDirectory() as folder:
     data_path = _write_data(pathlib.Path(folder))
@@ -278,8 +278,6 @@ def clip_study(out: pathlib.Path) -> dict:
         model, devices=devices, mesh_name=mesh, remat=remat, data_path=data_path, grad_clip=clip
       )
       print(json.dumps(row), file=sys.stderr, flush=True)
-      same = ("model", "devices", "mesh", "remat", "grad_clip_norm")
-      data["rows"] = [r for r in data["rows"] if any(r.get(k) != row[k] for k in same)]
       data["rows"].append(row)
   data["residual_mlp"] = [
     dict(remat=remat, reduction=r, temp_bytes=residual_mlp_temps(remat=remat, reduction=r))

@@ -46,14 +46,9 @@ def leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def run(config, workdir, devices, *, plot=True):
-  """``loop.train``; ``plot=False`` leaves out the end-of-run picture (a sampling program and a
-  matplotlib figure) where the test reads only the losses and the state."""
+def run(config, workdir, devices):
   config_lib.validate(config, num_devices=len(devices))
-  if plot:
-    return loop.train(config, workdir, devices=devices)
-  with tiny.no_final_plot():
-    return loop.train(config, workdir, devices=devices)
+  return loop.train(config, workdir, devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +71,7 @@ def test_sharded_training_matches_one_device(single_device_run, tmp_path, mesh):
   depend on the layout, so only float32 reduction order differs."""
   data, fsdp = mesh
   config = tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp})
-  result = run(config, tmp_path, jax.devices()[:8], plot=False)
+  result = run(config, tmp_path, jax.devices()[:8])
   losses_one = np.array([l for _, l in single_device_run["losses"]])
   losses_many = np.array([l for _, l in result["losses"]])
   np.testing.assert_allclose(losses_many, losses_one, rtol=2e-4, atol=1e-5)
@@ -332,7 +327,7 @@ def test_bfloat16_compute_keeps_float32_parameters(single_device_run, tmp_path):
   """compute_dtype=bfloat16: the master weights, EMA and Adam moments stay float32, the loss
   is finite and follows the float32 run's loss within bf16 rounding over a short run."""
   config = tiny_config(**{"train.compute_dtype": "bfloat16"})
-  result = run(config, tmp_path, jax.devices()[:1], plot=False)
+  result = run(config, tmp_path, jax.devices()[:1])
   state = result["state"]
   for leaf in jax.tree.leaves((state.params, state.ema_params)):
     assert leaf.dtype == jnp.float32
@@ -378,7 +373,7 @@ def test_data_and_loss_randomness_are_independent(tmp_path):
       "train.batch_size": 256,
     },
   )
-  result = run(config, tmp_path, jax.devices()[:1], plot=False)
+  result = run(config, tmp_path, jax.devices()[:1])
   apply = jax.jit(result["experiment"].model.apply)  # one program, not one per operation
   x0 = jax.random.normal(jax.random.PRNGKey(3), (4096, 2))
   mean_velocity = np.asarray(apply(result["state"].params, x0, jnp.zeros((4096,)), None)).mean(0)

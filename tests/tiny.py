@@ -8,13 +8,11 @@ CLI. A test that needs other values passes them as overrides after these.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 
 import ml_collections
 
 from diffjax.train import config as config_lib
-from diffjax.train import trainer as trainer_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG = str(CONFIGS / "toy2d_icfm.py")
@@ -39,19 +37,3 @@ def tiny_config(*overrides: str, base: str = "toy2d_icfm") -> ml_collections.Con
   config = config_lib.load_config_file(str(CONFIGS / f"{base}.py"))
   config_lib.apply_overrides(config, [*TINY, *overrides])
   return config
-
-
-@contextlib.contextmanager
-def no_final_plot():
-  """``loop.train`` without the end-of-run picture (a sampling program, the target's draws and
-  a matplotlib figure), for runs whose tests never look at it."""
-  original = trainer_lib.build_experiment
-
-  def build(config, *, mesh):
-    return original(config, mesh=mesh)._replace(plot=None)
-
-  trainer_lib.build_experiment = build
-  try:
-    yield
-  finally:
-    trainer_lib.build_experiment = original
