@@ -249,19 +249,26 @@ def test_nonfinite_halts_keeping_last_good_checkpoint_across_resume(clean_run, t
   """NaN in the data of steps 7..10 (the default limit is 3), checkpoints every 4, a first run
   stopped at 8: steps 7, 8 are skipped and the checkpoint at 8 carries a streak of 2; the
   resumed run skips 9, reaches a streak of 4 at step 10 and halts with the step, the loss and
-  the hint, writing no checkpoint; the one at step 4 equals the clean run's bit for bit."""
+  the hint, writing no checkpoint, leaving the one at step 4 bit for bit as the first run wrote
+  it, and that one is the clean run's step 4."""
   workdir = tmp_path / "resume"
   first = train_with(tiny_config("--config.train.steps=8"), workdir, nan_data_steps=(6, 7, 8, 9))
   assert int(first["state"].nonfinite_streak) == 2
+  commit_4 = workdir / "checkpoints/4" / integrity.COMMIT_FILE
+  written = json.loads(commit_4.read_text())["arrays"]
   with pytest.raises(loop.NonFiniteLossError) as info:
     train_with(tiny_config(), workdir, nan_data_steps=(6, 7, 8, 9))
   message = str(info.value)
   assert "4 consecutive steps up to step 10" in message and "loss nan" in message
   assert "optimizer.learning_rate" in message and "grad_clip_norm" in message
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "8"]
-  mine = json.loads((workdir / "checkpoints/4" / integrity.COMMIT_FILE).read_text())["arrays"]
-  clean = json.loads((clean_run[0] / "checkpoints/4" / integrity.COMMIT_FILE).read_text())
-  assert mine == clean["arrays"]
+  assert json.loads(commit_4.read_text())["arrays"] == written
+  # Against the clean run to rounding, not bit for bit: the clean run's program compares the
+  # step keys with other constants, and XLA's CPU code for two programs may round differently.
+  mine, clean = (restore_step(w, tiny_config(), 4) for w in (workdir, clean_run[0]))
+  for name in ("params", "ema_params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(mine, name)), jax.tree.leaves(getattr(clean, name))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 # ---- 3. integrity and fallback ----------------------------------------------------------------
