@@ -391,8 +391,10 @@ def _run(args, extra, run, config_lib, held) -> int:
         f"unknown arguments {' '.join(extra)}; --config.* overrides apply to `diffjax train` only"
       )
     if args.command == "sample":
+      from diffjax import run_sample  # pylint: disable=import-outside-toplevel
+
       labels, labels_flag = _sample_labels(args)
-      out = run.sample_from_workdir(
+      out = run_sample.sample_from_workdir(
         args.workdir,
         num=args.num,
         out=args.out,
@@ -410,7 +412,9 @@ def _run(args, extra, run, config_lib, held) -> int:
       print(json.dumps(out))
       return 0
     if args.command == "evaluate":
-      report = run.evaluate_workdir(
+      from diffjax import run_evaluate  # pylint: disable=import-outside-toplevel
+
+      report = run_evaluate.evaluate_workdir(
         args.workdir,
         num=args.num,
         steps=None if args.steps is None else _integers("--steps", args.steps),
@@ -425,7 +429,7 @@ def _run(args, extra, run, config_lib, held) -> int:
         guidance_flags=_guidance_flags(args),
         sigma_rel=None if args.sigma_rel is None else _numbers("--sigma-rel", args.sigma_rel),
       )
-      print(run.evaluation_table(report), file=sys.stderr, flush=True)
+      print(run_evaluate.evaluation_table(report), file=sys.stderr, flush=True)
       print(json.dumps(report))
       return 0
   except (config_lib.ConfigError, run.UsageError) as e:

@@ -171,7 +171,7 @@ OBJECTIVE_FREE_KEYS = ("label_dropout",)
 def _check_guide(guide_workdir: str, config) -> None:
   """The guide of autoguidance: a trained conditional model of one seed, of the same data and
   objective settings (so its output means the same thing at the same times)."""
-  from diffjax.run import UsageError, _load_workdir_config  # pylint: disable=import-outside-toplevel
+  from diffjax.run import UsageError, load_workdir_config  # pylint: disable=import-outside-toplevel
   from diffjax.train.teacher import data_differences  # pylint: disable=import-outside-toplevel
 
   flag = f"--guide-workdir {guide_workdir}"
@@ -181,7 +181,7 @@ def _check_guide(guide_workdir: str, config) -> None:
       f"{flag}: {path} not found; pass the workdir of a run of `diffjax train` (the guide)"
     )
   try:
-    guide = _load_workdir_config(guide_workdir)
+    guide = load_workdir_config(guide_workdir)
   except UsageError as e:
     raise _usage_error(f"{flag}: {e}") from None
   if config.objective.name == "edm":
