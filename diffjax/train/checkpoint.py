@@ -399,24 +399,33 @@ def read_newest_step(
   Raises :class:`CheckpointMismatchError` (a step of other arrays than ``target``) or
   :class:`NoUsableCheckpointError`, each one line naming the folder and the fix.
   """
-  # A trainer may delete old steps (train.keep_checkpoints) while they are read; the newest
-  # step is then a newer one, so the read starts over.
+
+  # A trainer may delete old steps (train.keep_checkpoints) while they are read, and write new
+  # ones: a read that fails on a vanished file, or finds no usable step while the steps
+  # changed under it, starts over (the newest step is then a newer one).
+  def rotating(how: str) -> NoUsableCheckpointError:
+    return NoUsableCheckpointError(
+      f"the checkpoints in {checkpoints} kept {how}; a trainer is rotating them faster than "
+      "they can be read: try again, or raise train.keep_checkpoints"
+    )
+
   for attempt in range(attempts):
+    listed = [p.name for p in integrity.step_dirs(checkpoints)]
     manager = make_checkpoint_manager(checkpoints, keep=1000, async_save=False, read_only=True)
     try:
       restored = restore_verified(
         manager, target, config=config, move_bad=False, config_differences=config_differences
       )
-      break
     except FileNotFoundError as e:
       if attempt == attempts - 1:
-        raise NoUsableCheckpointError(
-          f"the checkpoints in {checkpoints} kept vanishing while being read ({e.filename}); "
-          "a trainer is rotating them faster than they can be read: try again, or raise "
-          "train.keep_checkpoints"
-        ) from None
+        raise rotating(f"vanishing while being read ({e.filename})") from None
+      continue
     finally:
       manager.close()
+    if restored is not None or [p.name for p in integrity.step_dirs(checkpoints)] == listed:
+      break
+    if attempt == attempts - 1:
+      raise rotating("changing while being read")
   if restored is None:
     found = len(integrity.step_dirs(checkpoints))
     if found:
